@@ -1,0 +1,7 @@
+#include "bind.hpp"
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "mlx5tlp C++ core (private: use the mlx5tlp package)";
+  mlx5tlp::bind::bind_errors(m);
+  mlx5tlp::bind::bind_loader(m);
+}

@@ -1,0 +1,115 @@
+/*
+ * mlx5tlp/sim_abi.h — the extra C entry points of the software device libmlx5tlp_sim.so.
+ *
+ * Beside the rdma-core subset (same names, same symbol versions), the software device exports
+ * these functions under the version node MLX5TLP_SIM_1.0: device management, the "kernel"
+ * mmap handler, and the device model that plays the PCIe host. The core resolves them through
+ * the same loader (they are null for the rdma backend).
+ *
+ * Return conventions: int functions return 0 or a positive errno value; pointer functions
+ * return NULL and set errno; ssize_t functions return a length, 0 for "nothing", or -errno.
+ * API stability: internal to mlx5tlp; versioned by the node name.
+ */
+#ifndef MLX5TLP_SIM_ABI_H
+#define MLX5TLP_SIM_ABI_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "mlx5tlp/abi.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define M5A_SIM_VERSION_NODE "MLX5TLP_SIM_1.0"
+#define M5A_SIM_DEFAULT_DEVICE "mlx5_sim0"
+
+struct m5a_sim_device_config {
+	uint32_t tlp;           /* tlp_device_emulation_manager: 0 or 1 */
+	uint32_t gw_pages;      /* tlp_rsp_gw_num_pages: 1..15 (4-bit PRM field) */
+	uint32_t gw_log_stride; /* log_tlp_rsp_gw_page_stride: page stride = 4096 << v, 0..4 */
+	uint32_t virtio_pages;  /* VirtIO doorbell VAR pages: 0..256 */
+	uint32_t gw_slot_size;  /* gateway ring slot size in bytes: power of two, 64..1024 */
+	uint32_t reserved;
+	uint64_t gw_bar_offset; /* tlp_rsp_gw_pages_bar_offset */
+	uint64_t node_guid;     /* 0: derived from the device name */
+};
+
+struct m5a_sim_device_stats {
+	uint32_t contexts;      /* live contexts (an fd open somewhere) */
+	uint32_t tlp_vars;      /* allocated TLP gateway pages */
+	uint32_t virtio_vars;   /* allocated VirtIO VAR pages */
+	uint32_t umems;
+	uint32_t devx_objs;
+	uint32_t gw_pages_free;
+	uint32_t virtio_pages_free;
+	uint32_t requests_pending; /* host requests not yet taken by the function */
+	uint64_t reclaimed;     /* objects reclaimed from dead contexts since creation */
+};
+
+/* One completion record collected by the device model. */
+struct m5a_sim_completion {
+	uint32_t page_id;  /* gateway page it was written to */
+	uint32_t length;   /* bytes of TLP in `data` */
+	uint64_t sequence; /* per-page record number, starting at 0 for each allocation */
+};
+
+/* What the device model checked so far. */
+struct m5a_sim_host_stats {
+	uint64_t requests;        /* requests sent */
+	uint64_t completions;     /* completion records collected */
+	uint64_t retired;         /* non-posted requests fully answered */
+	uint64_t outstanding;     /* non-posted requests still waiting */
+	uint64_t errors;          /* completions that failed a check (see last_error) */
+	uint64_t unexpected;      /* completions matching no outstanding request */
+	uint64_t bad_records;     /* slots with an impossible length / ring overruns */
+	uint64_t status_ur, status_ca, status_crs;
+	char last_error[160];
+};
+
+struct m5a_sim_host;
+
+/* Device management */
+typedef int (*m5a_sim_create_device_fn)(const char *name, const struct m5a_sim_device_config *cfg);
+typedef int (*m5a_sim_remove_device_fn)(const char *name);
+typedef int (*m5a_sim_query_device_fn)(const char *name, struct m5a_sim_device_config *cfg,
+				       struct m5a_sim_device_stats *stats);
+typedef int (*m5a_sim_device_dir_fn)(char *buf, size_t len);
+
+/* Device model (PCIe host side). One host per device at a time (EBUSY otherwise). */
+typedef struct m5a_sim_host *(*m5a_sim_host_open_fn)(const char *device);
+typedef void (*m5a_sim_host_close_fn)(struct m5a_sim_host *host);
+typedef int (*m5a_sim_host_send_fn)(struct m5a_sim_host *host, uint32_t channel,
+				    const void *tlp, size_t len);
+typedef ssize_t (*m5a_sim_host_poll_fn)(struct m5a_sim_host *host, void *buf, size_t len,
+					struct m5a_sim_completion *info);
+
+typedef int (*m5a_sim_host_stats_fn)(struct m5a_sim_host *host, struct m5a_sim_host_stats *out);
+
+/* Emulated function side: take the next request TLP the host sent on `channel`. */
+typedef ssize_t (*m5a_sim_function_poll_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
+					    void *buf, size_t len);
+
+#ifdef __cplusplus
+}  /* extern "C" */
+
+namespace mlx5tlp {
+struct SimSymbols {
+	m5a_sim_mmap_fn mmap = nullptr;
+	m5a_sim_create_device_fn create_device = nullptr;
+	m5a_sim_remove_device_fn remove_device = nullptr;
+	m5a_sim_query_device_fn query_device = nullptr;
+	m5a_sim_device_dir_fn device_dir = nullptr;
+	m5a_sim_host_open_fn host_open = nullptr;
+	m5a_sim_host_close_fn host_close = nullptr;
+	m5a_sim_host_send_fn host_send = nullptr;
+	m5a_sim_host_poll_fn host_poll = nullptr;
+	m5a_sim_host_stats_fn host_stats = nullptr;
+	m5a_sim_function_poll_fn function_poll = nullptr;
+};
+}  // namespace mlx5tlp
+#endif
+
+#endif /* MLX5TLP_SIM_ABI_H */

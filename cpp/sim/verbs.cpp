@@ -1,0 +1,219 @@
+// libibverbs subset of the software device: devices, contexts, import of a context by fd.
+#include <dirent.h>
+#include <endian.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "state.hpp"
+
+using namespace mlx5tlp::sim;
+
+namespace {
+
+// ibv_device structs are interned per process and never freed: a context keeps pointing at
+// its device after ibv_free_device_list, as with libibverbs' refcounted devices.
+m5a_ibv_device* intern_device(const std::string& name) {
+  static std::mutex mu;
+  static std::map<std::string, std::unique_ptr<m5a_ibv_device>> devices;
+  std::lock_guard<std::mutex> guard(mu);
+  auto& slot = devices[name];
+  if (!slot) {
+    slot = std::make_unique<m5a_ibv_device>();
+    slot->node_type = 1;       // IBV_NODE_CA
+    slot->transport_type = 0;  // IBV_TRANSPORT_IB
+    std::snprintf(slot->name, sizeof slot->name, "%s", name.c_str());
+    std::snprintf(slot->dev_name, sizeof slot->dev_name, "uverbs-%s", name.c_str());
+    std::snprintf(slot->dev_path, sizeof slot->dev_path, "%s/%s", device_root().c_str(),
+                  name.c_str());
+    std::snprintf(slot->ibdev_path, sizeof slot->ibdev_path, "%s", slot->dev_path);
+  }
+  return slot.get();
+}
+
+std::vector<std::string> device_names() {
+  std::vector<std::string> names;
+  if (DIR* d = opendir(device_root().c_str())) {
+    while (dirent* e = readdir(d)) {
+      std::string n = e->d_name;
+      if (!valid_name(n)) continue;
+      struct stat sb;
+      if (stat((device_root() + "/" + n + "/state").c_str(), &sb) == 0) names.push_back(n);
+    }
+    closedir(d);
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+bool take_slot_lock(int fd, uint32_t slot) {
+  struct flock fl{};
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = kLockBase + slot;
+  fl.l_len = 1;
+  return fcntl(fd, F_OFD_SETLK, &fl) == 0;
+}
+
+// Is the slot's lock byte held by `fd`'s own open file description? A lock held by the same
+// OFD never conflicts, so F_OFD_GETLK through `fd` reports it unlocked while the device's probe
+// (another OFD) sees it locked.
+bool slot_owned_by(const DeviceMap& d, int fd, uint32_t slot) {
+  struct flock fl{};
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = kLockBase + slot;
+  fl.l_len = 1;
+  if (fcntl(fd, F_OFD_GETLK, &fl) != 0) return false;
+  return fl.l_type == F_UNLCK && d.slot_alive(slot);
+}
+
+m5a_ibv_context* make_context(std::shared_ptr<DeviceMap> dev, int fd, uint32_t slot, bool devx) {
+  auto* c = static_cast<SimContext*>(std::calloc(1, sizeof(SimContext)));
+  if (c == nullptr) {
+    errno = ENOMEM;
+    return nullptr;
+  }
+  c->ibv.device = intern_device(dev->name());
+  c->ibv.cmd_fd = fd;
+  c->ibv.async_fd = -1;
+  c->ibv.num_comp_vectors = 1;
+  pthread_mutex_init(&c->ibv.mutex, nullptr);
+  c->dev = dev.get();
+  c->keep = new std::shared_ptr<DeviceMap>(std::move(dev));
+  c->slot = slot;
+  c->gen = c->dev->st()->ctx[slot].gen;
+  c->devx = devx;
+  return &c->ibv;
+}
+
+m5a_ibv_context* open_context(m5a_ibv_device* device, bool devx) {
+  if (device == nullptr) {
+    errno = EINVAL;
+    return nullptr;
+  }
+  auto dev = DeviceMap::get(device->name);
+  if (!dev) return nullptr;
+  int fd = open(dev->bar_path().c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) return nullptr;
+  int err = 0;
+  uint32_t slot = kMaxContexts;
+  {
+    Locked lock(*dev);
+    if (!lock.ok()) {
+      err = EIO;
+    } else {
+      dev->collect();
+      for (uint32_t s = 0; s < kMaxContexts && slot == kMaxContexts; ++s)
+        if (dev->st()->ctx[s].live == 0) slot = s;
+      if (slot == kMaxContexts) {
+        err = EMFILE;  // the kernel caps open uverbs contexts too
+      } else if (!take_slot_lock(fd, slot)) {
+        err = errno;
+      } else {
+        dev->st()->ctx[slot].live = 1;
+        ++dev->st()->ctx[slot].gen;
+      }
+    }
+  }
+  if (err != 0) {
+    close(fd);
+    errno = err;
+    return nullptr;
+  }
+  m5a_ibv_context* ctx = make_context(std::move(dev), fd, slot, devx);
+  if (ctx == nullptr) close(fd);  // the slot is reclaimed by the next collect()
+  return ctx;
+}
+
+}  // namespace
+
+M5A_EXPORT m5a_ibv_device** ibv_get_device_list(int* num_devices) {
+  // The default device exists without set-up.
+  DeviceMap::get(M5A_SIM_DEFAULT_DEVICE);
+  std::vector<std::string> names = device_names();
+  auto** list = static_cast<m5a_ibv_device**>(std::calloc(names.size() + 1, sizeof(void*)));
+  if (list == nullptr) {
+    errno = ENOMEM;
+    return nullptr;
+  }
+  for (size_t i = 0; i < names.size(); ++i) list[i] = intern_device(names[i]);
+  if (num_devices != nullptr) *num_devices = int(names.size());
+  return list;
+}
+
+M5A_EXPORT void ibv_free_device_list(m5a_ibv_device** list) { std::free(list); }
+
+M5A_EXPORT const char* ibv_get_device_name(m5a_ibv_device* device) {
+  return device != nullptr ? device->name : nullptr;
+}
+
+M5A_EXPORT uint64_t ibv_get_device_guid(m5a_ibv_device* device) {
+  if (device == nullptr) return 0;
+  auto dev = DeviceMap::get(device->name);
+  return dev ? htobe64(dev->st()->cfg.node_guid) : 0;
+}
+
+M5A_EXPORT m5a_ibv_context* ibv_open_device(m5a_ibv_device* device) {
+  return open_context(device, false);
+}
+
+M5A_EXPORT m5a_ibv_context* mlx5dv_open_device(m5a_ibv_device* device,
+                                               m5a_mlx5dv_context_attr* attr) {
+  if (attr != nullptr && ((attr->flags & ~uint32_t(M5A_MLX5DV_CONTEXT_FLAGS_DEVX)) != 0 ||
+                          attr->comp_mask != 0)) {
+    errno = EOPNOTSUPP;
+    return nullptr;
+  }
+  return open_context(device, attr != nullptr && (attr->flags & M5A_MLX5DV_CONTEXT_FLAGS_DEVX));
+}
+
+M5A_EXPORT int mlx5dv_is_supported(m5a_ibv_device* device) { return device != nullptr; }
+
+M5A_EXPORT int ibv_is_fork_initialized(void) {
+  // Like a kernel that copies pinned pages on fork (IBV_FORK_UNNEEDED): the software device
+  // pins nothing.
+  return M5A_IBV_FORK_UNNEEDED;
+}
+
+M5A_EXPORT m5a_ibv_context* ibv_import_device(int cmd_fd) {
+  for (const std::string& name : device_names()) {
+    auto dev = DeviceMap::get(name);
+    if (!dev || !dev->same_bar(cmd_fd)) continue;
+    uint32_t slot = kMaxContexts;
+    {
+      Locked lock(*dev);
+      for (uint32_t s = 0; s < kMaxContexts && slot == kMaxContexts; ++s)
+        if (dev->st()->ctx[s].live != 0 && slot_owned_by(*dev, cmd_fd, s)) slot = s;
+    }
+    if (slot == kMaxContexts) break;  // the bar file, but not a context's fd
+    // As with libibverbs, the new context owns cmd_fd and ibv_close_device closes it.
+    return make_context(std::move(dev), cmd_fd, slot, true);
+  }
+  errno = EINVAL;
+  return nullptr;
+}
+
+M5A_EXPORT int ibv_close_device(m5a_ibv_context* context) {
+  if (context == nullptr) return EINVAL;
+  SimContext* c = sim_ctx(context);
+  close(c->ibv.cmd_fd);
+  {
+    // If that was the last fd of the context anywhere, the device reclaims its objects now.
+    Locked lock(*c->dev);
+    if (lock.ok()) c->dev->collect();
+  }
+  pthread_mutex_destroy(&c->ibv.mutex);
+  delete c->keep;
+  std::free(c);
+  return 0;
+}

@@ -1,0 +1,32 @@
+"""Lint and type checks of the package: ruff and mypy (strict) must be clean."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool(name: str) -> list[str]:
+    if shutil.which(name) is None:
+        pytest.fail(f"{name} is part of the test extras: pip install '.[test]'")
+    return [name]
+
+
+@pytest.mark.skipif(not (ROOT / "pyproject.toml").exists(), reason="needs a source checkout")
+def test_ruff_clean() -> None:
+    out = subprocess.run([*_tool("ruff"), "check", "python", "tests", "benchmarks", "examples"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(not (ROOT / "pyproject.toml").exists(), reason="needs a source checkout")
+def test_mypy_strict_clean() -> None:
+    out = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "pyproject.toml"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
