@@ -6,4 +6,7 @@
 namespace mlx5tlp::bind {
 void bind_errors(pybind11::module_& m);
 void bind_loader(pybind11::module_& m);
+void bind_context(pybind11::module_& m);
+void bind_objects(pybind11::module_& m);
+void bind_sim(pybind11::module_& m);
 }  // namespace mlx5tlp::bind

@@ -8,7 +8,10 @@ lock-free doorbell loop. rdma-core is loaded at run time; ``backend="sim"`` (or
 
 from __future__ import annotations
 
+from mlx5tlp._object import DeviceObject, import_blob
 from mlx5tlp.backend import DeviceInfo, RdmaInfo, list_devices, rdma_info, resolve_backend
+from mlx5tlp.context import Context, TlpCaps, open_device
+from mlx5tlp.devx_obj import DevxObj
 from mlx5tlp.errors import (
     DeviceNotFoundError,
     DevxCommandError,
@@ -20,11 +23,25 @@ from mlx5tlp.errors import (
     NotSupportedError,
     ResourceExhaustedError,
 )
+from mlx5tlp.umem import (
+    ACCESS_LOCAL_WRITE,
+    ACCESS_REMOTE_READ,
+    ACCESS_REMOTE_WRITE,
+    Umem,
+    alloc_umem_buffer,
+)
+from mlx5tlp.var import Var
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACCESS_LOCAL_WRITE",
+    "ACCESS_REMOTE_READ",
+    "ACCESS_REMOTE_WRITE",
+    "Context",
     "DeviceInfo",
+    "DeviceObject",
+    "DevxObj",
     "DeviceNotFoundError",
     "DevxCommandError",
     "Error",
@@ -35,8 +52,14 @@ __all__ = [
     "NotSupportedError",
     "RdmaInfo",
     "ResourceExhaustedError",
+    "TlpCaps",
+    "Umem",
+    "Var",
     "__version__",
+    "alloc_umem_buffer",
+    "import_blob",
     "list_devices",
+    "open_device",
     "rdma_info",
     "resolve_backend",
 ]

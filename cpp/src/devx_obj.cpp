@@ -1,0 +1,111 @@
+#include "mlx5tlp/devx_obj.hpp"
+
+#include <cerrno>
+
+namespace mlx5tlp {
+
+DevxObj::DevxObj(std::shared_ptr<Context> ctx, m5a_mlx5dv_devx_obj* raw, bool imported)
+    : Handle(std::move(ctx), imported, "DEVX object"), raw_(raw) {}
+
+DevxObj::~DevxObj() {
+  try {
+    close();
+  } catch (...) {
+    // Never throw from a destructor; the kernel reclaims the object when the context closes.
+  }
+}
+
+std::shared_ptr<DevxObj> DevxObj::create(std::shared_ptr<Context> ctx, const uint8_t* in,
+                                         size_t inlen, size_t outlen, std::vector<uint8_t>* out) {
+  const Library& lib = ctx->lib();
+  auto create_fn = lib.need(lib.sym().mlx5dv_devx_obj_create, "mlx5dv_devx_obj_create");
+  std::vector<uint8_t> buf(outlen, 0);
+  m5a_mlx5dv_devx_obj* raw;
+  {
+    Context::Use u(*ctx);
+    errno = 0;
+    raw = create_fn(u.get(), in, inlen, buf.data(), outlen);
+  }
+  if (raw == nullptr) throw_devx("mlx5dv_devx_obj_create", errno_or_eio(), buf.data(), outlen, false);
+  std::shared_ptr<DevxObj> obj(new DevxObj(ctx, raw, false));
+  ctx->adopt(obj);
+  if (out != nullptr) *out = std::move(buf);
+  return obj;
+}
+
+std::shared_ptr<DevxObj> DevxObj::import(std::shared_ptr<Context> ctx, const uint8_t* raw,
+                                         size_t len) {
+  const Library& lib = ctx->lib();
+  auto import_fn = lib.need(lib.sym().mlx5dv_devx_obj_import, "mlx5dv_devx_obj_import");
+  const uint32_t want = ctx->export_size(ObjectKind::devx_obj);
+  if (len != want)
+    throw Error(ErrorKind::export_format, "mlx5dv_devx_obj_import", EINVAL,
+                "raw DEVX object export is " + std::to_string(len) +
+                    " bytes; this rdma-core expects " + std::to_string(want));
+  std::vector<uint8_t> copy(raw, raw + len);
+  m5a_mlx5dv_devx_obj* o;
+  {
+    Context::Use u(*ctx);
+    errno = 0;
+    o = import_fn(u.get(), copy.data());
+  }
+  if (o == nullptr) throw_errno("mlx5dv_devx_obj_import", errno_or_eio(), false);
+  std::shared_ptr<DevxObj> out(new DevxObj(ctx, o, true));
+  ctx->adopt(out);
+  return out;
+}
+
+static std::vector<uint8_t> run(const Library& lib, m5a_mlx5dv_devx_obj_cmd_fn fn,
+                                const char* name, m5a_mlx5dv_devx_obj* raw, const uint8_t* in,
+                                size_t inlen, size_t outlen) {
+  std::vector<uint8_t> out(outlen, 0);
+  int rc = lib.need(fn, name)(raw, in, inlen, out.data(), outlen);
+  if (rc != 0) throw_devx(name, rc > 0 ? rc : errno_or_eio(), out.data(), outlen, true);
+  return out;
+}
+
+std::vector<uint8_t> DevxObj::query(const uint8_t* in, size_t inlen, size_t outlen) {
+  auto l = use("mlx5dv_devx_obj_query");
+  return run(ctx_->lib(), ctx_->lib().sym().mlx5dv_devx_obj_query, "mlx5dv_devx_obj_query", raw_,
+             in, inlen, outlen);
+}
+
+std::vector<uint8_t> DevxObj::modify(const uint8_t* in, size_t inlen, size_t outlen) {
+  auto l = use("mlx5dv_devx_obj_modify");
+  return run(ctx_->lib(), ctx_->lib().sym().mlx5dv_devx_obj_modify, "mlx5dv_devx_obj_modify",
+             raw_, in, inlen, outlen);
+}
+
+std::vector<uint8_t> DevxObj::export_raw() const {
+  const Library& lib = ctx_->lib();
+  auto export_fn = lib.need(lib.sym().mlx5dv_devx_obj_export, "mlx5dv_devx_obj_export");
+  std::vector<uint8_t> out(ctx_->export_size(ObjectKind::devx_obj), 0);
+  auto l = use("mlx5dv_devx_obj_export");
+  check_rc("mlx5dv_devx_obj_export", export_fn(raw_, out.data()), true);
+  return out;
+}
+
+void DevxObj::release(bool destroy) {
+  const Library& lib = ctx_->lib();
+  auto unimport_fn = lib.sym().mlx5dv_devx_obj_unimport;
+  if (destroy) {
+    int rc;
+    {
+      Context::Use u(*ctx_);
+      rc = lib.sym().mlx5dv_devx_obj_destroy(raw_);
+    }
+    if (rc != 0) {
+      // Already destroyed elsewhere: libmlx5 kept the struct; drop it, then report.
+      if (unimport_fn != nullptr) unimport_fn(raw_);
+      raw_ = nullptr;
+      live_ = false;
+      throw_errno("mlx5dv_devx_obj_destroy", rc > 0 ? rc : errno_or_eio(), true,
+                  "the DEVX object was already destroyed");
+    }
+  } else {
+    lib.need(unimport_fn, "mlx5dv_devx_obj_unimport")(raw_);
+  }
+  raw_ = nullptr;
+}
+
+}  // namespace mlx5tlp

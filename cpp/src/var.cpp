@@ -1,0 +1,167 @@
+#include "mlx5tlp/var.hpp"
+
+#include <sys/mman.h>
+
+#include <cerrno>
+
+namespace mlx5tlp {
+
+Mapping::Mapping(std::shared_ptr<Var> var, void* addr, size_t len) noexcept
+    : var_(std::move(var)), addr_(addr), len_(len) {}
+
+Mapping::~Mapping() { reset(); }
+
+Mapping::Mapping(Mapping&& o) noexcept
+    : var_(std::move(o.var_)), addr_(o.addr_), len_(o.len_) {
+  o.addr_ = nullptr;
+  o.len_ = 0;
+}
+
+Mapping& Mapping::operator=(Mapping&& o) noexcept {
+  if (this != &o) {
+    reset();
+    var_ = std::move(o.var_);
+    addr_ = o.addr_;
+    len_ = o.len_;
+    o.addr_ = nullptr;
+    o.len_ = 0;
+  }
+  return *this;
+}
+
+void Mapping::reset() noexcept {
+  if (addr_ != nullptr) {
+    munmap(addr_, len_);
+    var_->mappings_.fetch_sub(1, std::memory_order_relaxed);
+  }
+  addr_ = nullptr;
+  len_ = 0;
+  var_.reset();
+}
+
+Var::Var(std::shared_ptr<Context> ctx, m5a_mlx5dv_var* raw, bool imported, bool tlp)
+    : Handle(std::move(ctx), imported, tlp ? "TLP gateway VAR" : "VAR"),
+      raw_(raw),
+      page_id_(raw->page_id),
+      length_(raw->length),
+      mmap_off_(raw->mmap_off),
+      tlp_(tlp) {}
+
+Var::~Var() {
+  try {
+    close();
+  } catch (...) {
+    // A destructor never throws; the kernel reclaims what we could not release at ctx close.
+  }
+}
+
+std::shared_ptr<Var> Var::alloc(std::shared_ptr<Context> ctx, bool tlp) {
+  const Library& lib = ctx->lib();
+  auto alloc_fn = lib.need(lib.sym().mlx5dv_alloc_var, "mlx5dv_alloc_var");
+  if (tlp && !lib.caps().tlp_var) lib.missing("mlx5dv_alloc_var(MLX5DV_VAR_ALLOC_FLAG_TLP)");
+  m5a_mlx5dv_var* raw;
+  {
+    Context::Use u(*ctx);
+    errno = 0;
+    raw = alloc_fn(u.get(), tlp ? M5A_MLX5DV_VAR_ALLOC_FLAG_TLP : 0);
+  }
+  if (raw == nullptr) {
+    const int err = errno_or_eio();
+    std::string why;
+    if (err == EOPNOTSUPP && tlp)
+      why = "device '" + ctx->name() + "' has no TLP emulation (tlp_device_emulation_manager is 0)";
+    else if (err == EOPNOTSUPP)
+      why = "device '" + ctx->name() + "' has no VirtIO VAR pages";
+    else if (err == EPROTONOSUPPORT)
+      why = "the kernel does not know the VAR alloc flags attribute (needs TLP VAR support)";
+    else if (err == ENOMEM)
+      why = std::string("every ") + (tlp ? "TLP gateway" : "VirtIO VAR") +
+            " page of device '" + ctx->name() + "' is allocated";
+    throw_errno(tlp ? "mlx5dv_alloc_var(MLX5DV_VAR_ALLOC_FLAG_TLP)" : "mlx5dv_alloc_var", err,
+                false, why);
+  }
+  std::shared_ptr<Var> v(new Var(ctx, raw, false, tlp));
+  ctx->adopt(v);
+  return v;
+}
+
+std::shared_ptr<Var> Var::import(std::shared_ptr<Context> ctx, const uint8_t* raw, size_t len,
+                                 bool tlp) {
+  const Library& lib = ctx->lib();
+  auto import_fn = lib.need(lib.sym().mlx5dv_var_import, "mlx5dv_var_import");
+  const uint32_t want = ctx->export_size(ObjectKind::var);
+  if (len != want)
+    throw Error(ErrorKind::export_format, "mlx5dv_var_import", EINVAL,
+                "raw VAR export is " + std::to_string(len) + " bytes; this rdma-core expects " +
+                    std::to_string(want));
+  // Upstream reads the buffer without a length: give it a private, exact-size copy.
+  std::vector<uint8_t> copy(raw, raw + len);
+  m5a_mlx5dv_var* v;
+  {
+    Context::Use u(*ctx);
+    errno = 0;
+    v = import_fn(u.get(), copy.data());
+  }
+  if (v == nullptr) throw_errno("mlx5dv_var_import", errno_or_eio(), false);
+  std::shared_ptr<Var> out(new Var(ctx, v, true, tlp));
+  ctx->adopt(out);
+  return out;
+}
+
+std::vector<uint8_t> Var::export_raw() const {
+  const Library& lib = ctx_->lib();
+  auto export_fn = lib.need(lib.sym().mlx5dv_var_export, "mlx5dv_var_export");
+  std::vector<uint8_t> out(ctx_->export_size(ObjectKind::var), 0);
+  auto l = use("mlx5dv_var_export");
+  check_rc("mlx5dv_var_export", export_fn(raw_, out.data()), true);
+  return out;
+}
+
+void* Var::map_raw(int prot) {
+  Context::Use u(*ctx_);
+  const Library& lib = ctx_->lib();
+  // The software device's mmap entry plays the kernel's mmap handler (which checks that the
+  // offset is a live VAR of this context); with rdma-core the kernel does that check itself.
+  void* p = lib.sym().sim.mmap != nullptr
+                ? lib.sym().sim.mmap(u.get(), length_, prot, MAP_SHARED, mmap_off_)
+                : ::mmap(nullptr, length_, prot, MAP_SHARED, u.get()->cmd_fd, mmap_off_);
+  if (p == MAP_FAILED)
+    throw_errno("mmap(cmd_fd, VAR page " + std::to_string(page_id_) + ")", errno_or_eio(), true,
+                "the kernel refused the VAR's offset: it was freed, or belongs to another context");
+  return p;
+}
+
+Mapping Var::map(int prot) {
+  auto l = use("map VAR");
+  void* p = map_raw(prot);
+  mappings_.fetch_add(1, std::memory_order_relaxed);
+  return Mapping(shared_from_this(), p, length_);
+}
+
+bool Var::probe() {
+  auto l = use("probe VAR");
+  try {
+    munmap(map_raw(PROT_WRITE), length_);
+    return true;
+  } catch (const Error& e) {
+    if (e.kind() == ErrorKind::invalid_handle) return false;
+    throw;
+  }
+}
+
+void Var::release(bool destroy) {
+  const Library& lib = ctx_->lib();
+  if (destroy) {
+    if (mappings_.load(std::memory_order_relaxed) > 0)
+      throw Error(ErrorKind::invalid_argument, "mlx5dv_free_var", EBUSY,
+                  "VAR page " + std::to_string(page_id_) + " is still mapped (" +
+                      std::to_string(mappings_.load()) + " mapping(s)/gateway(s)): close them first");
+    Context::Use u(*ctx_);
+    lib.sym().mlx5dv_free_var(raw_);
+  } else {
+    lib.need(lib.sym().mlx5dv_var_unimport, "mlx5dv_var_unimport")(raw_);
+  }
+  raw_ = nullptr;
+}
+
+}  // namespace mlx5tlp

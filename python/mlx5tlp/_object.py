@@ -1,0 +1,135 @@
+"""What Var, Umem and DevxObj share: ownership, close/free/unimport, export envelopes, pickle."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, ClassVar, Optional, TypeVar, Union
+
+from mlx5tlp import registry
+from mlx5tlp.context import Context
+from mlx5tlp.envelope import Envelope, Kind, open_envelope, peek_device, peek_kind, seal
+from mlx5tlp.errors import DeviceNotFoundError
+
+__all__ = ["DeviceObject", "import_blob"]
+
+BytesLike = Union[bytes, bytearray, memoryview]
+T = TypeVar("T", bound="DeviceObject")
+
+
+class DeviceObject:
+    """Base of :class:`Var`, :class:`Umem` and :class:`DevxObj`.
+
+    An object is *owned* (created here: ``free()`` destroys the kernel object) or *imported*
+    (from an envelope: ``unimport()`` drops it here and leaves the kernel object alone). Exactly
+    one party frees; every importer unimports. ``close()`` does whichever applies and is
+    idempotent; any other use after it raises :class:`~mlx5tlp.InvalidHandleError`.
+    Thread-safety: methods may be called from any thread.
+    """
+
+    KIND: ClassVar[Kind]
+    __slots__ = ("__weakref__", "_core", "_ctx")
+
+    def __init__(self, core: Any, ctx: Context) -> None:
+        self._core = core
+        self._ctx = ctx
+
+    @property
+    def context(self) -> Context:
+        """The context this object lives on (kept alive by the object)."""
+        return self._ctx
+
+    @property
+    def imported(self) -> bool:
+        """True when imported from an envelope (close = unimport)."""
+        return bool(self._core.imported)
+
+    @property
+    def closed(self) -> bool:
+        """True once freed, unimported or closed."""
+        return bool(self._core.closed)
+
+    def free(self) -> None:
+        """Destroy the kernel object (owned objects only; importers call :meth:`unimport`)."""
+        self._core.free()
+
+    def unimport(self) -> None:
+        """Drop this imported object without destroying the kernel object."""
+        self._core.unimport()
+
+    def close(self) -> None:
+        """``free()`` if owned, ``unimport()`` if imported; idempotent."""
+        self._core.close()
+
+    def __enter__(self: T) -> T:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    # -- export ----------------------------------------------------------------------------
+    def _flags(self) -> int:
+        return 0
+
+    def export(self, *, key: Optional[bytes] = None) -> bytes:
+        """This object's validated export envelope (see docs/export-format.md).
+
+        With `key` (>= 16 bytes) the envelope carries an HMAC-SHA256 that import checks.
+
+        Raises:
+            NotSupportedError: rdma-core < 63 has no export (``mlx5dv_*_export``).
+            InvalidHandleError: the object is closed.
+        """
+        raw = bytes(self._core.export_raw())
+        return seal(self.KIND, raw, self._ctx.identity, flags=self._flags(), key=key)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_unpickle, (self.export(),))
+
+    @classmethod
+    def _open(cls, ctx: Context, blob: BytesLike, key: Optional[bytes]) -> Envelope:
+        return open_envelope(
+            blob,
+            expected_kind=cls.KIND,
+            raw_size=lambda kind: ctx.export_size(kind),
+            device=ctx.identity,
+            key=key,
+        )
+
+
+def import_blob(ctx: Context, blob: BytesLike, *, key: Optional[bytes] = None) -> DeviceObject:
+    """Import any exported object onto `ctx`, dispatching on the envelope's kind.
+
+    Every check of the envelope (magic, version, kind, size, device, rdma-core version, CRC,
+    HMAC) runs before rdma-core sees the raw buffer.
+
+    Raises:
+        ExportFormatError: the envelope failed a check (the message says which).
+        InvalidHandleError: a VAR whose owner already freed it (its mapping is refused).
+    """
+    from mlx5tlp.devx_obj import DevxObj
+    from mlx5tlp.umem import Umem
+    from mlx5tlp.var import Var
+
+    kind = peek_kind(blob)
+    cls: type[DeviceObject] = {Kind.VAR: Var, Kind.UMEM: Umem, Kind.DEVX_OBJ: DevxObj}[kind]
+    return cls._import(ctx, blob, key)  # type: ignore[attr-defined,no-any-return]
+
+
+def _unpickle(blob: bytes) -> DeviceObject:
+    kind, device = peek_device(blob)
+    ctx = registry.find(device)
+    if ctx is None:
+        raise DeviceNotFoundError(
+            None,
+            f"cannot unpickle a {kind.name} of device {device.name} "
+            f"(guid {device.node_guid:#018x}, backend {device.backend}): this process has no "
+            "open context sharing that device's objects; receive the exporter's context fd "
+            "first (mlx5tlp.share.recv or Context.import_fd)",
+            "unpickle",
+        )
+    return import_blob(ctx, blob)

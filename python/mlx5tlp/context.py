@@ -1,0 +1,230 @@
+"""Device contexts: open a device, or import one from a command fd another process shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Optional, Union
+
+from mlx5tlp import _core, registry
+from mlx5tlp.backend import resolve_backend
+from mlx5tlp.envelope import DeviceIdentity, Kind
+
+if TYPE_CHECKING:
+    from mlx5tlp.devx_obj import DevxObj
+    from mlx5tlp.umem import Umem
+    from mlx5tlp.var import Var
+
+__all__ = ["Context", "TlpCaps", "open_device"]
+
+BytesLike = Union[bytes, bytearray, memoryview]
+
+
+@dataclass(frozen=True)
+class TlpCaps:
+    """TLP emulation capabilities of a device (``QUERY_HCA_CAP``, mlx5_ifc.h layouts).
+
+    Attributes:
+        supported: ``tlp_device_emulation_manager`` (general capabilities).
+        gw_num_pages: ``tlp_rsp_gw_num_pages``: TLP response gateway pages (1..15).
+        gw_page_stride: bytes per gateway page (``4096 << log_tlp_rsp_gw_page_stride``).
+        gw_bar_offset: ``tlp_rsp_gw_pages_bar_offset``.
+        gw_log_stride: ``log_tlp_rsp_gw_page_stride``.
+    """
+
+    supported: bool
+    gw_num_pages: int
+    gw_page_stride: int
+    gw_bar_offset: int
+    gw_log_stride: int
+
+
+class Context:
+    """A device context opened with DEVX (``mlx5dv_open_device``), or imported from an fd.
+
+    Ownership: the context owns its command fd (``cmd_fd``); objects created or imported on it
+    keep it alive. ``close()`` first closes every object still open on it (owned objects are
+    freed, imported ones unimported), then the context; it is idempotent, and any later use
+    raises :class:`~mlx5tlp.InvalidHandleError`. Use it as a context manager.
+
+    Thread-safety: every method may be called from any thread; ``close()`` waits for calls in
+    flight. The GIL is released around every call into rdma-core.
+    """
+
+    __slots__ = ("__weakref__", "_core", "_identity")
+
+    def __init__(self, core: _core.Context) -> None:
+        """Internal: use :func:`open_device` or :meth:`Context.import_fd`."""
+        self._core = core
+        self._identity = DeviceIdentity(
+            name=core.name,
+            node_guid=int(core.node_guid),
+            backend=core.backend,
+            rdma_core_version=core.rdma_core_version or None,
+        )
+        registry.register(self)
+
+    @classmethod
+    def import_fd(cls, fd: int, *, backend: Optional[str] = None) -> Context:
+        """A second context on the same kernel objects as the context whose ``cmd_fd`` is `fd`.
+
+        `fd` is duplicated before ``ibv_import_device`` (which owns the fd it is given): the
+        caller keeps ownership of `fd` and may close it afterwards.
+
+        Raises:
+            InvalidHandleError: `fd` is not a device context's command fd.
+            NotSupportedError: rdma-core lacks ``ibv_import_device``.
+        """
+        if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
+            raise ValueError(f"fd must be a non-negative int, not {fd!r}")
+        return cls(_core.Context.import_fd(fd, resolve_backend(backend)))
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The device name, e.g. ``"mlx5_0"``."""
+        return str(self._core.name)
+
+    @property
+    def backend(self) -> str:
+        """``"rdma"`` or ``"sim"``."""
+        return str(self._core.backend)
+
+    @property
+    def cmd_fd(self) -> int:
+        """The command fd (owned by the context; dup it to keep it beyond ``close()``)."""
+        return int(self._core.cmd_fd)
+
+    @property
+    def imported(self) -> bool:
+        """True for a context made by :meth:`import_fd`."""
+        return bool(self._core.imported)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return bool(self._core.closed)
+
+    @property
+    def identity(self) -> DeviceIdentity:
+        """Who this context is, as recorded in export envelopes."""
+        return self._identity
+
+    # -- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close every object still open on this context, then the context. Idempotent."""
+        self._core.close()
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"cmd_fd={self._core.cmd_fd}"
+        how = "imported " if self.imported else ""
+        return f"<mlx5tlp.Context {how}{self.backend}:{self.name} {state}>"
+
+    def __reduce__(self) -> object:
+        raise TypeError(
+            "a Context cannot be pickled: send its fd with mlx5tlp.share.send() "
+            "(SCM_RIGHTS) and use Context.import_fd() on the other side"
+        )
+
+    # -- queries ---------------------------------------------------------------------------
+    def query_tlp_caps(self) -> TlpCaps:
+        """Read the TLP emulation capabilities with ``QUERY_HCA_CAP``."""
+        supported, pages, stride, bar, log_stride = self._core.query_tlp_caps()
+        return TlpCaps(bool(supported), int(pages), int(stride), int(bar), int(log_stride))
+
+    def devx_general_cmd(self, cmd_in: BytesLike, out_len: int) -> bytes:
+        """Run a raw PRM command (``mlx5dv_devx_general_cmd``); returns the outbox.
+
+        Raises:
+            DevxCommandError: the firmware returned a bad status (``status``, ``syndrome``).
+        """
+        return bytes(self._core.general_cmd(_mailbox(cmd_in, "cmd_in"), _out_len(out_len)))
+
+    def export_size(self, kind: Kind) -> int:
+        """This rdma-core's raw export size for `kind` (``mlx5dv_get_export_sizes``)."""
+        return int(self._core.export_size(int(kind)))
+
+    # -- objects ---------------------------------------------------------------------------
+    def alloc_var(self, tlp: bool = False) -> Var:
+        """Allocate a VAR page: a TLP response gateway page when `tlp`, else a VirtIO page.
+
+        Raises:
+            NotSupportedError: the device has no TLP emulation, or rdma-core < 63.
+            ResourceExhaustedError: every gateway page is allocated.
+        """
+        from mlx5tlp.var import Var
+
+        return Var._alloc(self, bool(tlp))
+
+    def reg_umem(
+        self, buffer: object, access: Optional[int] = None, *, allow_unaligned: bool = False
+    ) -> Umem:
+        """Register a writable buffer as a DEVX UMEM; see :meth:`mlx5tlp.Umem.register`."""
+        from mlx5tlp.umem import Umem
+
+        return Umem._register(self, buffer, access, allow_unaligned)
+
+    def create_devx_obj(self, cmd_in: BytesLike, out_len: int) -> DevxObj:
+        """Create a DEVX object from a raw PRM create command; the outbox is ``obj.out``."""
+        from mlx5tlp.devx_obj import DevxObj
+
+        return DevxObj._create(self, cmd_in, out_len)
+
+    def import_var(self, blob: BytesLike, *, key: Optional[bytes] = None) -> Var:
+        """Import a VAR from its export envelope; see :func:`mlx5tlp.import_blob`."""
+        from mlx5tlp.var import Var
+
+        return Var._import(self, blob, key)
+
+    def import_umem(self, blob: BytesLike, *, key: Optional[bytes] = None) -> Umem:
+        """Import a UMEM from its export envelope (its id, not its memory)."""
+        from mlx5tlp.umem import Umem
+
+        return Umem._import(self, blob, key)
+
+    def import_devx_obj(self, blob: BytesLike, *, key: Optional[bytes] = None) -> DevxObj:
+        """Import a DEVX object from its export envelope."""
+        from mlx5tlp.devx_obj import DevxObj
+
+        return DevxObj._import(self, blob, key)
+
+
+def _mailbox(data: object, what: str) -> bytes:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{what} must be bytes-like, not {type(data).__name__}")
+    raw = bytes(data)
+    if len(raw) < 8 or len(raw) % 4:
+        raise ValueError(f"{what} must be a PRM mailbox: a multiple of 4 bytes, at least 8")
+    return raw
+
+
+def _out_len(n: object) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or not 16 <= n <= (1 << 20):
+        raise ValueError(f"out_len must be an int in 16..1048576, not {n!r}")
+    return n
+
+
+def open_device(name: Optional[str] = None, *, backend: Optional[str] = None) -> Context:
+    """Open device `name` (the first mlx5 device when None) with DEVX.
+
+    Backend: `backend`, else ``$MLX5TLP_BACKEND``, else ``"rdma"``.
+
+    Raises:
+        DeviceNotFoundError: no such device (the message lists those there are).
+        LibraryNotFoundError: rdma-core is not installed (or use ``backend="sim"``).
+        NotSupportedError: the device is not an mlx5 device.
+    """
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str or None, not {type(name).__name__}")
+    return Context(_core.Context.open(name or "", resolve_backend(backend)))

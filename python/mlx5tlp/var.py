@@ -1,0 +1,102 @@
+"""VAR pages: TLP response gateway pages and VirtIO doorbell pages."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+from typing import Optional
+
+from mlx5tlp import _core
+from mlx5tlp._object import BytesLike, DeviceObject
+from mlx5tlp.context import Context
+from mlx5tlp.envelope import FLAG_TLP_VAR, Kind
+from mlx5tlp.errors import InvalidHandleError
+
+__all__ = ["Var"]
+
+
+class Var(DeviceObject):
+    """A VAR page from ``mlx5dv_alloc_var``: a TLP response gateway page when ``is_tlp``.
+
+    The page is mapped with ``mmap(cmd_fd, offset=mmap_off, length)``. Use :meth:`mmap` for a
+    Python mapping, or ``gateway()`` to write completions through the doorbell loop. Owned VARs
+    are freed (the page returns to the device's pool); imported ones are unimported.
+    """
+
+    KIND = Kind.VAR
+    __slots__ = ()
+
+    @classmethod
+    def _alloc(cls, ctx: Context, tlp: bool) -> Var:
+        return cls(_core.Var.alloc(ctx._core, tlp), ctx)
+
+    @classmethod
+    def _import(cls, ctx: Context, blob: BytesLike, key: Optional[bytes]) -> Var:
+        env = cls._open(ctx, blob, key)
+        var = cls(_core.Var.import_(ctx._core, env.raw, bool(env.flags & FLAG_TLP_VAR)), ctx)
+        # Import itself asks the kernel nothing (upstream rebuilds the struct from the buffer),
+        # so ask once now: the kernel refuses the mapping of a freed VAR's offset.
+        if not var._core.probe():
+            var.unimport()
+            raise InvalidHandleError(
+                errno.EINVAL,
+                f"VAR page {var.page_id} of device {ctx.name} cannot be mapped: its exporter "
+                "freed it, or this context does not share the exporter's objects (import the "
+                "exporter's command fd with Context.import_fd first)",
+                "mlx5dv_var_import",
+            )
+        return var
+
+    def _flags(self) -> int:
+        return FLAG_TLP_VAR if self.is_tlp else 0
+
+    @property
+    def page_id(self) -> int:
+        """The page index in the device's VAR region."""
+        return int(self._core.page_id)
+
+    @property
+    def length(self) -> int:
+        """Bytes to map (the gateway page stride for a TLP VAR)."""
+        return int(self._core.length)
+
+    @property
+    def mmap_off(self) -> int:
+        """Offset to pass to ``mmap`` on the context's ``cmd_fd``."""
+        return int(self._core.mmap_off)
+
+    @property
+    def is_tlp(self) -> bool:
+        """True for a TLP response gateway page (``MLX5DV_VAR_ALLOC_FLAG_TLP``)."""
+        return bool(self._core.is_tlp)
+
+    def probe(self) -> bool:
+        """Would the kernel map this page now? False once its owner freed it."""
+        return bool(self._core.probe())
+
+    def mmap(self, prot: int = mmap.PROT_WRITE) -> mmap.mmap:
+        """Map the page into a Python ``mmap`` (``MAP_SHARED`` on ``cmd_fd`` at ``mmap_off``).
+
+        The default protection is write-only, as for a gateway page; pass
+        ``mmap.PROT_READ | mmap.PROT_WRITE`` to read it back (the software device allows it).
+        The mapping is independent of this object: close it yourself.
+
+        Raises:
+            InvalidHandleError: the VAR is closed, or its page was freed by its owner.
+        """
+        if not self._core.probe():
+            raise InvalidHandleError(
+                errno.EINVAL, f"VAR page {self.page_id} was freed: the kernel refuses its mapping",
+                "mmap",
+            )
+        return mmap.mmap(self._ctx.cmd_fd, self.length, mmap.MAP_SHARED, prot, offset=self.mmap_off)
+
+    def __repr__(self) -> str:
+        what = "TLP gateway VAR" if self.is_tlp else "VirtIO VAR"
+        if self.closed:
+            return f"<mlx5tlp.Var {what} closed>"
+        how = "imported" if self.imported else "owned"
+        return (
+            f"<mlx5tlp.Var {what} page_id={self.page_id} length={self.length} "
+            f"mmap_off={self.mmap_off:#x} {how}>"
+        )

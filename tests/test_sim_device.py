@@ -1,0 +1,162 @@
+"""The software device through the core's loader: devices, pages, capabilities, lifetimes."""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+import mlx5tlp
+from mlx5tlp import sim
+
+
+def test_default_device_exists_without_setup() -> None:
+    with tempfile.TemporaryDirectory() as d:
+        out = subprocess.run(
+            [sys.executable, "-c", "import mlx5tlp; print([x.name for x in mlx5tlp.list_devices('sim')])"],
+            env={**os.environ, "MLX5TLP_SIM_DIR": d},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "['mlx5_sim0']"
+        assert os.path.isdir(os.path.join(d, "mlx5_sim0"))
+
+
+def test_create_and_remove(device: str) -> None:
+    cfg = sim.device_config(device)
+    assert cfg["tlp"] is True and cfg["gw_pages"] == 8 and cfg["slot_size"] == 256
+    with pytest.raises(mlx5tlp.Error) as exc:
+        sim.create_device(device)
+    assert exc.value.errno == 17  # EEXIST
+    for bad in ({"gw_pages": 0}, {"gw_pages": 16}, {"gw_log_stride": 5}, {"slot_size": 96}):
+        with pytest.raises(ValueError):
+            sim.create_device("x", **bad)  # type: ignore[arg-type]
+    with pytest.raises(mlx5tlp.Error) as exc:
+        sim.create_device("bad/name")
+    assert exc.value.errno == 22
+    with mlx5tlp.open_device(device):
+        with pytest.raises(mlx5tlp.Error) as exc:
+            sim.remove_device(device)  # a live context holds it
+        assert exc.value.errno == 16  # EBUSY
+
+
+def _query_cap(ctx: mlx5tlp.Context, cap_type: int) -> bytes:
+    cmd = struct.pack(">HHHH", 0x100, 0, 0, (cap_type << 1) | 1) + bytes(8)
+    return ctx.devx_general_cmd(cmd, 0x10 + 0x1000)[0x10:]
+
+
+def test_query_hca_cap_bit_layout() -> None:
+    # Positions from the kernel's include/linux/mlx5/mlx5_ifc.h: cmd_hca_cap bit 0x398
+    # tlp_device_emulation_manager; tlp_dev_emu_capabilities: log_tlp_rsp_gw_page_stride at
+    # bits 0x33..0x37, tlp_rsp_gw_num_pages at 0x10c..0x10f, tlp_rsp_gw_pages_bar_offset 0x1c0.
+    sim.create_device("caps", gw_pages=13, gw_log_stride=3, bar_offset=0x0123456789ABC000)
+    try:
+        with mlx5tlp.open_device("caps") as ctx:
+            gen = _query_cap(ctx, 0)
+            assert gen[0x70:0x74] == b"\x00\x00\x00\x80"
+            tlp = _query_cap(ctx, 0x2A)
+            assert struct.unpack(">I", tlp[4:8])[0] == 3 << 8
+            assert struct.unpack(">I", tlp[0x20:0x24])[0] == 13 << 16
+            assert struct.unpack(">Q", tlp[0x38:0x40])[0] == 0x0123456789ABC000
+            caps = ctx.query_tlp_caps()
+            assert (caps.supported, caps.gw_num_pages, caps.gw_page_stride) == (True, 13, 32768)
+    finally:
+        sim.remove_device("caps")
+
+
+def test_no_tlp_emulation(notlp_device: str) -> None:
+    with mlx5tlp.open_device(notlp_device) as ctx:
+        assert _query_cap(ctx, 0)[0x70:0x74] == bytes(4)
+        assert ctx.query_tlp_caps() == mlx5tlp.TlpCaps(False, 0, 0, 0, 0)
+        with pytest.raises(mlx5tlp.NotSupportedError) as exc:
+            ctx.alloc_var(tlp=True)
+        assert exc.value.errno == 95  # EOPNOTSUPP
+        assert "no TLP emulation" in str(exc.value)
+        with pytest.raises(mlx5tlp.DevxCommandError) as dexc:
+            _query_cap(ctx, 0x2A)
+        assert dexc.value.status == 3  # BAD_PARAM: no such capability page
+
+
+def test_gateway_page_through_cmd_fd(ctx: mlx5tlp.Context, device: str) -> None:
+    var = ctx.alloc_var(tlp=True)
+    # Exactly what a pyverbs user does: mmap(cmd_fd, length, offset=mmap_off).
+    m = mmap.mmap(ctx.cmd_fd, var.length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                  offset=var.mmap_off)
+    try:
+        # The device wrote the ring header at allocation: magic, geometry, page id.
+        magic, ver_slot, count, page = struct.unpack_from("<IIII", m, 8)
+        assert magic == 0x5747354D and ver_slot == (256 << 16) | 1
+        assert count == (4096 - 128) // 256 and page == var.page_id
+        m[3000:3004] = b"abcd"
+        with var.mmap(mmap.PROT_READ | mmap.PROT_WRITE) as m2:
+            assert m2[3000:3004] == b"abcd"
+    finally:
+        m.close()
+    var.free()
+    # Freed: the page is scrubbed, and mapping it through the object is refused.
+    v2 = ctx.alloc_var(tlp=True)
+    with v2.mmap(mmap.PROT_READ | mmap.PROT_WRITE) as m3:
+        assert m3[3000:3004] == bytes(4)
+    assert sim.device_stats(device)["tlp_vars"] == 1
+
+
+def _open_alloc_close(device: str, rounds: int) -> None:
+    for _ in range(rounds):
+        with mlx5tlp.open_device(device) as c:
+            v = c.alloc_var(tlp=True)
+            u = c.reg_umem(mlx5tlp.alloc_umem_buffer(4096))
+            v.free()
+            u.free()
+
+
+def test_concurrent_opens_from_many_processes(device: str) -> None:
+    mp = multiprocessing.get_context("spawn")
+    procs = [mp.Process(target=_open_alloc_close, args=(device, 15)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    st = sim.device_stats(device)
+    assert st["contexts"] == 0 and st["tlp_vars"] == 0 and st["umems"] == 0
+    assert st["gw_pages_free"] == 8
+
+
+def _hold(device: str, ready: multiprocessing.synchronize.Event) -> None:
+    c = mlx5tlp.open_device(device)
+    keep = [c.alloc_var(tlp=True), c.alloc_var(tlp=True), c.alloc_var(tlp=False),
+            c.reg_umem(mlx5tlp.alloc_umem_buffer(4096))]
+    keep.append(c.create_devx_obj(bytes([0x0A, 0, 0, 0, 0, 0, 0, 0x42]) + bytes(8), 16))
+    ready.set()
+    import time
+
+    time.sleep(600)
+
+
+def test_sigkill_reclaims_everything(device: str) -> None:
+    mp = multiprocessing.get_context("spawn")
+    ready = mp.Event()
+    p = mp.Process(target=_hold, args=(device, ready))
+    p.start()
+    try:
+        assert ready.wait(60)
+        st = sim.device_stats(device)
+        assert (st["contexts"], st["tlp_vars"], st["virtio_vars"], st["umems"], st["devx_objs"]) == (
+            1, 2, 1, 1, 1)
+        assert st["gw_pages_free"] == 6
+    finally:
+        p.kill()
+        p.join(30)
+    st = sim.device_stats(device)
+    assert (st["contexts"], st["tlp_vars"], st["virtio_vars"], st["umems"], st["devx_objs"]) == (
+        0, 0, 0, 0, 0)
+    assert st["gw_pages_free"] == 8 and st["virtio_pages_free"] == 16
+    assert st["reclaimed"] == 5
