@@ -75,7 +75,8 @@ def test_missing_rdma_core_raises_on_use() -> None:
     out = _run(
         "import mlx5tlp\n"
         "try:\n    mlx5tlp.open_device(backend='rdma')\n"
-        "except mlx5tlp.LibraryNotFoundError as e:\n    print('ok', isinstance(e, mlx5tlp.NotSupportedError))\n",
+        "except mlx5tlp.LibraryNotFoundError as e:\n"
+        "    print('ok', isinstance(e, mlx5tlp.NotSupportedError))\n",
         MLX5TLP_IBVERBS_LIB="/nonexistent/libibverbs.so.1",
     )
     assert out.stdout.strip() == "ok True", out.stderr

@@ -36,7 +36,8 @@ def _cmake() -> str:
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
     if out.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-6000:]}\n{out.stderr[-6000:]}")
+        tail = f"{out.stdout[-6000:]}\n{out.stderr[-6000:]}"
+        pytest.fail(f"{' '.join(cmd)} failed ({out.returncode}):\n{tail}")
 
 
 @pytest.mark.slow

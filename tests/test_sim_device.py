@@ -18,8 +18,9 @@ from mlx5tlp import sim
 
 def test_default_device_exists_without_setup() -> None:
     with tempfile.TemporaryDirectory() as d:
+        code = "import mlx5tlp; print([x.name for x in mlx5tlp.list_devices('sim')])"
         out = subprocess.run(
-            [sys.executable, "-c", "import mlx5tlp; print([x.name for x in mlx5tlp.list_devices('sim')])"],
+            [sys.executable, "-c", code],
             env={**os.environ, "MLX5TLP_SIM_DIR": d},
             capture_output=True,
             text=True,
@@ -149,14 +150,14 @@ def test_sigkill_reclaims_everything(device: str) -> None:
     try:
         assert ready.wait(60)
         st = sim.device_stats(device)
-        assert (st["contexts"], st["tlp_vars"], st["virtio_vars"], st["umems"], st["devx_objs"]) == (
-            1, 2, 1, 1, 1)
+        live = (st["contexts"], st["tlp_vars"], st["virtio_vars"], st["umems"], st["devx_objs"])
+        assert live == (1, 2, 1, 1, 1)
         assert st["gw_pages_free"] == 6
     finally:
         p.kill()
         p.join(30)
     st = sim.device_stats(device)
-    assert (st["contexts"], st["tlp_vars"], st["virtio_vars"], st["umems"], st["devx_objs"]) == (
-        0, 0, 0, 0, 0)
+    live = (st["contexts"], st["tlp_vars"], st["virtio_vars"], st["umems"], st["devx_objs"])
+    assert live == (0, 0, 0, 0, 0)
     assert st["gw_pages_free"] == 8 and st["virtio_pages_free"] == 16
     assert st["reclaimed"] == 5

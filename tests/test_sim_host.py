@@ -17,9 +17,12 @@ from mlx5tlp import sim
 DOORBELL, CONSUMER, SLOTS, SLOT = 0x00, 0x40, 0x80, 256
 
 
-def mrd32(rid: int, tag: int, addr: int, length: int, first_be: int = 0xF, last_be: int = 0xF) -> bytes:
+def mrd32(
+    rid: int, tag: int, addr: int, length: int, first_be: int = 0xF, last_be: int = 0xF
+) -> bytes:
     # Memory Read Request, 3DW header (Fmt 000, Type 0 0000).
-    return struct.pack(">BBHHBBI", 0x00, 0, length & 0x3FF, rid, tag, (last_be << 4) | first_be, addr)
+    be = (last_be << 4) | first_be
+    return struct.pack(">BBHHBBI", 0x00, 0, length & 0x3FF, rid, tag, be, addr)
 
 
 def cfgrd0(rid: int, tag: int, dest: int, reg: int) -> bytes:
@@ -27,7 +30,9 @@ def cfgrd0(rid: int, tag: int, dest: int, reg: int) -> bytes:
     return struct.pack(">BBHHBBHH", 0x04, 0, 1, rid, tag, 0x0F, dest, reg)
 
 
-def cpld(cid: int, rid: int, tag: int, byte_count: int, lower: int, data: bytes, status: int = 0) -> bytes:
+def cpld(
+    cid: int, rid: int, tag: int, byte_count: int, lower: int, data: bytes, status: int = 0
+) -> bytes:
     fmt_type = 0x4A if data else 0x0A
     length = len(data) // 4
     dw1 = (cid << 16) | (status << 13) | (byte_count & 0xFFF)
@@ -79,7 +84,7 @@ def test_channel_back_pressure(setup) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_split_read_completions_are_checked(setup) -> None:  # type: ignore[no-untyped-def]
-    ctx, var, page, host = setup
+    _ctx, var, page, host = setup
     # 256-byte read at 0x1000 (64 DW), answered in two 128-byte CplDs (RCB 64, MPS 128).
     host.send_request(mrd32(0x0100, 5, 0x1000, 64))
     data = bytes(range(256))

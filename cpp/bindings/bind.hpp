@@ -6,6 +6,7 @@
 namespace mlx5tlp::bind {
 void bind_errors(pybind11::module_& m);
 void bind_loader(pybind11::module_& m);
+void bind_tlp(pybind11::module_& m);
 void bind_context(pybind11::module_& m);
 void bind_objects(pybind11::module_& m);
 void bind_sim(pybind11::module_& m);

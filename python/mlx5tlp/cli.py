@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from mlx5tlp.backend import list_devices, memlock_limit, rdma_info
 from mlx5tlp.errors import Error

@@ -131,7 +131,7 @@ class Context:
         how = "imported " if self.imported else ""
         return f"<mlx5tlp.Context {how}{self.backend}:{self.name} {state}>"
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> tuple[object, ...]:
         raise TypeError(
             "a Context cannot be pickled: send its fd with mlx5tlp.share.send() "
             "(SCM_RIGHTS) and use Context.import_fd() on the other side"

@@ -20,8 +20,9 @@ import hashlib
 import hmac
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 from mlx5tlp.errors import ExportFormatError
 

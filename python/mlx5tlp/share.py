@@ -41,9 +41,9 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from mlx5tlp.errors import Error
 
@@ -190,7 +190,7 @@ class _Reader:
                 data, ancdata, flags, _addr = self.sock.recvmsg(
                     n - got, self.ancbufsize, _MSG_CMSG_CLOEXEC
                 )
-            except (socket.timeout, BlockingIOError) as exc:
+            except (TimeoutError, BlockingIOError) as exc:
                 if self.deadline is None and isinstance(exc, BlockingIOError):
                     raise  # the caller's own non-blocking socket
                 raise TimeoutError(

@@ -1,0 +1,696 @@
+"""PCIe Transaction Layer Packets: decode, encode, and build completions.
+
+The codec lives in the C++ core (``mlx5tlp/tlp.hpp``); this module is its typed face.
+
+* :func:`decode` turns exactly one TLP (header, payload, optional 4-byte digest) into a
+  :class:`Tlp`; :meth:`Tlp.encode` does the reverse. Headers are in wire order (big-endian
+  DWs). Anything malformed raises :class:`TlpError`, a :class:`ValueError` whose ``code``
+  names the rule that failed (see ``docs/tlp.md``).
+* :func:`completions_for` builds the completion(s) for one non-posted request.
+* :func:`build_completions` builds the completions for many requests at once in C++ with the
+  GIL released, into one buffer (the gateway path; format in :class:`BulkCompletions`).
+
+Example::
+
+    req = Tlp.mem_read(0x1000, 4, requester_id=0x0100, tag=7)
+    cpls = completions_for(req, bytes(16), completer_id=0x0200)
+"""
+
+from __future__ import annotations
+
+import array
+import enum
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+__all__ = [
+    "KINDS",
+    "Attr",
+    "BulkCompletions",
+    "Status",
+    "Tlp",
+    "TlpError",
+    "build_completions",
+    "completions_for",
+    "decode",
+    "reason",
+]
+
+_native: Any = importlib.import_module("mlx5tlp._core").tlp
+
+#: Every TLP kind :func:`decode` recognises.
+KINDS: tuple[str, ...] = tuple(_native.KINDS)
+_KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
+_STATUS_NAMES: tuple[str, ...] = tuple(_native.STATUS_NAMES)
+_REASONS: tuple[str, ...] = tuple(_native.REASONS)
+
+_CFG = frozenset({"CfgRd0", "CfgWr0", "CfgRd1", "CfgWr1"})
+_CPL = frozenset({"Cpl", "CplD", "CplLk", "CplDLk"})
+_MSG = frozenset({"Msg", "MsgD"})
+
+#: A bytes-like object (anything with the buffer protocol works at run time).
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class Status(enum.IntEnum):
+    """Completion Status (PCIe Base §2.2.9)."""
+
+    SC = 0  #: Successful Completion
+    UR = 1  #: Unsupported Request
+    CRS = 2  #: Configuration Request Retry Status
+    CA = 4  #: Completer Abort
+
+
+class Attr(enum.IntFlag):
+    """Bits of :attr:`Tlp.attr`."""
+
+    NS = 1  #: No Snoop (Attr[0])
+    RO = 2  #: Relaxed Ordering (Attr[1])
+    IDO = 4  #: ID-Based Ordering (Attr[2], DW0 byte 1 bit 2)
+
+
+def reason(code: Union[int, str]) -> str:
+    """Human-readable text for a codec status, given its number or its name."""
+    if isinstance(code, str):
+        code = _STATUS_NAMES.index(code)
+    return _REASONS[code] if 0 <= code < len(_REASONS) else f"unknown status {code}"
+
+
+class TlpError(ValueError):
+    """A TLP (or a request for completions) broke a rule.
+
+    Attributes:
+        code: the rule's identifier, e.g. ``"truncated_header"`` or ``"crosses_4k"``.
+        reason: the human-readable text for ``code``.
+    """
+
+    def __init__(self, code: Union[int, str], detail: str = "") -> None:
+        self.code: str = _STATUS_NAMES[code] if isinstance(code, int) else code
+        self.reason: str = reason(self.code) if self.code in _STATUS_NAMES else self.code
+        super().__init__(f"{self.reason} ({self.code}){': ' + detail if detail else ''}")
+
+
+def _bdf(rid: int) -> str:
+    return f"{rid >> 8:02x}:{(rid >> 3) & 0x1F:02x}.{rid & 7}"
+
+
+@dataclass(repr=False)
+class Tlp:
+    """One TLP. Fields that the kind does not have are 0.
+
+    Build requests and completions with the constructors (:meth:`mem_read`, ...): they validate
+    and fill ``fmt`` / ``type``. ``decode(t.encode()) == t`` for every constructed ``t``.
+
+    Attributes:
+        kind: one of :data:`KINDS` ("MRd", "MWr", "CplD", ...).
+        fmt: wire Fmt (bit 0: 4DW header, bit 1: with data); for memory requests bit 0 chooses
+            the header :meth:`encode` writes.
+        type: wire Type (derived from ``kind``; for messages includes the routing).
+        tc: Traffic Class 0..7.
+        attr: :class:`Attr` bits (NS, RO, IDO).
+        td: a 4-byte TLP digest (ECRC) follows the payload; its value is ``digest``.
+        ep: poisoned.
+        length: payload / requested length in DWs, 1..1024; 0 for Cpl, CplLk and Msg.
+        requester_id: Requester ID (bus << 8 | device << 3 | function).
+        completer_id: Completer ID (completions).
+        tag: 10-bit tag (T9, T8 and the 8-bit Tag field).
+        first_be: First DW Byte Enables (requests).
+        last_be: Last DW Byte Enables (requests).
+        address: memory / IO: DW-aligned byte address; configuration: byte address of the
+            register (Extended Register Number << 8 | Register Number << 2); messages: header
+            DW2 << 32 | DW3, raw.
+        dest_id: configuration requests: target bus << 8 | device << 3 | function.
+        status: completion status (:class:`Status` value).
+        bcm: Byte Count Modified (completions).
+        byte_count: completions: remaining byte count, 1..4096.
+        lower_address: completions: 7-bit Lower Address.
+        message_code: messages.
+        routing: messages: r[2:0] from the Type field.
+        digest: the ECRC value carried when ``td`` (not computed or checked).
+        data: the payload.
+    """
+
+    kind: str = "MRd"
+    fmt: int = 0
+    type: int = 0
+    tc: int = 0
+    attr: int = 0
+    td: bool = False
+    ep: bool = False
+    length: int = 0
+    requester_id: int = 0
+    completer_id: int = 0
+    tag: int = 0
+    first_be: int = 0
+    last_be: int = 0
+    address: int = 0
+    dest_id: int = 0
+    status: int = 0
+    bcm: bool = False
+    byte_count: int = 0
+    lower_address: int = 0
+    message_code: int = 0
+    routing: int = 0
+    digest: int = 0
+    data: bytes = b""
+
+    # ---- constructors ----
+
+    @classmethod
+    def mem_read(
+        cls,
+        address: int,
+        length: int = 1,
+        *,
+        requester_id: int = 0,
+        tag: int = 0,
+        first_be: int = 0xF,
+        last_be: Optional[int] = None,
+        tc: int = 0,
+        attr: int = 0,
+        td: bool = False,
+        ep: bool = False,
+        digest: int = 0,
+        locked: bool = False,
+        addr64: Optional[bool] = None,
+    ) -> Tlp:
+        """A Memory Read Request (MRdLk when ``locked``) of ``length`` DWs at ``address``.
+
+        ``last_be`` defaults to 0000b for 1 DW and 1111b otherwise. ``addr64=None`` picks the
+        3DW header below 4 GiB and the 4DW header above; ``addr64=True`` below 4 GiB is refused.
+        """
+        t = cls(
+            kind="MRdLk" if locked else "MRd",
+            length=length,
+            requester_id=requester_id,
+            tag=tag,
+            first_be=first_be,
+            last_be=_default_last_be(length, last_be),
+            address=address,
+            tc=tc,
+            attr=attr,
+            td=td,
+            ep=ep,
+            digest=digest,
+        )
+        return t._canonical(addr64)
+
+    @classmethod
+    def mem_write(
+        cls,
+        address: int,
+        data: Buffer,
+        *,
+        requester_id: int = 0,
+        tag: int = 0,
+        first_be: int = 0xF,
+        last_be: Optional[int] = None,
+        tc: int = 0,
+        attr: int = 0,
+        td: bool = False,
+        ep: bool = False,
+        digest: int = 0,
+        addr64: Optional[bool] = None,
+    ) -> Tlp:
+        """A Memory Write Request of ``data`` (a whole number of DWs) at ``address``."""
+        length = _dw_length(data)
+        t = cls(
+            kind="MWr",
+            length=length,
+            requester_id=requester_id,
+            tag=tag,
+            first_be=first_be,
+            last_be=_default_last_be(length, last_be),
+            address=address,
+            tc=tc,
+            attr=attr,
+            td=td,
+            ep=ep,
+            digest=digest,
+            data=bytes(data),
+        )
+        return t._canonical(addr64)
+
+    @classmethod
+    def io_read(
+        cls,
+        address: int,
+        *,
+        requester_id: int = 0,
+        tag: int = 0,
+        first_be: int = 0xF,
+        td: bool = False,
+        ep: bool = False,
+        digest: int = 0,
+    ) -> Tlp:
+        """An I/O Read Request of one DW at ``address`` (below 4 GiB)."""
+        t = cls(
+            kind="IORd",
+            length=1,
+            requester_id=requester_id,
+            tag=tag,
+            first_be=first_be,
+            address=address,
+            td=td,
+            ep=ep,
+            digest=digest,
+        )
+        return t._canonical(None)
+
+    @classmethod
+    def io_write(
+        cls,
+        address: int,
+        data: Buffer,
+        *,
+        requester_id: int = 0,
+        tag: int = 0,
+        first_be: int = 0xF,
+        td: bool = False,
+        ep: bool = False,
+        digest: int = 0,
+    ) -> Tlp:
+        """An I/O Write Request of one DW (``data`` is 4 bytes) at ``address``."""
+        t = cls(
+            kind="IOWr",
+            length=_dw_length(data),
+            requester_id=requester_id,
+            tag=tag,
+            first_be=first_be,
+            address=address,
+            td=td,
+            ep=ep,
+            digest=digest,
+            data=bytes(data),
+        )
+        return t._canonical(None)
+
+    @classmethod
+    def cfg_read(
+        cls,
+        dest_id: int,
+        address: int,
+        *,
+        type: int = 0,
+        requester_id: int = 0,
+        tag: int = 0,
+        first_be: int = 0xF,
+        td: bool = False,
+        ep: bool = False,
+        digest: int = 0,
+    ) -> Tlp:
+        """A Configuration Read (``type`` 0 or 1) of the DW at register byte ``address``
+        (0..0xFFC) of function ``dest_id``."""
+        t = cls(
+            kind=_cfg_kind("Rd", type),
+            length=1,
+            requester_id=requester_id,
+            tag=tag,
+            first_be=first_be,
+            address=address,
+            dest_id=dest_id,
+            td=td,
+            ep=ep,
+            digest=digest,
+        )
+        return t._canonical(None)
+
+    @classmethod
+    def cfg_write(
+        cls,
+        dest_id: int,
+        address: int,
+        data: Buffer,
+        *,
+        type: int = 0,
+        requester_id: int = 0,
+        tag: int = 0,
+        first_be: int = 0xF,
+        td: bool = False,
+        ep: bool = False,
+        digest: int = 0,
+    ) -> Tlp:
+        """A Configuration Write (``type`` 0 or 1) of one DW (``data`` is 4 bytes)."""
+        t = cls(
+            kind=_cfg_kind("Wr", type),
+            length=_dw_length(data),
+            requester_id=requester_id,
+            tag=tag,
+            first_be=first_be,
+            address=address,
+            dest_id=dest_id,
+            td=td,
+            ep=ep,
+            digest=digest,
+            data=bytes(data),
+        )
+        return t._canonical(None)
+
+    @classmethod
+    def completion(
+        cls,
+        *,
+        completer_id: int,
+        requester_id: int,
+        tag: int,
+        status: int = Status.SC,
+        data: Buffer = b"",
+        byte_count: Optional[int] = None,
+        lower_address: int = 0,
+        bcm: bool = False,
+        tc: int = 0,
+        attr: int = 0,
+        td: bool = False,
+        ep: bool = False,
+        digest: int = 0,
+        locked: bool = False,
+    ) -> Tlp:
+        """A completion: CplD (CplDLk when ``locked``) with ``data``, else Cpl (CplLk).
+
+        ``byte_count`` defaults to ``len(data)`` for a completion with data and to 4 without.
+        """
+        payload = bytes(data)
+        kind = ("CplDLk" if locked else "CplD") if payload else ("CplLk" if locked else "Cpl")
+        if byte_count is None:
+            byte_count = len(payload) if payload else 4
+        t = cls(
+            kind=kind,
+            completer_id=completer_id,
+            requester_id=requester_id,
+            tag=tag,
+            status=status,
+            length=_dw_length(payload) if payload else 0,
+            byte_count=byte_count,
+            lower_address=lower_address,
+            bcm=bcm,
+            tc=tc,
+            attr=attr,
+            td=td,
+            ep=ep,
+            digest=digest,
+            data=payload,
+        )
+        return t._canonical(None)
+
+    @classmethod
+    def message(
+        cls,
+        message_code: int,
+        *,
+        routing: int = 0,
+        requester_id: int = 0,
+        tag: int = 0,
+        address: int = 0,
+        data: Buffer = b"",
+        tc: int = 0,
+        attr: int = 0,
+        td: bool = False,
+        ep: bool = False,
+        digest: int = 0,
+    ) -> Tlp:
+        """A Message Request (MsgD when ``data`` is given); ``address`` is DW2:DW3, raw."""
+        payload = bytes(data)
+        t = cls(
+            kind="MsgD" if payload else "Msg",
+            message_code=message_code,
+            routing=routing,
+            requester_id=requester_id,
+            tag=tag,
+            address=address,
+            length=_dw_length(payload) if payload else 0,
+            tc=tc,
+            attr=attr,
+            td=td,
+            ep=ep,
+            digest=digest,
+            data=payload,
+        )
+        return t._canonical(None)
+
+    # ---- codec ----
+
+    def encode(self) -> bytes:
+        """The TLP on the wire: header, payload, then the digest when ``td``.
+
+        Raises:
+            TlpError: a field is out of range or a rule is broken.
+        """
+        code, out = _native.encode(_fields(self), False)
+        if code != 0:
+            raise TlpError(code, self.kind)
+        return bytes(out)
+
+    @property
+    def addr64(self) -> bool:
+        """Whether the header is 4DW (always for messages, memory requests >= 4 GiB)."""
+        return bool(self.fmt & 1)
+
+    def _canonical(self, addr64: Optional[bool]) -> Tlp:
+        if addr64 is not None and self.kind in ("MRd", "MRdLk", "MWr"):
+            self.fmt = (2 if self.data else 0) | int(addr64)
+            code, out = _native.encode(_fields(self), False)
+        else:
+            code, out = _native.encode(_fields(self), True)
+        if code != 0:
+            raise TlpError(code, self.kind)
+        return decode(out)
+
+    def __repr__(self) -> str:
+        k = self.kind
+        parts = [k]
+        if k in _CPL:
+            parts += [
+                f"cpl={_bdf(self.completer_id)}",
+                f"req={_bdf(self.requester_id)}",
+                f"tag={self.tag:#x}",
+                f"status={_status_name(self.status)}",
+                f"bc={self.byte_count}",
+                f"la={self.lower_address:#x}",
+            ]
+            if self.bcm:
+                parts.append("bcm")
+        elif k in _MSG:
+            parts += [
+                f"req={_bdf(self.requester_id)}",
+                f"tag={self.tag:#x}",
+                f"code={self.message_code:#04x}",
+                f"routing={self.routing}",
+                f"dw23={self.address:#x}",
+            ]
+        else:
+            parts += [f"req={_bdf(self.requester_id)}", f"tag={self.tag:#x}"]
+            if k in _CFG:
+                parts += [f"dest={_bdf(self.dest_id)}", f"reg={self.address:#05x}"]
+            else:
+                parts.append(f"addr={self.address:#x}")
+            parts.append(f"be={self.first_be:x}/{self.last_be:x}")
+        if self.length:
+            parts.append(f"len={self.length}")
+        if self.tc:
+            parts.append(f"tc={self.tc}")
+        if self.attr:
+            parts.append(f"attr={_attr_text(self.attr)}")
+        if self.ep:
+            parts.append("ep")
+        if self.td:
+            parts.append(f"digest={self.digest:#010x}")
+        if self.data:
+            shown = self.data[:16].hex()
+            parts.append(f"data={shown}{'...' if len(self.data) > 16 else ''}")
+        return f"Tlp({' '.join(parts)})"
+
+
+def _attr_text(a: int) -> str:
+    names = [f.name for f in (Attr.RO, Attr.NS, Attr.IDO) if a & f and f.name]
+    return "|".join(names) if names else str(a)
+
+
+def _status_name(s: int) -> str:
+    try:
+        return Status(s).name
+    except ValueError:
+        return str(s)
+
+
+def _default_last_be(length: int, last_be: Optional[int]) -> int:
+    if last_be is not None:
+        return last_be
+    return 0 if length == 1 else 0xF
+
+
+def _dw_length(data: Buffer) -> int:
+    n = len(bytes(data))
+    if n == 0 or n % 4 != 0 or n > 4096:
+        raise TlpError("payload_length_mismatch", f"{n} bytes is not 1..1024 DWs")
+    return n // 4
+
+
+def _cfg_kind(op: str, type: int) -> str:
+    if type not in (0, 1):
+        raise TlpError("field_out_of_range", f"configuration type {type} (must be 0 or 1)")
+    return f"Cfg{op}{type}"
+
+
+def _fields(t: Tlp) -> tuple[Any, ...]:
+    try:
+        kind = _KIND_INDEX[t.kind]
+    except KeyError:
+        raise TlpError("field_out_of_range", f"unknown kind {t.kind!r}") from None
+    return (
+        kind, t.fmt, t.type, t.tc, t.attr, t.td, t.ep, t.length, t.requester_id,
+        t.completer_id, t.tag, t.first_be, t.last_be, t.address, t.dest_id, t.status, t.bcm,
+        t.byte_count, t.lower_address, t.message_code, t.routing, t.digest, t.data,
+    )  # fmt: skip
+
+
+def _from_fields(f: tuple[Any, ...]) -> Tlp:
+    status = f[15]
+    return Tlp(
+        kind=KINDS[f[0]], fmt=f[1], type=f[2], tc=f[3], attr=f[4], td=f[5], ep=f[6],
+        length=f[7], requester_id=f[8], completer_id=f[9], tag=f[10], first_be=f[11],
+        last_be=f[12], address=f[13], dest_id=f[14],
+        status=Status(status) if status in (0, 1, 2, 4) else status,
+        bcm=f[16], byte_count=f[17], lower_address=f[18], message_code=f[19], routing=f[20],
+        digest=f[21], data=f[22],
+    )  # fmt: skip
+
+
+def decode(buf: Buffer) -> Tlp:
+    """Decode exactly one TLP occupying all of ``buf``.
+
+    Raises:
+        TlpError: truncated or over-long buffer, reserved or unsupported encoding, or a broken
+            field rule; ``code`` says which.
+    """
+    code, fields = _native.decode(buf)
+    if code != 0:
+        raise TlpError(code)
+    return _from_fields(fields)
+
+
+def completions_for(
+    request: Tlp,
+    data: Buffer = b"",
+    *,
+    completer_id: int,
+    max_payload: int = 256,
+    rcb: int = 64,
+    status: int = Status.SC,
+) -> list[Tlp]:
+    """The completion(s) a completer returns for ``request``.
+
+    Args:
+        request: a non-posted request (MRd, MRdLk, IORd, IOWr, CfgRd0/1, CfgWr0/1).
+        data: for an SC read, the request's whole DW-aligned range (``request.length * 4``
+            bytes) as read from the target; empty otherwise.
+        completer_id: the Completer ID to put in the completions.
+        max_payload: Max_Payload_Size in bytes (power of two, 128..4096).
+        rcb: Read Completion Boundary in bytes (64 or 128).
+        status: SC, UR, CA, or CRS (configuration requests only).
+
+    Raises:
+        TlpError: posted request or completion (``no_completion``), bad parameter, data of the
+            wrong length, or a request that breaks a field rule.
+    """
+    code, out = _native.completions(
+        _fields(request), data, completer_id, max_payload, rcb, int(status)
+    )
+    if code != 0:
+        raise TlpError(code, request.kind)
+    return [_from_fields(f) for f in out]
+
+
+@dataclass(frozen=True)
+class BulkCompletions:
+    """Completions for many requests, built in one call.
+
+    Attributes:
+        buffer: completion TLPs back to back, each a full TLP (3DW header then payload, no
+            digest), in request order.
+        offsets: ``len(self) + 1`` unsigned 32-bit offsets (native byte order); completion
+            ``k`` is ``buffer[offsets[k]:offsets[k + 1]]``.
+        request_first: ``requests + 1`` entries; request ``i``'s completions are
+            ``request_first[i]`` up to (excluding) ``request_first[i + 1]``.
+        errors: one byte per request: 0, or the status code explaining why request ``i`` got
+            no completion (:func:`reason` gives the text). MWr requests get none and 0.
+    """
+
+    buffer: bytes
+    offsets: array.array[int]
+    request_first: array.array[int]
+    errors: bytes
+
+    def __len__(self) -> int:
+        """The number of completions."""
+        return len(self.offsets) - 1
+
+    @property
+    def requests(self) -> int:
+        """The number of requests."""
+        return len(self.errors)
+
+    def record(self, k: int) -> memoryview:
+        """Completion ``k`` as a view into :attr:`buffer`."""
+        return memoryview(self.buffer)[self.offsets[k] : self.offsets[k + 1]]
+
+    def error(self, i: int) -> Optional[str]:
+        """The status name for request ``i`` (``None`` when it was fine)."""
+        code = self.errors[i]
+        return None if code == 0 else _STATUS_NAMES[code]
+
+    def decode_all(self) -> list[Tlp]:
+        """Every completion as a :class:`Tlp` (for tests and debugging)."""
+        return [decode(self.record(k)) for k in range(len(self))]
+
+
+def build_completions(
+    requests: Union[Buffer, Sequence[Union[Buffer, Tlp]]],
+    data: Buffer = b"",
+    *,
+    completer_id: int,
+    max_payload: int = 256,
+    rcb: int = 64,
+    status: int = Status.SC,
+    statuses: Optional[Union[Buffer, Sequence[int]]] = None,
+) -> BulkCompletions:
+    """Build the completions for many requests in C++, with the GIL released.
+
+    Args:
+        requests: request TLPs concatenated back to back (a bytes-like object), or a sequence
+            of encoded requests / :class:`Tlp` objects (joined first).
+        data: for each request that is a read (MRd, MRdLk, IORd, CfgRd0/1) and whose status is
+            SC, ``length * 4`` bytes (its header's Length), concatenated in request order.
+            A read that is rejected still consumes its share.
+        completer_id: Completer ID for every completion.
+        max_payload: Max_Payload_Size in bytes (power of two, 128..4096).
+        rcb: Read Completion Boundary in bytes (64 or 128).
+        status: the completion status for every request when ``statuses`` is None.
+        statuses: one status per request (bytes or a sequence of ints).
+
+    Raises:
+        TlpError: the input does not end on a TLP boundary, ``data`` is not consumed exactly,
+            ``statuses`` has the wrong length, or a parameter is bad. Problems with a single
+            request do not raise: they are reported in :attr:`BulkCompletions.errors`.
+    """
+    if isinstance(requests, (bytes, bytearray, memoryview)):
+        reqs: Buffer = requests
+    else:
+        reqs = b"".join(r.encode() if isinstance(r, Tlp) else bytes(r) for r in requests)
+    st: Optional[bytes] = None
+    if statuses is not None:
+        try:
+            st = bytes(statuses)
+        except ValueError:
+            raise TlpError("bad_completion_status", "statuses must be 0..255") from None
+    code, buf, offsets, first, errors = _native.build_bulk(
+        reqs, data, st, completer_id, max_payload, rcb, int(status)
+    )
+    if code != 0:
+        raise TlpError(code)
+    off = array.array("I")
+    off.frombytes(offsets)
+    req_first = array.array("I")
+    req_first.frombytes(first)
+    return BulkCompletions(buffer=buf, offsets=off, request_first=req_first, errors=errors)
