@@ -1,0 +1,378 @@
+// mlx5tlp/ring.hpp — bounded lock-free multi-producer / single-consumer ring of fixed-size records.
+//
+// Feeds the single writer thread of a TLP response gateway page: any number of producer threads
+// push completion records; one consumer thread takes them in order and writes them to the page.
+//
+// Thread-safety (Ring = BasicRing<NoLock>, lock-free):
+//   any thread, concurrently: try_push, try_push_batch, push, try_reserve, slot_data, publish,
+//                             capacity, slot_bytes, size_approx, stats
+//   ONE consumer thread only: consume, peek_published, empty  (at most one thread at a time)
+//   construction/destruction: no other thread may be using the ring.
+// MutexRing (= BasicRing<std::mutex>) is the same ring code with every operation under one
+// std::mutex; it exists as the honest baseline for benchmarks/bench_ring.cpp.
+// Neither is copyable nor movable: threads hold references to it (put it in a unique_ptr).
+//
+// Records: a length 0..slot_bytes() and that many bytes; zero-length records are allowed.
+// Order: records of one producer thread are consumed in the order that thread pushed them.
+// Protocol, memory orders and layout: docs/ring.md.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cassert>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <type_traits>
+
+namespace mlx5tlp {
+
+inline constexpr std::size_t kCacheLine = 64;
+
+namespace ring_detail {
+
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
+// Back-pressure policy of a waiting thread, step i = 0, 1, 2, ...: 64 PAUSE spins (the other
+// side is probably running right now), then 64 yields (it may need our core), then sleeps of
+// 1, 2, 4 .. 128 us (it is descheduled or stalled; stop burning the CPU it needs).
+inline void backoff(unsigned i) noexcept {
+  if (i < 64) {
+    cpu_relax();
+  } else if (i < 128) {
+    std::this_thread::yield();
+  } else {
+    std::this_thread::sleep_for(std::chrono::microseconds(1u << std::min(i - 128u, 7u)));
+  }
+}
+
+struct FreeDeleter {
+  void operator()(void* p) const noexcept { std::free(p); }
+};
+
+// Starts every slot; the record bytes follow it. The stamp is the whole synchronisation protocol
+// between one producer and the consumer: seq == pos + 1 <=> the record at position pos is published.
+struct SlotHeader {
+  std::atomic<uint64_t> seq{0};
+  uint32_t len = 0;  // bytes used, <= slot_bytes; written before seq is published
+  uint32_t reserved = 0;
+};
+static_assert(sizeof(SlotHeader) == 16, "slot header is 16 bytes; record bytes start 8-aligned");
+static_assert(std::atomic<uint64_t>::is_always_lock_free, "the ring needs lock-free 64-bit atomics");
+static_assert(std::is_trivially_destructible<SlotHeader>::value, "slot storage is released with free()");
+
+}  // namespace ring_detail
+
+// Lock policy of BasicRing that does nothing: the lock-free ring.
+struct NoLock {
+  void lock() noexcept {}
+  void unlock() noexcept {}
+};
+
+struct RingStats {
+  uint64_t full_waits = 0;     // blocking push() calls that found the ring full and had to wait
+  uint64_t push_timeouts = 0;  // blocking push() calls that gave up at their timeout
+};
+
+// Slots [start, start + count) handed to one producer by try_reserve(); count == 0: ring full.
+struct Reservation {
+  uint64_t start = 0;
+  std::size_t count = 0;
+};
+
+template <class Lock>
+class BasicRing {
+  static constexpr bool kLocked = !std::is_same<Lock, NoLock>::value;
+  using SlotHeader = ring_detail::SlotHeader;
+
+ public:
+  static constexpr std::size_t kHeaderBytes = sizeof(SlotHeader);
+  static constexpr std::size_t kMaxSlotBytes = std::size_t{1} << 20;
+  static constexpr std::size_t kMaxCapacity = std::size_t{1} << 30;
+
+  // capacity_slots: power of two in [1, 2^30]; slot_size: record capacity in bytes, a multiple of
+  // 8 in [8, 2^20]. Throws std::invalid_argument for other values, std::bad_alloc if out of memory.
+  BasicRing(std::size_t capacity_slots, std::size_t slot_size)
+      : cfg_(make_config(capacity_slots, slot_size)) {
+    for (std::size_t i = 0; i < capacity_slots; ++i) new (cfg_.base + i * cfg_.stride) SlotHeader();
+  }
+  BasicRing(const BasicRing&) = delete;
+  BasicRing& operator=(const BasicRing&) = delete;
+  ~BasicRing() = default;
+
+  std::size_t capacity() const noexcept { return static_cast<std::size_t>(cfg_.mask + 1); }
+  std::size_t slot_bytes() const noexcept { return cfg_.slot_bytes; }
+
+  // ---- producers (any thread) ----
+
+  // Copies one record in. False when the ring is full, len > slot_bytes(), or rec is null with
+  // len > 0 (a record that can never fit is refused, never truncated).
+  bool try_push(const void* rec, std::size_t len) noexcept {
+    if (len > cfg_.slot_bytes || (rec == nullptr && len != 0)) return false;
+    std::lock_guard<Lock> guard(lock_);
+    const Reservation r = reserve_unlocked(1);
+    if (r.count == 0) return false;
+    write_unlocked(r.start, rec, static_cast<uint32_t>(len));
+    return true;
+  }
+
+  // Record i is lengths[i] bytes at buf + offsets[i]. Reserves as many of the n records as fit,
+  // in one atomic step, and returns how many were pushed: always a prefix, so the caller retries
+  // with the rest. A record longer than slot_bytes() ends the prefix (it is never pushed).
+  std::size_t try_push_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
+                             std::size_t n) noexcept {
+    std::size_t valid = 0;
+    while (valid < n && lengths[valid] <= cfg_.slot_bytes) ++valid;
+    if (valid == 0) return 0;
+    std::lock_guard<Lock> guard(lock_);
+    const Reservation r = reserve_unlocked(valid);
+    for (std::size_t i = 0; i < r.count; ++i)
+      write_unlocked(r.start + i, buf + offsets[i], lengths[i]);
+    return r.count;
+  }
+
+  // Blocking form with back-pressure (ring_detail::backoff: spin, then yield, then sleep). False
+  // when the ring stayed full until `timeout`, or at once when the record can never fit.
+  bool push(const void* rec, std::size_t len, std::chrono::nanoseconds timeout) noexcept {
+    if (try_push(rec, len)) return true;
+    if (len > cfg_.slot_bytes || (rec == nullptr && len != 0)) return false;
+    // relaxed: statistics only, nothing is ordered by them.
+    stats_.full_waits.fetch_add(1, std::memory_order_relaxed);
+    using Clock = std::chrono::steady_clock;
+    const auto deadline = Clock::now() + std::min(timeout, kMaxTimeout);
+    for (unsigned i = 0;; ++i) {
+      ring_detail::backoff(i);
+      if (try_push(rec, len)) return true;
+      if (Clock::now() >= deadline) {
+        // relaxed: statistics only.
+        stats_.push_timeouts.fetch_add(1, std::memory_order_relaxed);
+        return false;
+      }
+    }
+  }
+
+  // Zero-copy form: reserve up to n slots, fill slot_data(r, i) with up to slot_bytes() bytes,
+  // then publish(r, i, len) EVERY reserved slot (in any order; a zero-length record is a valid
+  // filler). The consumer stops at the first unpublished slot, so an unpublished reservation
+  // stalls the ring for everyone.
+  Reservation try_reserve(std::size_t n) noexcept {
+    std::lock_guard<Lock> guard(lock_);
+    return reserve_unlocked(n);
+  }
+  uint8_t* slot_data(const Reservation& r, std::size_t i) const noexcept {
+    assert(i < r.count);
+    return data(r.start + i);
+  }
+  void publish(const Reservation& r, std::size_t i, std::size_t len) noexcept {
+    assert(i < r.count && len <= cfg_.slot_bytes);
+    std::lock_guard<Lock> guard(lock_);
+    publish_unlocked(r.start + i, static_cast<uint32_t>(len));
+  }
+
+  // ---- consumer (one thread) ----
+
+  // Calls fn(const uint8_t* data, uint32_t len) for up to max published records in ring order,
+  // stopping at the first slot that is not published, then hands the slots back to producers
+  // with one release store. The bytes are valid only during the call. If fn throws, the records
+  // before the throwing one count as consumed and the throwing one is delivered again next time.
+  template <class F>
+  std::size_t consume(std::size_t max, F&& fn) {
+    std::lock_guard<Lock> guard(lock_);
+    // relaxed: only this (the consumer) thread ever writes tail.
+    const uint64_t t = cons_.tail.load(std::memory_order_relaxed);
+    std::size_t n = 0;
+    struct Release {  // runs also when fn throws
+      std::atomic<uint64_t>& tail;
+      const uint64_t first;
+      const std::size_t& done;
+      // release: our reads of the consumed slots happen-before a producer (acquire on tail, or
+      // on the producers' cached copy) reserves and overwrites them.
+      ~Release() { if (done != 0) tail.store(first + done, std::memory_order_release); }
+    } release{cons_.tail, t, n};
+    max = std::min(max, capacity());
+    while (n < max && is_published(t + n)) {
+      fn(static_cast<const uint8_t*>(data(t + n)), header(t + n)->len);
+      ++n;
+    }
+    return n;
+  }
+
+  // Number of published records consume() would deliver right now (contiguous from the front).
+  std::size_t peek_published() const noexcept {
+    std::lock_guard<Lock> guard(lock_);
+    // relaxed: only the consumer writes tail, and only the consumer calls this.
+    const uint64_t t = cons_.tail.load(std::memory_order_relaxed);
+    std::size_t n = 0;
+    while (n < capacity() && is_published(t + n)) ++n;
+    return n;
+  }
+  bool empty() const noexcept {
+    std::lock_guard<Lock> guard(lock_);
+    // relaxed: only the consumer writes tail, and only the consumer calls this.
+    return !is_published(cons_.tail.load(std::memory_order_relaxed));
+  }
+
+  // ---- any thread ----
+
+  // Reserved-or-published records not yet consumed; a snapshot, stale as soon as it returns.
+  std::size_t size_approx() const noexcept {
+    // acquire: the head store that made head >= this tail then happens-before the head load
+    // below, so head - tail cannot go negative.
+    const uint64_t t = cons_.tail.load(std::memory_order_acquire);
+    // relaxed: a snapshot; no data is read through it.
+    const uint64_t h = prod_.head.load(std::memory_order_relaxed);
+    return static_cast<std::size_t>(std::min<uint64_t>(h - t, cfg_.mask + 1));
+  }
+  RingStats stats() const noexcept {
+    RingStats s;
+    // relaxed: statistics only.
+    s.full_waits = stats_.full_waits.load(std::memory_order_relaxed);
+    s.push_timeouts = stats_.push_timeouts.load(std::memory_order_relaxed);
+    return s;
+  }
+
+ private:
+  static constexpr std::chrono::nanoseconds kMaxTimeout = std::chrono::hours(24 * 365 * 100);
+
+  // Read-only after construction and read by every thread: its own line, so head CASes and
+  // tail stores do not invalidate it.
+  struct alignas(kCacheLine) Config {
+    std::unique_ptr<uint8_t, ring_detail::FreeDeleter> storage;
+    uint8_t* base = nullptr;
+    uint64_t mask = 0;        // capacity - 1
+    std::size_t stride = 0;   // bytes per slot: header + slot_bytes rounded up to a cache line
+    std::size_t slot_bytes = 0;
+  };
+  // Written by producers only (CAS on head; tail_cache after a refresh).
+  struct alignas(kCacheLine) ProducerSide {
+    std::atomic<uint64_t> head{0};        // next position to hand out
+    std::atomic<uint64_t> tail_cache{0};  // producers' cached (possibly stale, never ahead) tail
+  };
+  // Written by the consumer only; producers read it only when the cached copy says "full".
+  struct alignas(kCacheLine) ConsumerSide {
+    std::atomic<uint64_t> tail{0};  // first position not yet handed back to producers
+  };
+  struct alignas(kCacheLine) StatsSide {
+    std::atomic<uint64_t> full_waits{0};
+    std::atomic<uint64_t> push_timeouts{0};
+  };
+  static_assert(sizeof(ProducerSide) == kCacheLine, "producer indices fill exactly one line");
+  static_assert(sizeof(ConsumerSide) == kCacheLine, "consumer index has a line of its own");
+  static_assert(alignof(Config) == kCacheLine && sizeof(Config) == kCacheLine, "config line");
+  static_assert(kHeaderBytes % 8 == 0, "record bytes must stay 8-byte aligned");
+
+  static Config make_config(std::size_t capacity_slots, std::size_t slot_size) {
+    if (capacity_slots == 0 || (capacity_slots & (capacity_slots - 1)) != 0 ||
+        capacity_slots > kMaxCapacity)
+      throw std::invalid_argument("mlx5tlp ring: capacity must be a power of two in [1, 2^30], got " +
+                                  std::to_string(capacity_slots));
+    if (slot_size < 8 || slot_size % 8 != 0 || slot_size > kMaxSlotBytes)
+      throw std::invalid_argument("mlx5tlp ring: slot_bytes must be a multiple of 8 in [8, 2^20], got " +
+                                  std::to_string(slot_size));
+    Config c;
+    c.stride = (kHeaderBytes + slot_size + kCacheLine - 1) / kCacheLine * kCacheLine;
+    c.storage.reset(static_cast<uint8_t*>(std::aligned_alloc(kCacheLine, capacity_slots * c.stride)));
+    if (!c.storage) throw std::bad_alloc();
+    c.base = c.storage.get();
+    c.mask = capacity_slots - 1;
+    c.slot_bytes = slot_size;
+    return c;
+  }
+
+  uint8_t* slot(uint64_t pos) const noexcept {
+    return cfg_.base + static_cast<std::size_t>(pos & cfg_.mask) * cfg_.stride;
+  }
+  SlotHeader* header(uint64_t pos) const noexcept {
+    return std::launder(reinterpret_cast<SlotHeader*>(slot(pos)));
+  }
+  uint8_t* data(uint64_t pos) const noexcept { return slot(pos) + kHeaderBytes; }
+
+  bool is_published(uint64_t pos) const noexcept {
+    // acquire: pairs with the producer's release of this stamp, so len and the record bytes it
+    // wrote before publishing are visible to us.
+    return header(pos)->seq.load(std::memory_order_acquire) == pos + 1;
+  }
+
+  void publish_unlocked(uint64_t pos, uint32_t len) noexcept {
+    header(pos)->len = len;
+    // release: len and the record bytes written before this store are visible to the consumer
+    // once its acquire load sees the stamp.
+    header(pos)->seq.store(pos + 1, std::memory_order_release);
+  }
+  void write_unlocked(uint64_t pos, const void* rec, uint32_t len) noexcept {
+    if (len != 0) std::memcpy(data(pos), rec, len);
+    publish_unlocked(pos, len);
+  }
+
+  // Hands out up to `want` consecutive positions with ONE CAS on head (one store under a lock).
+  // Free space is judged from the consumer's tail (never from slot stamps), via the producers'
+  // cached copy; the consumer's line is read only when the cached copy says "not enough room".
+  Reservation reserve_unlocked(std::size_t want) noexcept {
+    const uint64_t cap = cfg_.mask + 1;
+    if (want == 0) return {};
+    // acquire: pairs with the release store of tail_cache below, so the consumer's reads of the
+    // slots it freed happen-before our writes into them (transitively via that producer).
+    uint64_t t = prod_.tail_cache.load(std::memory_order_acquire);
+    // relaxed: a stale head only makes the CAS fail; loaded after t (acquire), so h >= t.
+    uint64_t h = prod_.head.load(std::memory_order_relaxed);
+    bool refreshed = false;
+    for (;;) {
+      const uint64_t used = h - t;  // > cap only while t is stale
+      const uint64_t room = used < cap ? cap - used : 0;
+      if (room < want && !refreshed) {
+        const uint64_t cached = t;
+        // acquire: pairs with the consumer's release of tail: its reads of the slots it freed
+        // happen-before we overwrite them.
+        t = cons_.tail.load(std::memory_order_acquire);
+        // release: passes that happens-before on to producers that acquire the cached copy.
+        if (t != cached) prod_.tail_cache.store(t, std::memory_order_release);
+        // relaxed: reloaded after the newer t so that h >= t holds again.
+        h = prod_.head.load(std::memory_order_relaxed);
+        refreshed = true;
+        continue;
+      }
+      if (room == 0) return {};
+      const uint64_t n = std::min<uint64_t>(want, room);
+      if constexpr (kLocked) {
+        // relaxed: the mutex orders everything in MutexRing.
+        prod_.head.store(h + n, std::memory_order_relaxed);
+        return {h, static_cast<std::size_t>(n)};
+      } else if (prod_.head.compare_exchange_weak(h, h + n, std::memory_order_relaxed,
+                                                  std::memory_order_relaxed)) {
+        // relaxed (both): the CAS only hands out positions; the bytes are ordered by the slot
+        // stamps (release/acquire) and slot reuse by the tail acquire above.
+        return {h, static_cast<std::size_t>(n)};
+      }
+    }
+  }
+
+  Config cfg_;
+  ProducerSide prod_;
+  ConsumerSide cons_;
+  StatsSide stats_;
+  alignas(kCacheLine) mutable Lock lock_;
+};
+
+using Ring = BasicRing<NoLock>;
+using MutexRing = BasicRing<std::mutex>;
+
+static_assert(alignof(Ring) == kCacheLine, "ring must be cache-line aligned");
+static_assert(sizeof(Ring) % kCacheLine == 0, "nothing after the ring shares its last line");
+static_assert(!std::is_copy_constructible<Ring>::value && !std::is_move_constructible<Ring>::value,
+              "threads hold references to a ring: neither copyable nor movable");
+
+}  // namespace mlx5tlp
