@@ -10,4 +10,5 @@ void bind_tlp(pybind11::module_& m);
 void bind_context(pybind11::module_& m);
 void bind_objects(pybind11::module_& m);
 void bind_sim(pybind11::module_& m);
+void bind_gateway(pybind11::module_& m);
 }  // namespace mlx5tlp::bind

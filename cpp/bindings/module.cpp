@@ -8,4 +8,5 @@ PYBIND11_MODULE(_core, m) {
   mlx5tlp::bind::bind_context(m);
   mlx5tlp::bind::bind_objects(m);
   mlx5tlp::bind::bind_sim(m);
+  mlx5tlp::bind::bind_gateway(m);
 }

@@ -1,5 +1,7 @@
 // The device model: device management, the PCIe host that sends requests to the emulated
 // function, and the collector that reads every completion written into any gateway page.
+#include <dirent.h>
+#include <fcntl.h>
 #include <sys/file.h>
 #include <unistd.h>
 
@@ -68,7 +70,12 @@ M5A_EXPORT int mlx5tlp_sim_remove_device(const char* name) {
       return EBUSY;  // a context is still open somewhere
     }
   }
-  for (const char* f : {"/state", "/bar", "/host.lock"}) unlink((d->dir() + f).c_str());
+  // The device's files: state, bar, host.lock and the gateways' page locks (gw<N>.lock).
+  if (DIR* dir = opendir(d->dir().c_str())) {
+    while (dirent* e = readdir(dir))
+      if (e->d_name[0] != '.') unlinkat(dirfd(dir), e->d_name, 0);
+    closedir(dir);
+  }
   int rc = rmdir(d->dir().c_str()) == 0 ? 0 : errno;
   if (hfd >= 0) close(hfd);
   return rc;

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import errno
 import mmap
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from mlx5tlp import _core
 from mlx5tlp._object import BytesLike, DeviceObject
 from mlx5tlp.context import Context
 from mlx5tlp.envelope import FLAG_TLP_VAR, Kind
 from mlx5tlp.errors import InvalidHandleError
+
+if TYPE_CHECKING:
+    from mlx5tlp.gateway import Gateway
 
 __all__ = ["Var"]
 
@@ -90,6 +93,36 @@ class Var(DeviceObject):
                 "mmap",
             )
         return mmap.mmap(self._ctx.cmd_fd, self.length, mmap.MAP_SHARED, prot, offset=self.mmap_off)
+
+    def gateway(
+        self,
+        layout: Optional[str] = None,
+        *,
+        direct: bool = False,
+        ring_slots: int = 1024,
+        batch_max: int = 64,
+        drain_timeout: float = 10.0,
+    ) -> Gateway:
+        """Map this TLP gateway page and open a :class:`~mlx5tlp.gateway.Gateway` on it.
+
+        Args:
+            layout: record layout: ``"sim"`` (default on the software device) or
+                ``"raw_tlp[:<slot bytes>]"`` (provisional hardware layout, default on rdma).
+            direct: write from the calling thread (no ring, no writer thread).
+            ring_slots: ring capacity (power of two) in loop mode.
+            batch_max: records per doorbell at most.
+            drain_timeout: seconds close() waits for the device to take what is queued.
+
+        Raises:
+            InvalidArgumentError: a VirtIO VAR, or a page the layout does not recognise.
+            Error: ``EBUSY``: the page already has a gateway (this or another process).
+        """
+        from mlx5tlp.gateway import open_gateway
+
+        return open_gateway(
+            self, layout, direct=direct, ring_slots=ring_slots, batch_max=batch_max,
+            drain_timeout=drain_timeout,
+        )
 
     def __repr__(self) -> str:
         what = "TLP gateway VAR" if self.is_tlp else "VirtIO VAR"

@@ -237,6 +237,12 @@ class BasicRing {
     const uint64_t h = prod_.head.load(std::memory_order_relaxed);
     return static_cast<std::size_t>(std::min<uint64_t>(h - t, cfg_.mask + 1));
   }
+  // Positions handed out so far (every record ever reserved); a snapshot. Once the consumer's
+  // total reaches a snapshot taken after a push returned, that record has been consumed.
+  uint64_t reserved_total() const noexcept {
+    // relaxed: a snapshot; no data is read through it.
+    return prod_.head.load(std::memory_order_relaxed);
+  }
   RingStats stats() const noexcept {
     RingStats s;
     // relaxed: statistics only.
