@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Optional, TypeVar, Union
 from mlx5tlp import registry
 from mlx5tlp.context import Context
 from mlx5tlp.envelope import Envelope, Kind, open_envelope, peek_device, peek_kind, seal
-from mlx5tlp.errors import DeviceNotFoundError
+from mlx5tlp.errors import DeviceNotFoundError, InvalidHandleError
 
 __all__ = ["DeviceObject", "import_blob"]
 
@@ -122,8 +122,8 @@ def import_blob(ctx: Context, blob: BytesLike, *, key: Optional[bytes] = None) -
 
 def _unpickle(blob: bytes) -> DeviceObject:
     kind, device = peek_device(blob)
-    ctx = registry.find(device)
-    if ctx is None:
+    contexts = registry.candidates(device)
+    if not contexts:
         raise DeviceNotFoundError(
             None,
             f"cannot unpickle a {kind.name} of device {device.name} "
@@ -132,4 +132,11 @@ def _unpickle(blob: bytes) -> DeviceObject:
             "first (mlx5tlp.share.recv or Context.import_fd)",
             "unpickle",
         )
-    return import_blob(ctx, blob)
+    refused: Optional[InvalidHandleError] = None
+    for ctx in contexts:
+        try:
+            return import_blob(ctx, blob)
+        except InvalidHandleError as exc:  # a VAR this context cannot map: not the sharer
+            refused = exc
+    assert refused is not None
+    raise refused

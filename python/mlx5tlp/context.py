@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Optional, Union
@@ -51,7 +52,7 @@ class Context:
     flight. The GIL is released around every call into rdma-core.
     """
 
-    __slots__ = ("__weakref__", "_core", "_identity")
+    __slots__ = ("__weakref__", "_core", "_identity", "_umems")
 
     def __init__(self, core: _core.Context) -> None:
         """Internal: use :func:`open_device` or :meth:`Context.import_fd`."""
@@ -62,6 +63,8 @@ class Context:
             backend=core.backend,
             rdma_core_version=core.rdma_core_version or None,
         )
+        # UMEMs registered here: close() must also release their buffers (see Umem).
+        self._umems: weakref.WeakSet[Umem] = weakref.WeakSet()
         registry.register(self)
 
     @classmethod
@@ -114,6 +117,8 @@ class Context:
     def close(self) -> None:
         """Close every object still open on this context, then the context. Idempotent."""
         self._core.close()
+        for umem in list(self._umems):
+            umem._release_buffer()
 
     def __enter__(self) -> Context:
         return self
@@ -149,7 +154,8 @@ class Context:
         Raises:
             DevxCommandError: the firmware returned a bad status (``status``, ``syndrome``).
         """
-        return bytes(self._core.general_cmd(_mailbox(cmd_in, "cmd_in"), _out_len(out_len)))
+        mailbox = _mailbox(cmd_in, "cmd_in", minimum=16)
+        return bytes(self._core.general_cmd(mailbox, _out_len(out_len)))
 
     def export_size(self, kind: Kind) -> int:
         """This rdma-core's raw export size for `kind` (``mlx5dv_get_export_sizes``)."""
@@ -200,12 +206,14 @@ class Context:
         return DevxObj._import(self, blob, key)
 
 
-def _mailbox(data: object, what: str) -> bytes:
+def _mailbox(data: object, what: str, minimum: int = 8) -> bytes:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"{what} must be bytes-like, not {type(data).__name__}")
     raw = bytes(data)
-    if len(raw) < 8 or len(raw) % 4:
-        raise ValueError(f"{what} must be a PRM mailbox: a multiple of 4 bytes, at least 8")
+    if len(raw) < minimum or len(raw) % 4:
+        raise ValueError(
+            f"{what} must be a PRM mailbox: a multiple of 4 bytes, at least {minimum}"
+        )
     return raw
 
 

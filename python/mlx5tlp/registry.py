@@ -2,20 +2,20 @@
 
 Pickling a Var/Umem/DevxObj produces its export envelope; unpickling must import it onto a
 context of this process that shares the exporter's kernel objects. Every Context registers
-itself here; the most recently opened one that is still open wins.
+itself here; see :func:`candidates` for the order in which they are tried.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from mlx5tlp.context import Context
     from mlx5tlp.envelope import DeviceIdentity
 
-__all__ = ["find", "register"]
+__all__ = ["candidates", "register"]
 
 _lock = threading.Lock()
 _contexts: list[weakref.ReferenceType[Context]] = []
@@ -28,18 +28,20 @@ def register(ctx: Context) -> None:
         _contexts.append(weakref.ref(ctx))
 
 
-def find(device: DeviceIdentity, *, imported_only: bool = False) -> Optional[Context]:
-    """The newest open context of `device` in this process, or None."""
+def candidates(device: DeviceIdentity) -> list[Context]:
+    """Open contexts of `device` in this process, most likely to share its objects first.
+
+    Contexts made by ``Context.import_fd`` come first (they exist to share another process's
+    objects), then the others; newest first within each group. The envelope names the device,
+    not the exporter's context, so a caller that can check (a VAR: probe its mapping) tries
+    them in this order.
+    """
     with _lock:
-        for ref in reversed(_contexts):
-            ctx = ref()
-            if ctx is None or ctx.closed:
-                continue
-            ident = ctx.identity
-            if (ident.backend, ident.name, ident.node_guid) == (
-                device.backend,
-                device.name,
-                device.node_guid,
-            ) and (ctx.imported or not imported_only):
-                return ctx
-    return None
+        live = [c for r in _contexts if (c := r()) is not None and not c.closed]
+    same = [
+        c
+        for c in reversed(live)
+        if (c.identity.backend, c.identity.name, c.identity.node_guid)
+        == (device.backend, device.name, device.node_guid)
+    ]
+    return [c for c in same if c.imported] + [c for c in same if not c.imported]

@@ -75,7 +75,9 @@ class Umem(DeviceObject):
             raise ValueError(f"access must be IBV_ACCESS_* flags, not {access!r}")
         if not allow_unaligned:
             _check_fork_safe(ctx, view)
-        return cls(_core.Umem.reg(ctx._core, view, access), ctx, view)
+        umem = cls(_core.Umem.reg(ctx._core, view, access), ctx, view)
+        ctx._umems.add(umem)
+        return umem
 
     @classmethod
     def _import(cls, ctx: Context, blob: BytesLike, key: Optional[bytes]) -> Umem:
