@@ -1,4 +1,4 @@
-"""The ``mlx5tlp`` command: ``info`` (and, as they land, ``demo`` and ``bench``)."""
+"""The ``mlx5tlp`` command: ``info``, ``demo`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -103,6 +103,34 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mlx5tlp.demo import Options, print_report, run
+
+    opts = Options(
+        requests=args.requests, workers=args.workers, read_size=args.read_size, seed=args.seed,
+        device=args.device, max_payload=args.max_payload, rcb=args.rcb, window=args.window,
+        timeout=args.timeout, json=args.json, kill_worker_after=args.kill_worker_after,
+    )
+    try:
+        report, code = run(opts)
+    except ValueError as exc:
+        print(f"mlx5tlp demo: {exc}", file=sys.stderr)
+        return 2
+    print_report(report, args.json)
+    return code
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from mlx5tlp import bench
+
+    rep = bench.run(quick=args.quick)
+    if args.json:
+        print(json.dumps(rep, indent=None if args.compact else 2))
+    else:
+        bench.print_table(rep)
+    return 0
+
+
 def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlx5tlp", description="TLP response gateways on NVIDIA mlx5 devices"
@@ -113,12 +141,36 @@ def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="one JSON object")
     info.add_argument("--compact", action="store_true", help="JSON on one line")
     info.set_defaults(func=commands["info"])
+    demo = sub.add_parser(
+        "demo",
+        help="a multi-process emulated PCIe endpoint on the software device, fully checked",
+    )
+    demo.add_argument("--requests", type=int, default=5000, help="requests to send (5000)")
+    demo.add_argument("--workers", type=int, default=2, help="worker processes, 1..8 (2)")
+    demo.add_argument("--read-size", type=int, default=256, help="largest read, bytes (256)")
+    demo.add_argument("--seed", type=int, default=1, help="seed of the request mix (1)")
+    demo.add_argument("--device", default="mlx5_sim0", help="software device (mlx5_sim0)")
+    demo.add_argument("--max-payload", type=int, default=128, help="Max_Payload_Size (128)")
+    demo.add_argument("--rcb", type=int, default=64, choices=[64, 128], help="RCB (64)")
+    demo.add_argument("--window", type=int, default=64, help="requests in flight (64)")
+    demo.add_argument("--timeout", type=float, default=120.0, help="give up after (s)")
+    demo.add_argument("--json", action="store_true", help="one JSON object, no progress")
+    demo.add_argument("--kill-worker-after", type=int, default=None, metavar="N",
+                      help="fault injection: SIGKILL worker 0 after N requests")
+    demo.set_defaults(func=commands["demo"])
+    bench = sub.add_parser(
+        "bench", help="run the benchmarks (Python here, C++ programs if built/installed)"
+    )
+    bench.add_argument("--quick", action="store_true", help="smoke mode: under 30 s")
+    bench.add_argument("--json", action="store_true", help="one JSON object")
+    bench.add_argument("--compact", action="store_true", help="JSON on one line")
+    bench.set_defaults(func=commands["bench"])
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``mlx5tlp`` console script. Returns the exit code."""
-    commands: dict[str, Command] = {"info": _cmd_info}
+    commands: dict[str, Command] = {"info": _cmd_info, "demo": _cmd_demo, "bench": _cmd_bench}
     args = _parser(commands).parse_args(argv)
     try:
         return int(args.func(args))
