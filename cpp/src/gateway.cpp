@@ -172,11 +172,7 @@ size_t Gateway::write_direct(const uint8_t* buf, const uint32_t* offsets, const 
       continue;
     }
     const size_t k = std::min({credits, n - done, batch_max_});
-    for (size_t i = 0; i < k; ++i) {
-      layout_->write(buf + offsets[done + i], lengths[done + i]);
-      if (!batched) layout_->doorbell();
-    }
-    if (batched) layout_->doorbell();
+    layout_->write_batch(buf, offsets + done, lengths + done, k);
     done += k;
     // release: a flush()/stats() reader that sees the count sees the page writes before it.
     written_.store(written_.load(std::memory_order_relaxed) + k, std::memory_order_release);
@@ -247,9 +243,8 @@ bool Gateway::post(const uint8_t* rec, size_t len, std::chrono::nanoseconds time
   Inflight in(*this, "post");
   bool ok = ring_->try_push(rec, len);
   if (!ok && timeout.count() > 0) {
-    full_waits_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
     wake_writer();
-    ok = ring_->push(rec, len, timeout);
+    ok = ring_->push(rec, len, timeout);  // counts its own full wait (stats() adds it)
   } else if (!ok) {
     full_waits_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
   }
@@ -325,9 +320,12 @@ void Gateway::run() noexcept {
       idle = 0;
       continue;
     }
+    // stop_ first, then the ring: close() stores stop_ only after every accepted post is in the
+    // ring, so a writer that sees stop_ and then an empty ring has really drained everything.
+    // acquire: pairs with close()'s release of stop_.
+    const bool stopping = stop_.load(std::memory_order_acquire);
     const bool pending = !ring_->empty();
-    // acquire: pairs with close()'s release of stop_ (issued after all posts finished).
-    if (stop_.load(std::memory_order_acquire)) {
+    if (stopping) {
       if (!pending) break;
       if (!draining) deadline = Clock::now() + drain_timeout_;
       draining = true;

@@ -7,18 +7,14 @@
 
 namespace mlx5tlp {
 
-void copy_to_device(volatile uint64_t* dst, const uint8_t* src, size_t len) noexcept {
-  size_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-    uint64_t w;
-    std::memcpy(&w, src + i, 8);  // the source may be unaligned; the store is one aligned word
-    dst[i / 8] = w;
+void GatewayLayout::write_batch(const uint8_t* buf, const uint32_t* offsets,
+                                const uint32_t* lengths, size_t n) noexcept {
+  const bool batched = batched_doorbell();
+  for (size_t i = 0; i < n; ++i) {
+    write(buf + offsets[i], lengths[i]);
+    if (!batched) doorbell();
   }
-  if (i < len) {
-    uint64_t w = 0;
-    std::memcpy(&w, src + i, len - i);
-    dst[i / 8] = w;
-  }
+  if (batched && n != 0) doorbell();
 }
 
 void SimRingLayout::attach(uint8_t* page, size_t length) {
@@ -37,6 +33,7 @@ void SimRingLayout::attach(uint8_t* page, size_t length) {
   page_ = page;
   // Continue from what an earlier gateway on this page published.
   produced_ = __atomic_load_n(reinterpret_cast<uint64_t*>(page + kDoorbell), __ATOMIC_RELAXED);
+  next_slot_ = uint32_t(produced_ % count_);
 }
 
 size_t SimRingLayout::credits() noexcept {
@@ -48,11 +45,17 @@ size_t SimRingLayout::credits() noexcept {
 }
 
 void SimRingLayout::write(const uint8_t* record, size_t len) noexcept {
-  auto* slot = reinterpret_cast<volatile uint64_t*>(
-      page_ + kSlots + size_t(produced_ % count_) * slot_size_);
+  auto* slot = reinterpret_cast<volatile uint64_t*>(page_ + kSlots + size_t(next_slot_) * slot_size_);
   slot[0] = uint64_t(len);  // u32 length, u32 zero: one 8-byte store
   copy_to_device(slot + 1, record, len);
   ++produced_;
+  if (++next_slot_ == count_) next_slot_ = 0;
+}
+
+void SimRingLayout::write_batch(const uint8_t* buf, const uint32_t* offsets,
+                                const uint32_t* lengths, size_t n) noexcept {
+  for (size_t i = 0; i < n; ++i) SimRingLayout::write(buf + offsets[i], lengths[i]);
+  if (n != 0) doorbell();
 }
 
 void SimRingLayout::doorbell() noexcept {
@@ -72,9 +75,17 @@ void RawTlpLayout::attach(uint8_t* page, size_t length) {
 }
 
 void RawTlpLayout::write(const uint8_t* record, size_t len) noexcept {
-  auto* dst = reinterpret_cast<volatile uint64_t*>(page_ + size_t(next_ % slots_) * slot_size_);
+  auto* dst = reinterpret_cast<volatile uint64_t*>(page_ + next_ * slot_size_);
   copy_to_device(dst, record, len);  // wire order is the TLP's byte order: copied as is
-  ++next_;
+  if (++next_ == slots_) next_ = 0;
+}
+
+void RawTlpLayout::write_batch(const uint8_t* buf, const uint32_t* offsets,
+                               const uint32_t* lengths, size_t n) noexcept {
+  for (size_t i = 0; i < n; ++i) {
+    RawTlpLayout::write(buf + offsets[i], lengths[i]);
+    store_fence();  // provisional: publish each record before the next one starts
+  }
 }
 
 std::unique_ptr<GatewayLayout> make_layout(const std::string& spec) {
