@@ -1,0 +1,85 @@
+"""``mlx5tlp bench``: the report's shape only (timing assertions do not belong in tests)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx5tlp import bench
+
+# The C++ programs' keys may be null, but only with a reason (program not built/installed).
+CPP_KEYS = ("lockfree_vs_mutex_2p", "direct_vs_raw_store", "latency_p50_us", "latency_p99_us")
+PY_KEYS = ("bulk_vs_naive_python", "post_call_us")
+
+
+def _bench(**env: str) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx5tlp", "bench", "--quick", "--json"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    assert isinstance(rep, dict)
+    return rep
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_shape(rep: dict[str, object]) -> None:
+    assert set(bench.HEADLINE_KEYS) == set(PY_KEYS) | set(CPP_KEYS)
+    reasons = rep["reasons"]
+    assert isinstance(reasons, dict)
+    for key in PY_KEYS:
+        assert _is_number(rep[key]), (key, rep[key], reasons.get(key))
+    for key in ("bulk_records_per_s", "naive_records_per_s"):
+        assert _is_number(rep[key]), key
+    for key in CPP_KEYS:
+        value = rep[key]
+        if value is None:
+            assert isinstance(reasons.get(key), str) and reasons[key], key
+        else:
+            assert _is_number(value), (key, value)
+            assert key not in reasons
+    machine = rep["machine"]
+    assert isinstance(machine, dict)
+    assert {"arch", "cpus", "python", "compiler", "commit"} <= set(machine)
+    assert isinstance(machine["arch"], str) and isinstance(machine["python"], str)
+    assert isinstance(rep["method"], dict) and rep["method"]["quick"] is True
+    targets = rep["targets"]
+    assert isinstance(targets, dict) and set(targets) == set(bench.TARGETS)
+
+
+@pytest.mark.slow
+def test_bench_quick_json() -> None:
+    _check_shape(_bench())
+
+
+@pytest.mark.slow
+def test_bench_without_programs_reports_reasons(tmp_path: Path) -> None:
+    rep = _bench(MLX5TLP_BENCH_BIN=str(tmp_path))  # an empty directory: no C++ programs
+    _check_shape(rep)
+    for key in CPP_KEYS:
+        assert rep[key] is None
+        assert "not found" in rep["reasons"][key]  # type: ignore[index]
+
+
+def test_find_program_honours_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLX5TLP_BENCH_BIN", str(tmp_path))
+    path, why = bench.find_program("bench_ring")
+    assert path is None and "MLX5TLP_BENCH_BIN" in why
+    prog = tmp_path / "bench_ring"
+    prog.write_text("#!/bin/sh\n")
+    prog.chmod(0o755)
+    path, _ = bench.find_program("bench_ring")
+    assert path == prog
