@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Any, ClassVar, Optional, TypeVar, Union
+from typing import Any, ClassVar, Optional, Union
 
 from mlx5tlp import registry
+from mlx5tlp._closing import Closing
 from mlx5tlp.context import Context
 from mlx5tlp.envelope import Envelope, Kind, open_envelope, peek_device, peek_kind, seal
 from mlx5tlp.errors import DeviceNotFoundError, InvalidHandleError
@@ -13,10 +13,9 @@ from mlx5tlp.errors import DeviceNotFoundError, InvalidHandleError
 __all__ = ["DeviceObject", "import_blob"]
 
 BytesLike = Union[bytes, bytearray, memoryview]
-T = TypeVar("T", bound="DeviceObject")
 
 
-class DeviceObject:
+class DeviceObject(Closing):
     """Base of :class:`Var`, :class:`Umem` and :class:`DevxObj`.
 
     An object is *owned* (created here: ``free()`` destroys the kernel object) or *imported*
@@ -60,16 +59,6 @@ class DeviceObject:
         """``free()`` if owned, ``unimport()`` if imported; idempotent."""
         self._core.close()
 
-    def __enter__(self: T) -> T:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.close()
 
     # -- export ----------------------------------------------------------------------------
     def _flags(self) -> int:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING, Optional, Union
 
 from mlx5tlp import _core, registry
+from mlx5tlp._closing import Closing
 from mlx5tlp.backend import resolve_backend
 from mlx5tlp.envelope import DeviceIdentity, Kind
 
@@ -40,7 +40,7 @@ class TlpCaps:
     gw_log_stride: int
 
 
-class Context:
+class Context(Closing):
     """A device context opened with DEVX (``mlx5dv_open_device``), or imported from an fd.
 
     Ownership: the context owns its command fd (``cmd_fd``); objects created or imported on it
@@ -120,16 +120,6 @@ class Context:
         for umem in list(self._umems):
             umem._release_buffer()
 
-    def __enter__(self) -> Context:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"cmd_fd={self._core.cmd_fd}"

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import array
 from collections.abc import Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from mlx5tlp import _core
+from mlx5tlp._closing import Closing
 
 if TYPE_CHECKING:
     from mlx5tlp.var import Var
@@ -51,7 +51,7 @@ def _as_batch(records: Records) -> tuple[BytesLike, Any]:
     return b"".join(parts), offsets
 
 
-class Gateway:
+class Gateway(Closing):
     """A writer into one TLP gateway page. Open with :meth:`mlx5tlp.Var.gateway`.
 
     Loop mode (default): any number of threads ``post()``/``post_batch()`` into a bounded
@@ -132,16 +132,6 @@ class Gateway:
         """Drain, stop the writer, unmap and release the page; idempotent."""
         self._core.close()
 
-    def __enter__(self) -> Gateway:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         mode = "direct" if self.direct else "loop"

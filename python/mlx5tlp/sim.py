@@ -13,10 +13,10 @@ each against its request (requester id + tag, byte count, lower address, status)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Optional, Union
 
 from mlx5tlp import _core
+from mlx5tlp._closing import Closing
 from mlx5tlp.context import Context
 
 __all__ = [
@@ -129,7 +129,7 @@ class Completion:
     tlp: bytes
 
 
-class Host:
+class Host(Closing):
     """The PCIe host: sends requests to the emulated function and collects every completion.
 
     One host per device at a time (a second gets ``EBUSY``): it owns the consumer index of
@@ -180,16 +180,6 @@ class Host:
             self._h.close()
             self._h = None
 
-    def __enter__(self) -> Host:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.close()
 
 
 def _check_channel(channel: int) -> None:
