@@ -16,6 +16,7 @@ device object of the run is left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -23,6 +24,7 @@ import random
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -59,8 +61,24 @@ class Options:
 
 
 def run(opts: Options) -> tuple[dict[str, Any], int]:
-    """Runs the demo; returns the report and the exit code (0: verified, 0 errors)."""
+    """Runs the demo; returns the report and the exit code (0: verified, 0 errors).
+
+    Ctrl-C (SIGINT) at any point ends the run at the next step and still tears down cleanly:
+    the handler only records the request, so no set-up or teardown step is cut in half.
+    """
     _validate(opts)
+    stop = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda _sig, _frame: stop.set())
+    try:
+        return _run(opts, stop)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run(opts: Options, stop: threading.Event) -> tuple[dict[str, Any], int]:
     baseline = sim.device_stats(opts.device)
     report: dict[str, Any] = {"device": opts.device, "workers": opts.workers, "seed": opts.seed}
     with mlx5tlp.open_device(opts.device, backend="sim") as ctx:
@@ -74,7 +92,7 @@ def run(opts: Options) -> tuple[dict[str, Any], int]:
         bar = random.Random(opts.seed).randbytes(opts.bar_size)
         memfd = os.memfd_create("mlx5tlp-demo-bar")
         try:
-            report.update(_run_with(ctx, opts, bar, memfd))
+            report.update(_run_with(ctx, opts, bar, memfd, stop))
         finally:
             os.close(memfd)
     after = sim.device_stats(opts.device)
@@ -84,7 +102,9 @@ def run(opts: Options) -> tuple[dict[str, Any], int]:
     return report, 0 if ok else (130 if report.get("interrupted") else 1)
 
 
-def _run_with(ctx: mlx5tlp.Context, opts: Options, bar: bytes, memfd: int) -> dict[str, Any]:
+def _run_with(
+    ctx: mlx5tlp.Context, opts: Options, bar: bytes, memfd: int, stop: threading.Event
+) -> dict[str, Any]:
     buf = mlx5tlp.alloc_umem_buffer(len(bar), fd=memfd)
     buf[: len(bar)] = bar
     vars_ = [ctx.alloc_var(tlp=True) for _ in range(opts.workers)]
@@ -119,9 +139,11 @@ def _run_with(ctx: mlx5tlp.Context, opts: Options, bar: bytes, memfd: int) -> di
                   "requests", file=sys.stderr, flush=True)
         mix = RequestMix(opts.seed, bar, BAR_BASE, opts.workers, share_bytes, opts.read_size)
         with sim.Host(opts.device) as host:
-            result = _drive(host, mix, opts, procs)
+            result = _drive(host, mix, opts, procs, stop)
+            # Stop the workers while the host still consumes: a worker's gateway drains what it
+            # queued before it closes (an interrupted run leaves completions in flight).
+            result["workers_report"] = _stop_workers(procs, socks, host)
             result["model"] = host.stats()
-        result["workers_report"] = _stop_workers(procs, socks)
     finally:
         for s in socks:
             s.close()
@@ -141,7 +163,9 @@ def endpoint_id() -> int:
     return 0x0100
 
 
-def _drive(host: sim.Host, mix: RequestMix, opts: Options, procs: list[Any]) -> dict[str, Any]:
+def _drive(
+    host: sim.Host, mix: RequestMix, opts: Options, procs: list[Any], stop: threading.Event
+) -> dict[str, Any]:
     checker = Checker()
     free_tags = deque(range(TAGS))
     progress = Progress(opts.requests, enabled=not opts.json)
@@ -151,33 +175,33 @@ def _drive(host: sim.Host, mix: RequestMix, opts: Options, procs: list[Any]) -> 
     failure: Optional[str] = None
     start = time.perf_counter()
     deadline = start + opts.timeout
-    try:
-        while sent < opts.requests or checker.outstanding:
-            while sent < opts.requests and len(checker.outstanding) < opts.window and free_tags:
-                p = unsent or mix.next(free_tags[0])
-                unsent = None
-                if not host.send_request(p.request.encode(), channel=p.channel):
-                    unsent = p  # that worker's channel is full: collect first, then retry
-                    break
-                free_tags.popleft()
-                checker.sent(p)
-                sent += 1
-                if opts.kill_worker_after is not None and sent == opts.kill_worker_after:
-                    os.kill(procs[0].pid, signal.SIGKILL)
-            for rec in host.completion_records(timeout=0.002, max_records=1024):
-                tag = checker.completion(rec.tlp)
-                if tag is not None:
-                    free_tags.append(tag)
-            progress.update(checker.requests_verified, len(checker.errors))
-            dead = [p for p in procs if p.exitcode is not None]
-            if dead:
-                failure = ", ".join(f"worker {p.name} died (exit code {p.exitcode})" for p in dead)
+    while sent < opts.requests or checker.outstanding:
+        if stop.is_set():
+            interrupted = True
+            break
+        while sent < opts.requests and len(checker.outstanding) < opts.window and free_tags:
+            p = unsent or mix.next(free_tags[0])
+            unsent = None
+            if not host.send_request(p.request.encode(), channel=p.channel):
+                unsent = p  # that worker's channel is full: collect first, then retry
                 break
-            if time.perf_counter() > deadline:
-                failure = f"timed out with {len(checker.outstanding)} requests unanswered"
-                break
-    except KeyboardInterrupt:
-        interrupted = True
+            free_tags.popleft()
+            checker.sent(p)
+            sent += 1
+            if opts.kill_worker_after is not None and sent == opts.kill_worker_after:
+                os.kill(procs[0].pid, signal.SIGKILL)
+        for rec in host.completion_records(timeout=0.002, max_records=1024):
+            tag = checker.completion(rec.tlp)
+            if tag is not None:
+                free_tags.append(tag)
+        progress.update(checker.requests_verified, len(checker.errors))
+        dead = [p for p in procs if p.exitcode is not None]
+        if dead:
+            failure = ", ".join(f"worker {p.name} died (exit code {p.exitcode})" for p in dead)
+            break
+        if time.perf_counter() > deadline:
+            failure = f"timed out with {len(checker.outstanding)} requests unanswered"
+            break
     elapsed = time.perf_counter() - start
     progress.done()
     errors = list(checker.errors)
@@ -206,21 +230,37 @@ def _pct(sorted_ns: list[int], q: float) -> Optional[float]:
     return round(sorted_ns[min(len(sorted_ns) - 1, int(q * len(sorted_ns)))] / 1000, 1)
 
 
-def _stop_workers(procs: list[Any], socks: list[socket.socket]) -> list[dict[str, Any]]:
-    out = []
-    for p, s in zip(procs, socks, strict=True):
-        if p.exitcode is not None:
-            continue
-        try:
+def _stop_workers(
+    procs: list[Any], socks: list[socket.socket], host: sim.Host
+) -> list[dict[str, Any]]:
+    live = [(p, s) for p, s in zip(procs, socks, strict=True) if p.exitcode is None]
+    for _p, s in live:
+        with contextlib.suppress(OSError):  # it died meanwhile: its report will say so
             s.sendall(b"stop")
-            s.settimeout(30)
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-            out.append(json.loads(data))
-        except (OSError, ValueError) as exc:
-            out.append({"error": f"{p.name}: {exc}"})
+        s.setblocking(False)
+    replies = {p.name: b"" for p, _ in live}
+    pending = dict(live)
+    deadline = time.perf_counter() + 60
+    while pending and time.perf_counter() < deadline:
+        host.completion_records(timeout=0.001)  # keep returning credits to the gateways
+        for p, s in list(pending.items()):
+            try:
+                chunk = s.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                chunk = b""
+            if chunk:
+                replies[p.name] += chunk
+            else:  # the worker closed its socket: its report is complete
+                del pending[p]
+    out: list[dict[str, Any]] = []
+    for p, _s in live:
         p.join(30)
+        try:
+            out.append(json.loads(replies[p.name]))
+        except ValueError:
+            out.append({"error": f"{p.name} sent no report (exit code {p.exitcode})"})
     return out
 
 
