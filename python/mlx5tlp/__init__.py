@@ -23,6 +23,7 @@ from mlx5tlp.errors import (
     NotSupportedError,
     ResourceExhaustedError,
 )
+from mlx5tlp.native import cmake_dir
 from mlx5tlp.umem import (
     ACCESS_LOCAL_WRITE,
     ACCESS_REMOTE_READ,
@@ -57,6 +58,7 @@ __all__ = [
     "Var",
     "__version__",
     "alloc_umem_buffer",
+    "cmake_dir",
     "import_blob",
     "list_devices",
     "open_device",

@@ -1,0 +1,70 @@
+"""Where the installed package keeps the C++ core for native callers.
+
+A wheel of mlx5tlp carries the core's headers, its static library and a CMake package next to
+the Python code::
+
+    mlx5tlp/include/mlx5tlp/*.hpp, *.h
+    mlx5tlp/lib/libmlx5tlp_core.a
+    mlx5tlp/share/cmake/mlx5tlp/mlx5tlpConfig.cmake (+ version and targets files)
+    mlx5tlp/libmlx5tlp_sim.so          the software device
+
+so that a C++ program can use it with::
+
+    cmake -Dmlx5tlp_DIR="$(python -c 'import mlx5tlp; print(mlx5tlp.cmake_dir())')" ...
+
+    find_package(mlx5tlp CONFIG REQUIRED)
+    target_link_libraries(app PRIVATE mlx5tlp::core)
+
+A development tree (``PYTHONPATH=python``) has none of these but the software device: the
+functions here raise :class:`FileNotFoundError` saying so instead of returning a path that
+does not exist.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["cmake_dir", "include_dir", "sim_library"]
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _installed(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{what} not found at {path}: mlx5tlp at {_PACKAGE_DIR} is not an installed "
+            "package (an in-place development tree?); install it (pip install mlx5tlp, or "
+            "pip install . from a source checkout) to get the C++ headers, the static core "
+            "and the CMake package"
+        )
+    return path
+
+
+def cmake_dir() -> str:
+    """The directory of the installed CMake package (``mlx5tlpConfig.cmake``): ``mlx5tlp_DIR``.
+
+    Raises:
+        FileNotFoundError: this mlx5tlp is not an installed package (e.g. a development tree).
+    """
+    config = _PACKAGE_DIR / "share" / "cmake" / "mlx5tlp" / "mlx5tlpConfig.cmake"
+    return str(_installed(config, "the CMake package (mlx5tlpConfig.cmake)").parent)
+
+
+def include_dir() -> str:
+    """The directory to put on the include path: it holds ``mlx5tlp/*.hpp``.
+
+    Raises:
+        FileNotFoundError: this mlx5tlp is not an installed package (e.g. a development tree).
+    """
+    header = _PACKAGE_DIR / "include" / "mlx5tlp" / "context.hpp"
+    return str(_installed(header, "the C++ headers (mlx5tlp/context.hpp)").parent.parent)
+
+
+def sim_library() -> str:
+    """The software device ``libmlx5tlp_sim.so`` (for ``$MLX5TLP_SIM_LIB`` of native programs).
+
+    Raises:
+        FileNotFoundError: the package has no software device library (not built).
+    """
+    library = _PACKAGE_DIR / "libmlx5tlp_sim.so"
+    return str(_installed(library, "the software device libmlx5tlp_sim.so"))
