@@ -48,12 +48,14 @@
 
 #include "mlx5tlp/context.hpp"
 #include "mlx5tlp/error.hpp"
+#include "bench_util.hpp"
 #include "mlx5tlp/gateway.hpp"
 #include "mlx5tlp/gateway_layout.hpp"
 #include "mlx5tlp/tlp.hpp"
 #include "mlx5tlp/var.hpp"
 
 using namespace mlx5tlp;
+using namespace mlx5tlp_bench;
 using Clock = std::chrono::steady_clock;
 
 namespace {
@@ -66,54 +68,6 @@ constexpr uint16_t kRequester = 0x0100, kCompleter = 0x0200;
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
-double percentile(const std::vector<double>& sorted, double p) {
-  if (sorted.empty()) return 0;
-  const size_t i = std::min(sorted.size() - 1, static_cast<size_t>(p / 100.0 * double(sorted.size())));
-  return sorted[i];
-}
-
-std::string json_array(const std::vector<double>& v) {
-  std::string s = "[";
-  char b[32];
-  for (size_t i = 0; i < v.size(); ++i) {
-    std::snprintf(b, sizeof b, "%s%.0f", i ? ", " : "", v[i]);
-    s += b;
-  }
-  return s + "]";
-}
-
-std::string compiler() {
-#if defined(__clang__)
-  return std::string("clang ") + __clang_version__;
-#elif defined(__GNUC__)
-  return std::string("g++ ") + __VERSION__;
-#else
-  return "unknown";
-#endif
-}
-
-std::string json_escape(const std::string& in) {
-  std::string out;
-  for (char c : in) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      out += ' ';
-    } else {
-      out += c;
-    }
-  }
-  return out;
 }
 
 bool file_exists(const std::string& p) {

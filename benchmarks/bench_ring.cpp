@@ -11,6 +11,7 @@
 // Two thread placements: "os" (the scheduler decides; producer and consumer may share a CPU and
 // then run one after the other) and "pinned" (consumer on the first allowed CPU, producers
 // round-robin on the others: producers and consumer really run in parallel).
+#include "bench_util.hpp"
 #include "mlx5tlp/ring.hpp"
 
 #include <pthread.h>
@@ -27,6 +28,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+using namespace mlx5tlp_bench;
 
 namespace {
 
@@ -145,32 +148,6 @@ double two_thread_speedup(double seconds) {
   };
   const double one = spin(1);
   return one > 0 ? spin(2) / one : 0;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
-std::string json_array(const std::vector<double>& v) {
-  std::string s = "[";
-  char b[32];
-  for (std::size_t i = 0; i < v.size(); ++i) {
-    std::snprintf(b, sizeof b, "%s%.0f", i ? ", " : "", v[i]);
-    s += b;
-  }
-  return s + "]";
-}
-
-std::string compiler() {
-#if defined(__clang__)
-  return std::string("clang ") + __clang_version__;
-#elif defined(__GNUC__)
-  return std::string("g++ ") + __VERSION__;
-#else
-  return "unknown";
-#endif
 }
 
 }  // namespace

@@ -25,45 +25,16 @@
 using namespace mlx5tlp;
 using namespace std::chrono_literals;
 
-#if defined(__SANITIZE_THREAD__)
-#define GW_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define GW_TSAN 1
-#endif
-#endif
-#ifndef GW_TSAN
-#define GW_TSAN 0
-#endif
 
 namespace {
 
-constexpr bool kTsan = GW_TSAN != 0;
+constexpr bool kTsan = MLX5TLP_TEST_TSAN != 0;
 constexpr const char* kBig = "gwbig";      // 64 KiB gateway pages, 64-byte slots: 1022 slots
 constexpr const char* kSmall = "gwsmall";  // 4 KiB pages, 256-byte slots: 15 slots
 constexpr size_t kSmallSlots = (4096 - 0x80) / 256;
 
 const SimSymbols& simsym() { return Library::get(Backend::sim)->sym().sim; }
 
-// Checks that `stmt` throws mlx5tlp::Error with errno `err` (any kind).
-#define CHECK_THROWS_ERRNO(stmt, err)                                                        \
-  do {                                                                                       \
-    bool thrown_ = false;                                                                    \
-    try {                                                                                    \
-      stmt;                                                                                  \
-    } catch (const mlx5tlp::Error& e_) {                                                     \
-      thrown_ = true;                                                                        \
-      if (e_.error_number() != (err)) {                                                      \
-        std::fprintf(stderr, "%s:%d: %s threw errno %d (%s)\n", __FILE__, __LINE__, #stmt,   \
-                     e_.error_number(), e_.what());                                          \
-        ++mlx5tlp_test::failures();                                                          \
-      }                                                                                      \
-    }                                                                                        \
-    if (!thrown_) {                                                                          \
-      std::fprintf(stderr, "%s:%d: %s did not throw\n", __FILE__, __LINE__, #stmt);        \
-      ++mlx5tlp_test::failures();                                                            \
-    }                                                                                        \
-  } while (0)
 
 // ---------------------------------------------------------------- records
 // u32 producer | u32 sequence | u32 length | pattern bytes ... | u32 FNV-1a of everything before.

@@ -14,38 +14,10 @@
 #include <thread>
 #include <vector>
 
-#if defined(__SANITIZE_THREAD__)
-#define RING_TEST_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define RING_TEST_TSAN 1
-#endif
-#endif
-#if defined(__SANITIZE_ADDRESS__)
-#define RING_TEST_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define RING_TEST_ASAN 1
-#endif
-#endif
-#ifndef RING_TEST_TSAN
-#define RING_TEST_TSAN 0
-#endif
-#ifndef RING_TEST_ASAN
-#define RING_TEST_ASAN 0
-#endif
+#include "check.hpp"
 
 namespace {
 
-std::atomic<int> g_failures{0};
-
-#define CHECK(cond)                                                              \
-  do {                                                                           \
-    if (!(cond)) {                                                               \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      g_failures.fetch_add(1);                                                   \
-    }                                                                            \
-  } while (0)
 
 using namespace std::chrono_literals;
 using mlx5tlp::MutexRing;
@@ -376,7 +348,7 @@ void run_all_single_thread() {
 int main(int argc, char** argv) {
   const auto t0 = std::chrono::steady_clock::now();
   // Records per producer in each fuzz run: TSan makes every atomic and access ~10-50x slower.
-  uint64_t per = RING_TEST_TSAN ? 20000 : RING_TEST_ASAN ? 100000 : 200000;
+  uint64_t per = MLX5TLP_TEST_TSAN ? 20000 : MLX5TLP_TEST_ASAN ? 100000 : 200000;
   if (argc > 1) per = std::strtoull(argv[1], nullptr, 10);
 
   run_all_single_thread<Ring>();
@@ -391,9 +363,9 @@ int main(int argc, char** argv) {
   }
 
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const int failures = g_failures.load();
+  const int failures = mlx5tlp_test::failures().load();
   std::printf("test_ring: %s (%d failed checks, %.2f s, %llu records/producer/fuzz run%s)\n",
               failures ? "FAIL" : "OK", failures, secs, static_cast<unsigned long long>(per),
-              RING_TEST_TSAN ? ", TSan build" : RING_TEST_ASAN ? ", ASan build" : "");
+              MLX5TLP_TEST_TSAN ? ", TSan build" : MLX5TLP_TEST_ASAN ? ", ASan build" : "");
   return failures ? 1 : 0;
 }
