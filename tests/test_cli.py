@@ -53,3 +53,16 @@ def test_info_bad_backend_env_is_one_line_error() -> None:
     assert out.returncode == 1
     assert out.stderr.strip().count("\n") == 0
     assert "MLX5TLP_BACKEND='bogus'" in out.stderr
+
+
+def test_info_reports_tlp_emulation_per_device(notlp_device: str, device: str) -> None:
+    out = _cli("info", "--backend", "sim", "--json")
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    by_name = {d["name"]: d for d in rep["devices"]}
+    assert by_name[device]["tlp_emulation"] is True and by_name[device]["gw_pages"] == 8
+    assert by_name[notlp_device]["tlp_emulation"] is False
+    assert any(
+        line.startswith(f"{notlp_device}: firmware does not enable tlp_device_emulation_manager")
+        for line in rep["diagnostics"]
+    )

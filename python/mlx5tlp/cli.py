@@ -21,7 +21,8 @@ def _info_report(backend: Optional[str]) -> dict[str, Any]:
     devices: list[dict[str, Any]] = []
     if info.loaded:
         devices = [
-            {"name": d.name, "node_guid": d.node_guid, "mlx5": d.mlx5}
+            {"name": d.name, "node_guid": d.node_guid, "mlx5": d.mlx5,
+             **(_tlp_caps(d.name, info.backend) if d.mlx5 else {})}
             for d in list_devices(info.backend)
         ]
     limit = memlock_limit()
@@ -36,6 +37,19 @@ def _info_report(backend: Optional[str]) -> dict[str, Any]:
         "load_error": info.load_error,
         "diagnostics": _diagnose(info.load_error, info.capabilities, devices, limit),
     }
+
+
+def _tlp_caps(name: str, backend: str) -> dict[str, Any]:
+    """The device's TLP emulation capabilities, or why they could not be read."""
+    from mlx5tlp.context import open_device
+
+    try:
+        with open_device(name, backend=backend) as ctx:
+            caps = ctx.query_tlp_caps()
+    except Error as exc:
+        return {"tlp_emulation": None, "tlp_error": str(exc)}
+    return {"tlp_emulation": caps.supported, "gw_pages": caps.gw_num_pages,
+            "gw_page_stride": caps.gw_page_stride}
 
 
 def _diagnose(
@@ -63,6 +77,14 @@ def _diagnose(
         out.append("no RDMA devices found (is the mlx5_ib kernel module loaded?)")
     elif not any(d["mlx5"] for d in devices):
         out.append("no device is an mlx5 device (mlx5dv_is_supported is false for all)")
+    for d in devices:
+        if d.get("tlp_emulation") is False:
+            out.append(
+                f"{d['name']}: firmware does not enable tlp_device_emulation_manager: "
+                "TLP gateway VARs fail with EOPNOTSUPP on this device"
+            )
+        elif d.get("tlp_error"):
+            out.append(f"{d['name']}: could not query TLP capabilities: {d['tlp_error']}")
     if memlock is not None and memlock < (64 << 20):
         out.append(
             f"RLIMIT_MEMLOCK is {memlock} bytes: UMEM registration may fail with ENOMEM; "
@@ -89,7 +111,10 @@ def _print_info(rep: dict[str, Any]) -> None:
         print(f"{k:<{width}}  {v}")
     print(f"devices ({len(rep['devices'])}):")
     for d in rep["devices"]:
-        print(f"  {d['name']:<16} {d['node_guid']}  {'mlx5' if d['mlx5'] else 'not mlx5'}")
+        tlp = {True: f"TLP emulation: {d.get('gw_pages')} gateway pages",
+               False: "no TLP emulation", None: "TLP emulation unknown"}[d.get("tlp_emulation")]
+        kind = "mlx5" if d["mlx5"] else "not mlx5"
+        print(f"  {d['name']:<16} {d['node_guid']}  {kind}, {tlp}")
     for line in rep["diagnostics"]:
         print(f"note: {line}")
 
