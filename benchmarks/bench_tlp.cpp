@@ -144,18 +144,11 @@ int main(int argc, char** argv) {
   p.completer_id = 0x0200;
   BulkSizes sz;
   if (bulk_measure(reqs.data(), reqs.size(), p, &sz) != Status::ok) return 1;
-  std::vector<uint8_t> bulk(sz.max_bytes);
-  std::vector<uint32_t> offsets(sz.max_completions + 1), first(sz.requests + 1);
-  std::vector<uint8_t> errors(sz.requests);
+  BulkStorage store;
+  store.bind(sz);  // allocate outside the timed runs
   size_t bulk_completions = 0;
   const double t_bulk = median_seconds(runs, [&] {
-    BulkOutput o;
-    o.buf = bulk.data();
-    o.buf_cap = bulk.size();
-    o.offsets = offsets.data();
-    o.offsets_cap = offsets.size();
-    o.request_first = first.data();
-    o.errors = errors.data();
+    BulkOutput o = store.bind(sz);
     if (bulk_build(reqs.data(), reqs.size(), data.data(), data_bytes, nullptr, 0, p, &o) !=
         Status::ok)
       std::abort();

@@ -348,16 +348,10 @@ static void test_completions() {
   BulkSizes sz;
   CHECK_STATUS(bulk_measure(reqs.data(), reqs.size(), p, &sz), Status::ok);
   CHECK(sz.requests == 5);
-  std::vector<uint8_t> buf(sz.max_bytes);
-  std::vector<uint32_t> offs(sz.max_completions + 1), first(sz.requests + 1);
-  std::vector<uint8_t> errs(sz.requests);
-  BulkOutput o;
-  o.buf = buf.data();
-  o.buf_cap = buf.size();
-  o.offsets = offs.data();
-  o.offsets_cap = offs.size();
-  o.request_first = first.data();
-  o.errors = errs.data();
+  BulkStorage store;
+  BulkOutput o = store.bind(sz);
+  const std::vector<uint32_t>& first = store.request_first;
+  const std::vector<uint8_t>& errs = store.errors;
   CHECK_STATUS(bulk_build(reqs.data(), reqs.size(), data.data(), 16 + 4 + 8, nullptr, 0, p, &o),
                Status::ok);
   CHECK(o.completions == 2 && o.bytes == 12 + 16 + 12 + 4);
@@ -485,25 +479,18 @@ static void fuzz_bulk(size_t iterations) {
     }
     if (rng() % 8 == 0) data_len = rng() % 24;
     std::unique_ptr<uint8_t[]> data(new uint8_t[data_len + 1]);
-    std::vector<uint8_t> buf(sz.max_bytes);
-    std::vector<uint32_t> offs(sz.max_completions + 1), first(sz.requests + 1);
-    std::vector<uint8_t> errs(sz.requests);
-    BulkOutput o;
-    o.buf = buf.data();
-    o.buf_cap = buf.size();
-    o.offsets = offs.data();
-    o.offsets_cap = offs.size();
-    o.request_first = first.data();
-    o.errors = errs.data();
+    BulkStorage store;  // fresh and exactly sized each time: ASan catches any overrun
+    BulkOutput o = store.bind(sz);
     Status s = bulk_build(reqs.get(), stream.size(), data.get(), data_len, nullptr, 0, p, &o);
     CHECK(s == Status::ok || s == Status::data_length_mismatch);
     if (s != Status::ok) continue;
     ++built;
     CHECK(o.bytes <= sz.max_bytes && o.completions <= sz.max_completions);
-    CHECK(first[sz.requests] == o.completions && offs[o.completions] == o.bytes);
+    const std::vector<uint32_t>& offs = store.offsets;
+    CHECK(store.request_first[sz.requests] == o.completions && offs[o.completions] == o.bytes);
     for (size_t k = 0; k < o.completions; ++k) {
       Tlp c;
-      CHECK_STATUS(decode(buf.data() + offs[k], offs[k + 1] - offs[k], &c), Status::ok);
+      CHECK_STATUS(decode(store.buf.data() + offs[k], offs[k + 1] - offs[k], &c), Status::ok);
     }
   }
   std::printf("bulk fuzz: %zu streams, %zu built\n", iterations, built);

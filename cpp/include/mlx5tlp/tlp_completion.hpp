@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "mlx5tlp/tlp.hpp"
 
@@ -89,5 +90,29 @@ struct BulkOutput {
 Status bulk_build(const uint8_t* reqs, size_t len, const uint8_t* data, size_t data_len,
                   const uint8_t* statuses, size_t n_statuses, const CompletionParams& p,
                   BulkOutput* out) noexcept;
+
+// Owned output storage for bulk_build, sized from bulk_measure. The codec itself never
+// allocates; this is the convenience for callers that do not manage their own buffers.
+// Reuse one across calls: bind() only grows the vectors.
+struct BulkStorage {
+  std::vector<uint8_t> buf;
+  std::vector<uint32_t> offsets, request_first;
+  std::vector<uint8_t> errors;
+
+  BulkOutput bind(const BulkSizes& sz) {
+    if (buf.size() < sz.max_bytes) buf.resize(sz.max_bytes);
+    if (offsets.size() < sz.max_completions + 1) offsets.resize(sz.max_completions + 1);
+    if (request_first.size() < sz.requests + 1) request_first.resize(sz.requests + 1);
+    if (errors.size() < sz.requests) errors.resize(sz.requests);
+    BulkOutput o;
+    o.buf = buf.data();
+    o.buf_cap = buf.size();
+    o.offsets = offsets.data();
+    o.offsets_cap = offsets.size();
+    o.request_first = request_first.data();
+    o.errors = errors.data();
+    return o;
+  }
+};
 
 }  // namespace mlx5tlp::tlp
