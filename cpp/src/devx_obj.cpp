@@ -36,20 +36,9 @@ std::shared_ptr<DevxObj> DevxObj::create(std::shared_ptr<Context> ctx, const uin
 std::shared_ptr<DevxObj> DevxObj::import(std::shared_ptr<Context> ctx, const uint8_t* raw,
                                          size_t len) {
   const Library& lib = ctx->lib();
-  auto import_fn = lib.need(lib.sym().mlx5dv_devx_obj_import, "mlx5dv_devx_obj_import");
-  const uint32_t want = ctx->export_size(ObjectKind::devx_obj);
-  if (len != want)
-    throw Error(ErrorKind::export_format, "mlx5dv_devx_obj_import", EINVAL,
-                "raw DEVX object export is " + std::to_string(len) +
-                    " bytes; this rdma-core expects " + std::to_string(want));
-  std::vector<uint8_t> copy(raw, raw + len);
-  m5a_mlx5dv_devx_obj* o;
-  {
-    Context::Use u(*ctx);
-    errno = 0;
-    o = import_fn(u.get(), copy.data());
-  }
-  if (o == nullptr) throw_errno("mlx5dv_devx_obj_import", errno_or_eio(), false);
+  auto* o = detail::import_raw(
+      *ctx, ObjectKind::devx_obj, "mlx5dv_devx_obj_import",
+      lib.need(lib.sym().mlx5dv_devx_obj_import, "mlx5dv_devx_obj_import"), raw, len);
   std::shared_ptr<DevxObj> out(new DevxObj(ctx, o, true));
   ctx->adopt(out);
   return out;
@@ -79,33 +68,16 @@ std::vector<uint8_t> DevxObj::modify(const uint8_t* in, size_t inlen, size_t out
 std::vector<uint8_t> DevxObj::export_raw() const {
   const Library& lib = ctx_->lib();
   auto export_fn = lib.need(lib.sym().mlx5dv_devx_obj_export, "mlx5dv_devx_obj_export");
-  std::vector<uint8_t> out(ctx_->export_size(ObjectKind::devx_obj), 0);
   auto l = use("mlx5dv_devx_obj_export");
-  check_rc("mlx5dv_devx_obj_export", export_fn(raw_, out.data()), true);
-  return out;
+  return detail::export_raw(*ctx_, ObjectKind::devx_obj, "mlx5dv_devx_obj_export", export_fn,
+                            raw_);
 }
 
 void DevxObj::release(bool destroy) {
-  const Library& lib = ctx_->lib();
-  auto unimport_fn = lib.sym().mlx5dv_devx_obj_unimport;
-  if (destroy) {
-    int rc;
-    {
-      Context::Use u(*ctx_);
-      rc = lib.sym().mlx5dv_devx_obj_destroy(raw_);
-    }
-    if (rc != 0) {
-      // Already destroyed elsewhere: libmlx5 kept the struct; drop it, then report.
-      if (unimport_fn != nullptr) unimport_fn(raw_);
-      raw_ = nullptr;
-      live_ = false;
-      throw_errno("mlx5dv_devx_obj_destroy", rc > 0 ? rc : errno_or_eio(), true,
-                  "the DEVX object was already destroyed");
-    }
-  } else {
-    lib.need(unimport_fn, "mlx5dv_devx_obj_unimport")(raw_);
-  }
-  raw_ = nullptr;
+  const Symbols& s = ctx_->lib().sym();
+  release_raw(raw_, destroy, s.mlx5dv_devx_obj_destroy, "mlx5dv_devx_obj_destroy",
+              s.mlx5dv_devx_obj_unimport, "mlx5dv_devx_obj_unimport",
+              "the DEVX object was already destroyed");
 }
 
 }  // namespace mlx5tlp

@@ -15,6 +15,20 @@ std::shared_lock<std::shared_mutex> Handle::use(const char* operation) const {
   return l;
 }
 
+namespace detail {
+
+void check_export_size(const Context& ctx, ObjectKind kind, const char* function, size_t len) {
+  const uint32_t want = ctx.export_size(kind);
+  if (len == want) return;
+  const char* what = kind == ObjectKind::var ? "VAR" : kind == ObjectKind::umem ? "UMEM"
+                                                                                : "DEVX object";
+  throw Error(ErrorKind::export_format, function, EINVAL,
+              std::string("raw ") + what + " export is " + std::to_string(len) +
+                  " bytes; this rdma-core expects " + std::to_string(want));
+}
+
+}  // namespace detail
+
 void Handle::free() {
   std::unique_lock<std::shared_mutex> l(mu_);
   if (!live_) closed_error("free");

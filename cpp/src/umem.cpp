@@ -39,20 +39,9 @@ std::shared_ptr<Umem> Umem::reg(std::shared_ptr<Context> ctx, void* addr, size_t
 
 std::shared_ptr<Umem> Umem::import(std::shared_ptr<Context> ctx, const uint8_t* raw, size_t len) {
   const Library& lib = ctx->lib();
-  auto import_fn = lib.need(lib.sym().mlx5dv_devx_umem_import, "mlx5dv_devx_umem_import");
-  const uint32_t want = ctx->export_size(ObjectKind::umem);
-  if (len != want)
-    throw Error(ErrorKind::export_format, "mlx5dv_devx_umem_import", EINVAL,
-                "raw UMEM export is " + std::to_string(len) + " bytes; this rdma-core expects " +
-                    std::to_string(want));
-  std::vector<uint8_t> copy(raw, raw + len);
-  m5a_mlx5dv_devx_umem* u;
-  {
-    Context::Use use_ctx(*ctx);
-    errno = 0;
-    u = import_fn(use_ctx.get(), copy.data());
-  }
-  if (u == nullptr) throw_errno("mlx5dv_devx_umem_import", errno_or_eio(), false);
+  auto* u = detail::import_raw(
+      *ctx, ObjectKind::umem, "mlx5dv_devx_umem_import",
+      lib.need(lib.sym().mlx5dv_devx_umem_import, "mlx5dv_devx_umem_import"), raw, len);
   std::shared_ptr<Umem> out(new Umem(ctx, u, true, 0));
   ctx->adopt(out);
   return out;
@@ -61,34 +50,15 @@ std::shared_ptr<Umem> Umem::import(std::shared_ptr<Context> ctx, const uint8_t* 
 std::vector<uint8_t> Umem::export_raw() const {
   const Library& lib = ctx_->lib();
   auto export_fn = lib.need(lib.sym().mlx5dv_devx_umem_export, "mlx5dv_devx_umem_export");
-  std::vector<uint8_t> out(ctx_->export_size(ObjectKind::umem), 0);
   auto l = use("mlx5dv_devx_umem_export");
-  check_rc("mlx5dv_devx_umem_export", export_fn(raw_, out.data()), true);
-  return out;
+  return detail::export_raw(*ctx_, ObjectKind::umem, "mlx5dv_devx_umem_export", export_fn, raw_);
 }
 
 void Umem::release(bool destroy) {
-  const Library& lib = ctx_->lib();
-  auto unimport_fn = lib.sym().mlx5dv_devx_umem_unimport;
-  if (destroy) {
-    int rc;
-    {
-      Context::Use u(*ctx_);
-      rc = lib.sym().mlx5dv_devx_umem_dereg(raw_);
-    }
-    if (rc != 0) {
-      // The kernel object is gone (destroyed through another context): libmlx5 kept the
-      // struct, so drop it without the kernel, then report.
-      if (unimport_fn != nullptr) unimport_fn(raw_);
-      raw_ = nullptr;
-      live_ = false;
-      throw_errno("mlx5dv_devx_umem_dereg", rc > 0 ? rc : errno_or_eio(), true,
-                  "UMEM " + std::to_string(umem_id_) + " was already destroyed");
-    }
-  } else {
-    lib.need(unimport_fn, "mlx5dv_devx_umem_unimport")(raw_);
-  }
-  raw_ = nullptr;
+  const Symbols& s = ctx_->lib().sym();
+  release_raw(raw_, destroy, s.mlx5dv_devx_umem_dereg, "mlx5dv_devx_umem_dereg",
+              s.mlx5dv_devx_umem_unimport, "mlx5dv_devx_umem_unimport",
+              "UMEM " + std::to_string(umem_id_) + " was already destroyed");
 }
 
 }  // namespace mlx5tlp

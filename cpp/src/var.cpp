@@ -88,21 +88,9 @@ std::shared_ptr<Var> Var::alloc(std::shared_ptr<Context> ctx, bool tlp) {
 std::shared_ptr<Var> Var::import(std::shared_ptr<Context> ctx, const uint8_t* raw, size_t len,
                                  bool tlp) {
   const Library& lib = ctx->lib();
-  auto import_fn = lib.need(lib.sym().mlx5dv_var_import, "mlx5dv_var_import");
-  const uint32_t want = ctx->export_size(ObjectKind::var);
-  if (len != want)
-    throw Error(ErrorKind::export_format, "mlx5dv_var_import", EINVAL,
-                "raw VAR export is " + std::to_string(len) + " bytes; this rdma-core expects " +
-                    std::to_string(want));
-  // Upstream reads the buffer without a length: give it a private, exact-size copy.
-  std::vector<uint8_t> copy(raw, raw + len);
-  m5a_mlx5dv_var* v;
-  {
-    Context::Use u(*ctx);
-    errno = 0;
-    v = import_fn(u.get(), copy.data());
-  }
-  if (v == nullptr) throw_errno("mlx5dv_var_import", errno_or_eio(), false);
+  auto* v = detail::import_raw(*ctx, ObjectKind::var, "mlx5dv_var_import",
+                               lib.need(lib.sym().mlx5dv_var_import, "mlx5dv_var_import"), raw,
+                               len);
   std::shared_ptr<Var> out(new Var(ctx, v, true, tlp));
   ctx->adopt(out);
   return out;
@@ -111,10 +99,8 @@ std::shared_ptr<Var> Var::import(std::shared_ptr<Context> ctx, const uint8_t* ra
 std::vector<uint8_t> Var::export_raw() const {
   const Library& lib = ctx_->lib();
   auto export_fn = lib.need(lib.sym().mlx5dv_var_export, "mlx5dv_var_export");
-  std::vector<uint8_t> out(ctx_->export_size(ObjectKind::var), 0);
   auto l = use("mlx5dv_var_export");
-  check_rc("mlx5dv_var_export", export_fn(raw_, out.data()), true);
-  return out;
+  return detail::export_raw(*ctx_, ObjectKind::var, "mlx5dv_var_export", export_fn, raw_);
 }
 
 void* Var::map_raw(int prot) {

@@ -6,10 +6,12 @@
 // Thread-safety: operations take a shared lock, release takes it exclusively.
 #pragma once
 
+#include <cerrno>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
 #include <string>
+#include <vector>
 
 #include "mlx5tlp/context.hpp"
 #include "mlx5tlp/error.hpp"
@@ -40,11 +42,70 @@ class Handle : public Child {
   std::shared_lock<std::shared_mutex> use(const char* operation) const;
   [[noreturn]] void closed_error(const char* operation) const;
 
+  // The release of a UMEM or DEVX object: `destroy_fn` (owned) or `unimport_fn` (imported).
+  // A destroy that finds the kernel object already gone (destroyed through another context)
+  // leaves libmlx5's struct allocated: it is dropped with unimport, the handle marked released
+  // (never released twice), and the failure reported with `gone` as detail.
+  template <typename R>
+  void release_raw(R*& raw, bool destroy, int (*destroy_fn)(R*), const char* destroy_name,
+                   void (*unimport_fn)(R*), const char* unimport_name, const std::string& gone) {
+    if (!destroy) {
+      ctx_->lib().need(unimport_fn, unimport_name)(raw);
+      raw = nullptr;
+      return;
+    }
+    int rc;
+    {
+      Context::Use u(*ctx_);
+      rc = destroy_fn(raw);
+    }
+    if (rc != 0) {
+      if (unimport_fn != nullptr) unimport_fn(raw);
+      live_ = false;
+    }
+    raw = nullptr;
+    if (rc != 0) throw_errno(destroy_name, rc > 0 ? rc : errno_or_eio(), true, gone);
+  }
+
   std::shared_ptr<Context> ctx_;
   mutable std::shared_mutex mu_;
   bool live_ = true;
   const bool imported_;
   const char* what_;
 };
+
+namespace detail {
+
+// Refuses a raw export buffer whose size is not this rdma-core's export size for `kind`:
+// upstream import reads the buffer without a length. Error(export_format), naming `function`.
+void check_export_size(const Context& ctx, ObjectKind kind, const char* function, size_t len);
+
+// Imports a raw export buffer with `fn` (mlx5dv_*_import), handing rdma-core a private copy of
+// exactly the size it reads. Throws on a size mismatch or an import failure.
+template <typename Fn>
+auto import_raw(Context& ctx, ObjectKind kind, const char* function, Fn fn, const uint8_t* raw,
+                size_t len) {
+  check_export_size(ctx, kind, function, len);
+  std::vector<uint8_t> copy(raw, raw + len);
+  decltype(fn(nullptr, nullptr)) out;
+  {
+    Context::Use u(ctx);
+    errno = 0;
+    out = fn(u.get(), copy.data());
+  }
+  if (out == nullptr) throw_errno(function, errno_or_eio(), false);
+  return out;
+}
+
+// Exports with `fn` (mlx5dv_*_export) into a buffer of this rdma-core's export size.
+template <typename R, typename Fn>
+std::vector<uint8_t> export_raw(const Context& ctx, ObjectKind kind, const char* function, Fn fn,
+                                R* raw) {
+  std::vector<uint8_t> out(ctx.export_size(kind), 0);
+  check_rc(function, fn(raw, out.data()), true);
+  return out;
+}
+
+}  // namespace detail
 
 }  // namespace mlx5tlp
