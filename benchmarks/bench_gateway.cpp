@@ -183,7 +183,7 @@ DirectResult bench_direct(const std::shared_ptr<Context>& ctx, uint64_t total, i
       uint64_t done = 0;
       while (done < total) {
         const size_t k = static_cast<size_t>(std::min<uint64_t>(kBatchRecords, total - done));
-        const size_t w = gw->write_batch(r.buf.data(), r.off.data(), r.len.data(), k, timeout);
+        const size_t w = gw->write_batch(r.buf.data(), r.off.data(), r.len.data(), k, mlx5tlp::Deadline::after(timeout));
         if (w != k) res.ok = false;
         done += k;
       }
@@ -208,7 +208,7 @@ DirectResult bench_direct(const std::shared_ptr<Context>& ctx, uint64_t total, i
     const uint64_t written = gw->stats().written;
     const size_t start = size_t(written % slots);  // the layout's next slot
     const size_t k = std::min<size_t>(16, slots - start);
-    gw->write_batch(r.buf.data(), r.off.data(), r.len.data(), k, timeout);
+    gw->write_batch(r.buf.data(), r.off.data(), r.len.data(), k, mlx5tlp::Deadline::after(timeout));
     for (size_t i = 0; i < k; ++i)
       if (std::memcmp(page + (start + i) * kRawSlot, r.buf.data() + r.off[i], kRecordBytes) != 0)
         res.ok = false;
@@ -244,7 +244,7 @@ LoopRow bench_loop(const std::shared_ptr<Context>& ctx, unsigned producers, bool
         while (!go.load(std::memory_order_acquire)) std::this_thread::yield();
         uint64_t done = 0;
         size_t at = 0;
-        const auto forever = std::chrono::seconds(60);
+        const auto forever = mlx5tlp::Deadline::after(std::chrono::seconds(60));
         while (done < mine) {
           if (batch) {
             const size_t k = static_cast<size_t>(std::min<uint64_t>(
@@ -264,7 +264,7 @@ LoopRow bench_loop(const std::shared_ptr<Context>& ctx, unsigned producers, bool
     const auto t0 = Clock::now();
     go.store(true, std::memory_order_release);
     for (auto& t : ts) t.join();
-    if (!gw->flush(std::chrono::seconds(60))) *ok = false;
+    if (!gw->flush(mlx5tlp::Deadline::after(std::chrono::seconds(60)))) *ok = false;
     return double(total) / seconds_since(t0);
   };
   once();  // warm-up
@@ -348,7 +348,7 @@ LatencyResult bench_latency(const std::shared_ptr<Context>& ctx, const SimDevice
     if (cl != kRecordBytes) throw std::runtime_error("completion is not 32 bytes");
 
     const auto t0 = Clock::now();
-    if (!gw->post(cpl, cl, std::chrono::seconds(10))) throw std::runtime_error("post");
+    if (!gw->post(cpl, cl, mlx5tlp::Deadline::after(std::chrono::seconds(10)))) throw std::runtime_error("post");
     m5a_sim_completion info{};
     ssize_t n = 0;
     while ((n = sim.host_poll(host, got, sizeof got, &info)) == 0) {

@@ -6,6 +6,7 @@
 #include <chrono>
 
 #include "bind.hpp"
+#include "boundary.hpp"
 #include "mlx5tlp/gateway.hpp"
 
 namespace py = pybind11;
@@ -13,14 +14,6 @@ namespace py = pybind11;
 namespace mlx5tlp::bind {
 
 namespace {
-
-// None -> wait (practically) forever; seconds otherwise.
-std::chrono::nanoseconds to_timeout(const py::object& t) {
-  if (t.is_none()) return std::chrono::hours(24 * 365);
-  const double s = t.cast<double>();
-  if (!(s >= 0)) throw py::value_error("timeout must be >= 0 or None");
-  return std::chrono::nanoseconds(static_cast<int64_t>(s * 1e9));
-}
 
 // A record as (pointer, length) without copying: bytes fast, other buffers through the protocol.
 struct RecordView {
@@ -77,12 +70,12 @@ size_t for_batch(py::buffer data, py::buffer offsets, F&& fn) {
 void bind_gateway(py::module_& m) {
   py::class_<Gateway, std::shared_ptr<Gateway>>(m, "Gateway")
       .def_static("open", [](std::shared_ptr<Var> var, const std::string& layout, bool direct,
-                             size_t ring_slots, size_t batch_max, double drain_timeout) {
+                             size_t ring_slots, size_t batch_max, const py::object& drain_timeout) {
         GatewayOptions o;
         o.direct = direct;
         o.ring_slots = ring_slots;
         o.batch_max = batch_max;
-        o.drain_timeout = std::chrono::nanoseconds(static_cast<int64_t>(drain_timeout * 1e9));
+        o.drain_timeout = to_duration(drain_timeout, "drain_timeout");
         auto lay = layout.empty() ? nullptr : make_layout(layout);
         py::gil_scoped_release r;
         return Gateway::open(std::move(var), std::move(lay), o);
@@ -91,13 +84,13 @@ void bind_gateway(py::module_& m) {
       .def("post", [](Gateway& g, py::handle rec, const py::object& timeout) {
         RecordView v;
         view_of(rec, &v);
-        const auto t = to_timeout(timeout);
-        if (t.count() == 0) return g.post(v.data, v.len, t);  // never blocks: keep the GIL
+        const auto t = to_deadline(timeout);
+        if (t.expired()) return g.post(v.data, v.len, t);  // never blocks: keep the GIL
         py::gil_scoped_release r;
         return g.post(v.data, v.len, t);
       }, py::arg("record"), py::arg("timeout"))
       .def("post_batch", [](Gateway& g, py::buffer data, py::buffer offsets, const py::object& timeout) {
-        const auto t = to_timeout(timeout);
+        const auto t = to_deadline(timeout);
         return for_batch(data, offsets, [&](const uint8_t* b, const uint32_t* o, const uint32_t* l, size_t n) {
           py::gil_scoped_release r;
           return g.post_batch(b, o, l, n, t);
@@ -106,19 +99,19 @@ void bind_gateway(py::module_& m) {
       .def("write", [](Gateway& g, py::handle rec, const py::object& timeout) {
         RecordView v;
         view_of(rec, &v);
-        const auto t = to_timeout(timeout);
+        const auto t = to_deadline(timeout);
         py::gil_scoped_release r;
         return g.write(v.data, v.len, t);
       }, py::arg("record"), py::arg("timeout"))
       .def("write_batch", [](Gateway& g, py::buffer data, py::buffer offsets, const py::object& timeout) {
-        const auto t = to_timeout(timeout);
+        const auto t = to_deadline(timeout);
         return for_batch(data, offsets, [&](const uint8_t* b, const uint32_t* o, const uint32_t* l, size_t n) {
           py::gil_scoped_release r;
           return g.write_batch(b, o, l, n, t);
         });
       }, py::arg("data"), py::arg("offsets"), py::arg("timeout"))
       .def("flush", [](Gateway& g, const py::object& timeout) {
-        const auto t = to_timeout(timeout);
+        const auto t = to_deadline(timeout);
         py::gil_scoped_release r;
         return g.flush(t);
       }, py::arg("timeout"))

@@ -158,8 +158,7 @@ void Gateway::check_record(size_t len, const char* op) const {
 
 // ---------------------------------------------------------------- direct mode
 size_t Gateway::write_direct(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
-                             size_t n, std::chrono::nanoseconds timeout) {
-  const auto deadline = Clock::now() + timeout;
+                             size_t n, Deadline deadline) {
   const bool batched = layout_->batched_doorbell();
   size_t done = 0;
   unsigned spins = 0;
@@ -167,7 +166,7 @@ size_t Gateway::write_direct(const uint8_t* buf, const uint32_t* offsets, const 
     size_t credits = layout_->credits();
     if (credits == 0) {
       credit_waits_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
-      if (Clock::now() >= deadline) break;
+      if (deadline.expired()) break;
       ring_detail::backoff(std::min(spins++, 200u));
       continue;
     }
@@ -182,14 +181,14 @@ size_t Gateway::write_direct(const uint8_t* buf, const uint32_t* offsets, const 
   return done;
 }
 
-bool Gateway::write(const uint8_t* rec, size_t len, std::chrono::nanoseconds timeout) {
+bool Gateway::write(const uint8_t* rec, size_t len, Deadline deadline) {
   const uint32_t off = 0, l = uint32_t(len);
   check_record(len, "write");
-  return write_batch(rec, &off, &l, 1, timeout) == 1;
+  return write_batch(rec, &off, &l, 1, deadline) == 1;
 }
 
 size_t Gateway::write_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
-                            size_t n, std::chrono::nanoseconds timeout) {
+                            size_t n, Deadline deadline) {
   check_usable("write");
   if (!direct_)
     throw Error(ErrorKind::invalid_argument, "write", EINVAL,
@@ -203,7 +202,7 @@ size_t Gateway::write_batch(const uint8_t* buf, const uint32_t* offsets, const u
     std::atomic<bool>& f;
     ~Unbusy() { f.store(false, std::memory_order_release); }  // release: see the exchange above
   } unbusy{direct_busy_};
-  return write_direct(buf, offsets, lengths, n, timeout);
+  return write_direct(buf, offsets, lengths, n, deadline);
 }
 
 // ---------------------------------------------------------------- doorbell loop
@@ -234,7 +233,7 @@ void Gateway::wake_writer() noexcept {
   }
 }
 
-bool Gateway::post(const uint8_t* rec, size_t len, std::chrono::nanoseconds timeout) {
+bool Gateway::post(const uint8_t* rec, size_t len, Deadline deadline) {
   check_usable("post");
   if (direct_)
     throw Error(ErrorKind::invalid_argument, "post", EINVAL,
@@ -242,9 +241,9 @@ bool Gateway::post(const uint8_t* rec, size_t len, std::chrono::nanoseconds time
   check_record(len, "post");
   Inflight in(*this, "post");
   bool ok = ring_->try_push(rec, len);
-  if (!ok && timeout.count() > 0) {
+  if (!ok && !deadline.expired()) {
     wake_writer();
-    ok = ring_->push(rec, len, timeout);  // counts its own full wait (stats() adds it)
+    ok = ring_->push(rec, len, deadline);  // counts its own full wait (stats() adds it)
   } else if (!ok) {
     full_waits_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
   }
@@ -253,14 +252,13 @@ bool Gateway::post(const uint8_t* rec, size_t len, std::chrono::nanoseconds time
 }
 
 size_t Gateway::post_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
-                           size_t n, std::chrono::nanoseconds timeout) {
+                           size_t n, Deadline deadline) {
   check_usable("post_batch");
   if (direct_)
     throw Error(ErrorKind::invalid_argument, "post_batch", EINVAL,
                 "this gateway is in direct mode: use write_batch()");
   for (size_t i = 0; i < n; ++i) check_record(lengths[i], "post_batch");
   Inflight in(*this, "post_batch");
-  const auto deadline = Clock::now() + timeout;
   size_t done = 0;
   unsigned spins = 0;
   bool waited = false;
@@ -274,21 +272,20 @@ size_t Gateway::post_batch(const uint8_t* buf, const uint32_t* offsets, const ui
     }
     if (!waited) full_waits_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
     waited = true;
-    if (Clock::now() >= deadline) break;
+    if (deadline.expired()) break;
     ring_detail::backoff(std::min(spins++, 200u));
   }
   return done;
 }
 
-bool Gateway::flush(std::chrono::nanoseconds timeout) {
+bool Gateway::flush(Deadline deadline) {
   check_usable("flush");
   if (direct_) return true;  // direct writes are in the page when write() returns
   const uint64_t target = ring_->reserved_total();
-  const auto deadline = Clock::now() + timeout;
   for (unsigned i = 0;; ++i) {
     // acquire: pairs with the writer's release, so the page holds those records.
     if (written_.load(std::memory_order_acquire) >= target) return true;
-    if (closed_.load(std::memory_order_acquire) || Clock::now() >= deadline) return false;
+    if (closed_.load(std::memory_order_acquire) || deadline.expired()) return false;
     wake_writer();
     ring_detail::backoff(std::min(i, 200u));
   }
@@ -313,7 +310,7 @@ size_t Gateway::drain_batch(size_t max) noexcept {
 void Gateway::run() noexcept {
   unsigned idle = 0;
   bool draining = false;
-  Clock::time_point deadline{};
+  Deadline deadline = Deadline::never();
   for (;;) {
     const size_t credits = layout_->credits();
     if (credits > 0 && drain_batch(std::min(credits, batch_max_)) > 0) {
@@ -327,9 +324,9 @@ void Gateway::run() noexcept {
     const bool pending = !ring_->empty();
     if (stopping) {
       if (!pending) break;
-      if (!draining) deadline = Clock::now() + drain_timeout_;
+      if (!draining) deadline = Deadline::after_or_never(drain_timeout_);
       draining = true;
-      if (Clock::now() >= deadline) break;  // the device stopped returning credits
+      if (deadline.expired()) break;  // the device stopped returning credits
     }
     if (pending) {  // records wait for device credits
       credit_waits_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics

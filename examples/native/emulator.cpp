@@ -105,7 +105,7 @@ int main() {
       require(s == tlp::Status::ok, std::string("build_completions: ") + tlp::reason(s));
       for (size_t i = 0; i < count; ++i) {
         const uint32_t start = i == 0 ? 0 : ends[i - 1];
-        require(gw->post(out.data() + start, ends[i] - start, 1s), "gateway post timed out");
+        require(gw->post(out.data() + start, ends[i] - start, mlx5tlp::Deadline::after(1s)), "gateway post timed out");
         ++posted;
       }
     }
@@ -115,7 +115,7 @@ int main() {
     auto collect = [&] {
       while (sim.host_poll(host.get(), buf, sizeof buf, &info) > 0) continue;
     };
-    while (!gw->flush(1ms)) {
+    while (!gw->flush(mlx5tlp::Deadline::after(1ms))) {
       collect();
       require(std::chrono::steady_clock::now() < deadline, "gateway flush timed out");
     }

@@ -146,7 +146,7 @@ def open_gateway(
     direct: bool = False,
     ring_slots: int = 1024,
     batch_max: int = 64,
-    drain_timeout: float = 10.0,
+    drain_timeout: Optional[float] = 10.0,
 ) -> Gateway:
     """See :meth:`mlx5tlp.Var.gateway`."""
     if layout is not None and not isinstance(layout, str):
@@ -155,9 +155,7 @@ def open_gateway(
         raise ValueError(f"ring_slots must be a power of two >= 2, not {ring_slots!r}")
     if not isinstance(batch_max, int) or batch_max < 1:
         raise ValueError(f"batch_max must be >= 1, not {batch_max!r}")
-    if not drain_timeout >= 0:
-        raise ValueError("drain_timeout must be >= 0")
     core = _core.Gateway.open(
-        var._core, layout or "", bool(direct), ring_slots, batch_max, float(drain_timeout)
+        var._core, layout or "", bool(direct), ring_slots, batch_max, drain_timeout
     )
     return Gateway(core, var)

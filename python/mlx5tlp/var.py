@@ -101,7 +101,7 @@ class Var(DeviceObject):
         direct: bool = False,
         ring_slots: int = 1024,
         batch_max: int = 64,
-        drain_timeout: float = 10.0,
+        drain_timeout: Optional[float] = 10.0,
     ) -> Gateway:
         """Map this TLP gateway page and open a :class:`~mlx5tlp.gateway.Gateway` on it.
 
@@ -111,7 +111,8 @@ class Var(DeviceObject):
             direct: write from the calling thread (no ring, no writer thread).
             ring_slots: ring capacity (power of two) in loop mode.
             batch_max: records per doorbell at most.
-            drain_timeout: seconds close() waits for the device to take what is queued.
+            drain_timeout: seconds close() waits for the device to take what is queued
+                (None: no limit).
 
         Raises:
             InvalidArgumentError: a VirtIO VAR, or a page the layout does not recognise.

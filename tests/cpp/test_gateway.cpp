@@ -236,7 +236,7 @@ void many_producers() {
         if (k % 2 == 0) {
           for (uint32_t s = 0; s < per; ++s) {
             auto r = make_record(k, s, max);
-            if (!gw->post(r.data(), r.size(), 10s)) refused.fetch_add(1);
+            if (!gw->post(r.data(), r.size(), mlx5tlp::Deadline::after(10s))) refused.fetch_add(1);
           }
           return;
         }
@@ -250,7 +250,7 @@ void many_producers() {
             len.push_back(uint32_t(r.size()));
             buf.insert(buf.end(), r.begin(), r.end());
           }
-          if (gw->post_batch(buf.data(), off.data(), len.data(), n, 10s) != n) refused.fetch_add(1);
+          if (gw->post_batch(buf.data(), off.data(), len.data(), n, mlx5tlp::Deadline::after(10s)) != n) refused.fetch_add(1);
           s += n;
         }
       });
@@ -258,7 +258,7 @@ void many_producers() {
     for (auto& t : threads) t.join();
     CHECK(refused.load() == 0);
     const uint64_t total = uint64_t(producers) * per;
-    CHECK(gw->flush(10s));
+    CHECK(gw->flush(mlx5tlp::Deadline::after(10s)));
     GatewayStats st = gw->stats();
     CHECK(st.posted == total);
     CHECK(st.written == total);
@@ -298,7 +298,7 @@ void direct_mode() {
   uint32_t s = 0;
   for (; s < n / 2; ++s) {
     auto r = make_record(0, s, max);
-    CHECK(gw->write(r.data(), r.size(), 5s));
+    CHECK(gw->write(r.data(), r.size(), mlx5tlp::Deadline::after(5s)));
   }
   while (s < n) {  // batches of 50: more than batch_max, so several doorbells per call
     const uint32_t k = std::min<uint32_t>(50, n - s);
@@ -310,18 +310,18 @@ void direct_mode() {
       len.push_back(uint32_t(r.size()));
       buf.insert(buf.end(), r.begin(), r.end());
     }
-    CHECK(gw->write_batch(buf.data(), off.data(), len.data(), k, 5s) == k);
+    CHECK(gw->write_batch(buf.data(), off.data(), len.data(), k, mlx5tlp::Deadline::after(5s)) == k);
     s += k;
   }
-  CHECK(gw->flush(0s));  // direct writes are in the page when write() returns
+  CHECK(gw->flush(mlx5tlp::Deadline::after(0s)));  // direct writes are in the page when write() returns
   GatewayStats st = gw->stats();
   CHECK(st.posted == n && st.written == n && st.lost == 0);
   CHECK(st.max_batch >= 1 && st.max_batch <= 16);
   // Loop-mode calls on a direct gateway are refused.
   const uint8_t rec[16] = {1};
-  CHECK_THROWS_KIND(gw->post(rec, sizeof rec, 0s), ErrorKind::invalid_argument, EINVAL);
+  CHECK_THROWS_KIND(gw->post(rec, sizeof rec, mlx5tlp::Deadline::after(0s)), ErrorKind::invalid_argument, EINVAL);
   const uint32_t off0 = 0, len16 = 16;
-  CHECK_THROWS_KIND(gw->post_batch(rec, &off0, &len16, 1, 0s), ErrorKind::invalid_argument, EINVAL);
+  CHECK_THROWS_KIND(gw->post_batch(rec, &off0, &len16, 1, mlx5tlp::Deadline::after(0s)), ErrorKind::invalid_argument, EINVAL);
   CHECK(model.wait_for(n, 20s));
   gw->close();
   model.stop();
@@ -352,7 +352,7 @@ void direct_concurrent_use_refused() {
     buf.insert(buf.end(), r.begin(), r.end());
   }
   std::atomic<size_t> written{0};
-  std::thread first([&] { written = gw->write_batch(buf.data(), off.data(), len.data(), n, 20s); });
+  std::thread first([&] { written = gw->write_batch(buf.data(), off.data(), len.data(), n, mlx5tlp::Deadline::after(20s)); });
   // Wait until the first writer is inside, stuck on credits (nobody consumes yet).
   const auto deadline = std::chrono::steady_clock::now() + 10s;
   while (gw->stats().credit_waits == 0 && std::chrono::steady_clock::now() < deadline)
@@ -360,7 +360,7 @@ void direct_concurrent_use_refused() {
   CHECK(gw->stats().credit_waits > 0);
   CHECK(gw->stats().written == kSmallSlots);
   const auto r = make_record(1, 0, max);
-  CHECK_THROWS_KIND(gw->write(r.data(), r.size(), 0s), ErrorKind::invalid_argument, EBUSY);
+  CHECK_THROWS_KIND(gw->write(r.data(), r.size(), mlx5tlp::Deadline::after(0s)), ErrorKind::invalid_argument, EBUSY);
   // Now the device consumes: the first writer finishes everything.
   DeviceModel model(kSmall);
   model.start();
@@ -370,7 +370,7 @@ void direct_concurrent_use_refused() {
   model.stop();
   verify(model.take(), var->page_id(), 1, n, max);
   // Once the first writer is out, another thread may write.
-  std::thread second([&] { CHECK(gw->write(r.data(), r.size(), 0s)); });
+  std::thread second([&] { CHECK(gw->write(r.data(), r.size(), mlx5tlp::Deadline::after(0s))); });
   second.join();
   CHECK(gw->stats().written == n + 1);
   CHECK(model.poll_some(10) == 1);
@@ -402,21 +402,21 @@ void argument_and_ownership_errors() {
   const size_t max = gw->max_record();
   std::vector<uint8_t> big(max + 1, 0xab);
   // Oversize and zero-length records, every entry point.
-  CHECK_THROWS_KIND(gw->post(big.data(), max + 1, 0s), ErrorKind::invalid_argument, EINVAL);
-  CHECK_THROWS_KIND(gw->post(big.data(), 0, 0s), ErrorKind::invalid_argument, EINVAL);
+  CHECK_THROWS_KIND(gw->post(big.data(), max + 1, mlx5tlp::Deadline::after(0s)), ErrorKind::invalid_argument, EINVAL);
+  CHECK_THROWS_KIND(gw->post(big.data(), 0, mlx5tlp::Deadline::after(0s)), ErrorKind::invalid_argument, EINVAL);
   const uint32_t offs[3] = {0, 0, 0};
   const uint32_t lens_big[3] = {16, uint32_t(max + 1), 16};
   const uint32_t lens_zero[3] = {16, 0, 16};
-  CHECK_THROWS_KIND(gw->post_batch(big.data(), offs, lens_big, 3, 0s), ErrorKind::invalid_argument,
+  CHECK_THROWS_KIND(gw->post_batch(big.data(), offs, lens_big, 3, mlx5tlp::Deadline::after(0s)), ErrorKind::invalid_argument,
                     EINVAL);
-  CHECK_THROWS_KIND(gw->post_batch(big.data(), offs, lens_zero, 3, 0s), ErrorKind::invalid_argument,
+  CHECK_THROWS_KIND(gw->post_batch(big.data(), offs, lens_zero, 3, mlx5tlp::Deadline::after(0s)), ErrorKind::invalid_argument,
                     EINVAL);
   CHECK(gw->stats().posted == 0);  // a refused batch queues none of its records
   // Direct-mode calls on a loop gateway are refused.
-  CHECK_THROWS_KIND(gw->write(big.data(), 16, 0s), ErrorKind::invalid_argument, EINVAL);
-  CHECK_THROWS_KIND(gw->write_batch(big.data(), offs, lens_zero, 1, 0s), ErrorKind::invalid_argument,
+  CHECK_THROWS_KIND(gw->write(big.data(), 16, mlx5tlp::Deadline::after(0s)), ErrorKind::invalid_argument, EINVAL);
+  CHECK_THROWS_KIND(gw->write_batch(big.data(), offs, lens_zero, 1, mlx5tlp::Deadline::after(0s)), ErrorKind::invalid_argument,
                     EINVAL);
-  CHECK(gw->post(big.data(), max, 1s));  // exactly max_record is fine
+  CHECK(gw->post(big.data(), max, mlx5tlp::Deadline::after(1s)));  // exactly max_record is fine
 
   // One committer per page: a second gateway (any layout, any mode, another context) is EBUSY.
   CHECK_THROWS_ERRNO(Gateway::open(var, nullptr, {}), EBUSY);
@@ -436,22 +436,22 @@ void argument_and_ownership_errors() {
   CHECK_THROWS_KIND(var->free(), ErrorKind::invalid_argument, EBUSY);
   CHECK(!var->closed());
   DeviceModel model(kSmall);
-  CHECK(gw->flush(5s));  // the page has credits: the record is in it
+  CHECK(gw->flush(mlx5tlp::Deadline::after(5s)));  // the page has credits: the record is in it
   CHECK(gw->stats().written == 1);
   gw->close();
   gw->close();   // idempotent
   CHECK(model.poll_some(10) == 1);
   CHECK(gw->stats().written == 1 && gw->stats().lost == 0);
   // Use after close.
-  CHECK_THROWS_KIND(gw->post(big.data(), 16, 0s), ErrorKind::invalid_handle, EBADF);
-  CHECK_THROWS_KIND(gw->post_batch(big.data(), offs, lens_big, 1, 0s), ErrorKind::invalid_handle,
+  CHECK_THROWS_KIND(gw->post(big.data(), 16, mlx5tlp::Deadline::after(0s)), ErrorKind::invalid_handle, EBADF);
+  CHECK_THROWS_KIND(gw->post_batch(big.data(), offs, lens_big, 1, mlx5tlp::Deadline::after(0s)), ErrorKind::invalid_handle,
                     EBADF);
-  CHECK_THROWS_KIND(gw->flush(0s), ErrorKind::invalid_handle, EBADF);
+  CHECK_THROWS_KIND(gw->flush(mlx5tlp::Deadline::after(0s)), ErrorKind::invalid_handle, EBADF);
   // After close: the page takes a new gateway (another context too), continuing its sequence.
   auto again = Gateway::open(imp, nullptr, {});
   const auto rec = make_record(0, 0, max);
-  CHECK(again->post(rec.data(), rec.size(), 1s));
-  CHECK(again->flush(5s));
+  CHECK(again->post(rec.data(), rec.size(), mlx5tlp::Deadline::after(1s)));
+  CHECK(again->flush(mlx5tlp::Deadline::after(5s)));
   CHECK(model.poll_some(10) == 1);
   again->close();
   imp->unimport();
@@ -480,10 +480,10 @@ void back_pressure_and_lost() {
   size_t accepted = 0;
   for (int i = 0; i < 1000; ++i) {
     auto r = make_record(0, seq, max);
-    if (!gw->post(r.data(), r.size(), 0s)) {
+    if (!gw->post(r.data(), r.size(), mlx5tlp::Deadline::after(0s))) {
       // The writer may still be moving records into the page: settle, then retry once.
       std::this_thread::sleep_for(20ms);
-      if (!gw->post(r.data(), r.size(), 0s)) break;
+      if (!gw->post(r.data(), r.size(), mlx5tlp::Deadline::after(0s))) break;
     }
     ++seq;
     ++accepted;
@@ -498,7 +498,7 @@ void back_pressure_and_lost() {
   // One timed post on a full ring: false after about the timeout; it counts as ONE full wait.
   auto r = make_record(0, seq, max);
   const auto t0 = std::chrono::steady_clock::now();
-  CHECK(!gw->post(r.data(), r.size(), 50ms));
+  CHECK(!gw->post(r.data(), r.size(), mlx5tlp::Deadline::after(50ms)));
   const auto waited = std::chrono::steady_clock::now() - t0;
   CHECK(waited >= 45ms);
   CHECK(waited < 5s);
@@ -512,14 +512,14 @@ void back_pressure_and_lost() {
   const uint32_t lens[2] = {uint32_t(r.size()), uint32_t(r.size())};
   std::vector<uint8_t> two(r);
   two.insert(two.end(), r.begin(), r.end());
-  CHECK(gw->post_batch(two.data(), offs, lens, 2, 0s) == 0);
-  CHECK(!gw->flush(30ms));  // the ring's records are not in the page
+  CHECK(gw->post_batch(two.data(), offs, lens, 2, mlx5tlp::Deadline::after(0s)) == 0);
+  CHECK(!gw->flush(mlx5tlp::Deadline::after(30ms)));  // the ring's records are not in the page
   // The device consumes a few: credits come back, the writer moves ring records into the page,
   // and posting works again.
   {
     DeviceModel model(kSmall);
     CHECK(model.poll_some(5) == 5);
-    CHECK(gw->post(r.data(), r.size(), 5s));
+    CHECK(gw->post(r.data(), r.size(), mlx5tlp::Deadline::after(5s)));
     ++seq;
     const auto deadline = std::chrono::steady_clock::now() + 5s;
     while (gw->stats().written < kSmallSlots + 5 && std::chrono::steady_clock::now() < deadline)
@@ -545,8 +545,8 @@ void back_pressure_and_lost() {
     model.start();
     CHECK(model.wait_for(kSmallSlots, 5s));
     auto fresh = make_record(1, 0, max);
-    CHECK(gw2->post(fresh.data(), fresh.size(), 5s));
-    CHECK(gw2->flush(5s));
+    CHECK(gw2->post(fresh.data(), fresh.size(), mlx5tlp::Deadline::after(5s)));
+    CHECK(gw2->flush(mlx5tlp::Deadline::after(5s)));
     CHECK(model.wait_for(kSmallSlots + 1, 5s));
     gw2->close();
     model.stop();
@@ -575,9 +575,9 @@ void flush_and_close_drain() {
     // No device model yet: 500 records fit in the page's 1022 slots.
     for (uint32_t s = 0; s < 500; ++s) {
       auto r = make_record(0, s, max);
-      CHECK(gw->post(r.data(), r.size(), 5s));
+      CHECK(gw->post(r.data(), r.size(), mlx5tlp::Deadline::after(5s)));
     }
-    CHECK(gw->flush(10s));
+    CHECK(gw->flush(mlx5tlp::Deadline::after(10s)));
     CHECK(gw->stats().written == 500);
     // The page holds them, published: the model reads all 500 without the gateway's help.
     DeviceModel model(kBig);
@@ -598,12 +598,12 @@ void flush_and_close_drain() {
     const size_t max = gw->max_record();
     for (uint32_t s = 0; s < per; ++s) {
       auto r = make_record(uint32_t(round), s, max);
-      CHECK(gw->post(r.data(), r.size(), 5s));
+      CHECK(gw->post(r.data(), r.size(), mlx5tlp::Deadline::after(5s)));
     }
     if (round % 2 == 1) {  // idle writer: post one more right before close
       std::this_thread::sleep_for(1ms);
       auto r = make_record(uint32_t(round), per, max);
-      CHECK(gw->post(r.data(), r.size(), 5s));
+      CHECK(gw->post(r.data(), r.size(), mlx5tlp::Deadline::after(5s)));
       ++expected;
     }
     try {
@@ -657,7 +657,7 @@ void close_right_after_post() {
       }
     }
     auto r = make_record(0, uint32_t(round), gw->max_record());
-    CHECK(gw->post(r.data(), r.size(), 5s));
+    CHECK(gw->post(r.data(), r.size(), mlx5tlp::Deadline::after(5s)));
     try {
       gw->close();
     } catch (const Error& e) {
@@ -702,9 +702,9 @@ void raw_tlp_layout() {
       for (size_t i = 12; i < r.size(); ++i) r[i] = uint8_t(0xa0 + k * 16 + i);
       r[10] = uint8_t(0x20 + k);  // tag
       recs.push_back(r);
-      CHECK(gw->post(r.data(), r.size(), 1s));
+      CHECK(gw->post(r.data(), r.size(), mlx5tlp::Deadline::after(1s)));
     }
-    CHECK(gw->flush(5s));
+    CHECK(gw->flush(mlx5tlp::Deadline::after(5s)));
     for (size_t k = 0; k < recs.size(); ++k) {
       const uint8_t* slot = page + k * 512;
       CHECK(std::memcmp(slot, recs[k].data(), recs[k].size()) == 0);
@@ -727,7 +727,7 @@ void raw_tlp_layout() {
       uint8_t r[16];
       std::memcpy(r, cpld, 16);
       r[12] = uint8_t(k);
-      CHECK(gw->write(r, sizeof r, 0s));
+      CHECK(gw->write(r, sizeof r, mlx5tlp::Deadline::after(0s)));
     }
     CHECK(page[0 * 64 + 12] == 64);  // overwritten by the 65th record
     CHECK(page[1 * 64 + 12] == 1);

@@ -65,7 +65,7 @@ void test_lengths() {
   CHECK(!push_str(r, too_long));      // refused, never truncated
   CHECK(r.try_push(nullptr, 0));      // zero-length records are allowed
   CHECK(!r.try_push(nullptr, 3));     // null with a length is refused
-  CHECK(!r.push(too_long.data(), too_long.size(), 1s));  // can never fit: no wait
+  CHECK(!r.push(too_long.data(), too_long.size(), mlx5tlp::Deadline::after(1s)));  // can never fit: no wait
   CHECK(r.stats().full_waits == 0);
   auto got = drain(r);
   CHECK(got.size() == 2 && got[0] == max && got[1].empty());
@@ -127,12 +127,12 @@ void test_push_timeout() {
   const uint64_t v = 7;
   CHECK(r.try_push(&v, 8) && r.try_push(&v, 8));
   const auto t0 = std::chrono::steady_clock::now();
-  CHECK(!r.push(&v, 8, 5ms));  // full, no consumer
+  CHECK(!r.push(&v, 8, mlx5tlp::Deadline::after(5ms)));  // full, no consumer
   CHECK(std::chrono::steady_clock::now() - t0 >= 5ms);
   CHECK(r.stats().full_waits == 1 && r.stats().push_timeouts == 1);
   // A blocked push succeeds once the consumer makes room.
   std::atomic<bool> ok{false};
-  std::thread producer([&] { ok = r.push(&v, 8, 10s); });
+  std::thread producer([&] { ok = r.push(&v, 8, mlx5tlp::Deadline::after(10s)); });
   std::this_thread::sleep_for(20ms);
   CHECK(r.consume(1, [](const uint8_t*, uint32_t) {}) == 1);
   producer.join();
@@ -265,7 +265,7 @@ void fuzz(unsigned producers, std::size_t cap, std::size_t slot_bytes, uint64_t 
           ++seq;
         } else if (mode == 1) {  // blocking push
           const uint32_t n = make_record(buf.data(), slot_bytes, p, seq, rng);
-          CHECK(ring.push(buf.data(), n, 30s));
+          CHECK(ring.push(buf.data(), n, mlx5tlp::Deadline::after(30s)));
           ++seq;
         } else if (mode == 2) {  // batch, re-offering the part that did not fit
           for (std::size_t i = 0; i < k; ++i) {

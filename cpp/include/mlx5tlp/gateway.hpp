@@ -30,6 +30,7 @@
 #include <mutex>
 #include <thread>
 
+#include "mlx5tlp/deadline.hpp"
 #include "mlx5tlp/gateway_layout.hpp"
 #include "mlx5tlp/ring.hpp"
 #include "mlx5tlp/var.hpp"
@@ -40,6 +41,7 @@ struct GatewayOptions {
   bool direct = false;         // direct mode: no ring, no writer thread
   size_t ring_slots = 1024;    // power of two
   size_t batch_max = 64;       // records per doorbell at most
+  // How long close() lets the device take what is queued; nanoseconds::max(): no limit.
   std::chrono::nanoseconds drain_timeout = std::chrono::seconds(10);
 };
 
@@ -69,15 +71,15 @@ class Gateway final : public Child, public std::enable_shared_from_this<Gateway>
 
   // Direct mode. Waits up to `timeout` for device credits; returns how many records were
   // written (all of them unless the device stopped consuming).
-  bool write(const uint8_t* rec, size_t len, std::chrono::nanoseconds timeout);
+  bool write(const uint8_t* rec, size_t len, Deadline deadline);
   size_t write_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
-                     size_t n, std::chrono::nanoseconds timeout);
+                     size_t n, Deadline deadline);
 
   // Loop mode. Records are 1..max_record() bytes (others throw Error(invalid_argument)).
-  bool post(const uint8_t* rec, size_t len, std::chrono::nanoseconds timeout);
+  bool post(const uint8_t* rec, size_t len, Deadline deadline);
   size_t post_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
-                    size_t n, std::chrono::nanoseconds timeout);
-  bool flush(std::chrono::nanoseconds timeout);
+                    size_t n, Deadline deadline);
+  bool flush(Deadline deadline);
 
   void close() override;
   bool closed() const override { return closed_.load(std::memory_order_acquire); }
@@ -91,7 +93,7 @@ class Gateway final : public Child, public std::enable_shared_from_this<Gateway>
   void run() noexcept;
   size_t drain_batch(size_t max) noexcept;
   size_t write_direct(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
-                      size_t n, std::chrono::nanoseconds timeout);
+                      size_t n, Deadline deadline);
 
   std::shared_ptr<Var> var_;
   Mapping mapping_;

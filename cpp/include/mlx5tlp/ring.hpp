@@ -33,6 +33,8 @@
 #include <thread>
 #include <type_traits>
 
+#include "mlx5tlp/deadline.hpp"
+
 namespace mlx5tlp {
 
 inline constexpr std::size_t kCacheLine = 64;
@@ -147,17 +149,15 @@ class BasicRing {
 
   // Blocking form with back-pressure (ring_detail::backoff: spin, then yield, then sleep). False
   // when the ring stayed full until `timeout`, or at once when the record can never fit.
-  bool push(const void* rec, std::size_t len, std::chrono::nanoseconds timeout) noexcept {
+  bool push(const void* rec, std::size_t len, Deadline deadline) noexcept {
     if (try_push(rec, len)) return true;
     if (len > cfg_.slot_bytes || (rec == nullptr && len != 0)) return false;
     // relaxed: statistics only, nothing is ordered by them.
     stats_.full_waits.fetch_add(1, std::memory_order_relaxed);
-    using Clock = std::chrono::steady_clock;
-    const auto deadline = Clock::now() + std::min(timeout, kMaxTimeout);
     for (unsigned i = 0;; ++i) {
       ring_detail::backoff(i);
       if (try_push(rec, len)) return true;
-      if (Clock::now() >= deadline) {
+      if (deadline.expired()) {
         // relaxed: statistics only.
         stats_.push_timeouts.fetch_add(1, std::memory_order_relaxed);
         return false;
@@ -252,8 +252,6 @@ class BasicRing {
   }
 
  private:
-  static constexpr std::chrono::nanoseconds kMaxTimeout = std::chrono::hours(24 * 365 * 100);
-
   // Read-only after construction and read by every thread: its own line, so head CASes and
   // tail stores do not invalidate it.
   struct alignas(kCacheLine) Config {
