@@ -240,6 +240,8 @@ std::shared_ptr<const Library> Library::open(Backend backend, const std::string&
     resolve(verbs, s.sim.host_poll, "mlx5tlp_sim_host_poll", node);
     resolve(verbs, s.sim.host_stats, "mlx5tlp_sim_host_stats", node);
     resolve(verbs, s.sim.function_poll, "mlx5tlp_sim_function_poll", node);
+    resolve(verbs, s.sim.inject_fault, "mlx5tlp_sim_inject_fault", node);
+    resolve(verbs, s.sim.reset_device, "mlx5tlp_sim_reset_device", node);
     if (s.sim.mmap == nullptr)
       throw Error(ErrorKind::library_not_found, "load " + ibverbs_path, 0,
                   "not an mlx5tlp software device (no mlx5tlp_sim_mmap@" M5A_SIM_VERSION_NODE ")");

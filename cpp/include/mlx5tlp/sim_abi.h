@@ -32,9 +32,18 @@ struct m5a_sim_device_config {
 	uint32_t gw_log_stride; /* log_tlp_rsp_gw_page_stride: page stride = 4096 << v, 0..4 */
 	uint32_t virtio_pages;  /* VirtIO doorbell VAR pages: 0..256 */
 	uint32_t gw_slot_size;  /* gateway ring slot size in bytes: power of two, 64..1024 */
-	uint32_t reserved;
+	uint32_t flags;         /* M5A_SIM_DEV_*: kernel/firmware variants to emulate */
 	uint64_t gw_bar_offset; /* tlp_rsp_gw_pages_bar_offset */
 	uint64_t node_guid;     /* 0: derived from the device name */
+};
+
+/* Device flags: which kernel / firmware the device behaves like (errnos as the real ones). */
+enum {
+	/* The device has no VAR support at all: every mlx5dv_alloc_var -> EPROTONOSUPPORT. */
+	M5A_SIM_DEV_NO_VAR = 1u << 0,
+	/* The kernel does not know the VAR alloc flags attribute (MLX5_IB_ATTR_VAR_OBJ_ALLOC_FLAGS):
+	 * mlx5dv_alloc_var(MLX5DV_VAR_ALLOC_FLAG_TLP) -> EPROTONOSUPPORT; VirtIO VARs still work. */
+	M5A_SIM_DEV_NO_VAR_FLAGS_ATTR = 1u << 1,
 };
 
 struct m5a_sim_device_stats {
@@ -78,6 +87,17 @@ typedef int (*m5a_sim_query_device_fn)(const char *name, struct m5a_sim_device_c
 				       struct m5a_sim_device_stats *stats);
 typedef int (*m5a_sim_device_dir_fn)(char *buf, size_t len);
 
+/* Fault injection: the next `count` calls of `op` on `device` (from any process) fail with `err`
+ * and leave the object alive, as a kernel/firmware refusal does. `op` is one of
+ * "umem_dereg", "devx_obj_destroy", "devx_obj_query", "devx_obj_modify", "devx_obj_create".
+ * count 0 clears the fault. For EREMOTEIO on commands with an outbox, the outbox carries
+ * status 0x05 (BAD_RESOURCE_STATE) and syndrome 0x5a5a0000 | count-left. */
+typedef int (*m5a_sim_inject_fault_fn)(const char *device, const char *op, int err,
+				       uint32_t count);
+/* Reset a device no one is attached to: discard queued requests and unconsumed completions,
+ * reclaim every object (contexts must all be closed, no device model attached: else EBUSY). */
+typedef int (*m5a_sim_reset_device_fn)(const char *name);
+
 /* Device model (PCIe host side). One host per device at a time (EBUSY otherwise). */
 typedef struct m5a_sim_host *(*m5a_sim_host_open_fn)(const char *device);
 typedef void (*m5a_sim_host_close_fn)(struct m5a_sim_host *host);
@@ -108,6 +128,8 @@ struct SimSymbols {
 	m5a_sim_host_poll_fn host_poll = nullptr;
 	m5a_sim_host_stats_fn host_stats = nullptr;
 	m5a_sim_function_poll_fn function_poll = nullptr;
+	m5a_sim_inject_fault_fn inject_fault = nullptr;
+	m5a_sim_reset_device_fn reset_device = nullptr;
 };
 }  // namespace mlx5tlp
 #endif
