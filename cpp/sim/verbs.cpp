@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "state.hpp"
+#include "device_map.hpp"
 
 using namespace mlx5tlp::sim;
 
@@ -23,10 +23,9 @@ namespace {
 // ibv_device structs are interned per process and never freed: a context keeps pointing at
 // its device after ibv_free_device_list, as with libibverbs' refcounted devices.
 m5a_ibv_device* intern_device(const std::string& name) {
-  static std::mutex mu;
-  static std::map<std::string, std::unique_ptr<m5a_ibv_device>> devices;
-  std::lock_guard<std::mutex> guard(mu);
-  auto& slot = devices[name];
+  static auto* devices = new std::map<std::string, std::unique_ptr<m5a_ibv_device>>;
+  std::lock_guard<ForkMutex> guard(registry_mutex());  // fork-safe (device_map.cpp)
+  auto& slot = (*devices)[name];
   if (!slot) {
     slot = std::make_unique<m5a_ibv_device>();
     slot->node_type = 1;       // IBV_NODE_CA
@@ -40,19 +39,27 @@ m5a_ibv_device* intern_device(const std::string& name) {
   return slot.get();
 }
 
-std::vector<std::string> device_names() {
-  std::vector<std::string> names;
-  if (DIR* d = opendir(device_root().c_str())) {
+// The devices under the root: directories holding a state file. False (errno, last_error) if
+// the root itself is unusable.
+bool device_names(std::vector<std::string>* names) {
+  mlx5tlp::UniqueFd root = open_root(false);
+  if (!root) return errno == ENODEV;  // no directory yet: no devices
+  if (DIR* d = fdopendir(root.get())) {
+    root.release();  // closedir closes it
     while (dirent* e = readdir(d)) {
       std::string n = e->d_name;
       if (!valid_name(n)) continue;
       struct stat sb;
-      if (stat((device_root() + "/" + n + "/state").c_str(), &sb) == 0) names.push_back(n);
+      const std::string state = n + "/state";
+      if (fstatat(dirfd(d), state.c_str(), &sb, AT_SYMLINK_NOFOLLOW) == 0) names->push_back(n);
     }
     closedir(d);
+  } else {
+    fail(errno, "cannot list '%s': %s", device_root().c_str(), std::strerror(errno));
+    return false;
   }
-  std::sort(names.begin(), names.end());
-  return names;
+  std::sort(names->begin(), names->end());
+  return true;
 }
 
 bool take_slot_lock(int fd, uint32_t slot) {
@@ -103,20 +110,36 @@ m5a_ibv_context* open_context(m5a_ibv_device* device, bool devx) {
   }
   auto dev = DeviceMap::get(device->name);
   if (!dev) return nullptr;
-  int fd = open(dev->bar_path().c_str(), O_RDWR | O_CLOEXEC);
-  if (fd < 0) return nullptr;
+  // The context's own open file description of bar (its lock byte is the context's life).
+  int fd = openat(dev->dir_fd(), "bar", O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    if (err == EMFILE || err == ENFILE)
+      fail(err, "cannot open a context of '%s': too many open files (%s)", dev->name().c_str(),
+           err == EMFILE ? "RLIMIT_NOFILE of this process" : "system-wide limit");
+    else
+      fail(err, "cannot open '%s/bar': %s", dev->dir().c_str(), std::strerror(err));
+    return nullptr;
+  }
+  if (!dev->same_bar(fd)) {
+    close(fd);
+    fail(ENODEV, "'%s/bar' was replaced since the device was opened", dev->dir().c_str());
+    return nullptr;
+  }
   int err = 0;
   uint32_t slot = kMaxContexts;
   {
     Locked lock(*dev);
     if (!lock.ok()) {
-      err = EIO;
+      err = fail(errno ? errno : EIO, "cannot lock device '%s'", dev->name().c_str());
     } else {
       dev->collect();
       for (uint32_t s = 0; s < kMaxContexts && slot == kMaxContexts; ++s)
         if (dev->st()->ctx[s].live == 0) slot = s;
       if (slot == kMaxContexts) {
-        err = EMFILE;  // the kernel caps open uverbs contexts too
+        // the kernel caps open uverbs contexts too
+        err = fail(EMFILE, "device '%s' has %u open contexts, the most it allows",
+                   dev->name().c_str(), kMaxContexts);
       } else if (!take_slot_lock(fd, slot)) {
         err = errno;
       } else {
@@ -138,9 +161,13 @@ m5a_ibv_context* open_context(m5a_ibv_device* device, bool devx) {
 }  // namespace
 
 M5A_EXPORT m5a_ibv_device** ibv_get_device_list(int* num_devices) {
-  // The default device exists without set-up.
-  DeviceMap::get(M5A_SIM_DEFAULT_DEVICE);
-  std::vector<std::string> names = device_names();
+  // The default device exists without set-up. If it cannot be made or opened because of the
+  // directory or the process (not a damaged device), that is this call's failure, as
+  // libibverbs fails when it cannot read sysfs: say why instead of listing nothing.
+  if (!DeviceMap::get(M5A_SIM_DEFAULT_DEVICE) && errno != EPROTO && errno != ENODEV) return nullptr;
+  std::vector<std::string> names;
+  if (!device_names(&names)) return nullptr;
+  clear_error();
   auto** list = static_cast<m5a_ibv_device**>(std::calloc(names.size() + 1, sizeof(void*)));
   if (list == nullptr) {
     errno = ENOMEM;
@@ -177,7 +204,8 @@ M5A_EXPORT m5a_ibv_context* mlx5dv_open_device(m5a_ibv_device* device,
   return open_context(device, attr != nullptr && (attr->flags & M5A_MLX5DV_CONTEXT_FLAGS_DEVX));
 }
 
-M5A_EXPORT int mlx5dv_is_supported(m5a_ibv_device* device) { return device != nullptr; }
+// bool, as upstream (providers/mlx5/mlx5dv.h: bool mlx5dv_is_supported(struct ibv_device *)).
+M5A_EXPORT bool mlx5dv_is_supported(m5a_ibv_device* device) { return device != nullptr; }
 
 M5A_EXPORT int ibv_is_fork_initialized(void) {
   // Like a kernel that copies pinned pages on fork (IBV_FORK_UNNEEDED): the software device
@@ -186,7 +214,9 @@ M5A_EXPORT int ibv_is_fork_initialized(void) {
 }
 
 M5A_EXPORT m5a_ibv_context* ibv_import_device(int cmd_fd) {
-  for (const std::string& name : device_names()) {
+  std::vector<std::string> names;
+  if (!device_names(&names)) return nullptr;
+  for (const std::string& name : names) {
     auto dev = DeviceMap::get(name);
     if (!dev || !dev->same_bar(cmd_fd)) continue;
     uint32_t slot = kMaxContexts;
