@@ -201,22 +201,31 @@ void bind_sim(py::module_& root) {
     if (n == 0) return py::none();
     return py::bytes(reinterpret_cast<const char*>(buf.data()), size_t(n));
   }, py::arg("ctx"), py::arg("channel"));
-  m.def("function_claim", [](std::shared_ptr<Context> ctx, uint32_t channel) -> py::object {
-    // (claim id, flags, request bytes, mark page id, mark seq), or None when nothing is queued.
+  // (claim id, flags, request bytes, mark page id, mark seq), or None when nothing is there.
+  auto claim_like = [](std::shared_ptr<Context> ctx, uint32_t channel, bool recover) -> py::object {
     std::vector<uint8_t> buf(16 + 4096);
     m5a_sim_claim_info info{};
     ssize_t n;
     {
       py::gil_scoped_release r;
       Context::Use u(*ctx);
-      n = need(*ctx, ctx->lib().sym().sim.function_claim, "mlx5tlp_sim_function_claim")(
-          u.get(), channel, buf.data(), buf.size(), &info);
+      const auto& s = ctx->lib().sym().sim;
+      n = recover ? need(*ctx, s.function_recover, "mlx5tlp_sim_function_recover")(
+                        u.get(), channel, buf.data(), buf.size(), &info)
+                  : need(*ctx, s.function_claim, "mlx5tlp_sim_function_claim")(
+                        u.get(), channel, buf.data(), buf.size(), &info);
     }
-    if (n < 0) check("claim request", int(-n));
+    if (n < 0) check(recover ? "recover request" : "claim request", int(-n));
     if (n == 0) return py::none();
     return py::make_tuple(info.claim, info.flags,
                           py::bytes(reinterpret_cast<const char*>(buf.data()), size_t(n)),
                           info.page_id, info.seq);
+  };
+  m.def("function_claim", [claim_like](std::shared_ptr<Context> ctx, uint32_t channel) {
+    return claim_like(std::move(ctx), channel, false);
+  }, py::arg("ctx"), py::arg("channel"));
+  m.def("function_recover", [claim_like](std::shared_ptr<Context> ctx, uint32_t channel) {
+    return claim_like(std::move(ctx), channel, true);
   }, py::arg("ctx"), py::arg("channel"));
   m.def("function_mark", [](std::shared_ptr<Context> ctx, uint32_t channel, uint64_t claim,
                             uint32_t page_id, uint64_t seq) {

@@ -272,6 +272,17 @@ M5A_EXPORT ssize_t mlx5tlp_sim_function_claim(m5a_ibv_context* context, uint32_t
   return cl->claim(buf, len, info);
 }
 
+// Only claims of dead claimers, sweeping now (no rate limit): a successor takes them all
+// before it writes to the dead claimer's pages (see M5A_SIM_CLAIM_PUBLISHED).
+M5A_EXPORT ssize_t mlx5tlp_sim_function_recover(m5a_ibv_context* context, uint32_t channel,
+                                                void* buf, size_t len, m5a_sim_claim_info* info) {
+  if (buf == nullptr) return -EINVAL;
+  alignas(Claimer) unsigned char mem[sizeof(Claimer)];
+  Claimer* cl = nullptr;
+  if (int rc = make_claimer(context, channel, &cl, mem)) return -rc;
+  return cl->redeliver(buf, len, info);
+}
+
 M5A_EXPORT int mlx5tlp_sim_function_mark(m5a_ibv_context* context, uint32_t channel, uint64_t claim,
                                          uint32_t page_id, uint64_t seq) {
   alignas(Claimer) unsigned char mem[sizeof(Claimer)];

@@ -55,6 +55,24 @@ ForkMutex& registration_mutex() {
 
 namespace {
 std::atomic<uint64_t> g_pin_token{0};
+constexpr int kMaxChildClosed = 64;
+int g_child_closed[kMaxChildClosed];  // -1 = unused; under reg_mu()
+bool g_child_closed_init = false;
+}  // namespace
+
+void close_in_child(int fd, bool add) {
+  std::lock_guard<ForkMutex> g(reg_mu());
+  if (!g_child_closed_init) {
+    for (int& f : g_child_closed) f = -1;
+    g_child_closed_init = true;
+  }
+  for (int& f : g_child_closed) {
+    if (add && f == -1) {
+      f = fd;
+      return;
+    }
+    if (!add && f == fd) f = -1;
+  }
 }
 
 uint64_t pin_token() {
@@ -93,6 +111,12 @@ void fork_parent() {
 void fork_child() {
   g_fork_gen.fetch_add(1, std::memory_order_relaxed);  // only this thread exists now
   g_pin_token.store(0, std::memory_order_relaxed);     // the child pins nothing yet
+  if (g_child_closed_init)
+    for (int& f : g_child_closed)
+      if (f >= 0) {
+        close(f);
+        f = -1;
+      }
   for (DeviceMap* d : registry()) {
     d->session_fd_.reset();
     d->session_key_.store(0, std::memory_order_relaxed);

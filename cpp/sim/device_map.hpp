@@ -178,6 +178,9 @@ ForkMutex& registry_mutex();
 ForkMutex& registration_mutex();
 // This process's identity in the RLIMIT_MEMLOCK accounting (renewed in a forked child). Never 0.
 uint64_t pin_token();
+// fds whose lock bytes stand for this process (a device model's): a forked child closes its
+// copies at once, so the lock dies with this process, not with a child that outlives it.
+void close_in_child(int fd, bool add);
 void registry_visit(void (*fn)(DeviceMap&, void*), void* arg);
 
 template <typename F>

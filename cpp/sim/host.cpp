@@ -34,6 +34,10 @@ struct m5a_sim_host {
   uint64_t gen[kMaxGwPages] = {};       // allocation generation our consumed[] belongs to
   uint64_t consumed[kMaxGwPages] = {};  // records consumed (private: the page's copy is hostile)
   Checker check;
+
+  ~m5a_sim_host() {
+    if (lock_fd) close_in_child(lock_fd.get(), false);
+  }
 };
 
 namespace {
@@ -123,6 +127,7 @@ M5A_EXPORT m5a_sim_host* mlx5tlp_sim_host_open(const char* device) {
   }
   auto h = std::make_unique<m5a_sim_host>();
   h->dev = std::move(d);
+  close_in_child(fd.get(), true);  // the model is this process: a forked child does not hold it
   h->lock_fd = std::move(fd);
   {
     Locked lock(*h->dev);
@@ -138,7 +143,6 @@ M5A_EXPORT void mlx5tlp_sim_host_close(m5a_sim_host* host) {
   // Pages still draining stay so: the next host's epoch (or an allocation that finds no host)
   // discards them and counts them.
   std::unique_ptr<m5a_sim_host> h(host);
-  h->lock_fd.reset();
   std::shared_ptr<DeviceMap> keep = std::move(h->dev);  // released after the host struct
   h.reset();
 }

@@ -50,16 +50,18 @@ int check_objects(const DeviceState& st, const m5a_sim_device_config& cfg, Check
       if (o.id >= cfg.gw_pages) return c.bad("obj[%u] is TLP page %u of %u", i, o.id, cfg.gw_pages);
       if (o.length != stride) return c.bad("obj[%u].length is %u, the page stride %" PRIu64, i, o.length, stride);
       if (o.aux != o.id * stride) return c.bad("obj[%u].mmap_off is 0x%" PRIx64 ", page %u is at 0x%" PRIx64, i, o.aux, o.id, o.id * stride);
-      if (st.gw[o.id].owner.load(std::memory_order_relaxed) != i + 1)
-        return c.bad("obj[%u] holds TLP page %u, which the page table gives to entry %u", i, o.id,
-                     st.gw[o.id].owner.load(std::memory_order_relaxed));
+      const uint32_t owner = st.gw[o.id].owner.load(std::memory_order_relaxed);
+      if (owner != i + 1)
+        return c.bad("obj[%u] holds TLP page %u, which the page table gives to entry %d", i, o.id,
+                     int(owner) - 1);
     } else if (o.kind == ObjKind::virtio_var) {
       if (o.id >= cfg.virtio_pages) return c.bad("obj[%u] is VirtIO page %u of %u", i, o.id, cfg.virtio_pages);
       if (o.length != kVirtioPageSize) return c.bad("obj[%u].length is %u, not %u", i, o.length, kVirtioPageSize);
       const uint64_t off = stride * cfg.gw_pages + uint64_t(o.id) * kVirtioPageSize;
       if (o.aux != off) return c.bad("obj[%u].mmap_off is 0x%" PRIx64 ", VirtIO page %u is at 0x%" PRIx64, i, o.aux, o.id, off);
       if (st.virtio_owner[o.id] != i + 1)
-        return c.bad("obj[%u] holds VirtIO page %u, which the page table gives to entry %u", i, o.id, st.virtio_owner[o.id]);
+        return c.bad("obj[%u] holds VirtIO page %u, which the page table gives to entry %d", i, o.id,
+                     int(st.virtio_owner[o.id]) - 1);
     }
     keys.push_back(Key{o.ctx_slot, o.ctx_gen, o.handle, i});
   }
@@ -140,8 +142,8 @@ int validate_state(const DeviceState& st, size_t bar_len, const std::string& pat
   for (uint32_t f = 0; f < uint32_t(FaultOp::count); ++f)
     if (st.faults[f].count != 0 && (st.faults[f].err == 0 || st.faults[f].err > 4095))
       return c.bad("faults[%u].err is %u", f, st.faults[f].err);
-  if (int rc = check_pages(st, st.cfg, c)) return rc;
   if (int rc = check_objects(st, st.cfg, c)) return rc;
+  if (int rc = check_pages(st, st.cfg, c)) return rc;
   return check_channels(st, c);
 }
 

@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "device_map.hpp"
@@ -204,8 +205,11 @@ M5A_EXPORT m5a_ibv_context* mlx5dv_open_device(m5a_ibv_device* device,
   return open_context(device, attr != nullptr && (attr->flags & M5A_MLX5DV_CONTEXT_FLAGS_DEVX));
 }
 
-// bool, as upstream (providers/mlx5/mlx5dv.h: bool mlx5dv_is_supported(struct ibv_device *)).
+// bool, as upstream (rdma-core v63 providers/mlx5/mlx5dv.h:
+// bool mlx5dv_is_supported(struct ibv_device *device)): a caller reading an int gets garbage.
 M5A_EXPORT bool mlx5dv_is_supported(m5a_ibv_device* device) { return device != nullptr; }
+static_assert(std::is_same<decltype(&mlx5dv_is_supported), bool (*)(m5a_ibv_device*)>::value,
+              "mlx5dv_is_supported returns bool, as rdma-core declares it");
 
 M5A_EXPORT int ibv_is_fork_initialized(void) {
   // Like a kernel that copies pinned pages on fork (IBV_FORK_UNNEEDED): the software device

@@ -243,6 +243,7 @@ std::shared_ptr<const Library> Library::open(Backend backend, const std::string&
     resolve(verbs, s.sim.inject_fault, "mlx5tlp_sim_inject_fault", node);
     resolve(verbs, s.sim.reset_device, "mlx5tlp_sim_reset_device", node);
     resolve(verbs, s.sim.function_claim, "mlx5tlp_sim_function_claim", node);
+    resolve(verbs, s.sim.function_recover, "mlx5tlp_sim_function_recover", node);
     resolve(verbs, s.sim.function_mark, "mlx5tlp_sim_function_mark", node);
     resolve(verbs, s.sim.function_retire, "mlx5tlp_sim_function_retire", node);
     resolve(verbs, s.sim.last_error, "mlx5tlp_sim_last_error", node);

@@ -32,6 +32,7 @@ __all__ = [
     "device_stats",
     "inject_fault",
     "mark_answered",
+    "recover_requests",
     "remove_device",
     "reset_device",
     "retire_request",
@@ -234,7 +235,27 @@ def claim_request(ctx: Context, channel: int = 0) -> Optional[Claim]:
         Error: ``EUSERS`` when every claimer session of the device is taken.
     """
     _check_channel(channel)
-    got = _core.sim.function_claim(ctx._core, channel)
+    return _claim(channel, _core.sim.function_claim(ctx._core, channel))
+
+
+def recover_requests(ctx: Context, channel: int = 0) -> list[Claim]:
+    """Take every claim of dead claimers on `channel` now (all flagged ``redelivered``).
+
+    :func:`claim_request` finds them too, but looks at most once a millisecond per process. A
+    successor that takes over a dead claimer's gateway pages calls this first, before it
+    writes to those pages: a claim's ``published`` flag is judged against the doorbell the
+    dead claimer left, and is exact only if nothing was written to its page since.
+    """
+    _check_channel(channel)
+    out: list[Claim] = []
+    while (got := _core.sim.function_recover(ctx._core, channel)) is not None:
+        claim = _claim(channel, got)
+        assert claim is not None
+        out.append(claim)
+    return out
+
+
+def _claim(channel: int, got: Any) -> Optional[Claim]:
     if got is None:
         return None
     claim, flags, tlp, page_id, seq = got

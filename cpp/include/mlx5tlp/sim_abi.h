@@ -102,8 +102,11 @@ struct m5a_sim_claim_info {
 enum {
 	M5A_SIM_CLAIM_REDELIVERED = 1u << 0, /* a dead claimer's claim, now the caller's */
 	M5A_SIM_CLAIM_MARKED = 1u << 1,      /* the dead claimer marked it answered: page_id, seq */
-	M5A_SIM_CLAIM_PUBLISHED = 1u << 2,   /* ...and that page's doorbell had reached seq: the
-						answer reached the host; retire without answering */
+	M5A_SIM_CLAIM_PUBLISHED = 1u << 2,   /* ...and that page's doorbell had reached seq when the
+						claim was redelivered: the answer reached the host;
+						retire without answering. Exact when the page had one
+						writer (the dead claimer) and the successor took every
+						redelivery (recover until 0) before writing to it. */
 	M5A_SIM_CLAIM_PAGE_GONE = 1u << 3,   /* ...but that page was freed (or reallocated) since */
 };
 
@@ -162,6 +165,12 @@ typedef ssize_t (*m5a_sim_function_poll_fn)(struct m5a_ibv_context *ctx, uint32_
  * claimer session). The request stays claimed until retired. */
 typedef ssize_t (*m5a_sim_function_claim_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
 					     void *buf, size_t len, struct m5a_sim_claim_info *info);
+/* Only redelivered claims of dead claimers, looking for them now (claim looks at most once a
+ * millisecond per process). A successor calls it until it returns 0 before it writes to the
+ * dead claimer's gateway pages, so that every M5A_SIM_CLAIM_PUBLISHED is judged against the
+ * doorbell the dead claimer left. Returns as claim (0: none). */
+typedef ssize_t (*m5a_sim_function_recover_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
+					       void *buf, size_t len, struct m5a_sim_claim_info *info);
 /* Record that the answer to `claim` is published once gateway page `page_id`'s doorbell count
  * reaches `seq` (call it before ringing that doorbell). 0, EINVAL (no such page), ESTALE (the
  * claim was retired or discarded by a new host epoch), EPERM (another claimer's claim). */
@@ -190,6 +199,7 @@ struct SimSymbols {
 	m5a_sim_inject_fault_fn inject_fault = nullptr;
 	m5a_sim_reset_device_fn reset_device = nullptr;
 	m5a_sim_function_claim_fn function_claim = nullptr;
+	m5a_sim_function_recover_fn function_recover = nullptr;
 	m5a_sim_function_mark_fn function_mark = nullptr;
 	m5a_sim_function_retire_fn function_retire = nullptr;
 	m5a_sim_last_error_fn last_error = nullptr;

@@ -4,7 +4,7 @@ software device management and device model
 from __future__ import annotations
 import mlx5tlp._core
 import typing
-__all__: list[str] = ['Host', 'create_device', 'device_dir', 'function_claim', 'function_mark', 'function_poll', 'function_retire', 'inject_fault', 'query_device', 'remove_device', 'reset_device']
+__all__: list[str] = ['Host', 'create_device', 'device_dir', 'function_claim', 'function_mark', 'function_poll', 'function_recover', 'function_retire', 'inject_fault', 'query_device', 'remove_device', 'reset_device']
 class Host:
     def __init__(self, device: str) -> None:
         ...
@@ -25,6 +25,8 @@ def function_claim(ctx: mlx5tlp._core.Context, channel: typing.SupportsInt | typ
 def function_mark(ctx: mlx5tlp._core.Context, channel: typing.SupportsInt | typing.SupportsIndex, claim: typing.SupportsInt | typing.SupportsIndex, page_id: typing.SupportsInt | typing.SupportsIndex, seq: typing.SupportsInt | typing.SupportsIndex) -> None:
     ...
 def function_poll(ctx: mlx5tlp._core.Context, channel: typing.SupportsInt | typing.SupportsIndex) -> typing.Any:
+    ...
+def function_recover(ctx: mlx5tlp._core.Context, channel: typing.SupportsInt | typing.SupportsIndex) -> typing.Any:
     ...
 def function_retire(ctx: mlx5tlp._core.Context, channel: typing.SupportsInt | typing.SupportsIndex, claim: typing.SupportsInt | typing.SupportsIndex) -> None:
     ...
