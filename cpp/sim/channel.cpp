@@ -3,7 +3,7 @@
 //
 // Hot path (claim of a fresh request, mark, retire): a few atomic loads and one CAS each, no
 // lock, no system call, no allocation. Finding dead claimers costs system calls (one OFD lock
-// probe per foreign session), so each process sweeps a channel at most once per millisecond.
+// probe per foreign session), so each process sweeps a channel about once a millisecond.
 #include "channel.hpp"
 
 #include <time.h>
@@ -21,13 +21,14 @@ constexpr int64_t kSweepIntervalNs = 1000000;  // 1 ms: bounds the extra takeove
 
 int64_t now_ns() {
   timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);  // a few ns; its ticks (1-4 ms) suit the sweep limit
   return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
 }
 
 // The full position of a claimed slot whose word holds its low 32 bits: a claimed slot blocks
 // its next lap, so its position is within one ring behind head. ~0 if the word is garbage.
 uint64_t claimed_position(const RequestChannel& ch, uint64_t w) {
+  // acquire: a head at least as new as the word we decoded (head only grows).
   const uint64_t head = ch.head.load(std::memory_order_acquire);
   const uint32_t back = uint32_t(head) - slot_pos32(w);
   if (back == 0 || back > kRequestSlots) return ~uint64_t(0);
@@ -51,10 +52,11 @@ int channel_push(RequestChannel& ch, const void* data, size_t len) {
 }
 
 void channel_reset(RequestChannel& ch, uint32_t* ready, uint32_t* claimed) {
+  // acquire: only the host (us) writes head; positions continue from it, never reused.
   const uint64_t base = ch.head.load(std::memory_order_acquire);
   for (uint32_t i = 0; i < kRequestSlots; ++i) {
     const uint64_t pos = base + ((i + kRequestSlots - uint32_t(base % kRequestSlots)) % kRequestSlots);
-    uint64_t w = ch.word[i].load(std::memory_order_acquire);
+    uint64_t w = ch.word[i].load(std::memory_order_acquire);  // acquire: see the CAS's input
     // acq_rel: a claimer that loses this race sees the slot gone when it re-checks its word.
     while (!ch.word[i].compare_exchange_weak(w, slot_word(pos, kSlotFree), std::memory_order_acq_rel,
                                              std::memory_order_acquire)) {
@@ -62,11 +64,12 @@ void channel_reset(RequestChannel& ch, uint32_t* ready, uint32_t* claimed) {
     *ready += slot_state(w) == kSlotReady;
     *claimed += slot_state(w) == kSlotClaimed;
   }
-  ch.tail.store(base, std::memory_order_release);
+  ch.tail.store(base, std::memory_order_release);  // release: after the words it points past
 }
 
 uint32_t channel_count(const RequestChannel& ch, uint32_t state) {
   uint32_t n = 0;
+  // acquire: a statistic; any recent value will do, acquire keeps it ordered after the slot.
   for (const auto& w : ch.word) n += slot_state(w.load(std::memory_order_acquire)) == state;
   return n;
 }
@@ -89,6 +92,7 @@ struct Claimer {
   // A claimer session is alive while its generation is current and its lock byte is held.
   bool alive(uint32_t s, uint32_t g16) const {
     if (s >= kMaxSessions) return false;
+    // acquire: pairs with the release that published a new owner of the session slot.
     if ((d.st()->sessions[s].gen.load(std::memory_order_acquire) & 0xffff) != g16) return false;
     return d.lock_held(kSessionLockBase + s);
   }
@@ -108,6 +112,7 @@ struct Claimer {
       out.flags |= M5A_SIM_CLAIM_MARKED;
       out.page_id = s.mark_page;
       out.seq = s.mark_seq;
+      // acquire: pairs with the allocation's release of a new page generation.
       if (s.mark_page >= d.cfg().gw_pages ||
           d.st()->gw[s.mark_page].gen.load(std::memory_order_acquire) != s.mark_gen) {
         out.flags |= M5A_SIM_CLAIM_PAGE_GONE;
@@ -129,7 +134,7 @@ struct Claimer {
     uint64_t dead = 0;     // sessions found dead in this sweep (bit per session slot)
     uint64_t checked = 0;  // sessions whose liveness we probed in this sweep
     for (uint32_t i = 0; i < kRequestSlots; ++i) {
-      uint64_t w = ch.word[i].load(std::memory_order_acquire);
+      uint64_t w = ch.word[i].load(std::memory_order_acquire);  // acquire: the claim's fields
       if (slot_state(w) != kSlotClaimed || mine(w)) continue;
       const uint32_t s = slot_session(w);
       if (s >= kMaxSessions) continue;
@@ -154,13 +159,13 @@ struct Claimer {
 
   ssize_t fresh(void* buf, size_t len, m5a_sim_claim_info* info) {
     for (;;) {
-      uint64_t t = ch.tail.load(std::memory_order_acquire);
-      const uint64_t h = ch.head.load(std::memory_order_acquire);
+      uint64_t t = ch.tail.load(std::memory_order_acquire);        // acquire: a recent hint
+      const uint64_t h = ch.head.load(std::memory_order_acquire);  // acquire: pairs with push
       if (t > h || h - t > kRequestSlots) t = h - (h < kRequestSlots ? h : kRequestSlots);  // garbage
       bool retry = false;
       for (uint64_t pos = t; pos < h; ++pos) {
         const uint32_t i = uint32_t(pos % kRequestSlots);
-        uint64_t w = ch.word[i].load(std::memory_order_acquire);
+        uint64_t w = ch.word[i].load(std::memory_order_acquire);  // acquire: pairs with READY
         if (w != slot_word(pos, kSlotReady)) continue;  // claimed by someone, or reset
         if (ch.slot[i].len > len) return -ENOBUFS;  // leave it for a caller with a bigger buffer
         const uint64_t next = claimed_word(pos, session, gen, 0);
@@ -190,6 +195,7 @@ struct Claimer {
 
   ssize_t claim(void* buf, size_t len, m5a_sim_claim_info* info) {
     const int64_t now = now_ns();
+    // relaxed: a rate limit of this process; a stale value only sweeps a little more or later.
     const int64_t last = d.last_sweep_ns[channel].load(std::memory_order_relaxed);
     if (last == 0 || now - last >= kSweepIntervalNs) {
       d.last_sweep_ns[channel].store(now, std::memory_order_relaxed);
@@ -202,7 +208,7 @@ struct Claimer {
   // The claim's word if it is ours and still exists; else 0 with *err set.
   uint64_t own(uint64_t claim, int* err) const {
     const uint32_t i = uint32_t(claim % kRequestSlots);
-    const uint64_t w = ch.word[i].load(std::memory_order_acquire);
+    const uint64_t w = ch.word[i].load(std::memory_order_acquire);  // acquire: our own claim
     if (slot_state(w) == kSlotClaimed && slot_pos32(w) == uint32_t(claim)) {
       if (mine(w)) return w;
       *err = EPERM;  // another live claimer's
@@ -227,7 +233,7 @@ struct Claimer {
     RequestSlot& s = ch.slot[i];
     s.mark_page = page;
     s.mark_seq = seq;
-    s.mark_gen = d.st()->gw[page].gen.load(std::memory_order_acquire);
+    s.mark_gen = d.st()->gw[page].gen.load(std::memory_order_acquire);  // acquire: as published
     // release: the mark fields happen-before any redeliverer's acquire of the MARKED word.
     if (!ch.word[i].compare_exchange_strong(w, w | kWordMarked, std::memory_order_acq_rel)) return ESTALE;
     return 0;

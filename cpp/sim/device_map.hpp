@@ -8,6 +8,7 @@
 // and drop its inherited claimer sessions, so they die with the parent, not with the child.
 #pragma once
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 
@@ -178,6 +179,17 @@ ForkMutex& registry_mutex();
 ForkMutex& registration_mutex();
 // This process's identity in the RLIMIT_MEMLOCK accounting (renewed in a forked child). Never 0.
 uint64_t pin_token();
+// Adds / removes a DeviceMap of this process (its constructor and destructor).
+void register_map(DeviceMap* d, bool add);
+// One byte of a file, for OFD locks.
+inline struct flock lock_byte(short type, off_t at) {
+  struct flock fl{};
+  fl.l_type = type;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = at;
+  fl.l_len = 1;
+  return fl;
+}
 // fds whose lock bytes stand for this process (a device model's): a forked child closes its
 // copies at once, so the lock dies with this process, not with a child that outlives it.
 void close_in_child(int fd, bool add);

@@ -32,7 +32,7 @@ void init_gateway_page(DeviceMap& d, uint32_t page_id) {
   const uint64_t gen = ++d.st()->page_gen;
   std::memcpy(p + gw::kGeneration, &gen, 8);
   GwPage& g = d.st()->gw[page_id];
-  g.consumed.store(0, std::memory_order_relaxed);
+  g.consumed.store(0, std::memory_order_relaxed);  // relaxed: published by the gen store
   // release: a device model that sees the new generation reloads consumed (0) and the page.
   g.gen.store(gen, std::memory_order_release);
   // Magic last with release: the writer reads the geometry only after seeing it.
@@ -62,7 +62,7 @@ int pick_page(DeviceMap& d, bool tlp, uint32_t* page) {
   if (tlp) {
     for (int pass = 0; pass < 2; ++pass) {
       for (uint32_t p = 0; p < cfg.gw_pages; ++p)
-        if (st->gw[p].owner.load(std::memory_order_relaxed) == 0) {
+        if (st->gw[p].owner.load(std::memory_order_relaxed) == 0) {  // relaxed: under the lock
           *page = p;
           return 0;
         }
@@ -70,6 +70,7 @@ int pick_page(DeviceMap& d, bool tlp, uint32_t* page) {
       // model would discard them), so they go back to the pool.
       if (pass == 0 && !d.host_attached()) {
         for (uint32_t p = 0; p < cfg.gw_pages; ++p) {
+          // relaxed: owners change under the device mutex, which we hold.
           if (st->gw[p].owner.load(std::memory_order_relaxed) != kPageDraining) continue;
           const int64_t n = d.unconsumed(p);
           st->stale_completions += n > 0 ? uint64_t(n) : 0;
@@ -122,6 +123,7 @@ M5A_EXPORT m5a_mlx5dv_var* mlx5dv_alloc_var(m5a_ibv_context* context, uint32_t f
         o->aux = tlp ? uint64_t(page) * d.gw_stride() : d.gw_region() + uint64_t(page) * kVirtioPageSize;
         if (tlp) {
           init_gateway_page(d, page);
+          // release: the device model polls a page once it sees an owner, header written.
           d.st()->gw[page].owner.store(uint32_t(idx) + 1, std::memory_order_release);
         } else {
           d.st()->virtio_owner[page] = uint32_t(idx) + 1;

@@ -33,6 +33,11 @@ struct m5a_sim_host {
   uint32_t next_page = 0;
   uint64_t gen[kMaxGwPages] = {};       // allocation generation our consumed[] belongs to
   uint64_t consumed[kMaxGwPages] = {};  // records consumed (private: the page's copy is hostile)
+  uint64_t bad_doorbell[kMaxGwPages];  // the last backward doorbell counted, per page (~0: none)
+
+  m5a_sim_host() {
+    for (auto& b : bad_doorbell) b = ~uint64_t(0);
+  }
   Checker check;
 
   ~m5a_sim_host() {
@@ -52,6 +57,7 @@ uint64_t load_doorbell(const DeviceMap& d, uint32_t page) {
 void publish_consumed(m5a_sim_host& h, uint32_t page, uint64_t count) {
   DeviceMap& d = *h.dev;
   h.consumed[page] = count;
+  // release: the device's copy, read by free/reclaim to decide whether the page drains.
   d.st()->gw[page].consumed.store(count, std::memory_order_release);
   uint8_t* base = d.gw_page(page);
   // release: our copy-out happens before the writer may reuse the slot (a credit returned).
@@ -77,7 +83,7 @@ void start_epoch(m5a_sim_host& h) {
   for (auto& ch : st->chan) channel_reset(ch, &ready, &claimed);
   uint64_t stale = 0;
   for (uint32_t p = 0; p < d.cfg().gw_pages; ++p) {
-    const uint32_t owner = st->gw[p].owner.load(std::memory_order_acquire);
+    const uint32_t owner = st->gw[p].owner.load(std::memory_order_acquire);  // acquire: as alloc
     if (owner == 0) continue;
     if (owner == kPageDraining) {
       const int64_t n = d.unconsumed(p);
@@ -85,7 +91,7 @@ void start_epoch(m5a_sim_host& h) {
       d.scrub_gw_page(p);
       continue;
     }
-    h.gen[p] = st->gw[p].gen.load(std::memory_order_acquire);
+    h.gen[p] = st->gw[p].gen.load(std::memory_order_acquire);  // acquire: pairs with alloc
     // The page's copy of the consumer may be behind ours if a previous host died between the
     // two stores: make the writer's view match (and wake it if it waits for these credits).
     publish_consumed(h, p, st->gw[p].consumed.load(std::memory_order_acquire));
@@ -100,6 +106,7 @@ void start_epoch(m5a_sim_host& h) {
 // Under lock: a freed page whose records are all consumed goes back to the pool.
 void finish_drain(DeviceMap& d, uint32_t page) {
   Locked lock(d);
+  // acquire: the owner is re-read under the device mutex (another free may have raced).
   if (lock.ok() && d.st()->gw[page].owner.load(std::memory_order_acquire) == kPageDraining &&
       d.unconsumed(page) <= 0)
     d.scrub_gw_page(page);
@@ -167,13 +174,15 @@ M5A_EXPORT ssize_t mlx5tlp_sim_host_poll(m5a_sim_host* host, void* buf, size_t l
   for (uint32_t n = 0; n < pages; ++n) {
     const uint32_t page = (h.next_page + n) % pages;
     GwPage& g = d.st()->gw[page];
+    // acquire: pairs with the allocation's release; the page's header and generation are set.
     const uint32_t owner = g.owner.load(std::memory_order_acquire);
     if (owner == 0) continue;
     // acquire: a new allocation's consumed (0) and scrubbed page are visible with its generation.
     const uint64_t gen = g.gen.load(std::memory_order_acquire);
     if (gen != h.gen[page]) {
       h.gen[page] = gen;
-      h.consumed[page] = g.consumed.load(std::memory_order_acquire);
+      h.bad_doorbell[page] = ~uint64_t(0);
+      h.consumed[page] = g.consumed.load(std::memory_order_acquire);  // acquire: 0 for a new one
     }
     const uint64_t produced = load_doorbell(d, page);
     const uint64_t consumed = h.consumed[page];
@@ -181,11 +190,27 @@ M5A_EXPORT ssize_t mlx5tlp_sim_host_poll(m5a_sim_host* host, void* buf, size_t l
       if (owner == kPageDraining) finish_drain(d, page);
       continue;
     }
-    if (produced < consumed || produced - consumed > count) {
+    if (produced < consumed) {
+      // The doorbell only grows: a writer never moves it back (a page reallocation starts a new
+      // generation instead). A lower value is garbage or a torn store: count it once and do not
+      // read the page's old records again. If it stays there (seen again on the next poll), a
+      // writer restarted lower: continue from it.
+      if (h.bad_doorbell[page] != produced) {
+        h.bad_doorbell[page] = produced;
+        ++h.check.stats.bad_records;
+        h.check.fail("page %u: doorbell %u went back below consumer %u", page, uint32_t(produced),
+                     uint32_t(consumed));
+      } else {
+        publish_consumed(h, page, produced);
+      }
+      continue;
+    }
+    h.bad_doorbell[page] = ~uint64_t(0);
+    if (produced - consumed > count) {
       ++h.check.stats.bad_records;
       h.check.fail("page %u: doorbell %u is more than a ring ahead of consumer %u", page,
                    uint32_t(produced), uint32_t(consumed));
-      publish_consumed(h, page, produced);  // resynchronise
+      publish_consumed(h, page, produced);  // those records are lost: continue from the doorbell
       continue;
     }
     // Private geometry: the slot is inside the page whatever the page header says.

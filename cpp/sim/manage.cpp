@@ -61,6 +61,7 @@ M5A_EXPORT int mlx5tlp_sim_query_device(const char* name, m5a_sim_device_config*
       stats->devx_objs += o.kind == ObjKind::devx_obj;
     }
     for (uint32_t p = 0; p < d->cfg().gw_pages; ++p)
+      // relaxed: owners change under the device mutex, which we hold.
       stats->gw_pages_draining += st->gw[p].owner.load(std::memory_order_relaxed) == kPageDraining;
     stats->gw_pages_free = d->cfg().gw_pages - stats->tlp_vars - stats->gw_pages_draining;
     stats->virtio_pages_free = d->cfg().virtio_pages - stats->virtio_vars;
@@ -117,7 +118,7 @@ M5A_EXPORT int mlx5tlp_sim_reset_device(const char* name, m5a_sim_reset_result* 
   r.objects = st->reclaimed - before;
   for (auto& ch : st->chan) channel_reset(ch, &r.requests, &r.claims);
   for (uint32_t p = 0; p < d->cfg().gw_pages; ++p) {
-    if (st->gw[p].owner.load(std::memory_order_acquire) != kPageDraining) continue;
+    if (st->gw[p].owner.load(std::memory_order_acquire) != kPageDraining) continue;  // locked
     const int64_t n = d->unconsumed(p);
     r.completions += n > 0 ? uint32_t(n) : 0;
     ++r.pages;

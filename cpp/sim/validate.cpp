@@ -50,7 +50,7 @@ int check_objects(const DeviceState& st, const m5a_sim_device_config& cfg, Check
       if (o.id >= cfg.gw_pages) return c.bad("obj[%u] is TLP page %u of %u", i, o.id, cfg.gw_pages);
       if (o.length != stride) return c.bad("obj[%u].length is %u, the page stride %" PRIu64, i, o.length, stride);
       if (o.aux != o.id * stride) return c.bad("obj[%u].mmap_off is 0x%" PRIx64 ", page %u is at 0x%" PRIx64, i, o.aux, o.id, o.id * stride);
-      const uint32_t owner = st.gw[o.id].owner.load(std::memory_order_relaxed);
+      const uint32_t owner = st.gw[o.id].owner.load(std::memory_order_relaxed);  // locked
       if (owner != i + 1)
         return c.bad("obj[%u] holds TLP page %u, which the page table gives to entry %d", i, o.id,
                      int(owner) - 1);
@@ -77,7 +77,7 @@ int check_objects(const DeviceState& st, const m5a_sim_device_config& cfg, Check
 
 int check_pages(const DeviceState& st, const m5a_sim_device_config& cfg, Checker& c) {
   for (uint32_t p = 0; p < kMaxGwPages; ++p) {
-    const uint32_t owner = st.gw[p].owner.load(std::memory_order_relaxed);
+    const uint32_t owner = st.gw[p].owner.load(std::memory_order_relaxed);  // under the lock
     if (owner == 0) continue;
     if (p >= cfg.gw_pages) return c.bad("gw[%u].owner is %u on a device of %u pages", p, owner, cfg.gw_pages);
     if (owner == kPageDraining) continue;
@@ -106,7 +106,7 @@ int check_channels(const DeviceState& st, Checker& c) {
     const uint64_t head = rc.head.load(std::memory_order_acquire);
     if (tail > head) return c.bad("chan[%u].tail %" PRIu64 " is beyond head %" PRIu64, ch, tail, head);
     for (uint32_t i = 0; i < kRequestSlots; ++i) {
-      const uint64_t w = rc.word[i].load(std::memory_order_acquire);
+      const uint64_t w = rc.word[i].load(std::memory_order_acquire);  // acquire: with its slot
       const uint32_t state = slot_state(w);
       if (state > kSlotClaimed) return c.bad("chan[%u].word[%u] has state %u", ch, i, state);
       if (slot_pos32(w) % kRequestSlots != i)
@@ -125,6 +125,7 @@ int check_channels(const DeviceState& st, Checker& c) {
 
 int validate_state(const DeviceState& st, size_t bar_len, const std::string& path) {
   Checker c{path};
+  // acquire: pairs with the creator's release of the magic (the state before it is complete).
   if (__atomic_load_n(&st.magic, __ATOMIC_ACQUIRE) != kStateMagic)
     return c.bad("magic is 0x%016" PRIx64 ", not 0x%016" PRIx64, st.magic, kStateMagic);
   if (st.version != kStateVersion)

@@ -112,8 +112,8 @@ m5a_ibv_context* open_context(m5a_ibv_device* device, bool devx) {
   auto dev = DeviceMap::get(device->name);
   if (!dev) return nullptr;
   // The context's own open file description of bar (its lock byte is the context's life).
-  int fd = openat(dev->dir_fd(), "bar", O_RDWR | O_NOFOLLOW | O_CLOEXEC);
-  if (fd < 0) {
+  mlx5tlp::UniqueFd fd(openat(dev->dir_fd(), "bar", O_RDWR | O_NOFOLLOW | O_CLOEXEC));
+  if (!fd) {
     const int err = errno;
     if (err == EMFILE || err == ENFILE)
       fail(err, "cannot open a context of '%s': too many open files (%s)", dev->name().c_str(),
@@ -122,8 +122,7 @@ m5a_ibv_context* open_context(m5a_ibv_device* device, bool devx) {
       fail(err, "cannot open '%s/bar': %s", dev->dir().c_str(), std::strerror(err));
     return nullptr;
   }
-  if (!dev->same_bar(fd)) {
-    close(fd);
+  if (!dev->same_bar(fd.get())) {
     fail(ENODEV, "'%s/bar' was replaced since the device was opened", dev->dir().c_str());
     return nullptr;
   }
@@ -141,7 +140,7 @@ m5a_ibv_context* open_context(m5a_ibv_device* device, bool devx) {
         // the kernel caps open uverbs contexts too
         err = fail(EMFILE, "device '%s' has %u open contexts, the most it allows",
                    dev->name().c_str(), kMaxContexts);
-      } else if (!take_slot_lock(fd, slot)) {
+      } else if (!take_slot_lock(fd.get(), slot)) {
         err = errno;
       } else {
         dev->st()->ctx[slot].live = 1;
@@ -150,12 +149,11 @@ m5a_ibv_context* open_context(m5a_ibv_device* device, bool devx) {
     }
   }
   if (err != 0) {
-    close(fd);
     errno = err;
-    return nullptr;
+    return nullptr;  // fd closes: the slot (if taken) is reclaimed by the next collect()
   }
-  m5a_ibv_context* ctx = make_context(std::move(dev), fd, slot, devx);
-  if (ctx == nullptr) close(fd);  // the slot is reclaimed by the next collect()
+  m5a_ibv_context* ctx = make_context(std::move(dev), fd.get(), slot, devx);
+  if (ctx != nullptr) fd.release();  // the context owns it now; ibv_close_device closes it
   return ctx;
 }
 
@@ -217,23 +215,33 @@ M5A_EXPORT int ibv_is_fork_initialized(void) {
   return M5A_IBV_FORK_UNNEEDED;
 }
 
+// As libibverbs (v63 libibverbs/device.c, ibv_import_device): once the fd matched a device it
+// belongs to the import, which closes it if anything later fails (the provider's
+// mlx5_import_context -> verbs_uninit_context closes cmd_fd); on success the new context owns
+// it and ibv_close_device closes it. An fd that matches no device is left to the caller.
 M5A_EXPORT m5a_ibv_context* ibv_import_device(int cmd_fd) {
   std::vector<std::string> names;
   if (!device_names(&names)) return nullptr;
   for (const std::string& name : names) {
     auto dev = DeviceMap::get(name);
     if (!dev || !dev->same_bar(cmd_fd)) continue;
+    mlx5tlp::UniqueFd owned(cmd_fd);  // matched: ours from here on
     uint32_t slot = kMaxContexts;
     {
       Locked lock(*dev);
-      for (uint32_t s = 0; s < kMaxContexts && slot == kMaxContexts; ++s)
+      for (uint32_t s = 0; lock.ok() && s < kMaxContexts && slot == kMaxContexts; ++s)
         if (dev->st()->ctx[s].live != 0 && slot_owned_by(*dev, cmd_fd, s)) slot = s;
     }
-    if (slot == kMaxContexts) break;  // the bar file, but not a context's fd
-    // As with libibverbs, the new context owns cmd_fd and ibv_close_device closes it.
-    return make_context(std::move(dev), cmd_fd, slot, true);
+    if (slot == kMaxContexts) {  // the bar file, but not a context's fd (query_context fails)
+      fail(EINVAL, "fd %d is '%s/bar' but not a context's command fd (closed it)", cmd_fd,
+           dev->dir().c_str());
+      return nullptr;
+    }
+    m5a_ibv_context* ctx = make_context(std::move(dev), cmd_fd, slot, true);
+    if (ctx != nullptr) owned.release();
+    return ctx;
   }
-  errno = EINVAL;
+  fail(EINVAL, "fd %d is not a software device context's command fd", cmd_fd);
   return nullptr;
 }
 

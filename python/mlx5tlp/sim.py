@@ -146,6 +146,8 @@ def reset_device(name: str = DEFAULT_DEVICE) -> dict[str, int]:
     Raises:
         Error: ``EBUSY`` while a context is open anywhere or a :class:`Host` is attached;
             ``ENODEV`` for no such device.
+
+    Thread-safety: any thread or process; the device mutex serialises it with the rest.
     """
     return {str(k): int(v) for k, v in _core.sim.reset_device(name).items()}
 
@@ -164,6 +166,9 @@ def inject_fault(device: str, op: str, err: int, count: int = 1) -> None:
 
     Raises:
         ValueError: an unknown `op` or a bad `err`/`count`.
+        Error: ``ENODEV`` for no such device.
+
+    Thread-safety: any thread or process (the fault is in the device's state file).
     """
     if op not in FAULT_OPS:
         raise ValueError(f"op must be one of {', '.join(FAULT_OPS)}, not {op!r}")
@@ -222,8 +227,9 @@ class Claim:
 def claim_request(ctx: Context, channel: int = 0) -> Optional[Claim]:
     """Claim the next request on `channel` (the emulated function's side), or None.
 
-    Claims of dead claimers come first (flagged ``redelivered``, exactly once each), then
-    fresh requests in order. A claim belongs to this process (its claimer session on the
+    Claims of dead claimers come first (flagged ``redelivered``, exactly once each; looked for
+    about once a millisecond, at once by :func:`recover_requests`), then fresh requests in
+    order. A claim belongs to this process (its claimer session on the
     device), not to the context: processes sharing a context claim separately, and a process
     killed at any point loses nothing: its claims go to the next claimer.
 
@@ -241,10 +247,13 @@ def claim_request(ctx: Context, channel: int = 0) -> Optional[Claim]:
 def recover_requests(ctx: Context, channel: int = 0) -> list[Claim]:
     """Take every claim of dead claimers on `channel` now (all flagged ``redelivered``).
 
-    :func:`claim_request` finds them too, but looks at most once a millisecond per process. A
+    :func:`claim_request` finds them too, but looks only about once a millisecond per process. A
     successor that takes over a dead claimer's gateway pages calls this first, before it
     writes to those pages: a claim's ``published`` flag is judged against the doorbell the
     dead claimer left, and is exact only if nothing was written to its page since.
+
+    Returns:
+        The claims, now this process's (retire each once resolved). Thread-safe.
     """
     _check_channel(channel)
     out: list[Claim] = []
@@ -279,6 +288,8 @@ def mark_answered(ctx: Context, claim: Claim, page_id: int, seq: int) -> None:
     Raises:
         Error: ``ESTALE`` if the claim was retired or discarded (a new host epoch or a reset),
             ``EPERM`` if it is another claimer's, ``EINVAL`` for no such page.
+
+    Thread-safety: any thread of the claiming process.
     """
     _core.sim.function_mark(ctx._core, claim.channel, claim.claim, page_id, seq)
 
@@ -289,6 +300,8 @@ def retire_request(ctx: Context, claim: Claim) -> None:
     Raises:
         Error: ``ESTALE`` if it was already retired or discarded, ``EPERM`` if it is another
             claimer's.
+
+    Thread-safety: any thread of the claiming process.
     """
     _core.sim.function_retire(ctx._core, claim.channel, claim.claim)
 

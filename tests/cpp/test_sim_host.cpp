@@ -89,8 +89,8 @@ void scribbled_pages() {
   std::memcpy(static_cast<uint8_t*>(p) + kSlotCount, &count, 4);
   const uint64_t base = load64(p, kDoorbell);
   const uint64_t resync = base + 1000;
-  ring(p, resync);  // more than a ring ahead: one bad record, then consumer = doorbell
-  poll_all(h);
+  ring(p, resync);  // resynchronised: at once if ahead, once it stays if behind (garbage)
+  for (int i = 0; i < 3; ++i) poll_all(h);
   const auto req = cfgrd0(7, 7);
   CHECK(ss().host_send(h, 0, req.data(), req.size()) == 0);
   ring(p, write_slot(p, 256, cpld_for(req.data())));

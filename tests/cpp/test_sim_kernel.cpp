@@ -237,6 +237,29 @@ void injected_faults() {
   std::free(mem);
 }
 
+// libibverbs' ibv_import_device owns the fd once it matched a device (closing it on a later
+// failure); an fd that matches no device stays the caller's.
+void import_device_fd_ownership() {
+  make_device("imp", config());
+  const std::string bar = std::string(getenv("MLX5TLP_SIM_DIR")) + "/imp/bar";
+  const int not_ctx = open(bar.c_str(), O_RDWR | O_CLOEXEC);  // the device's file, no context
+  CHECK(not_ctx >= 0);
+  errno = 0;
+  CHECK(sym().ibv_import_device(not_ctx) == nullptr && errno == EINVAL);
+  CHECK(fcntl(not_ctx, F_GETFD) == -1 && errno == EBADF);  // closed by the import, once
+  const int other = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  CHECK(sym().ibv_import_device(other) == nullptr && errno == EINVAL);
+  CHECK(fcntl(other, F_GETFD) != -1);  // not ours: left open
+  close(other);
+  m5a_ibv_context* c = open_raw("imp");
+  const int dup_fd = fcntl(c->cmd_fd, F_DUPFD_CLOEXEC, 0);
+  m5a_ibv_context* imp = sym().ibv_import_device(dup_fd);
+  CHECK(imp != nullptr && imp->cmd_fd == dup_fd);
+  sym().ibv_close_device(imp);
+  CHECK(fcntl(dup_fd, F_GETFD) == -1);  // the imported context owned it
+  sym().ibv_close_device(c);
+}
+
 bool drop_ipc_lock() {
   __user_cap_header_struct hdr{_LINUX_CAPABILITY_VERSION_3, 0};
   __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3] = {};
@@ -305,6 +328,7 @@ int main() {
     handles_lowest_free();
     injected_faults();
     memlock_total();
+    import_device_fd_ownership();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "unexpected exception: %s\n", e.what());
     ++mlx5tlp_test::failures();

@@ -165,7 +165,7 @@ typedef ssize_t (*m5a_sim_function_poll_fn)(struct m5a_ibv_context *ctx, uint32_
  * claimer session). The request stays claimed until retired. */
 typedef ssize_t (*m5a_sim_function_claim_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
 					     void *buf, size_t len, struct m5a_sim_claim_info *info);
-/* Only redelivered claims of dead claimers, looking for them now (claim looks at most once a
+/* Only redelivered claims of dead claimers, looking for them now (claim looks about once a
  * millisecond per process). A successor calls it until it returns 0 before it writes to the
  * dead claimer's gateway pages, so that every M5A_SIM_CLAIM_PUBLISHED is judged against the
  * doorbell the dead claimer left. Returns as claim (0: none). */
