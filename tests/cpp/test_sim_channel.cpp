@@ -310,6 +310,47 @@ void epochs() {
   sym().ibv_close_device(c);
 }
 
+// A host killed at a random point of its send loop (while functions claim) wedges nothing: the
+// next host's epoch starts from clean channels and says how many requests it discarded.
+void killed_host() {
+  m5a_ibv_context* c = open_raw(kDev);
+  std::mt19937 rng(77);
+  for (int round = 0; round < 5; ++round) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      m5a_sim_host* h = ss().host_open(kDev);
+      if (h == nullptr) _exit(2);
+      for (uint32_t i = 0;; ++i) {
+        const auto req = cfgrd0(6, uint8_t(i));
+        ss().host_send(h, 3, req.data(), req.size());  // EAGAIN when full: keep trying
+      }
+    }
+    uint8_t buf[4096];
+    m5a_sim_claim_info info{};
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(rng() % 3000);
+    while (std::chrono::steady_clock::now() < until)
+      if (ss().function_claim(c, 3, buf, sizeof buf, &info) > 0) ss().function_retire(c, 3, info.claim);
+    kill(pid, SIGKILL);
+    waitpid(pid, nullptr, 0);
+    m5a_sim_host* h = ss().host_open(kDev);
+    CHECK(h != nullptr);
+    m5a_sim_host_stats s{};
+    ss().host_stats(h, &s);
+    CHECK(s.stale_requests <= 64);
+    CHECK(stats(kDev).requests_pending == 0 && stats(kDev).requests_claimed == 0);
+    for (uint8_t t = 0; t < 64; ++t) {  // a whole channel's worth goes through
+      const auto req = cfgrd0(7, t);
+      CHECK(ss().host_send(h, 3, req.data(), req.size()) == 0);
+    }
+    for (uint8_t t = 0; t < 64; ++t) {
+      CHECK(ss().function_claim(c, 3, buf, sizeof buf, &info) == 12 && buf[6] == t && info.flags == 0);
+      CHECK(ss().function_retire(c, 3, info.claim) == 0);
+    }
+    ss().host_close(h);
+  }
+  sym().ibv_close_device(c);
+}
+
 }  // namespace
 
 int main() {
@@ -321,6 +362,7 @@ int main() {
     random_kills(MLX5TLP_TEST_ASAN ? 10 : 20);
     fork_inherits_no_session();
     epochs();
+    killed_host();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "unexpected exception: %s\n", e.what());
     ++mlx5tlp_test::failures();
