@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import multiprocessing
 import os
@@ -161,3 +162,106 @@ def test_sigkill_reclaims_everything(device: str) -> None:
     assert live == (0, 0, 0, 0, 0)
     assert st["gw_pages_free"] == 8 and st["virtio_pages_free"] == 16
     assert st["reclaimed"] == 5
+
+
+# -- the kernel's errnos per kernel/firmware variant --------------------------------------
+
+
+def test_var_alloc_errnos_like_the_kernel() -> None:
+    # rdma-core v63 providers/mlx5/verbs.c (libmlx5) and the kernel's TLP VAR series
+    # (drivers/infiniband/hw/mlx5/main.c): see cpp/sim/dv_var.cpp for each case.
+    variants = {
+        "k_novar": {"var_support": False},
+        "k_noattr": {"var_flags_attr": False},
+        "k_notlp": {"tlp": False},
+        "k_small": {"gw_pages": 1, "virtio_pages": 1},
+    }
+    for name, opts in variants.items():
+        sim.create_device(name, **opts)  # type: ignore[arg-type]
+    try:
+        assert sim.device_config("k_novar")["var_support"] is False
+        assert sim.device_config("k_noattr")["var_flags_attr"] is False
+        assert sim.device_config("k_small")["var_support"] is True
+        with mlx5tlp.open_device("k_novar") as ctx:
+            for tlp in (True, False):
+                with pytest.raises(mlx5tlp.NotSupportedError) as exc:
+                    ctx.alloc_var(tlp=tlp)
+                assert exc.value.errno == errno.EPROTONOSUPPORT
+        with mlx5tlp.open_device("k_noattr") as ctx:
+            with pytest.raises(mlx5tlp.NotSupportedError) as exc:
+                ctx.alloc_var(tlp=True)
+            assert exc.value.errno == errno.EPROTONOSUPPORT
+            ctx.alloc_var(tlp=False).free()  # no flags attribute needed for VirtIO
+        with mlx5tlp.open_device("k_notlp") as ctx:
+            with pytest.raises(mlx5tlp.NotSupportedError) as exc:
+                ctx.alloc_var(tlp=True)
+            assert exc.value.errno == errno.EOPNOTSUPP
+        with mlx5tlp.open_device("k_small") as ctx:
+            keep = [ctx.alloc_var(tlp=True), ctx.alloc_var(tlp=False)]
+            for tlp in (True, False):
+                with pytest.raises(mlx5tlp.ResourceExhaustedError) as exc:
+                    ctx.alloc_var(tlp=tlp)
+                assert exc.value.errno == errno.ENOSPC
+            for v in keep:
+                v.free()
+    finally:
+        for name in variants:
+            sim.remove_device(name)
+
+
+# -- injected faults and reset ---------------------------------------------------------------
+
+
+def test_injected_fault_from_another_process(ctx: mlx5tlp.Context, device: str) -> None:
+    obj = ctx.create_devx_obj(bytes([0x0A, 0, 0, 0, 0, 0, 0, 0x42]) + bytes(8), 16)
+    query = struct.pack(">HHHH", 0x0A02, 0, 0, 0x42) + bytes(8)
+    code = (f"from mlx5tlp import sim; import errno; "
+            f"sim.inject_fault({device!r}, 'devx_obj_query', errno.EREMOTEIO, 2)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for left in (1, 0):  # the syndrome says how many more failures are armed
+        with pytest.raises(mlx5tlp.DevxCommandError) as exc:
+            obj.query(query, 32)
+        assert exc.value.errno == errno.EREMOTEIO
+        assert (exc.value.status, exc.value.syndrome) == (0x05, 0x5A5A0000 | left)
+    assert obj.query(query, 32)[0] == 0  # the object lived through it
+    with pytest.raises(ValueError):
+        sim.inject_fault(device, "no_such_op", errno.EBUSY)
+    with pytest.raises(ValueError):
+        sim.inject_fault(device, "umem_dereg", 0)
+    sim.inject_fault(device, "devx_obj_destroy", errno.EBUSY, 3)
+    sim.inject_fault(device, "devx_obj_destroy", errno.EBUSY, 0)  # cleared
+    obj.free()
+
+
+def test_reset_device(device: str) -> None:
+    # Leave behind what a crashed run leaves: queued and claimed requests, a freed page with
+    # unconsumed completions (its host still attached), an armed fault.
+    ctx = mlx5tlp.open_device(device)
+    host = sim.Host(device)
+    for tag in range(3):
+        host.send_request(struct.pack(">BBHHBBHH", 0x04, 0, 1, 1, tag, 0x0F, 0x0100, 0x10))
+    assert sim.claim_request(ctx) is not None
+    var = ctx.alloc_var(tlp=True)
+    with var.mmap(mmap.PROT_READ | mmap.PROT_WRITE) as m:
+        for i in range(2):
+            struct.pack_into("<II", m, 0x80 + i * 256, 16, 0)
+        struct.pack_into("<Q", m, 0, 2)
+    var.free()
+    sim.inject_fault(device, "umem_dereg", errno.EBUSY, 1)
+    assert sim.device_stats(device)["gw_pages_draining"] == 1
+    for busy in (ctx, host):
+        with pytest.raises(mlx5tlp.Error) as exc:
+            sim.reset_device(device)
+        assert exc.value.errno == errno.EBUSY
+        busy.close()
+    got = sim.reset_device(device)
+    assert got == {"requests": 2, "claims": 1, "completions": 2, "pages": 1, "faults": 1,
+                   "objects": 0}
+    st = sim.device_stats(device)
+    assert (st["requests_pending"], st["requests_claimed"], st["gw_pages_draining"]) == (0, 0, 0)
+    assert st["gw_pages_free"] == 8
+    assert sim.reset_device(device) == {k: 0 for k in got}
+    with pytest.raises(mlx5tlp.Error) as exc:
+        sim.reset_device("no_such_device")
+    assert exc.value.errno == errno.ENODEV

@@ -1,6 +1,7 @@
 // mlx5tlp._core.sim: the software device's management API and device model (PCIe host).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <sched.h>
 
 #include <cerrno>
 #include <chrono>
@@ -9,6 +10,7 @@
 
 #include "bind.hpp"
 #include "mlx5tlp/context.hpp"
+#include "mlx5tlp/deadline.hpp"
 #include "mlx5tlp/error.hpp"
 
 namespace py = pybind11;
@@ -19,8 +21,24 @@ namespace {
 
 const SimSymbols& sim() { return Library::get(Backend::sim)->sym().sim; }
 
-void check(const char* op, int rc, const std::string& detail = {}) {
-  if (rc != 0) throw_errno(op, rc, false, detail);
+// The software device's own account of why the call failed (path, field, limit), if any.
+std::string sim_reason() {
+  if (sim().last_error == nullptr) return {};
+  char buf[512];
+  sim().last_error(buf, sizeof buf);
+  return buf;
+}
+
+void check(const char* op, int rc, const std::string& fallback = {}) {
+  if (rc == 0) return;
+  std::string why = sim_reason();
+  throw_errno(op, rc, false, why.empty() ? fallback : why);
+}
+
+// Function-side calls on a context: a claim names the context's device.
+template <typename F>
+F need(const Context& ctx, F f, const char* name) {
+  return ctx.lib().need(f, name);
 }
 
 // The device model. One per device at a time (the sim refuses a second with EBUSY).
@@ -30,10 +48,9 @@ class Host {
     errno = 0;
     h_ = sim().host_open(device.c_str());
     if (h_ == nullptr) {
-      int err = errno_or_eio();
-      throw_errno("open device model", err, false,
-                  err == EBUSY ? "another device model is attached to '" + device + "'"
-                               : "device '" + device + "'");
+      const int err = errno_or_eio();
+      const std::string why = sim_reason();
+      throw_errno("open device model", err, false, why.empty() ? "device '" + device + "'" : why);
     }
   }
   ~Host() { close(); }
@@ -53,6 +70,74 @@ class Host {
   m5a_sim_host* h_ = nullptr;
 };
 
+// Waiting for completions when none is there: the writer rings doorbells with no way to wake
+// the model, so it polls. Completions usually follow within microseconds, so it spins first
+// (~2000 empty polls, tens of µs), then yields the CPU (~200 rounds: another process — often
+// the writer — may need it), then sleeps, starting at 1 µs and doubling to at most 200 µs, never
+// past the deadline. A completion resets the policy.
+class IdleWait {
+ public:
+  void reset() { n_ = 0; sleep_us_ = 1; }
+  void wait(const Deadline& deadline) {
+    ++n_;
+    if (n_ <= kSpin) {
+#if defined(__x86_64__)
+      __builtin_ia32_pause();  // a spin-wait hint; no memory effect
+#elif defined(__aarch64__)
+      asm volatile("yield" ::: "memory");
+#endif
+      return;
+    }
+    if (n_ <= kSpin + kYield) {
+      sched_yield();
+      return;
+    }
+    auto d = std::chrono::microseconds(sleep_us_);
+    const auto left = deadline.remaining();
+    if (left < d) d = std::chrono::duration_cast<std::chrono::microseconds>(left);
+    // Blocking point: nothing to collect; bounded by the deadline and by 200 µs.
+    std::this_thread::sleep_for(d);
+    if (sleep_us_ < kMaxSleepUs) sleep_us_ *= 2;
+  }
+
+ private:
+  static constexpr unsigned kSpin = 2000, kYield = 200, kMaxSleepUs = 200;
+  unsigned n_ = 0, sleep_us_ = 1;
+};
+
+py::dict device_config_dict(const m5a_sim_device_config& c) {
+  py::dict cfg;
+  cfg["tlp"] = bool(c.tlp);
+  cfg["gw_pages"] = c.gw_pages;
+  cfg["gw_log_stride"] = c.gw_log_stride;
+  cfg["virtio_pages"] = c.virtio_pages;
+  cfg["slot_size"] = c.gw_slot_size;
+  cfg["bar_offset"] = c.gw_bar_offset;
+  cfg["node_guid"] = c.node_guid;
+  cfg["var_support"] = (c.flags & M5A_SIM_DEV_NO_VAR) == 0;
+  cfg["var_flags_attr"] = (c.flags & M5A_SIM_DEV_NO_VAR_FLAGS_ATTR) == 0;
+  return cfg;
+}
+
+py::dict device_stats_dict(const m5a_sim_device_stats& s) {
+  py::dict st;
+  st["contexts"] = s.contexts;
+  st["tlp_vars"] = s.tlp_vars;
+  st["virtio_vars"] = s.virtio_vars;
+  st["umems"] = s.umems;
+  st["devx_objs"] = s.devx_objs;
+  st["gw_pages_free"] = s.gw_pages_free;
+  st["gw_pages_draining"] = s.gw_pages_draining;
+  st["virtio_pages_free"] = s.virtio_pages_free;
+  st["requests_pending"] = s.requests_pending;
+  st["requests_claimed"] = s.requests_claimed;
+  st["reclaimed"] = s.reclaimed;
+  st["host_epoch"] = s.host_epoch;
+  st["stale_requests"] = s.stale_requests;
+  st["stale_completions"] = s.stale_completions;
+  return st;
+}
+
 }  // namespace
 
 void bind_sim(py::module_& root) {
@@ -60,7 +145,7 @@ void bind_sim(py::module_& root) {
 
   m.def("create_device", [](const std::string& name, bool tlp, uint32_t gw_pages,
                             uint32_t gw_log_stride, uint32_t virtio_pages, uint32_t slot_size,
-                            uint64_t bar_offset, uint64_t node_guid) {
+                            uint64_t bar_offset, uint64_t node_guid, uint32_t flags) {
     m5a_sim_device_config c{};
     c.tlp = tlp;
     c.gw_pages = gw_pages;
@@ -69,36 +154,34 @@ void bind_sim(py::module_& root) {
     c.gw_slot_size = slot_size;
     c.gw_bar_offset = bar_offset;
     c.node_guid = node_guid;
-    int rc = sim().create_device(name.c_str(), &c);
-    check("create software device", rc, rc == EEXIST ? "'" + name + "' already exists" : name);
+    c.flags = flags;
+    check("create software device", sim().create_device(name.c_str(), &c), name);
   });
   m.def("remove_device", [](const std::string& name) {
-    int rc = sim().remove_device(name.c_str());
-    check("remove software device", rc,
-          rc == EBUSY ? "'" + name + "' still has open contexts or a device model" : name);
+    check("remove software device", sim().remove_device(name.c_str()), name);
   });
   m.def("query_device", [](const std::string& name) {
     m5a_sim_device_config c{};
     m5a_sim_device_stats s{};
     check("query software device", sim().query_device(name.c_str(), &c, &s), name);
-    py::dict cfg, st;
-    cfg["tlp"] = bool(c.tlp);
-    cfg["gw_pages"] = c.gw_pages;
-    cfg["gw_log_stride"] = c.gw_log_stride;
-    cfg["virtio_pages"] = c.virtio_pages;
-    cfg["slot_size"] = c.gw_slot_size;
-    cfg["bar_offset"] = c.gw_bar_offset;
-    cfg["node_guid"] = c.node_guid;
-    st["contexts"] = s.contexts;
-    st["tlp_vars"] = s.tlp_vars;
-    st["virtio_vars"] = s.virtio_vars;
-    st["umems"] = s.umems;
-    st["devx_objs"] = s.devx_objs;
-    st["gw_pages_free"] = s.gw_pages_free;
-    st["virtio_pages_free"] = s.virtio_pages_free;
-    st["requests_pending"] = s.requests_pending;
-    st["reclaimed"] = s.reclaimed;
-    return py::make_tuple(cfg, st);
+    return py::make_tuple(device_config_dict(c), device_stats_dict(s));
+  });
+  m.def("reset_device", [](const std::string& name) {
+    m5a_sim_reset_result r{};
+    const auto fn = Library::get(Backend::sim)->need(sim().reset_device, "mlx5tlp_sim_reset_device");
+    check("reset software device", fn(name.c_str(), &r), name);
+    py::dict d;
+    d["requests"] = r.requests;
+    d["claims"] = r.claims;
+    d["completions"] = r.completions;
+    d["pages"] = r.pages;
+    d["faults"] = r.faults;
+    d["objects"] = r.objects;
+    return d;
+  });
+  m.def("inject_fault", [](const std::string& device, const std::string& op, int err, uint32_t count) {
+    const auto fn = Library::get(Backend::sim)->need(sim().inject_fault, "mlx5tlp_sim_inject_fault");
+    check("inject fault", fn(device.c_str(), op.c_str(), err, count), device);
   });
   m.def("device_dir", []() {
     char buf[4096];
@@ -111,13 +194,52 @@ void bind_sim(py::module_& root) {
     {
       py::gil_scoped_release r;
       Context::Use u(*ctx);
-      n = ctx->lib().need(ctx->lib().sym().sim.function_poll, "mlx5tlp_sim_function_poll")(
+      n = need(*ctx, ctx->lib().sym().sim.function_poll, "mlx5tlp_sim_function_poll")(
           u.get(), channel, buf.data(), buf.size());
     }
-    if (n < 0) throw_errno("take request", int(-n), false);
+    if (n < 0) check("take request", int(-n));
     if (n == 0) return py::none();
     return py::bytes(reinterpret_cast<const char*>(buf.data()), size_t(n));
   }, py::arg("ctx"), py::arg("channel"));
+  // (claim id, flags, request bytes, mark page id, mark seq), or None when nothing is there.
+  auto claim_like = [](std::shared_ptr<Context> ctx, uint32_t channel, bool recover) -> py::object {
+    std::vector<uint8_t> buf(16 + 4096);
+    m5a_sim_claim_info info{};
+    ssize_t n;
+    {
+      py::gil_scoped_release r;
+      Context::Use u(*ctx);
+      const auto& s = ctx->lib().sym().sim;
+      n = recover ? need(*ctx, s.function_recover, "mlx5tlp_sim_function_recover")(
+                        u.get(), channel, buf.data(), buf.size(), &info)
+                  : need(*ctx, s.function_claim, "mlx5tlp_sim_function_claim")(
+                        u.get(), channel, buf.data(), buf.size(), &info);
+    }
+    if (n < 0) check(recover ? "recover request" : "claim request", int(-n));
+    if (n == 0) return py::none();
+    return py::make_tuple(info.claim, info.flags,
+                          py::bytes(reinterpret_cast<const char*>(buf.data()), size_t(n)),
+                          info.page_id, info.seq);
+  };
+  m.def("function_claim", [claim_like](std::shared_ptr<Context> ctx, uint32_t channel) {
+    return claim_like(std::move(ctx), channel, false);
+  }, py::arg("ctx"), py::arg("channel"));
+  m.def("function_recover", [claim_like](std::shared_ptr<Context> ctx, uint32_t channel) {
+    return claim_like(std::move(ctx), channel, true);
+  }, py::arg("ctx"), py::arg("channel"));
+  m.def("function_mark", [](std::shared_ptr<Context> ctx, uint32_t channel, uint64_t claim,
+                            uint32_t page_id, uint64_t seq) {
+    Context::Use u(*ctx);
+    check("mark request answered",
+          need(*ctx, ctx->lib().sym().sim.function_mark, "mlx5tlp_sim_function_mark")(
+              u.get(), channel, claim, page_id, seq));
+  }, py::arg("ctx"), py::arg("channel"), py::arg("claim"), py::arg("page_id"), py::arg("seq"));
+  m.def("function_retire", [](std::shared_ptr<Context> ctx, uint32_t channel, uint64_t claim) {
+    Context::Use u(*ctx);
+    check("retire request",
+          need(*ctx, ctx->lib().sym().sim.function_retire, "mlx5tlp_sim_function_retire")(
+              u.get(), channel, claim));
+  }, py::arg("ctx"), py::arg("channel"), py::arg("claim"));
 
   py::class_<Host>(m, "Host")
       .def(py::init<const std::string&>(), py::arg("device"))
@@ -131,28 +253,33 @@ void bind_sim(py::module_& root) {
       }, py::arg("tlp"), py::arg("channel"))
       .def("poll", [](Host& h, size_t max, double timeout) {
         // Collects up to `max` completions, waiting up to `timeout` seconds for the first one.
+        const Deadline deadline = Deadline::in_seconds(timeout);
+        m5a_sim_host* raw = h.get();
         py::list out;
         std::vector<std::tuple<uint32_t, uint64_t, std::string>> got;
+        int err = 0;
         {
           py::gil_scoped_release r;
-          auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
           std::vector<uint8_t> buf(16 + 4096);
-          unsigned idle = 0;
+          IdleWait idle;
           while (got.size() < max) {
             m5a_sim_completion info{};
-            ssize_t n = sim().host_poll(h.get(), buf.data(), buf.size(), &info);
-            if (n < 0) throw_errno("collect completion", int(-n), false);
+            const ssize_t n = sim().host_poll(raw, buf.data(), buf.size(), &info);
+            if (n < 0) {
+              err = int(-n);
+              break;
+            }
             if (n > 0) {
               got.emplace_back(info.page_id, info.sequence,
                                std::string(reinterpret_cast<char*>(buf.data()), size_t(n)));
-              idle = 0;
+              idle.reset();
               continue;
             }
-            if (!got.empty() || std::chrono::steady_clock::now() >= deadline) break;
-            // Spin briefly, then back off: completions usually follow within microseconds.
-            if (++idle > 64) std::this_thread::sleep_for(std::chrono::microseconds(50));
+            if (!got.empty() || deadline.expired()) break;
+            idle.wait(deadline);
           }
         }
+        if (err != 0) throw_errno("collect completion", err, false);
         for (auto& [page, seq, data] : got) out.append(py::make_tuple(page, seq, py::bytes(data)));
         return out;
       }, py::arg("max"), py::arg("timeout"))
@@ -171,6 +298,9 @@ void bind_sim(py::module_& root) {
         d["status_ca"] = s.status_ca;
         d["status_crs"] = s.status_crs;
         d["last_error"] = std::string(s.last_error);
+        d["epoch"] = s.epoch;
+        d["stale_requests"] = s.stale_requests;
+        d["stale_completions"] = s.stale_completions;
         return d;
       });
 }

@@ -4,7 +4,7 @@
 #include <cerrno>
 #include <cstring>
 
-#include "state.hpp"
+#include "device_map.hpp"
 
 using namespace mlx5tlp::sim;
 
@@ -49,7 +49,7 @@ M5A_EXPORT int mlx5dv_devx_general_cmd(m5a_ibv_context* context, const void* in,
   if (opcode != kQueryHcaCap) return fw_error(outb, outlen, kStatusBadOp, 0x0bad0000u | opcode);
 
   const uint16_t cap_type = op_mod >> 1;  // bit 0 selects current (1) or maximum (0) values
-  const m5a_sim_device_config& cfg = c->dev->st()->cfg;
+  const m5a_sim_device_config& cfg = c->dev->cfg();
   uint8_t cap[kCapBytes] = {};
   if (cap_type == kCapGeneral) {
     // cmd_hca_cap: tlp_device_emulation_manager is bit 0x398 (byte 0x70, bit 7 of that DW).

@@ -12,9 +12,10 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
-#include "state.hpp"
+#include "device_map.hpp"
 
 using namespace mlx5tlp::sim;
 
@@ -23,10 +24,9 @@ namespace {
 // ibv_device structs are interned per process and never freed: a context keeps pointing at
 // its device after ibv_free_device_list, as with libibverbs' refcounted devices.
 m5a_ibv_device* intern_device(const std::string& name) {
-  static std::mutex mu;
-  static std::map<std::string, std::unique_ptr<m5a_ibv_device>> devices;
-  std::lock_guard<std::mutex> guard(mu);
-  auto& slot = devices[name];
+  static auto* devices = new std::map<std::string, std::unique_ptr<m5a_ibv_device>>;
+  std::lock_guard<ForkMutex> guard(registry_mutex());  // fork-safe (device_map.cpp)
+  auto& slot = (*devices)[name];
   if (!slot) {
     slot = std::make_unique<m5a_ibv_device>();
     slot->node_type = 1;       // IBV_NODE_CA
@@ -40,19 +40,27 @@ m5a_ibv_device* intern_device(const std::string& name) {
   return slot.get();
 }
 
-std::vector<std::string> device_names() {
-  std::vector<std::string> names;
-  if (DIR* d = opendir(device_root().c_str())) {
+// The devices under the root: directories holding a state file. False (errno, last_error) if
+// the root itself is unusable.
+bool device_names(std::vector<std::string>* names) {
+  mlx5tlp::UniqueFd root = open_root(false);
+  if (!root) return errno == ENODEV;  // no directory yet: no devices
+  if (DIR* d = fdopendir(root.get())) {
+    root.release();  // closedir closes it
     while (dirent* e = readdir(d)) {
       std::string n = e->d_name;
       if (!valid_name(n)) continue;
       struct stat sb;
-      if (stat((device_root() + "/" + n + "/state").c_str(), &sb) == 0) names.push_back(n);
+      const std::string state = n + "/state";
+      if (fstatat(dirfd(d), state.c_str(), &sb, AT_SYMLINK_NOFOLLOW) == 0) names->push_back(n);
     }
     closedir(d);
+  } else {
+    fail(errno, "cannot list '%s': %s", device_root().c_str(), std::strerror(errno));
+    return false;
   }
-  std::sort(names.begin(), names.end());
-  return names;
+  std::sort(names->begin(), names->end());
+  return true;
 }
 
 bool take_slot_lock(int fd, uint32_t slot) {
@@ -103,21 +111,36 @@ m5a_ibv_context* open_context(m5a_ibv_device* device, bool devx) {
   }
   auto dev = DeviceMap::get(device->name);
   if (!dev) return nullptr;
-  int fd = open(dev->bar_path().c_str(), O_RDWR | O_CLOEXEC);
-  if (fd < 0) return nullptr;
+  // The context's own open file description of bar (its lock byte is the context's life).
+  mlx5tlp::UniqueFd fd(openat(dev->dir_fd(), "bar", O_RDWR | O_NOFOLLOW | O_CLOEXEC));
+  if (!fd) {
+    const int err = errno;
+    if (err == EMFILE || err == ENFILE)
+      fail(err, "cannot open a context of '%s': too many open files (%s)", dev->name().c_str(),
+           err == EMFILE ? "RLIMIT_NOFILE of this process" : "system-wide limit");
+    else
+      fail(err, "cannot open '%s/bar': %s", dev->dir().c_str(), std::strerror(err));
+    return nullptr;
+  }
+  if (!dev->same_bar(fd.get())) {
+    fail(ENODEV, "'%s/bar' was replaced since the device was opened", dev->dir().c_str());
+    return nullptr;
+  }
   int err = 0;
   uint32_t slot = kMaxContexts;
   {
     Locked lock(*dev);
     if (!lock.ok()) {
-      err = EIO;
+      err = fail(errno ? errno : EIO, "cannot lock device '%s'", dev->name().c_str());
     } else {
       dev->collect();
       for (uint32_t s = 0; s < kMaxContexts && slot == kMaxContexts; ++s)
         if (dev->st()->ctx[s].live == 0) slot = s;
       if (slot == kMaxContexts) {
-        err = EMFILE;  // the kernel caps open uverbs contexts too
-      } else if (!take_slot_lock(fd, slot)) {
+        // the kernel caps open uverbs contexts too
+        err = fail(EMFILE, "device '%s' has %u open contexts, the most it allows",
+                   dev->name().c_str(), kMaxContexts);
+      } else if (!take_slot_lock(fd.get(), slot)) {
         err = errno;
       } else {
         dev->st()->ctx[slot].live = 1;
@@ -126,21 +149,24 @@ m5a_ibv_context* open_context(m5a_ibv_device* device, bool devx) {
     }
   }
   if (err != 0) {
-    close(fd);
     errno = err;
-    return nullptr;
+    return nullptr;  // fd closes: the slot (if taken) is reclaimed by the next collect()
   }
-  m5a_ibv_context* ctx = make_context(std::move(dev), fd, slot, devx);
-  if (ctx == nullptr) close(fd);  // the slot is reclaimed by the next collect()
+  m5a_ibv_context* ctx = make_context(std::move(dev), fd.get(), slot, devx);
+  if (ctx != nullptr) fd.release();  // the context owns it now; ibv_close_device closes it
   return ctx;
 }
 
 }  // namespace
 
 M5A_EXPORT m5a_ibv_device** ibv_get_device_list(int* num_devices) {
-  // The default device exists without set-up.
-  DeviceMap::get(M5A_SIM_DEFAULT_DEVICE);
-  std::vector<std::string> names = device_names();
+  // The default device exists without set-up. If it cannot be made or opened because of the
+  // directory or the process (not a damaged device), that is this call's failure, as
+  // libibverbs fails when it cannot read sysfs: say why instead of listing nothing.
+  if (!DeviceMap::get(M5A_SIM_DEFAULT_DEVICE) && errno != EPROTO && errno != ENODEV) return nullptr;
+  std::vector<std::string> names;
+  if (!device_names(&names)) return nullptr;
+  clear_error();
   auto** list = static_cast<m5a_ibv_device**>(std::calloc(names.size() + 1, sizeof(void*)));
   if (list == nullptr) {
     errno = ENOMEM;
@@ -177,7 +203,11 @@ M5A_EXPORT m5a_ibv_context* mlx5dv_open_device(m5a_ibv_device* device,
   return open_context(device, attr != nullptr && (attr->flags & M5A_MLX5DV_CONTEXT_FLAGS_DEVX));
 }
 
-M5A_EXPORT int mlx5dv_is_supported(m5a_ibv_device* device) { return device != nullptr; }
+// bool, as upstream (rdma-core v63 providers/mlx5/mlx5dv.h:
+// bool mlx5dv_is_supported(struct ibv_device *device)): a caller reading an int gets garbage.
+M5A_EXPORT bool mlx5dv_is_supported(m5a_ibv_device* device) { return device != nullptr; }
+static_assert(std::is_same<decltype(&mlx5dv_is_supported), bool (*)(m5a_ibv_device*)>::value,
+              "mlx5dv_is_supported returns bool, as rdma-core declares it");
 
 M5A_EXPORT int ibv_is_fork_initialized(void) {
   // Like a kernel that copies pinned pages on fork (IBV_FORK_UNNEEDED): the software device
@@ -185,21 +215,33 @@ M5A_EXPORT int ibv_is_fork_initialized(void) {
   return M5A_IBV_FORK_UNNEEDED;
 }
 
+// As libibverbs (v63 libibverbs/device.c, ibv_import_device): once the fd matched a device it
+// belongs to the import, which closes it if anything later fails (the provider's
+// mlx5_import_context -> verbs_uninit_context closes cmd_fd); on success the new context owns
+// it and ibv_close_device closes it. An fd that matches no device is left to the caller.
 M5A_EXPORT m5a_ibv_context* ibv_import_device(int cmd_fd) {
-  for (const std::string& name : device_names()) {
+  std::vector<std::string> names;
+  if (!device_names(&names)) return nullptr;
+  for (const std::string& name : names) {
     auto dev = DeviceMap::get(name);
     if (!dev || !dev->same_bar(cmd_fd)) continue;
+    mlx5tlp::UniqueFd owned(cmd_fd);  // matched: ours from here on
     uint32_t slot = kMaxContexts;
     {
       Locked lock(*dev);
-      for (uint32_t s = 0; s < kMaxContexts && slot == kMaxContexts; ++s)
+      for (uint32_t s = 0; lock.ok() && s < kMaxContexts && slot == kMaxContexts; ++s)
         if (dev->st()->ctx[s].live != 0 && slot_owned_by(*dev, cmd_fd, s)) slot = s;
     }
-    if (slot == kMaxContexts) break;  // the bar file, but not a context's fd
-    // As with libibverbs, the new context owns cmd_fd and ibv_close_device closes it.
-    return make_context(std::move(dev), cmd_fd, slot, true);
+    if (slot == kMaxContexts) {  // the bar file, but not a context's fd (query_context fails)
+      fail(EINVAL, "fd %d is '%s/bar' but not a context's command fd (closed it)", cmd_fd,
+           dev->dir().c_str());
+      return nullptr;
+    }
+    m5a_ibv_context* ctx = make_context(std::move(dev), cmd_fd, slot, true);
+    if (ctx != nullptr) owned.release();
+    return ctx;
   }
-  errno = EINVAL;
+  fail(EINVAL, "fd %d is not a software device context's command fd", cmd_fd);
   return nullptr;
 }
 

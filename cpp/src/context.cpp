@@ -109,7 +109,12 @@ std::shared_ptr<Context> Context::open(const std::string& name, Backend backend)
     break;
   }
   s.ibv_free_device_list(list);
-  if (raw == nullptr) throw_errno("mlx5dv_open_device(" + pick->name + ", DEVX)", err, false);
+  if (raw == nullptr) {
+    // The software device says which path, field or limit is the cause.
+    char why[512] = "";
+    if (s.sim.last_error != nullptr) s.sim.last_error(why, sizeof why);
+    throw_errno("mlx5dv_open_device(" + pick->name + ", DEVX)", err, false, why);
+  }
   return std::shared_ptr<Context>(new Context(std::move(lib), raw, false));
 }
 

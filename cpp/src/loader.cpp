@@ -242,6 +242,11 @@ std::shared_ptr<const Library> Library::open(Backend backend, const std::string&
     resolve(verbs, s.sim.function_poll, "mlx5tlp_sim_function_poll", node);
     resolve(verbs, s.sim.inject_fault, "mlx5tlp_sim_inject_fault", node);
     resolve(verbs, s.sim.reset_device, "mlx5tlp_sim_reset_device", node);
+    resolve(verbs, s.sim.function_claim, "mlx5tlp_sim_function_claim", node);
+    resolve(verbs, s.sim.function_recover, "mlx5tlp_sim_function_recover", node);
+    resolve(verbs, s.sim.function_mark, "mlx5tlp_sim_function_mark", node);
+    resolve(verbs, s.sim.function_retire, "mlx5tlp_sim_function_retire", node);
+    resolve(verbs, s.sim.last_error, "mlx5tlp_sim_last_error", node);
     if (s.sim.mmap == nullptr)
       throw Error(ErrorKind::library_not_found, "load " + ibverbs_path, 0,
                   "not an mlx5tlp software device (no mlx5tlp_sim_mmap@" M5A_SIM_VERSION_NODE ")");
@@ -304,7 +309,11 @@ std::vector<DeviceInfo> list_devices(const Library& lib) {
     // libibverbs returns NULL with ENOSYS when the kernel has no RDMA support at all: that is
     // "no devices", not a failure.
     if (errno == ENOSYS || errno == 0) return {};
-    throw_errno("ibv_get_device_list", errno_or_eio(), false);
+    const int err = errno_or_eio();
+    // The software device says which path or limit is the cause (mlx5tlp_sim_last_error).
+    char why[512] = "";
+    if (s.sim.last_error != nullptr) s.sim.last_error(why, sizeof why);
+    throw_errno("ibv_get_device_list", err, false, why);
   }
   std::vector<DeviceInfo> out;
   for (int i = 0; i < n; ++i) {

@@ -21,18 +21,42 @@ from mlx5tlp.context import Context
 
 __all__ = [
     "DEFAULT_DEVICE",
+    "FAULT_OPS",
+    "Claim",
     "Completion",
     "Host",
+    "claim_request",
     "create_device",
     "device_config",
     "device_dir",
     "device_stats",
+    "inject_fault",
+    "mark_answered",
+    "recover_requests",
     "remove_device",
+    "reset_device",
+    "retire_request",
     "take_request",
 ]
 
 DEFAULT_DEVICE = "mlx5_sim0"
 CHANNELS = 8
+#: Operations :func:`inject_fault` can make fail.
+FAULT_OPS = (
+    "umem_dereg",
+    "devx_obj_destroy",
+    "devx_obj_query",
+    "devx_obj_modify",
+    "devx_obj_create",
+)
+
+# sim_abi.h: M5A_SIM_DEV_* device flags and M5A_SIM_CLAIM_* claim flags.
+_DEV_NO_VAR = 1 << 0
+_DEV_NO_VAR_FLAGS_ATTR = 1 << 1
+_CLAIM_REDELIVERED = 1 << 0
+_CLAIM_MARKED = 1 << 1
+_CLAIM_PUBLISHED = 1 << 2
+_CLAIM_PAGE_GONE = 1 << 3
 
 
 def create_device(
@@ -45,6 +69,8 @@ def create_device(
     slot_size: int = 256,
     bar_offset: int = 0x200000,
     node_guid: int = 0,
+    var_support: bool = True,
+    var_flags_attr: bool = True,
 ) -> None:
     """Create a software device.
 
@@ -57,9 +83,15 @@ def create_device(
         slot_size: gateway ring slot size in bytes (power of two, 64..1024).
         bar_offset: reported ``tlp_rsp_gw_pages_bar_offset``.
         node_guid: 0 derives a stable GUID from the name.
+        var_support: False emulates a device/kernel without VAR support: every
+            ``alloc_var`` fails with ``EPROTONOSUPPORT``.
+        var_flags_attr: False emulates a kernel that does not know the VAR alloc flags
+            attribute: ``alloc_var(tlp=True)`` fails with ``EPROTONOSUPPORT`` (VirtIO VARs work).
 
     Raises:
-        Error: ``EEXIST`` when it exists; ``EINVAL`` for a value out of range.
+        Error: ``EEXIST`` when it exists; ``EINVAL`` for a value out of range; the device
+            directory's problems (not ours, group/world-writable, full: ``EACCES``, ``ENOSPC``)
+            with the path in the message.
     """
     for what, value, lo, hi in (
         ("gw_pages", gw_pages, 1, 15),
@@ -73,8 +105,10 @@ def create_device(
         raise ValueError(f"slot_size must be a power of two, not {slot_size}")
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, not {type(name).__name__}")
+    flags = (0 if var_support else _DEV_NO_VAR) | (0 if var_flags_attr else _DEV_NO_VAR_FLAGS_ATTR)
     _core.sim.create_device(
-        name, bool(tlp), gw_pages, gw_log_stride, virtio_pages, slot_size, bar_offset, node_guid
+        name, bool(tlp), gw_pages, gw_log_stride, virtio_pages, slot_size, bar_offset, node_guid,
+        flags,
     )
 
 
@@ -98,6 +132,53 @@ def device_stats(name: str = DEFAULT_DEVICE) -> dict[str, int]:
     return dict(stats)
 
 
+def reset_device(name: str = DEFAULT_DEVICE) -> dict[str, int]:
+    """Discard what a previous run left on a device nobody is attached to.
+
+    Queued and claimed requests, unconsumed completions of freed gateway pages (their pages
+    return to the pool) and armed injected faults are discarded; objects of closed contexts
+    are reclaimed.
+
+    Returns:
+        What was discarded: ``requests``, ``claims``, ``completions``, ``pages``, ``faults``,
+        ``objects``.
+
+    Raises:
+        Error: ``EBUSY`` while a context is open anywhere or a :class:`Host` is attached;
+            ``ENODEV`` for no such device.
+
+    Thread-safety: any thread or process; the device mutex serialises it with the rest.
+    """
+    return {str(k): int(v) for k, v in _core.sim.reset_device(name).items()}
+
+
+def inject_fault(device: str, op: str, err: int, count: int = 1) -> None:
+    """Make the next `count` calls of `op` on `device` fail with errno `err`, in any process.
+
+    The object stays alive, as after a kernel or firmware refusal. For ``EREMOTEIO`` on a
+    command with an outbox (``devx_obj_query``/``_modify``/``_create``) the outbox carries
+    firmware status 0x05 (BAD_RESOURCE_STATE) and syndrome ``0x5a5a0000 | failures left``.
+    ``count=0`` clears the fault.
+
+    Args:
+        op: one of :data:`FAULT_OPS`.
+        err: a positive errno, e.g. ``errno.EBUSY``.
+
+    Raises:
+        ValueError: an unknown `op` or a bad `err`/`count`.
+        Error: ``ENODEV`` for no such device.
+
+    Thread-safety: any thread or process (the fault is in the device's state file).
+    """
+    if op not in FAULT_OPS:
+        raise ValueError(f"op must be one of {', '.join(FAULT_OPS)}, not {op!r}")
+    if not isinstance(err, int) or not 0 < err < 4096:
+        raise ValueError(f"err must be a positive errno, not {err!r}")
+    if not isinstance(count, int) or not 0 <= count < 2**32:
+        raise ValueError(f"count must be an int in 0..2**32-1, not {count!r}")
+    _core.sim.inject_fault(device, op, err, count)
+
+
 def device_dir() -> str:
     """The directory holding the software devices."""
     return str(_core.sim.device_dir())
@@ -107,11 +188,122 @@ def take_request(ctx: Context, channel: int = 0) -> Optional[bytes]:
     """The next request TLP the host sent on `channel` (the emulated function's side), or None.
 
     Any process with a context of the device may take requests; each request goes to exactly
-    one taker.
+    one taker. Claim and retire in one call (at most once: a taker killed after this returns
+    loses the request); see :func:`claim_request` for crash-safe answering.
     """
     _check_channel(channel)
     out = _core.sim.function_poll(ctx._core, channel)
     return None if out is None else bytes(out)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A request claimed by :func:`claim_request`: it stays claimed until retired.
+
+    Attributes:
+        claim: the claim id (for :func:`mark_answered` and :func:`retire_request`).
+        channel: the channel it came from.
+        tlp: the request TLP bytes.
+        redelivered: it was claimed by a process that died; it is now this process's.
+        marked: (redelivered) the dead claimer marked it answered at ``page_id``/``seq``.
+        published: (marked) that page's doorbell had reached ``seq``: the answer reached the
+            host, so retire it without answering again.
+        page_gone: (marked) that page was freed or reallocated since: publication unknown.
+        page_id: the mark's gateway page (when marked).
+        seq: the mark's doorbell count (when marked).
+    """
+
+    claim: int
+    channel: int
+    tlp: bytes
+    redelivered: bool = False
+    marked: bool = False
+    published: bool = False
+    page_gone: bool = False
+    page_id: int = 0
+    seq: int = 0
+
+
+def claim_request(ctx: Context, channel: int = 0) -> Optional[Claim]:
+    """Claim the next request on `channel` (the emulated function's side), or None.
+
+    Claims of dead claimers come first (flagged ``redelivered``, exactly once each; looked for
+    about once a millisecond, at once by :func:`recover_requests`), then fresh requests in
+    order. A claim belongs to this process (its claimer session on the
+    device), not to the context: processes sharing a context claim separately, and a process
+    killed at any point loses nothing: its claims go to the next claimer.
+
+    The crash-safe answer sequence: claim, :func:`mark_answered` (page, doorbell count the
+    answer will be published at), write the completion and ring the doorbell, then
+    :func:`retire_request`. Thread-safe.
+
+    Raises:
+        Error: ``EUSERS`` when every claimer session of the device is taken.
+    """
+    _check_channel(channel)
+    return _claim(channel, _core.sim.function_claim(ctx._core, channel))
+
+
+def recover_requests(ctx: Context, channel: int = 0) -> list[Claim]:
+    """Take every claim of dead claimers on `channel` now (all flagged ``redelivered``).
+
+    :func:`claim_request` finds them too, but looks only about once a millisecond per process. A
+    successor that takes over a dead claimer's gateway pages calls this first, before it
+    writes to those pages: a claim's ``published`` flag is judged against the doorbell the
+    dead claimer left, and is exact only if nothing was written to its page since.
+
+    Returns:
+        The claims, now this process's (retire each once resolved). Thread-safe.
+    """
+    _check_channel(channel)
+    out: list[Claim] = []
+    while (got := _core.sim.function_recover(ctx._core, channel)) is not None:
+        claim = _claim(channel, got)
+        assert claim is not None
+        out.append(claim)
+    return out
+
+
+def _claim(channel: int, got: Any) -> Optional[Claim]:
+    if got is None:
+        return None
+    claim, flags, tlp, page_id, seq = got
+    return Claim(
+        claim=int(claim),
+        channel=channel,
+        tlp=bytes(tlp),
+        redelivered=bool(flags & _CLAIM_REDELIVERED),
+        marked=bool(flags & _CLAIM_MARKED),
+        published=bool(flags & _CLAIM_PUBLISHED),
+        page_gone=bool(flags & _CLAIM_PAGE_GONE),
+        page_id=int(page_id),
+        seq=int(seq),
+    )
+
+
+def mark_answered(ctx: Context, claim: Claim, page_id: int, seq: int) -> None:
+    """Record that the answer to `claim` is published once gateway page `page_id`'s doorbell
+    count reaches `seq`. Call it before ringing that doorbell.
+
+    Raises:
+        Error: ``ESTALE`` if the claim was retired or discarded (a new host epoch or a reset),
+            ``EPERM`` if it is another claimer's, ``EINVAL`` for no such page.
+
+    Thread-safety: any thread of the claiming process.
+    """
+    _core.sim.function_mark(ctx._core, claim.channel, claim.claim, page_id, seq)
+
+
+def retire_request(ctx: Context, claim: Claim) -> None:
+    """Retire `claim`: its slot goes back to the host.
+
+    Raises:
+        Error: ``ESTALE`` if it was already retired or discarded, ``EPERM`` if it is another
+            claimer's.
+
+    Thread-safety: any thread of the claiming process.
+    """
+    _core.sim.function_retire(ctx._core, claim.channel, claim.claim)
 
 
 @dataclass(frozen=True)
@@ -133,7 +325,9 @@ class Host(Closing):
     """The PCIe host: sends requests to the emulated function and collects every completion.
 
     One host per device at a time (a second gets ``EBUSY``): it owns the consumer index of
-    every gateway page. Not thread-safe: use it from one thread.
+    every gateway page. Attaching starts a new epoch: requests and unconsumed completions a
+    previous host left are discarded and counted (``stats()["stale_requests"]``,
+    ``["stale_completions"]``). Not thread-safe: use it from one thread.
     """
 
     def __init__(self, device: str = DEFAULT_DEVICE) -> None:
@@ -171,7 +365,10 @@ class Host(Closing):
         return [c.tlp for c in self.completion_records(timeout)]
 
     def stats(self) -> dict[str, Any]:
-        """What the model checked: requests, completions, retired, outstanding, errors, ..."""
+        """What the model checked: requests, completions, retired, outstanding, errors,
+        unexpected, bad_records (garbage in a page: impossible lengths, a doorbell more than a
+        ring ahead), status counts, last_error, and this host's epoch with what attaching
+        discarded (stale_requests, stale_completions)."""
         return dict(self._host().stats())
 
     def close(self) -> None:
@@ -179,7 +376,6 @@ class Host(Closing):
         if self._h is not None:
             self._h.close()
             self._h = None
-
 
 
 def _check_channel(channel: int) -> None:

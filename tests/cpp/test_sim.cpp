@@ -41,7 +41,7 @@ void capabilities_and_exhaustion() {
 
   std::vector<std::shared_ptr<Var>> vars;
   for (uint32_t i = 0; i < caps.gw_num_pages; ++i) vars.push_back(Var::alloc(ctx, true));
-  CHECK_THROWS_KIND(Var::alloc(ctx, true), ErrorKind::resource_exhausted, ENOMEM);
+  CHECK_THROWS_KIND(Var::alloc(ctx, true), ErrorKind::resource_exhausted, ENOSPC);
   CHECK(stats("mlx5_sim0").gw_pages_free == 0);
   vars.back()->free();
   CHECK(stats("mlx5_sim0").gw_pages_free == 1);
@@ -108,7 +108,7 @@ void non_tlp_device_and_caps_layout() {
   CHECK(caps.gw_page_stride == 16384 && caps.gw_bar_offset == 0x123456789000ull);
   std::vector<std::shared_ptr<Var>> all;
   for (int i = 0; i < 15; ++i) all.push_back(Var::alloc(b, true));
-  CHECK_THROWS_KIND(Var::alloc(b, true), ErrorKind::resource_exhausted, ENOMEM);  // 16th page
+  CHECK_THROWS_KIND(Var::alloc(b, true), ErrorKind::resource_exhausted, ENOSPC);  // 16th page
 }
 
 void var_export_import_in_process() {

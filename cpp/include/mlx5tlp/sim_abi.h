@@ -56,6 +56,11 @@ struct m5a_sim_device_stats {
 	uint32_t virtio_pages_free;
 	uint32_t requests_pending; /* host requests not yet taken by the function */
 	uint64_t reclaimed;     /* objects reclaimed from dead contexts since creation */
+	uint32_t requests_claimed; /* requests claimed and not yet retired */
+	uint32_t gw_pages_draining; /* freed gateway pages whose records the host still collects */
+	uint64_t host_epoch;    /* device models attached since creation */
+	uint64_t stale_requests;    /* requests discarded by new host epochs and resets */
+	uint64_t stale_completions; /* unconsumed completion records discarded (epochs, resets) */
 };
 
 /* One completion record collected by the device model. */
@@ -76,6 +81,44 @@ struct m5a_sim_host_stats {
 	uint64_t bad_records;     /* slots with an impossible length / ring overruns */
 	uint64_t status_ur, status_ca, status_crs;
 	char last_error[160];
+	uint64_t epoch;             /* this host's epoch (1 for the first host of the device) */
+	uint64_t stale_requests;    /* requests of a previous host discarded when this one attached */
+	uint64_t stale_completions; /* unconsumed completion records discarded when it attached */
+};
+
+/* Request claims (mlx5tlp_sim_function_claim). A claim belongs to the calling process's claimer
+ * session on the device (not to the context: standbys sharing a context are separate
+ * claimers). A session dies with its process; its unretired claims are then redelivered,
+ * exactly once each, to the next claimer of that channel. */
+struct m5a_sim_claim_info {
+	uint64_t claim;   /* claim id: pass it to mark / retire */
+	uint32_t flags;   /* M5A_SIM_CLAIM_* */
+	uint32_t length;  /* request bytes copied into the buffer */
+	uint32_t page_id; /* the mark (if M5A_SIM_CLAIM_MARKED): the answer was written to this */
+	uint32_t reserved;/* gateway page and is published once its doorbell count reaches seq */
+	uint64_t seq;
+};
+
+enum {
+	M5A_SIM_CLAIM_REDELIVERED = 1u << 0, /* a dead claimer's claim, now the caller's */
+	M5A_SIM_CLAIM_MARKED = 1u << 1,      /* the dead claimer marked it answered: page_id, seq */
+	M5A_SIM_CLAIM_PUBLISHED = 1u << 2,   /* ...and that page's doorbell had reached seq when the
+						claim was redelivered: the answer reached the host;
+						retire without answering. Exact when the page had one
+						writer (the dead claimer) and the successor took every
+						redelivery (recover until 0) before writing to it. */
+	M5A_SIM_CLAIM_PAGE_GONE = 1u << 3,   /* ...but that page was freed (or reallocated) since */
+};
+
+/* What mlx5tlp_sim_reset_device discarded. */
+struct m5a_sim_reset_result {
+	uint32_t requests;    /* queued requests */
+	uint32_t claims;      /* claimed, unretired requests */
+	uint32_t completions; /* unconsumed completion records of freed (draining) pages */
+	uint32_t pages;       /* draining gateway pages returned to the pool */
+	uint32_t faults;      /* injected faults still armed */
+	uint32_t reserved;
+	uint64_t objects;     /* objects of closed contexts reclaimed */
 };
 
 struct m5a_sim_host;
@@ -94,9 +137,13 @@ typedef int (*m5a_sim_device_dir_fn)(char *buf, size_t len);
  * status 0x05 (BAD_RESOURCE_STATE) and syndrome 0x5a5a0000 | count-left. */
 typedef int (*m5a_sim_inject_fault_fn)(const char *device, const char *op, int err,
 				       uint32_t count);
-/* Reset a device no one is attached to: discard queued requests and unconsumed completions,
- * reclaim every object (contexts must all be closed, no device model attached: else EBUSY). */
-typedef int (*m5a_sim_reset_device_fn)(const char *name);
+/* Reset a device no one is attached to: discard queued and claimed requests and unconsumed
+ * completions, clear injected faults, reclaim every object (contexts must all be closed and no
+ * device model attached: else EBUSY). `out` (may be NULL) receives what was discarded. */
+typedef int (*m5a_sim_reset_device_fn)(const char *name, struct m5a_sim_reset_result *out);
+/* Why the calling thread's last failing software-device call failed (path, field, limit):
+ * copies it NUL-terminated into buf (truncated to len) and returns its full length. */
+typedef size_t (*m5a_sim_last_error_fn)(char *buf, size_t len);
 
 /* Device model (PCIe host side). One host per device at a time (EBUSY otherwise). */
 typedef struct m5a_sim_host *(*m5a_sim_host_open_fn)(const char *device);
@@ -108,9 +155,30 @@ typedef ssize_t (*m5a_sim_host_poll_fn)(struct m5a_sim_host *host, void *buf, si
 
 typedef int (*m5a_sim_host_stats_fn)(struct m5a_sim_host *host, struct m5a_sim_host_stats *out);
 
-/* Emulated function side: take the next request TLP the host sent on `channel`. */
+/* Emulated function side: take the next request TLP the host sent on `channel` (claim and
+ * retire in one call: at most once). Returns its length, 0 if none, -ENOBUFS if `len` is too
+ * small (the request stays queued), -EINVAL. */
 typedef ssize_t (*m5a_sim_function_poll_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
 					    void *buf, size_t len);
+/* Claim the next request: redelivered claims of dead claimers first, then fresh ones in
+ * order. Returns its length (info filled), 0 if none, -ENOBUFS, -EINVAL, -EUSERS (no free
+ * claimer session). The request stays claimed until retired. */
+typedef ssize_t (*m5a_sim_function_claim_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
+					     void *buf, size_t len, struct m5a_sim_claim_info *info);
+/* Only redelivered claims of dead claimers, looking for them now (claim looks about once a
+ * millisecond per process). A successor calls it until it returns 0 before it writes to the
+ * dead claimer's gateway pages, so that every M5A_SIM_CLAIM_PUBLISHED is judged against the
+ * doorbell the dead claimer left. Returns as claim (0: none). */
+typedef ssize_t (*m5a_sim_function_recover_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
+					       void *buf, size_t len, struct m5a_sim_claim_info *info);
+/* Record that the answer to `claim` is published once gateway page `page_id`'s doorbell count
+ * reaches `seq` (call it before ringing that doorbell). 0, EINVAL (no such page), ESTALE (the
+ * claim was retired or discarded by a new host epoch), EPERM (another claimer's claim). */
+typedef int (*m5a_sim_function_mark_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
+					uint64_t claim, uint32_t page_id, uint64_t seq);
+/* Retire a claim (its slot returns to the host). 0, ESTALE, EPERM. */
+typedef int (*m5a_sim_function_retire_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
+					  uint64_t claim);
 
 #ifdef __cplusplus
 }  /* extern "C" */
@@ -130,6 +198,11 @@ struct SimSymbols {
 	m5a_sim_function_poll_fn function_poll = nullptr;
 	m5a_sim_inject_fault_fn inject_fault = nullptr;
 	m5a_sim_reset_device_fn reset_device = nullptr;
+	m5a_sim_function_claim_fn function_claim = nullptr;
+	m5a_sim_function_recover_fn function_recover = nullptr;
+	m5a_sim_function_mark_fn function_mark = nullptr;
+	m5a_sim_function_retire_fn function_retire = nullptr;
+	m5a_sim_last_error_fn last_error = nullptr;
 };
 }  // namespace mlx5tlp
 #endif

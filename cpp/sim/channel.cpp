@@ -1,0 +1,322 @@
+// Request channels: the host pushes, functions claim, mark and retire; claims of dead claimer
+// sessions are redelivered exactly once. The protocol and its memory orders: docs/sim.md.
+//
+// Hot path (claim of a fresh request, mark, retire): a few atomic loads and one CAS each, no
+// lock, no system call, no allocation. Finding dead claimers costs system calls (one OFD lock
+// probe per foreign session), so each process sweeps a channel about once a millisecond.
+#include "channel.hpp"
+
+#include <time.h>
+
+#include <cstring>
+#include <new>
+
+#include "device_map.hpp"
+
+namespace mlx5tlp::sim {
+
+namespace {
+
+constexpr int64_t kSweepIntervalNs = 1000000;  // 1 ms: bounds the extra takeover delay
+
+int64_t now_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);  // a few ns; its ticks (1-4 ms) suit the sweep limit
+  return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+// The full position of a claimed slot whose word holds its low 32 bits: a claimed slot blocks
+// its next lap, so its position is within one ring behind head. ~0 if the word is garbage.
+uint64_t claimed_position(const RequestChannel& ch, uint64_t w) {
+  // acquire: a head at least as new as the word we decoded (head only grows).
+  const uint64_t head = ch.head.load(std::memory_order_acquire);
+  const uint32_t back = uint32_t(head) - slot_pos32(w);
+  if (back == 0 || back > kRequestSlots) return ~uint64_t(0);
+  return head - back;
+}
+
+}  // namespace
+
+int channel_push(RequestChannel& ch, const void* data, size_t len) {
+  const uint64_t pos = ch.head.load(std::memory_order_relaxed);  // only the host writes head
+  const uint32_t i = uint32_t(pos % kRequestSlots);
+  // acquire: pairs with the retiring claimer's release; its copy-out is done before we write.
+  if (ch.word[i].load(std::memory_order_acquire) != slot_word(pos, kSlotFree)) return EAGAIN;
+  RequestSlot& s = ch.slot[i];
+  std::memcpy(s.data, data, len);
+  s.len = uint32_t(len);
+  // release: the request bytes and length are visible to whoever sees READY.
+  ch.word[i].store(slot_word(pos, kSlotReady), std::memory_order_release);
+  ch.head.store(pos + 1, std::memory_order_release);  // release: counts and scans see the slot
+  return 0;
+}
+
+void channel_reset(RequestChannel& ch, uint32_t* ready, uint32_t* claimed) {
+  // acquire: only the host (us) writes head; positions continue from it, never reused.
+  const uint64_t base = ch.head.load(std::memory_order_acquire);
+  for (uint32_t i = 0; i < kRequestSlots; ++i) {
+    const uint64_t pos = base + ((i + kRequestSlots - uint32_t(base % kRequestSlots)) % kRequestSlots);
+    uint64_t w = ch.word[i].load(std::memory_order_acquire);  // acquire: see the CAS's input
+    // acq_rel: a claimer that loses this race sees the slot gone when it re-checks its word.
+    while (!ch.word[i].compare_exchange_weak(w, slot_word(pos, kSlotFree), std::memory_order_acq_rel,
+                                             std::memory_order_acquire)) {
+    }
+    *ready += slot_state(w) == kSlotReady;
+    *claimed += slot_state(w) == kSlotClaimed;
+  }
+  ch.tail.store(base, std::memory_order_release);  // release: after the words it points past
+}
+
+uint32_t channel_count(const RequestChannel& ch, uint32_t state) {
+  uint32_t n = 0;
+  // acquire: a statistic; any recent value will do, acquire keeps it ordered after the slot.
+  for (const auto& w : ch.word) n += slot_state(w.load(std::memory_order_acquire)) == state;
+  return n;
+}
+
+namespace {
+
+constexpr ssize_t kVanished = -1000;  // copy_out: a new epoch discarded the claim meanwhile
+constexpr ssize_t kCorrupt = -1001;   // copy_out: the slot's length is impossible
+
+struct Claimer {
+  DeviceMap& d;
+  RequestChannel& ch;
+  uint32_t channel;
+  uint32_t session, gen;  // ours
+
+  bool mine(uint64_t w) const {
+    return slot_state(w) == kSlotClaimed && slot_session(w) == session &&
+           slot_session_gen16(w) == (gen & 0xffff);
+  }
+  // A claimer session is alive while its generation is current and its lock byte is held.
+  bool alive(uint32_t s, uint32_t g16) const {
+    if (s >= kMaxSessions) return false;
+    // acquire: pairs with the release that published a new owner of the session slot.
+    if ((d.st()->sessions[s].gen.load(std::memory_order_acquire) & 0xffff) != g16) return false;
+    return d.lock_held(kSessionLockBase + s);
+  }
+
+  // Copies the claimed slot out; false if the claim vanished meanwhile (a new host epoch).
+  ssize_t copy_out(uint32_t i, uint64_t w, void* buf, size_t len, m5a_sim_claim_info* info,
+                   uint64_t pos, uint32_t flags) {
+    RequestSlot& s = ch.slot[i];
+    const uint32_t n = s.len;
+    if (n > len || n > kRequestMax) return kCorrupt;
+    std::memcpy(buf, s.data, n);
+    m5a_sim_claim_info out{};
+    out.claim = pos;
+    out.flags = flags;
+    out.length = n;
+    if (w & kWordMarked) {
+      out.flags |= M5A_SIM_CLAIM_MARKED;
+      out.page_id = s.mark_page;
+      out.seq = s.mark_seq;
+      // acquire: pairs with the allocation's release of a new page generation.
+      if (s.mark_page >= d.cfg().gw_pages ||
+          d.st()->gw[s.mark_page].gen.load(std::memory_order_acquire) != s.mark_gen) {
+        out.flags |= M5A_SIM_CLAIM_PAGE_GONE;
+      } else {
+        // acquire: the doorbell the dead claimer (or its gateway writer) stored.
+        const uint64_t db = __atomic_load_n(
+            reinterpret_cast<uint64_t*>(d.gw_page(s.mark_page) + gw::kDoorbell), __ATOMIC_ACQUIRE);
+        if (db >= s.mark_seq) out.flags |= M5A_SIM_CLAIM_PUBLISHED;
+      }
+    }
+    // acquire: re-check (seqlock style) that the bytes we copied were still our claim's.
+    if (!same_claim(ch.word[i].load(std::memory_order_acquire), w)) return kVanished;
+    if (info != nullptr) *info = out;
+    return ssize_t(n);
+  }
+
+  // Takes over one claim of a dead session. 0: none; >0: its length; <0: -errno.
+  ssize_t redeliver(void* buf, size_t len, m5a_sim_claim_info* info) {
+    uint64_t dead = 0;     // sessions found dead in this sweep (bit per session slot)
+    uint64_t checked = 0;  // sessions whose liveness we probed in this sweep
+    for (uint32_t i = 0; i < kRequestSlots; ++i) {
+      uint64_t w = ch.word[i].load(std::memory_order_acquire);  // acquire: the claim's fields
+      if (slot_state(w) != kSlotClaimed || mine(w)) continue;
+      const uint32_t s = slot_session(w);
+      if (s >= kMaxSessions) continue;
+      if (!(checked >> s & 1)) {
+        checked |= uint64_t(1) << s;
+        if (!alive(s, slot_session_gen16(w))) dead |= uint64_t(1) << s;
+      }
+      if (!(dead >> s & 1)) continue;
+      const uint64_t pos = claimed_position(ch, w);
+      if (pos == ~uint64_t(0)) continue;
+      if (ch.slot[i].len > len) return -ENOBUFS;
+      const uint64_t next = claimed_word(pos, session, gen, (w & kWordMarked) | kWordRedelivered);
+      // acq_rel: exactly one taker wins; it sees the data and mark the dead claimer wrote.
+      if (!ch.word[i].compare_exchange_strong(w, next, std::memory_order_acq_rel)) continue;
+      const ssize_t n = copy_out(i, next, buf, len, info, pos, M5A_SIM_CLAIM_REDELIVERED);
+      if (n >= 0) return n;
+      if (n == kCorrupt) return drop(i, next, pos);
+      // kVanished: a new epoch discarded it while we copied: nothing to deliver.
+    }
+    return 0;
+  }
+
+  ssize_t fresh(void* buf, size_t len, m5a_sim_claim_info* info) {
+    for (;;) {
+      uint64_t t = ch.tail.load(std::memory_order_acquire);        // acquire: a recent hint
+      const uint64_t h = ch.head.load(std::memory_order_acquire);  // acquire: pairs with push
+      if (t > h || h - t > kRequestSlots) t = h - (h < kRequestSlots ? h : kRequestSlots);  // garbage
+      bool retry = false;
+      for (uint64_t pos = t; pos < h; ++pos) {
+        const uint32_t i = uint32_t(pos % kRequestSlots);
+        uint64_t w = ch.word[i].load(std::memory_order_acquire);  // acquire: pairs with READY
+        if (w != slot_word(pos, kSlotReady)) continue;  // claimed by someone, or reset
+        if (ch.slot[i].len > len) return -ENOBUFS;  // leave it for a caller with a bigger buffer
+        const uint64_t next = claimed_word(pos, session, gen, 0);
+        // acq_rel: acquire pairs with the host's READY release (the request bytes).
+        if (!ch.word[i].compare_exchange_strong(w, next, std::memory_order_acq_rel)) continue;
+        // relaxed: the tail is a hint; every position below it is claimed or retired.
+        uint64_t cur = ch.tail.load(std::memory_order_relaxed);
+        while (cur < pos + 1 && !ch.tail.compare_exchange_weak(cur, pos + 1, std::memory_order_relaxed)) {
+        }
+        const ssize_t n = copy_out(i, next, buf, len, info, pos, 0);
+        if (n >= 0) return n;
+        if (n == kCorrupt) return drop(i, next, pos);
+        retry = true;  // kVanished: discarded by a new epoch while we copied: look again
+        break;
+      }
+      if (!retry) return 0;
+    }
+  }
+
+  // A slot whose length the state file no longer vouches for: retire it, report EPROTO.
+  ssize_t drop(uint32_t i, uint64_t w, uint64_t pos) {
+    // release: as retire().
+    ch.word[i].compare_exchange_strong(w, slot_word(pos + kRequestSlots, kSlotFree), std::memory_order_acq_rel);
+    return -fail(EPROTO, "channel %u slot %u holds a request of impossible length %u: dropped it",
+                 channel, i, ch.slot[i].len);
+  }
+
+  ssize_t claim(void* buf, size_t len, m5a_sim_claim_info* info) {
+    const int64_t now = now_ns();
+    // relaxed: a rate limit of this process; a stale value only sweeps a little more or later.
+    const int64_t last = d.last_sweep_ns[channel].load(std::memory_order_relaxed);
+    if (last == 0 || now - last >= kSweepIntervalNs) {
+      d.last_sweep_ns[channel].store(now, std::memory_order_relaxed);
+      const ssize_t n = redeliver(buf, len, info);
+      if (n != 0) return n;
+    }
+    return fresh(buf, len, info);
+  }
+
+  // The claim's word if it is ours and still exists; else 0 with *err set.
+  uint64_t own(uint64_t claim, int* err) const {
+    const uint32_t i = uint32_t(claim % kRequestSlots);
+    const uint64_t w = ch.word[i].load(std::memory_order_acquire);  // acquire: our own claim
+    if (slot_state(w) == kSlotClaimed && slot_pos32(w) == uint32_t(claim)) {
+      if (mine(w)) return w;
+      *err = EPERM;  // another live claimer's
+      return 0;
+    }
+    *err = ESTALE;  // retired, or discarded by a new host epoch / reset
+    return 0;
+  }
+
+  int mark(uint64_t claim, uint32_t page, uint64_t seq) {
+    if (page >= d.cfg().gw_pages) return fail(EINVAL, "page %u is not a gateway page (0..%u)", page, d.cfg().gw_pages - 1);
+    int err = 0;
+    uint64_t w = own(claim, &err);
+    if (w == 0) return err;
+    const uint32_t i = uint32_t(claim % kRequestSlots);
+    if (w & kWordMarked) {
+      // Re-marking: clear the flag before rewriting the fields, so a redeliverer never sees a
+      // flag over half-written fields. release: nothing to publish; acquire: our own word.
+      if (!ch.word[i].compare_exchange_strong(w, w & ~kWordMarked, std::memory_order_acq_rel)) return ESTALE;
+      w &= ~kWordMarked;
+    }
+    RequestSlot& s = ch.slot[i];
+    s.mark_page = page;
+    s.mark_seq = seq;
+    s.mark_gen = d.st()->gw[page].gen.load(std::memory_order_acquire);  // acquire: as published
+    // release: the mark fields happen-before any redeliverer's acquire of the MARKED word.
+    if (!ch.word[i].compare_exchange_strong(w, w | kWordMarked, std::memory_order_acq_rel)) return ESTALE;
+    return 0;
+  }
+
+  int retire(uint64_t claim) {
+    int err = 0;
+    uint64_t w = own(claim, &err);
+    if (w == 0) return err;
+    const uint32_t i = uint32_t(claim % kRequestSlots);
+    // release: our reads of the slot happen-before the host's acquire and its next write.
+    if (!ch.word[i].compare_exchange_strong(w, slot_word(claim + kRequestSlots, kSlotFree),
+                                            std::memory_order_acq_rel))
+      return ESTALE;
+    return 0;
+  }
+};
+
+// The claimer for (ctx, channel) in *out, or a positive errno.
+int make_claimer(m5a_ibv_context* context, uint32_t channel, Claimer** out, void* mem) {
+  if (context == nullptr || channel >= kChannels)
+    return fail(EINVAL, "no context, or channel %u is not 0..%u", channel, kChannels - 1);
+  SimContext* c = sim_ctx(context);
+  uint32_t s = 0, g = 0;
+  if (!c->dev->session(&s, &g)) return errno;
+  *out = new (mem) Claimer{*c->dev, c->dev->st()->chan[channel], channel, s, g};
+  return 0;
+}
+
+}  // namespace
+
+}  // namespace mlx5tlp::sim
+
+using namespace mlx5tlp::sim;
+
+M5A_EXPORT ssize_t mlx5tlp_sim_function_claim(m5a_ibv_context* context, uint32_t channel, void* buf,
+                                              size_t len, m5a_sim_claim_info* info) {
+  if (buf == nullptr) return -EINVAL;
+  alignas(Claimer) unsigned char mem[sizeof(Claimer)];
+  Claimer* cl = nullptr;
+  if (int rc = make_claimer(context, channel, &cl, mem)) return -rc;
+  return cl->claim(buf, len, info);
+}
+
+// Only claims of dead claimers, sweeping now (no rate limit): a successor takes them all
+// before it writes to the dead claimer's pages (see M5A_SIM_CLAIM_PUBLISHED).
+M5A_EXPORT ssize_t mlx5tlp_sim_function_recover(m5a_ibv_context* context, uint32_t channel,
+                                                void* buf, size_t len, m5a_sim_claim_info* info) {
+  if (buf == nullptr) return -EINVAL;
+  alignas(Claimer) unsigned char mem[sizeof(Claimer)];
+  Claimer* cl = nullptr;
+  if (int rc = make_claimer(context, channel, &cl, mem)) return -rc;
+  return cl->redeliver(buf, len, info);
+}
+
+M5A_EXPORT int mlx5tlp_sim_function_mark(m5a_ibv_context* context, uint32_t channel, uint64_t claim,
+                                         uint32_t page_id, uint64_t seq) {
+  alignas(Claimer) unsigned char mem[sizeof(Claimer)];
+  Claimer* cl = nullptr;
+  if (int rc = make_claimer(context, channel, &cl, mem)) return rc;
+  return cl->mark(claim, page_id, seq);
+}
+
+M5A_EXPORT int mlx5tlp_sim_function_retire(m5a_ibv_context* context, uint32_t channel, uint64_t claim) {
+  alignas(Claimer) unsigned char mem[sizeof(Claimer)];
+  Claimer* cl = nullptr;
+  if (int rc = make_claimer(context, channel, &cl, mem)) return rc;
+  return cl->retire(claim);
+}
+
+// Claim + retire in one call: at most once (a caller killed after it returns loses the
+// request). A redelivered claim whose answer was already published is retired, not returned.
+M5A_EXPORT ssize_t mlx5tlp_sim_function_poll(m5a_ibv_context* context, uint32_t channel, void* buf,
+                                             size_t len) {
+  if (buf == nullptr) return -EINVAL;
+  alignas(Claimer) unsigned char mem[sizeof(Claimer)];
+  Claimer* cl = nullptr;
+  if (int rc = make_claimer(context, channel, &cl, mem)) return -rc;
+  for (;;) {
+    m5a_sim_claim_info info{};
+    const ssize_t n = cl->claim(buf, len, &info);
+    if (n <= 0) return n;
+    cl->retire(info.claim);
+    if (!(info.flags & M5A_SIM_CLAIM_PUBLISHED)) return n;
+  }
+}
