@@ -1,0 +1,479 @@
+// The function model against the PCIe Base Specification (6.x numbering; section and table
+// named at each check): configuration space masks, BAR sizing and decode, capability lists,
+// the PCI Express / PM capabilities' run-time rules, MSI-X masking and pending semantics,
+// and state snapshots. Runs plain and under AddressSanitizer (tests/test_native.py).
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "check.hpp"
+#include "mlx5tlp/function.hpp"
+
+using namespace mlx5tlp::pci;
+using mlx5tlp::ErrorKind;
+
+namespace {
+
+struct Sink : InterruptSink {
+  std::mutex mu;
+  std::vector<std::pair<uint64_t, uint32_t>> got;
+  void deliver(uint64_t a, uint32_t d) noexcept override {
+    std::lock_guard<std::mutex> g(mu);
+    got.emplace_back(a, d);
+  }
+  size_t size() {
+    std::lock_guard<std::mutex> g(mu);
+    return got.size();
+  }
+};
+
+FunctionSpec spec() {
+  FunctionSpec s;
+  s.identity = {0x15b3, 0x1234, 0x15b3, 0x0042, 0x07, 0x020000, 1};
+  s.bars = {{0, BarKind::mem64, 1u << 20, true}, {2, BarKind::mem32, 16384, false},
+            {3, BarKind::io, 256, false}};
+  s.expansion_rom.size = 65536;
+  s.pcie.max_payload_supported = 512;
+  s.msix = {64, 2, 0x0, 2, 0x2000, -1};
+  s.aer.present = true;
+  s.serial_number = {true, 0x0011223344556677ull, -1};
+  VendorCapParams v;
+  v.data = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+  v.writable = {{4, 4}};
+  s.vendor_caps.push_back(v);
+  VendorExtCapParams e;
+  e.vsec_id = 0x1234;
+  e.revision = 2;
+  e.data = {0xaa, 0xbb, 0xcc, 0xdd};
+  e.writable = {{0, 2}};
+  s.vendor_ext_caps.push_back(e);
+  return s;
+}
+
+uint32_t rd(const Function& f, uint16_t off, unsigned width) {
+  const uint32_t dw = f.config_read(uint16_t(off & ~3u));
+  return width == 4 ? dw : (dw >> (8 * (off & 3u))) & ((1u << (8 * width)) - 1);
+}
+void wr(Function& f, uint16_t off, unsigned width, uint32_t v) {
+  const uint8_t be = uint8_t(((1u << width) - 1) << (off & 3u));
+  f.config_write(uint16_t(off & ~3u), v << (8 * (off & 3u)), be);
+}
+uint16_t find_cap(const Function& f, uint8_t id) {
+  for (uint16_t p = uint16_t(rd(f, reg::kCapPtr, 1)), n = 0; p != 0 && n < 48; ++n) {
+    if (rd(f, p, 1) == id) return p;
+    p = uint16_t(rd(f, uint16_t(p + 1), 1));
+  }
+  return 0;
+}
+
+void test_header_and_command() {
+  Function f(compile(spec()), nullptr);
+  CHECK(rd(f, reg::kVendorId, 2) == 0x15b3 && rd(f, reg::kDeviceId, 2) == 0x1234);
+  CHECK(rd(f, reg::kRevision, 4) == 0x02000007);  // §7.5.1.1.5/6: revision, then class code
+  CHECK(rd(f, reg::kHeaderType, 1) == 0);          // §7.5.1.1.9: type 0, single function
+  CHECK(rd(f, reg::kSubsystemId, 2) == 0x0042 && rd(f, reg::kInterruptPin, 1) == 1);
+  wr(f, reg::kVendorId, 4, 0xffffffff);  // RO identity ignores writes
+  CHECK(rd(f, reg::kVendorId, 4) == 0x123415b3);
+  // §7.5.1.1.3 Table 7-4: only I/O, Memory, Bus Master, Parity, SERR#, INTx Disable are RW.
+  wr(f, reg::kCommand, 2, 0xffff);
+  CHECK(rd(f, reg::kCommand, 2) == 0x0547);
+  // §7.5.1.1.8 Latency Timer hardwired 00h; §7.5.1.1.7 Cache Line Size RW.
+  wr(f, reg::kCacheLineSize, 4, 0xffffffff);
+  CHECK(rd(f, reg::kCacheLineSize, 1) == 0xff && rd(f, reg::kLatencyTimer, 1) == 0);
+  CHECK(rd(f, reg::kHeaderType, 1) == 0 && rd(f, reg::kBist, 1) == 0);
+  // Without I/O BARs the I/O Space Enable is hardwired 0 ("permitted to be hardwired").
+  FunctionSpec s = spec();
+  s.bars.pop_back();
+  Function g(compile(s), nullptr);
+  wr(g, reg::kCommand, 2, 0xffff);
+  CHECK(rd(g, reg::kCommand, 2) == 0x0546);
+}
+
+void test_status_rw1c_and_byte_enables() {
+  Function f(compile(spec()), nullptr);
+  // §7.5.1.1.4: Capabilities List hardwired 1b; error bits RW1C.
+  CHECK(rd(f, reg::kStatus, 2) == status::kCapabilitiesList);
+  f.config().device_set_bits(reg::kStatus, 2, status::kReceivedMasterAbort | status::kSignaledTargetAbort);
+  wr(f, reg::kStatus, 2, 0);  // writing 0 leaves RW1C bits alone
+  CHECK(rd(f, reg::kStatus, 2) == (status::kCapabilitiesList | status::kReceivedMasterAbort |
+                                   status::kSignaledTargetAbort));
+  wr(f, reg::kStatus, 2, status::kReceivedMasterAbort | status::kCapabilitiesList);
+  CHECK(rd(f, reg::kStatus, 2) == (status::kCapabilitiesList | status::kSignaledTargetAbort));
+  // §2.2.7 First DW BE: only enabled bytes change. Command is bytes 0-1 of DW 4, Status 2-3.
+  f.config_write(reg::kCommand, 0xffff0006, 0x1);  // byte 0 only; Status bytes not enabled
+  CHECK(rd(f, reg::kCommand, 2) == 0x0006 && (rd(f, reg::kStatus, 2) & status::kSignaledTargetAbort) != 0);
+  f.config_write(reg::kCommand, 0x08000000, 0x8);  // byte 3: clears Signaled Target Abort
+  CHECK(rd(f, reg::kStatus, 2) == status::kCapabilitiesList && rd(f, reg::kCommand, 2) == 0x0006);
+  // Reserved header bytes 35h-3Bh: RsvdP, read 0, writes ignored (§7.4).
+  wr(f, 0x38, 4, 0xffffffff);
+  CHECK(rd(f, 0x38, 4) == 0 && (rd(f, reg::kCapPtr, 4) & ~0xffu) == 0);
+}
+
+void test_bar_sizing() {
+  Function f(compile(spec()), nullptr);
+  // §7.5.1.2.1: write all 1s, read back the size mask with the type bits.
+  for (int i = 0; i < 6; ++i) wr(f, uint16_t(reg::kBar0 + 4 * i), 4, 0xffffffff);
+  CHECK(rd(f, 0x10, 4) == 0xfff0000c);  // 1 MiB, 64-bit (10b), prefetchable
+  CHECK(rd(f, 0x14, 4) == 0xffffffff);  // upper half: all address bits
+  CHECK(rd(f, 0x18, 4) == 0xffffc000);  // 16 KiB 32-bit non-prefetchable
+  CHECK(rd(f, 0x1c, 4) == 0xffffff01);  // 256-byte I/O, bit 1 reserved
+  CHECK(rd(f, 0x20, 4) == 0 && rd(f, 0x24, 4) == 0);  // unimplemented: hardwired zero
+  // §7.5.1.2.4 Expansion ROM: address bits 31:11 implemented down to the size, Enable RW.
+  wr(f, reg::kExpansionRom, 4, 0xfffffffe);
+  CHECK(rd(f, reg::kExpansionRom, 4) == 0xffff0000);
+  wr(f, reg::kExpansionRom, 4, 0xffffffff);
+  CHECK(rd(f, reg::kExpansionRom, 4) == 0xffff0001);
+  // A 64-bit BAR larger than 4 GiB: the upper register's low bits become read-only zero.
+  FunctionSpec s = spec();
+  s.bars[0].size = uint64_t(8) << 30;
+  Function g(compile(s), nullptr);
+  wr(g, 0x10, 4, 0xffffffff);
+  wr(g, 0x14, 4, 0xffffffff);
+  CHECK(rd(g, 0x10, 4) == 0x0000000c && rd(g, 0x14, 4) == 0xfffffffe);
+}
+
+void test_decode() {
+  Function f(compile(spec()), nullptr);
+  wr(f, 0x10, 4, 0x00100000);
+  wr(f, 0x14, 4, 0x00000020);  // BAR0 = 0x20_0010_0000
+  wr(f, 0x18, 4, 0xe0004000);  // BAR2 = 0xe000_4000
+  wr(f, 0x1c, 4, 0x0000c100);  // BAR3 = I/O 0xc100
+  wr(f, reg::kExpansionRom, 4, 0xe0100000);  // ROM, not enabled
+  // §7.5.1.1.3: Memory Space Enable clear -> memory requests are Unsupported Requests.
+  CHECK(f.decode_memory(0x2000100010, 4).status == Decode::disabled);
+  wr(f, reg::kCommand, 2, command::kMemorySpace);
+  DecodeResult r = f.decode_memory(0x2000100010, 4);
+  CHECK(r.status == Decode::hit && r.bar == 0 && r.offset == 0x10);
+  r = f.decode_memory(0xe0007ffc, 8);
+  CHECK(r.status == Decode::crosses_end && r.bar == 2);
+  CHECK(f.decode_memory(0xe0008000, 4).status == Decode::unclaimed);
+  CHECK(f.decode_memory(0xe0100000, 4).status == Decode::unclaimed);  // ROM Enable clear
+  wr(f, reg::kExpansionRom, 4, 0xe0100001);
+  r = f.decode_memory(0xe010fff0, 16);
+  CHECK(r.status == Decode::hit && r.bar == kRomBar && r.offset == 0xfff0);
+  CHECK(f.decode_io(0xc1ff, 1).status == Decode::disabled);  // I/O Space Enable clear
+  wr(f, reg::kCommand, 2, command::kMemorySpace | command::kIoSpace);
+  r = f.decode_io(0xc1fc, 4);
+  CHECK(r.status == Decode::hit && r.bar == 3 && r.offset == 0xfc);
+  // §5.3.1: in D3hot only Configuration and Message Requests are accepted.
+  const uint16_t pmc = find_cap(f, cap_id::kPowerManagement);
+  wr(f, uint16_t(pmc + pm::kPmcsr), 2, pm::kD3hot);
+  CHECK(f.power_state() == pm::kD3hot && !f.memory_enabled());
+  CHECK(f.decode_memory(0x2000100010, 4).status == Decode::disabled);
+  wr(f, uint16_t(pmc + pm::kPmcsr), 2, pm::kD0);  // No_Soft_Reset set: state kept
+  CHECK(f.memory_enabled() && f.bar_base(0) == 0x2000100000ull);
+}
+
+void test_capability_lists() {
+  Function f(compile(spec()), nullptr);
+  // §7.5.1.1.11: pointer DW-aligned, non-zero; each next pointer DW-aligned in [40h, FFh].
+  std::vector<uint8_t> ids;
+  for (uint16_t p = uint16_t(rd(f, reg::kCapPtr, 1)); p != 0; p = uint16_t(rd(f, uint16_t(p + 1), 1))) {
+    CHECK(p % 4 == 0 && p >= 0x40 && p < 0x100);
+    ids.push_back(uint8_t(rd(f, p, 1)));
+    if (ids.size() > 48) break;
+  }
+  CHECK((ids == std::vector<uint8_t>{0x10, 0x01, 0x11, 0x09}));
+  const uint16_t vsc = find_cap(f, cap_id::kVendorSpecific);
+  CHECK(rd(f, uint16_t(vsc + 2), 1) == 12);  // §7.9.4: length includes the 3 header bytes
+  // §7.6.3: extended list from 100h, {ID, Version, Next}.
+  std::vector<uint32_t> ext;
+  for (uint16_t p = 0x100; p != 0;) {
+    const uint32_t h = rd(f, p, 4);
+    ext.push_back(h & 0xfffff);
+    CHECK(p % 4 == 0);
+    p = uint16_t(h >> 20);
+    if (ext.size() > 16) break;
+  }
+  CHECK((ext == std::vector<uint32_t>{0x20001, 0x10003, 0x1000b}));
+  // Vendor data: declared RW range writable, the rest read-only.
+  wr(f, uint16_t(vsc + 3), 1, 0xee);
+  wr(f, uint16_t(vsc + 7), 1, 0xee);
+  CHECK(rd(f, uint16_t(vsc + 3), 1) == 1 && rd(f, uint16_t(vsc + 7), 1) == 0xee);
+  // DSN §7.9.3: 64-bit RO.
+  const uint16_t dsn = uint16_t(rd(f, 0x100, 4) >> 20);
+  wr(f, uint16_t(dsn + 4), 4, 0);
+  CHECK(rd(f, uint16_t(dsn + 4), 4) == 0x44556677 && rd(f, uint16_t(dsn + 8), 4) == 0x00112233);
+}
+
+void test_pcie_rules() {
+  Function f(compile(spec()), nullptr);
+  const uint16_t x = find_cap(f, cap_id::kPciExpress);
+  CHECK(rd(f, uint16_t(x + pcie::kCaps), 2) == 0x0002);  // §7.5.3.2: v2, Endpoint
+  CHECK((rd(f, uint16_t(x + pcie::kDevCap), 4) & 7u) == 2);  // 512 bytes supported
+  CHECK(f.max_payload_size() == 128 && f.read_completion_boundary() == 64);
+  CHECK(f.max_read_request_size() == 512);  // §7.5.3.4: MRRS default 010b
+  wr(f, uint16_t(x + pcie::kDevCtl), 2, 1u << 5);  // 256
+  CHECK(f.max_payload_size() == 256);
+  // Above Supported (§7.5.3.4 "Permissible values ..."): reads back, the function uses 512.
+  wr(f, uint16_t(x + pcie::kDevCtl), 2, 5u << 5);
+  CHECK(((rd(f, uint16_t(x + pcie::kDevCtl), 2) >> 5) & 7u) == 5 && f.max_payload_size() == 512);
+  wr(f, uint16_t(x + pcie::kLinkCtl), 2, pcie::kLinkCtlRcb);
+  CHECK(f.read_completion_boundary() == 128);
+  // §7.5.3.5: Device Status error bits RW1C.
+  f.config().device_set_bits(uint16_t(x + pcie::kDevSta), 2, 0x9);
+  wr(f, uint16_t(x + pcie::kDevSta), 2, 0x1);
+  CHECK(rd(f, uint16_t(x + pcie::kDevSta), 2) == 0x8);
+  // §7.5.3.16: Completion Timeout Value / Disable.
+  CHECK(f.completion_timeout().min_us == 50 && f.completion_timeout().max_us == 50000);
+  wr(f, uint16_t(x + pcie::kDevCtl2), 2, 0x6);  // 65 ms .. 210 ms (range B, supported)
+  CHECK(f.completion_timeout().min_us == 65000 && f.completion_timeout().max_us == 210000);
+  wr(f, uint16_t(x + pcie::kDevCtl2), 2, 0x9);  // range C: not supported -> default
+  CHECK(f.completion_timeout().max_us == 50000 && !f.completion_timeout().disabled);
+  wr(f, uint16_t(x + pcie::kDevCtl2), 2, 0x10);
+  CHECK(f.completion_timeout().disabled);
+}
+
+void test_power_management() {
+  FunctionSpec s = spec();
+  s.power_management.no_soft_reset = false;
+  Function f(compile(s), nullptr);
+  const uint16_t p = find_cap(f, cap_id::kPowerManagement);
+  CHECK((rd(f, uint16_t(p + pm::kPmc), 2) & 7u) == 3);  // §7.5.2.1 version 011b
+  // §7.5.2.2: writing an unsupported state (D1, D2 here) is discarded.
+  wr(f, uint16_t(p + pm::kPmcsr), 2, pm::kD1);
+  CHECK(f.power_state() == pm::kD0);
+  wr(f, reg::kCommand, 2, command::kMemorySpace);
+  wr(f, 0x18, 4, 0xe0004000);
+  wr(f, uint16_t(p + pm::kPmcsr), 2, pm::kD3hot);
+  CHECK(f.power_state() == pm::kD3hot && (rd(f, uint16_t(p + pm::kPmcsr), 2) & pm::kNoSoftReset) == 0);
+  // No_Soft_Reset clear: D3hot -> D0 resets the function's registers.
+  wr(f, uint16_t(p + pm::kPmcsr), 2, pm::kD0);
+  CHECK(f.power_state() == pm::kD0 && rd(f, reg::kCommand, 2) == 0 && rd(f, 0x18, 4) == 0);
+}
+
+// Enable MSI-X with the table in BAR2 and entries k -> (0xfee00000 + 4k, 0x100 + k).
+void program_msix(Function& f, uint16_t vectors) {
+  for (uint16_t k = 0; k < vectors; ++k) {
+    const uint32_t e[3] = {0xfee00000u + 4u * k, 0, 0x100u + k};
+    CHECK(f.msix_write(2, 16u * k, reinterpret_cast<const uint8_t*>(e), 8, 0xf, 0xf) == MsixAccess::ok);
+    CHECK(f.msix_write(2, 16u * k + 8, reinterpret_cast<const uint8_t*>(e + 2), 4, 0xf, 0) == MsixAccess::ok);
+  }
+  wr(f, reg::kCommand, 2, command::kMemorySpace | command::kBusMaster);
+}
+
+void test_msix_masking() {
+  Sink sink;
+  Function f(compile(spec()), &sink);
+  const uint16_t m = find_cap(f, cap_id::kMsix);
+  CHECK(rd(f, uint16_t(m + msix_cap::kControl), 2) == 63);  // §7.7.2.2 Table Size N-1
+  CHECK(rd(f, uint16_t(m + msix_cap::kTable), 4) == 2 && rd(f, uint16_t(m + msix_cap::kPba), 4) == 0x2002);
+  program_msix(f, 64);
+  // §7.7.2.2: MSI-X Enable clear -> prohibited from using MSI-X: nothing, not even pending.
+  CHECK(f.raise_msix(3) == RaiseResult::disabled && !f.msix_pending(3));
+  wr(f, uint16_t(m + msix_cap::kControl), 2, msix_cap::kEnable);
+  // §7.7.2.8: Mask Bit default 1b -> pending (§6.1.4.5), no message.
+  CHECK(f.raise_msix(3) == RaiseResult::pending && f.msix_pending(3) && sink.size() == 0);
+  uint8_t pba[8];
+  CHECK(f.msix_read(2, 0x2000, 8, pba) == MsixAccess::ok && pba[0] == 0x08);  // §7.7.2.9
+  // Unmasking sends the message and clears the pending bit.
+  const uint32_t unmask = 0;
+  CHECK(f.msix_write(2, 16 * 3 + 12, reinterpret_cast<const uint8_t*>(&unmask), 4, 0xf, 0) == MsixAccess::ok);
+  CHECK(sink.size() == 1 && sink.got[0] == std::make_pair(uint64_t(0xfee0000c), uint32_t(0x103)));
+  CHECK(!f.msix_pending(3));
+  CHECK(f.raise_msix(3) == RaiseResult::sent && sink.size() == 2);
+  // Function Mask masks every vector; clearing it sends what is pending.
+  wr(f, uint16_t(m + msix_cap::kControl), 2, msix_cap::kEnable | msix_cap::kFunctionMask);
+  CHECK(f.raise_msix(3) == RaiseResult::pending && sink.size() == 2);
+  wr(f, uint16_t(m + msix_cap::kControl), 2, msix_cap::kEnable);
+  CHECK(sink.size() == 3 && !f.msix_pending(3));
+  // §6.1.4.5: a pending bit cleared by the function (condition gone) sends nothing later.
+  CHECK(f.raise_msix(7) == RaiseResult::pending);
+  f.clear_msix_pending(7);
+  const uint32_t unmask7 = 0;
+  f.msix_write(2, 16 * 7 + 12, reinterpret_cast<const uint8_t*>(&unmask7), 4, 0xf, 0);
+  CHECK(sink.size() == 3);
+  // Bus Master Enable clear: no Memory Write may be sent; held pending until it is set.
+  wr(f, reg::kCommand, 2, command::kMemorySpace);
+  CHECK(f.raise_msix(3) == RaiseResult::pending);
+  wr(f, reg::kCommand, 2, command::kMemorySpace | command::kBusMaster);
+  CHECK(sink.size() == 4 && !f.msix_pending(3));
+  CHECK(f.raise_msix(64) == RaiseResult::bad_vector);
+}
+
+void test_msix_access_rules() {
+  Function f(compile(spec()), nullptr);
+  // §7.7.2: aligned full DW or QW only; anything else is undefined and ignored here.
+  const uint8_t ones[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+  CHECK(f.msix_write(2, 16, ones, 4, 0x3, 0) == MsixAccess::undefined_size);
+  CHECK(f.msix_write(2, 20, ones, 8, 0xf, 0xf) == MsixAccess::undefined_size);  // QW not QW-aligned
+  uint8_t out[8] = {};
+  f.msix_read(2, 16, 4, out);
+  CHECK(out[0] == 0 && out[3] == 0);
+  // Message Address bits 1:0 and Vector Control bits 31:1 are reserved: read 0.
+  CHECK(f.msix_write(2, 16, ones, 8, 0xf, 0xf) == MsixAccess::ok);
+  CHECK(f.msix_write(2, 28, ones, 4, 0xf, 0) == MsixAccess::ok);
+  CHECK(f.msix_read(2, 16, 8, out) == MsixAccess::ok);
+  CHECK(out[0] == 0xfc && out[4] == 0xff);
+  CHECK(f.msix_read(2, 28, 4, out) == MsixAccess::ok && out[0] == 1 && out[1] == 0 && out[3] == 0);
+  // PBA is read-only; a table/PBA straddling access is refused.
+  CHECK(f.msix_write(2, 0x2000, ones, 8, 0xf, 0xf) == MsixAccess::read_only);
+  CHECK(f.msix_hit(2, 64 * 16 - 4, 8).region == MsixRegion::straddles);
+  CHECK(f.msix_hit(0, 0, 4).region == MsixRegion::none);
+  CHECK(f.msix_hit(2, 0x2000, 8).region == MsixRegion::pba);
+}
+
+// A raise racing the unmask that ends a masked period (§6.1.4.5): whichever wins, the
+// message is sent exactly once and nothing stays pending; no later unmask rescues a lost one.
+void test_msix_exactly_once_concurrent() {
+  Sink sink;
+  Function f(compile(spec()), &sink);
+  const uint16_t m = find_cap(f, cap_id::kMsix);
+  program_msix(f, 64);
+  for (uint16_t k = 0; k < 64; ++k) {
+    const uint32_t z = 0;
+    f.msix_write(2, 16u * k + 12, reinterpret_cast<const uint8_t*>(&z), 4, 0xf, 0);
+  }
+  constexpr int kRounds = 20000;
+  std::atomic<int> go{-1}, done{-1};  // seq_cst: a round's start and end handshake
+  std::thread t([&] {
+    for (int r = 0; r < kRounds; ++r) {
+      while (go.load() != r) {
+      }
+      f.raise_msix(uint16_t(r % 64));
+      done.store(r);
+    }
+  });
+  int bad = 0;
+  for (int r = 0; r < kRounds; ++r) {
+    wr(f, uint16_t(m + msix_cap::kControl), 2, msix_cap::kEnable | msix_cap::kFunctionMask);
+    const size_t before = sink.size();
+    go.store(r);
+    wr(f, uint16_t(m + msix_cap::kControl), 2, msix_cap::kEnable);  // races the raise
+    while (done.load() != r) {
+    }
+    if (sink.size() != before + 1 || f.msix_pending(uint16_t(r % 64))) ++bad;
+  }
+  t.join();
+  CHECK(bad == 0);
+  if (bad != 0) std::fprintf(stderr, "%d of %d rounds lost or duplicated a message\n", bad, kRounds);
+}
+
+void test_snapshot_restore() {
+  auto layout = compile(spec());
+  Function f(layout, nullptr);
+  program_msix(f, 64);
+  wr(f, 0x18, 4, 0xe0004000);
+  f.raise_msix(5);  // MSI-X disabled: nothing; then pending under Function Mask
+  const uint16_t m = find_cap(f, cap_id::kMsix);
+  wr(f, uint16_t(m + msix_cap::kControl), 2, msix_cap::kEnable | msix_cap::kFunctionMask);
+  f.raise_msix(5);
+  std::vector<uint8_t> snap(Function::state_size());
+  f.snapshot(snap.data(), snap.size());
+  // A successor in caller memory (as in shared memory) continues from the same state.
+  auto mem = std::make_unique<FunctionState>();
+  std::memcpy(mem.get(), snap.data(), snap.size());
+  Function g(layout, nullptr, mem.get(), Function::Adopt::keep);
+  CHECK(rd(g, 0x18, 4) == 0xe0004000 && g.msix_pending(5));
+  // cmask: a read-only bit changed in the snapshot is refused, naming the byte.
+  std::vector<uint8_t> bad = snap;
+  bad[offsetof(FunctionState, config) + reg::kDeviceId] ^= 1;
+  CHECK_THROWS_KIND(g.restore(bad.data(), bad.size()), ErrorKind::invalid_argument, EINVAL);
+  CHECK(rd(g, reg::kDeviceId, 2) == 0x1234);  // unchanged
+  bad = snap;
+  reinterpret_cast<FunctionState*>(bad.data())->header.version = 2;
+  CHECK_THROWS_KIND(g.restore(bad.data(), bad.size()), ErrorKind::invalid_argument, EPROTO);
+  FunctionSpec other = spec();
+  other.identity.device_id = 0x4321;
+  Function h(compile(other), nullptr);
+  CHECK_THROWS_KIND(h.restore(snap.data(), snap.size()), ErrorKind::invalid_argument, EINVAL);
+  CHECK_THROWS_KIND(h.restore(snap.data(), snap.size() - 1), ErrorKind::invalid_argument, EINVAL);
+  bad = snap;
+  reinterpret_cast<FunctionState*>(bad.data())->msix.table[4 * 70] = 5;  // beyond the table
+  CHECK_THROWS_KIND(g.restore(bad.data(), bad.size()), ErrorKind::invalid_argument, EINVAL);
+  g.restore(snap.data(), snap.size());
+  CHECK(g.msix_pending(5));
+}
+
+void test_validation_errors() {
+  auto expect = [](FunctionSpec s, const char* field) {
+    try {
+      compile(s);
+      std::fprintf(stderr, "compile accepted a spec with a bad %s\n", field);
+      ++mlx5tlp_test::failures();
+    } catch (const mlx5tlp::Error& e) {
+      if (e.error_number() != EINVAL || e.kind() != ErrorKind::invalid_argument ||
+          std::strstr(e.what(), field) == nullptr) {
+        std::fprintf(stderr, "expected %s in: %s\n", field, e.what());
+        ++mlx5tlp_test::failures();
+      }
+    }
+  };
+  FunctionSpec s = spec();
+  s.bars[1].size = 100;
+  expect(s, "bars[1].size");
+  s = spec();
+  s.bars[1].size = 64;  // below the PCIe 128-byte minimum
+  expect(s, "bars[1].size");
+  s = spec();
+  s.bars.push_back({5, BarKind::mem64, 4096, false});
+  expect(s, "bars[3].index");
+  s = spec();
+  s.bars.push_back({1, BarKind::mem32, 4096, false});  // upper half of BAR0
+  expect(s, "bars[3].index");
+  s = spec();
+  s.bars[1].prefetchable = true;
+  expect(s, "bars[1].prefetchable");
+  s = spec();
+  s.bars[2].size = 512;
+  expect(s, "bars[2].size");
+  s = spec();
+  s.msix.vectors = 2048;  // 32 KiB table in a 16 KiB BAR
+  expect(s, "msix.table_bar");
+  s = spec();
+  s.msix.table_bar = 3;  // I/O BAR
+  expect(s, "msix.table_bar");
+  s = spec();
+  s.msix.pba_offset = 0x100;  // inside the table
+  expect(s, "msix.pba_offset");
+  s = spec();
+  s.msix.table_offset = 4;
+  expect(s, "msix.table_offset");
+  s = spec();
+  s.msix.offset = 0x42;
+  expect(s, "msix.offset");
+  s = spec();
+  s.vendor_caps[0].offset = 0x40;  // where the PCIe capability goes
+  s.pcie.offset = 0x40;
+  expect(s, "vendor_caps[0].offset");
+  s = spec();
+  s.aer.offset = 0x200;  // the extended list must start at 0x100
+  s.serial_number.offset = 0x300;
+  s.vendor_ext_caps[0].offset = 0x400;
+  expect(s, "extended capabilities");
+  s = spec();
+  s.expansion_rom.size = 1024;
+  expect(s, "expansion_rom.size");
+  s = spec();
+  s.pcie.max_payload_supported = 8192;
+  expect(s, "pcie.max_payload_supported");
+  s = spec();
+  s.vendor_caps[0].writable = {{8, 4}};
+  expect(s, "vendor_caps[0].writable[0]");
+  s = spec();
+  s.identity.vendor_id = 0xffff;
+  expect(s, "identity.vendor_id");
+}
+
+}  // namespace
+
+int main() {
+  test_header_and_command();
+  test_status_rw1c_and_byte_enables();
+  test_bar_sizing();
+  test_decode();
+  test_capability_lists();
+  test_pcie_rules();
+  test_power_management();
+  test_msix_masking();
+  test_msix_access_rules();
+  test_msix_exactly_once_concurrent();
+  test_snapshot_restore();
+  test_validation_errors();
+  return mlx5tlp_test::finish("test_config_space");
+}
