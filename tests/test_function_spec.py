@@ -229,3 +229,19 @@ def test_state_buffer_checks() -> None:
     buf = bytearray(fn.STATE_SIZE)
     with pytest.raises(mlx5tlp.InvalidArgumentError, match="bad magic"):
         fn.Function(declare(), state=buf, adopt=True)  # zeros are no predecessor's state
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "function.md"
+
+
+@pytest.mark.skipif(not DOC.exists(), reason="needs a source checkout (docs/function.md)")
+def test_the_examples_in_docs_function_md_work() -> None:
+    text = DOC.read_text()
+    toml = text.split("```toml\n")[1].split("```")[0]
+    spec = fn.FunctionSpec.from_toml(toml)
+    assert spec.msix == fn.Msix(vectors=32, table_bar=2, table_offset=0x8000, pba_offset=0xC000)
+    assert fn.enumerate_function(fn.Function(spec)).problems == ()
+    code = text.split("```python\n")[1].split("```")[0]
+    scope: dict[str, Any] = {}
+    exec(compile(code, str(DOC), "exec"), scope)
+    assert scope["found"].problems == () and scope["spec"] == declare()

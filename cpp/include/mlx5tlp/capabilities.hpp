@@ -12,8 +12,8 @@
 //   MSI-X (11h, §7.7.2)                                   Vendor-Specific (09h, §7.9.4)
 //   AER (ext 0001h, §7.8.4, version 2)                    Device Serial Number (ext 0003h, §7.9.3)
 //   Vendor-Specific Extended (ext 000Bh, §7.9.5)
-// Errors: mlx5tlp::Error kind invalid_argument, errno EINVAL, the message beginning with the
-// spec field at fault (e.g. "msix.offset: 0x41 is not DW-aligned").
+// Errors: mlx5tlp::Error kind invalid_argument, errno EINVAL, the message naming the spec
+// field at fault (e.g. "... msix.offset: 0x41 is not DW-aligned").
 // Thread-safety: the builder is single-threaded compile-time code (it allocates; the run-time
 // paths never call it).
 #pragma once

@@ -55,8 +55,9 @@ struct FunctionState {
 };
 static_assert(std::is_trivially_copyable_v<FunctionState> && std::is_standard_layout_v<FunctionState>,
               "FunctionState must be plain data: it lives in shared memory and is copied as bytes");
-static_assert(sizeof(FunctionStateHeader) == 24 && offsetof(FunctionState, config) == 24,
-              "the documented state layout (docs/function.md)");
+static_assert(sizeof(FunctionStateHeader) == 24 && offsetof(FunctionState, config) == 24 &&
+                  offsetof(FunctionState, msix) == 4120 && sizeof(FunctionState) == 37152,
+              "the documented state layout (docs/function.md): change kFunctionStateVersion too");
 
 // Completion Timeout the host programmed (Device Control 2, §7.5.3.16), in microseconds.
 struct CompletionTimeout {

@@ -5,8 +5,8 @@
 // compile() validates every field and produces an immutable FunctionLayout that any number
 // of Function objects (function.hpp) share. Field names are those of the spec file format
 // (docs/function.md), and every validation error names the field at fault:
-//   Error kind invalid_argument, errno EINVAL, operation "compile FunctionSpec",
-//   message "<field>: <what is wrong>", e.g. "bars[1].size: 100 is not a power of two",
+//   Error kind invalid_argument, errno EINVAL, operation "compile FunctionSpec", the
+//   message ending in "<field>: <what is wrong>", e.g. "bars[1].size: 100 is not a power of two",
 //   "msix.table_bar: BAR 2 (4096 bytes) is too small for ...", "bars[0].index: a 64-bit BAR
 //   takes two registers; slot 5 has no upper half".
 // The PCI Express and Power Management capabilities are always present: every PCI Express
@@ -47,7 +47,8 @@ struct FunctionSpec {
   std::vector<VendorExtCapParams> vendor_ext_caps;
 };
 
-// The compiled function: what the run-time paths read. No pointers inside.
+// The compiled function: what the run-time paths read. Immutable; the mutable state lives
+// in FunctionState (function.hpp), which holds no pointers.
 struct FunctionLayout {
   ConfigTemplate config;
   BarTable bars;

@@ -3,8 +3,8 @@
 A :class:`FunctionSpec` is plain, immutable data: identity, BARs, capabilities and where the
 MSI-X table and PBA live. :class:`mlx5tlp.function.Function` compiles it (in the C++ core),
 which validates every field against the PCIe Base Specification and raises
-:class:`mlx5tlp.InvalidArgumentError` (``errno`` EINVAL) whose message starts with the field at
-fault, e.g. ``bars[1].size: 100 is not a power of two``.
+:class:`mlx5tlp.InvalidArgumentError` (``errno`` EINVAL) whose message names the field at
+fault, e.g. ``... bars[1].size: 100 is not a power of two``.
 
 The same data reads from and writes to JSON and TOML (:meth:`FunctionSpec.to_json`,
 :meth:`FunctionSpec.from_toml`, :func:`load`, :func:`dump`); the format is documented in
