@@ -217,8 +217,19 @@ def test_state_in_shared_memory_survives_the_process(tmp_path: Path) -> None:
     assert successor.msix_pending(3)
     with pytest.raises(mlx5tlp.InvalidArgumentError, match="spec digest"):
         fn.Function(_with(identity=fn.Identity(0x15B3, 0x1022)), state=mm, adopt=True)
-    del successor
+    successor.close()
     mm.close()  # BufferError if a Function (even the refused one) still held the mapping
+    with pytest.raises(mlx5tlp.InvalidHandleError) as ei:
+        successor.config_read(0)
+    assert ei.value.errno == errno.EBADF and successor.closed
+    successor.close()  # idempotent
+
+
+def test_context_manager_closes() -> None:
+    with fn.Function(declare()) as f:
+        assert f.config_read(0, 2) == 0x15B3
+    with pytest.raises(mlx5tlp.InvalidHandleError):
+        f.raise_msix(0)
 
 
 def test_state_buffer_checks() -> None:

@@ -21,7 +21,8 @@ import errno
 from typing import Any, NamedTuple, Optional
 
 from mlx5tlp import _core
-from mlx5tlp.errors import InvalidArgumentError
+from mlx5tlp._closing import Closing
+from mlx5tlp.errors import InvalidArgumentError, InvalidHandleError
 from mlx5tlp.function.spec import FunctionSpec
 
 __all__ = [
@@ -102,8 +103,12 @@ def _dwords(offset: int, length: int) -> tuple[int, int, int, int]:
     return start, end - start, first, last
 
 
-class Function:
+class Function(Closing):
     """One emulated function compiled from a :class:`FunctionSpec`.
+
+    ``close()`` (idempotent; also ``with Function(...) as f:``) releases the native model and
+    the ``state`` buffer (an ``mmap`` can be closed afterwards); later calls raise
+    :class:`~mlx5tlp.InvalidHandleError` (EBADF). The state itself stays where it is.
 
     Args:
         spec: the declaration; compiled (validated) here.
@@ -123,9 +128,24 @@ class Function:
         if not isinstance(spec, FunctionSpec):
             raise TypeError(f"spec must be a FunctionSpec, not {type(spec).__name__}")
         self._spec = spec
-        self._state = state
-        self._f = _core.function.Function(_core_value(spec), state, adopt)
-        self._layout: dict[str, Any] = dict(self._f.layout())
+        native = _core.function.Function(_core_value(spec), state, adopt)
+        self._layout: dict[str, Any] = dict(native.layout())
+        self._f: Optional[Any] = native
+
+    @property
+    def _n(self) -> Any:
+        if self._f is None:
+            raise InvalidHandleError(errno.EBADF, "the function was closed", "function")
+        return self._f
+
+    def close(self) -> None:
+        """Release the native model and the state buffer (idempotent)."""
+        self._f = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._f is None
 
     @property
     def spec(self) -> FunctionSpec:
@@ -149,7 +169,7 @@ class Function:
     def config_read(self, offset: int, size: int = 4) -> int:
         """Read 1, 2 or 4 bytes at an aligned ``offset``."""
         _check_access(offset, size, "config read")
-        dw = int(self._f.config_read(offset & ~3))
+        dw = int(self._n.config_read(offset & ~3))
         return (dw >> (8 * (offset & 3))) & ((1 << (8 * size)) - 1)
 
     def config_write(self, offset: int, value: int, size: int = 4) -> None:
@@ -158,94 +178,94 @@ class Function:
         if not 0 <= value < 1 << (8 * size):
             raise _bad("config write", f"value {value:#x} does not fit {size} bytes")
         be = ((1 << size) - 1) << (offset & 3)
-        self._f.config_write(offset & ~3, value << (8 * (offset & 3)), be)
+        self._n.config_write(offset & ~3, value << (8 * (offset & 3)), be)
 
     def config_write_dword(self, dw_offset: int, value: int, byte_enables: int) -> None:
         """One Configuration Write Request as on the wire: a DW and its First DW BE."""
-        self._f.config_write(dw_offset, value, byte_enables)
+        self._n.config_write(dw_offset, value, byte_enables)
 
     def config_bytes(self) -> bytes:
         """All 4096 bytes of configuration space, as a host reading them would see them."""
-        return bytes(self._f.config_bytes())
+        return bytes(self._n.config_bytes())
 
     def device_write(self, offset: int, value: int, size: int = 4) -> None:
         """The function's own update of a register (bypasses the host masks), e.g. setting
         an error status bit or a header log."""
-        self._f.device_write(offset, size, value)
+        self._n.device_write(offset, size, value)
 
     def template(self) -> ConfigTemplate:
         """The compiled reset image and masks."""
-        return ConfigTemplate(*(bytes(b) for b in self._f.template()))
+        return ConfigTemplate(*(bytes(b) for b in self._n.template()))
 
     # ---- what the engine reads ----
 
     @property
     def memory_enabled(self) -> bool:
         """Memory Space Enable and D0: memory requests are decoded."""
-        return bool(self._f.memory_enabled)
+        return bool(self._n.memory_enabled)
 
     @property
     def io_enabled(self) -> bool:
         """I/O Space Enable and D0."""
-        return bool(self._f.io_enabled)
+        return bool(self._n.io_enabled)
 
     @property
     def bus_master(self) -> bool:
         """Bus Master Enable and D0: the function may send Memory Writes (MSI-X included)."""
-        return bool(self._f.bus_master)
+        return bool(self._n.bus_master)
 
     @property
     def power_state(self) -> int:
         """PMCSR PowerState: 0 = D0, 1 = D1, 2 = D2, 3 = D3hot."""
-        return int(self._f.power_state)
+        return int(self._n.power_state)
 
     @property
     def max_payload_size(self) -> int:
         """Bytes per completion payload: min(Device Control MPS, MPS Supported)."""
-        return int(self._f.max_payload_size)
+        return int(self._n.max_payload_size)
 
     @property
     def max_read_request_size(self) -> int:
         """Device Control Max_Read_Request_Size in bytes."""
-        return int(self._f.max_read_request_size)
+        return int(self._n.max_read_request_size)
 
     @property
     def read_completion_boundary(self) -> int:
         """64 or 128 bytes (Link Control RCB)."""
-        return int(self._f.read_completion_boundary)
+        return int(self._n.read_completion_boundary)
 
     @property
     def completion_timeout(self) -> CompletionTimeout:
         """The host's Completion Timeout range (default 50 us .. 50 ms) or disabled."""
-        disabled, lo, hi = self._f.completion_timeout()
+        disabled, lo, hi = self._n.completion_timeout()
         return CompletionTimeout(bool(disabled), int(lo), int(hi))
 
     def decode_memory(self, address: int, length: int) -> Decoded:
         """Which BAR (0..5, or :data:`ROM_BAR`) a memory request of ``length`` bytes hits."""
-        status, bar, offset = self._f.decode_memory(address, length)
+        status, bar, offset = self._n.decode_memory(address, length)
         return Decoded(str(status), int(bar), int(offset))
 
     def decode_io(self, address: int, length: int) -> Decoded:
         """Which I/O BAR a request hits."""
-        status, bar, offset = self._f.decode_io(address, length)
+        status, bar, offset = self._n.decode_io(address, length)
         return Decoded(str(status), int(bar), int(offset))
 
     def bar_base(self, bar: int) -> int:
         """The address BAR ``bar`` (or :data:`ROM_BAR`) is programmed with."""
-        return int(self._f.bar_base(bar))
+        return int(self._n.bar_base(bar))
 
     # ---- MSI-X ----
 
     def msix_region(self, bar: int, offset: int, length: int) -> tuple[str, int]:
         """(``table`` | ``pba`` | ``straddles`` | ``none``, offset in the structure)."""
-        region, off = self._f.msix_hit(bar, offset, length)
+        region, off = self._n.msix_hit(bar, offset, length)
         return str(region), int(off)
 
     def msix_read(self, bar: int, offset: int, length: int) -> tuple[str, bytes]:
         """Read the MSI-X table or PBA: (``ok`` | ``undefined_size`` | ``out_of_range``, data).
         ``undefined_size``: not an aligned DW/QW access (the spec leaves the result
         undefined; the data is returned anyway)."""
-        status, data = self._f.msix_read(bar, offset, length)
+        status, data = self._n.msix_read(bar, offset, length)
         return str(status), bytes(data)
 
     def msix_write(self, bar: int, offset: int, data: bytes) -> str:
@@ -254,7 +274,7 @@ class Function:
         start, n, first, last = _dwords(offset, len(data))
         buf = bytearray(n)
         buf[offset - start: offset - start + len(data)] = data
-        return str(self._f.msix_write(bar, start, bytes(buf), first, last))
+        return str(self._n.msix_write(bar, start, bytes(buf), first, last))
 
     def memory_read(self, address: int, length: int) -> tuple[str, bytes]:
         """A host Memory Read, for the parts this model serves (the MSI-X structures):
@@ -281,34 +301,34 @@ class Function:
     def raise_msix(self, vector: int) -> str:
         """Signal vector ``vector``: ``sent``, ``pending`` (masked, or Bus Master Enable
         clear: sent when that ends), ``disabled`` (MSI-X Enable clear) or ``bad_vector``."""
-        return str(self._f.raise_msix(vector))
+        return str(self._n.raise_msix(vector))
 
     def msix_pending(self, vector: int) -> bool:
         """The vector's Pending bit."""
-        return bool(self._f.msix_pending(vector))
+        return bool(self._n.msix_pending(vector))
 
     def clear_msix_pending(self, vector: int) -> None:
         """The interrupt condition went away while masked: no message on unmask."""
-        self._f.clear_msix_pending(vector)
+        self._n.clear_msix_pending(vector)
 
     def take_interrupts(self) -> list[tuple[int, int]]:
         """MSI-X messages sent since the last call, oldest first: ``(address, data)``."""
-        return [(int(a), int(d)) for a, d in self._f.take_interrupts()]
+        return [(int(a), int(d)) for a, d in self._n.take_interrupts()]
 
     @property
     def messages_sent(self) -> int:
         """MSI-X messages sent since creation."""
-        return int(self._f.messages_sent)
+        return int(self._n.messages_sent)
 
     # ---- state ----
 
     def reset(self) -> None:
         """Conventional reset: every register and MSI-X entry to its reset value."""
-        self._f.reset()
+        self._n.reset()
 
     def snapshot(self) -> bytes:
         """The whole state, :data:`STATE_SIZE` bytes (layout in docs/function.md)."""
-        return bytes(self._f.snapshot())
+        return bytes(self._n.snapshot())
 
     def restore(self, snapshot: bytes) -> None:
         """Continue from a snapshot after checking it (layout version, spec digest, read-only
@@ -318,4 +338,4 @@ class Function:
             InvalidArgumentError: EINVAL naming what differs, EPROTO for another layout
                 version; the state is unchanged.
         """
-        self._f.restore(bytes(snapshot))
+        self._n.restore(bytes(snapshot))
