@@ -236,7 +236,7 @@ void Function::snapshot(void* out, size_t n) const {
   dst->header = st_->header;
   std::memcpy(dst->config, st_->config, kConfigSize);
   // Atomic loads: raisers may be setting pending bits right now (relaxed: a point-in-time copy).
-  for (size_t i = 0; i < msix_cap::kMaxVectors * 4; ++i)
+  for (size_t i = 0; i < msix_cap::kMaxVectors * 4; ++i)  // relaxed: a point-in-time copy
     dst->msix.table[i] = __atomic_load_n(&st_->msix.table[i], __ATOMIC_RELAXED);
   for (size_t i = 0; i < msix_cap::kMaxVectors / 64; ++i)
     dst->msix.pba[i] = __atomic_load_n(&st_->msix.pba[i], __ATOMIC_SEQ_CST);  // seq_cst: as raise()

@@ -42,10 +42,12 @@ bool msix_aligned(uint32_t offset, uint32_t len, uint8_t first_be, uint8_t last_
 
 void Msix::reset() noexcept {
   for (uint32_t k = 0; k < msix_cap::kMaxVectors; ++k) {
+    // Relaxed: address/data are published by the seq_cst Vector Control store that follows.
     for (uint32_t i = 0; i < 3; ++i) __atomic_store_n(&s_->table[4 * k + i], 0u, __ATOMIC_RELAXED);
     // Vector Control: Mask Bit default 1b (§7.7.2.8). seq_cst: pairs with raise().
     __atomic_store_n(&s_->table[4 * k + 3], 1u, __ATOMIC_SEQ_CST);
   }
+  // seq_cst: the same total order raise() and set_control() use for these words.
   for (auto& w : s_->pba) __atomic_store_n(&w, uint64_t(0), __ATOMIC_SEQ_CST);
   __atomic_store_n(&s_->control, 0u, __ATOMIC_SEQ_CST);
   s_->reserved = 0;

@@ -172,6 +172,38 @@ void test_pcie_rules() {
   CHECK(f.completion_timeout().disabled);
 }
 
+// The builder splits a read with what the host programmed (§2.3.1.1): a 512-byte MRd at
+// 0x...60; every completion but the last ends on an RCB boundary and carries at most MPS.
+void test_completions_follow_programmed_mps_and_rcb() {
+  Function f(compile(spec()), nullptr);
+  const uint16_t x = find_cap(f, cap_id::kPciExpress);
+  mlx5tlp::tlp::Tlp req;
+  req.kind = mlx5tlp::tlp::Kind::MRd;
+  req.address = 0x1000060;
+  req.length = 128;
+  req.first_be = 0xf;
+  req.last_be = 0xf;
+  req.requester_id = 0x0100;
+  mlx5tlp::tlp::set_format(&req);
+  std::vector<uint8_t> data(512);
+  auto sizes = [&](const Function& fn) {
+    mlx5tlp::tlp::Tlp out[mlx5tlp::tlp::kMaxCompletions];
+    size_t n = 0;
+    CHECK(mlx5tlp::tlp::plan_completions(req, data.data(), data.size(), fn.completion_params(0x0200),
+                                         out, mlx5tlp::tlp::kMaxCompletions, &n) ==
+          mlx5tlp::tlp::Status::ok);
+    std::vector<size_t> v;
+    for (size_t i = 0; i < n; ++i) v.push_back(out[i].data_len);
+    return v;
+  };
+  CHECK((sizes(f) == std::vector<size_t>{96, 128, 128, 128, 32}));  // MPS 128, RCB 64
+  wr(f, uint16_t(x + pcie::kDevCtl), 2, 1u << 5);  // MPS 256
+  CHECK((sizes(f) == std::vector<size_t>{224, 256, 32}));
+  wr(f, uint16_t(x + pcie::kLinkCtl), 2, pcie::kLinkCtlRcb);  // RCB 128
+  CHECK(f.completion_params(0x0200).max_payload == 256 && f.completion_params(0x0200).rcb == 128);
+  CHECK((sizes(f) == std::vector<size_t>{160, 256, 96}));
+}
+
 void test_power_management() {
   FunctionSpec s = spec();
   s.power_management.no_soft_reset = false;
@@ -269,6 +301,7 @@ int main() {
   test_decode();
   test_capability_lists();
   test_pcie_rules();
+  test_completions_follow_programmed_mps_and_rcb();
   test_power_management();
   test_validation_errors();
   return mlx5tlp_test::finish("test_config_space");

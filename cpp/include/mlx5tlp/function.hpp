@@ -33,6 +33,7 @@
 #include "mlx5tlp/config_space.hpp"
 #include "mlx5tlp/function_spec.hpp"
 #include "mlx5tlp/msix.hpp"
+#include "mlx5tlp/tlp_completion.hpp"
 
 namespace mlx5tlp::pci {
 
@@ -104,6 +105,15 @@ class Function {
   uint16_t max_read_request_size() const noexcept;
   uint16_t read_completion_boundary() const noexcept;  // 64 or 128 (Link Control bit 3)
   CompletionTimeout completion_timeout() const noexcept;
+  // The completion builder's parameters for this function's Successful Completions: payloads
+  // of at most max_payload_size(), read data split at read_completion_boundary() (§2.3.1.1).
+  tlp::CompletionParams completion_params(uint16_t completer_id) const noexcept {
+    tlp::CompletionParams p;
+    p.completer_id = completer_id;
+    p.max_payload = max_payload_size();
+    p.rcb = read_completion_boundary();
+    return p;
+  }
 
   DecodeResult decode_memory(uint64_t addr, uint32_t len) const noexcept {
     return pci::decode_memory(layout_->bars, cs_, addr, len, memory_enabled());

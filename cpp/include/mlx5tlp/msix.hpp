@@ -90,6 +90,7 @@ class Msix {
   // The config side changed (MSI-X Enable, Function Mask, Bus Master Enable, power state):
   // publish it, then send every pending vector that is no longer masked.
   void set_control(uint32_t control) noexcept;
+  // seq_cst: the load half of the Dekker pair with set_control() (msix.cpp).
   uint32_t control() const noexcept { return __atomic_load_n(&s_->control, __ATOMIC_SEQ_CST); }
 
   RaiseResult raise(uint16_t vector) noexcept;
@@ -106,7 +107,7 @@ class Msix {
   MsixAccess pba_read(uint32_t offset, uint32_t len, uint8_t* out) const noexcept;
   MsixAccess pba_write(uint32_t offset, uint32_t len) const noexcept;
 
-  uint64_t messages_sent() const noexcept { return sent_.load(std::memory_order_relaxed); }
+  uint64_t messages_sent() const noexcept { return sent_.load(std::memory_order_relaxed); }  // a statistic
 
  private:
   bool open(uint32_t ctl) const noexcept;
