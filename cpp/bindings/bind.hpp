@@ -11,4 +11,5 @@ void bind_context(pybind11::module_& m);
 void bind_objects(pybind11::module_& m);
 void bind_sim(pybind11::module_& m);
 void bind_gateway(pybind11::module_& m);
+void bind_function(pybind11::module_& m);
 }  // namespace mlx5tlp::bind
