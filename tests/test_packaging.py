@@ -219,6 +219,9 @@ def test_wheels_workflow_builds_tests_uploads_and_publishes() -> None:
                    "x86_64", "aarch64", "actions/upload-artifact@", "python -m build --sdist",
                    "pypa/gh-action-pypi-publish@", "id-token: write", "refs/tags/v"):
         assert needed in text, needed
+    # The workflow runs the cibuildwheel this suite checks the configuration with.
+    pinned = re.search(r'"cibuildwheel~=([\d.]+)"', PYPROJECT.read_text())
+    assert pinned is not None and f"pypa/cibuildwheel@v{pinned.group(1)} " in text
 
 
 def test_editable_install_finds_its_cmake_package(tmp_path: Path) -> None:
