@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 
 import pytest
 
 from mlx5tlp import sim
+from mlx5tlp.demo import OptionError, Options, completion_payload, run, shares
 
 
 def _demo(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -52,7 +58,7 @@ def test_demo_text_output_and_bad_option(device: str) -> None:
     assert f"mlx5tlp demo on {device}: OK" in out.stdout
     assert "errors 0" in out.stdout
     bad = _demo("--device", device, "--workers", "9")
-    assert bad.returncode == 2 and "workers must be 1..8" in bad.stderr
+    assert bad.returncode == 2 and "argument --workers: must be an integer in 1..8" in bad.stderr
 
 
 @pytest.mark.slow
@@ -88,3 +94,176 @@ def test_demo_ctrl_c_ends_with_a_report(device: str) -> None:
     assert f"mlx5tlp demo on {device}: INTERRUPTED" in stdout
     assert "leaked device objects: 0" in stdout
     _no_objects(device)
+
+
+# -- options mean what they say ---------------------------------------------------------------
+@pytest.mark.parametrize("args, rule", [
+    (["--workers", "0"], "argument --workers: must be an integer in 1..8, not 0"),
+    (["--workers", "9"], "argument --workers: must be an integer in 1..8, not 9"),
+    (["--window", "0"], "argument --window: must be an integer in 1..1024, not 0"),
+    (["--timeout", "0"], "argument --timeout: must be a number of seconds > 0, not 0"),
+    (["--timeout", "-1"], "argument --timeout: must be a number of seconds > 0, not -1"),
+    (["--timeout", "nan"], "argument --timeout: must be a number of seconds > 0, not nan"),
+    (["--kill-worker-after", "0"], "argument --kill-worker-after: must be an integer >= 1, not 0"),
+    (["--kill-worker-after", "-5"],
+     "argument --kill-worker-after: must be an integer >= 1, not -5"),
+    (["--requests", "5", "--kill-worker-after", "6"],
+     "argument --kill-worker-after: must be 1..--requests (5), not 6"),
+    (["--max-payload", "256.0"],
+     "argument --max-payload: must be a power of two in 128..4096, not '256.0'"),
+    (["--max-payload", "384"], "argument --max-payload: must be a power of two in 128..4096, "
+                               "not 384"),
+    (["--max-payload", "64"], "argument --max-payload: must be a power of two in 128..4096, "
+                              "not 64"),
+    (["--read-size", "0"], "argument --read-size: must be an integer in 1..4096, not 0"),
+    (["--requests", "0"], "argument --requests: must be an integer >= 1, not 0"),
+])
+def test_bad_options_are_refused_up_front(args: list[str], rule: str) -> None:
+    out = _demo(*args, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr == f"mlx5tlp demo: error: {rule} (see mlx5tlp demo --help)\n"
+    assert out.stdout == ""
+
+
+def test_python_api_applies_the_same_rules() -> None:
+    for bad, what in ((Options(workers=0), "--workers"), (Options(window=0), "--window"),
+                      (Options(timeout=0), "--timeout"), (Options(max_payload=384),
+                                                            "--max-payload"),
+                      (Options(kill_worker_after=0), "--kill-worker-after")):
+        with pytest.raises(OptionError, match=what):
+            run(bad)
+
+
+def test_unknown_device_lists_the_devices(device: str) -> None:
+    out = _demo("--device", "nope", "--requests", "10", timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1
+    assert out.stderr.startswith("mlx5tlp demo: no software device named 'nope'")
+    assert device in out.stderr and "mlx5_sim0" in out.stderr
+
+
+def test_shares_cover_the_bar_for_any_worker_count() -> None:
+    for workers in range(1, 9):
+        parts = shares(64 * 1024, workers)
+        assert len(parts) == workers and parts[0][0] == 0 and parts[-1][1] == 64 * 1024
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
+        assert all(lo % 4 == 0 and hi - lo >= 4092 for lo, hi in parts)
+
+
+def test_completion_payload_fits_the_record() -> None:
+    assert completion_payload(128, 64, 248) == 128
+    assert completion_payload(256, 64, 248) == 128  # 12 + 256 > 248: split at RCB multiples
+    assert completion_payload(4096, 128, 1016) == 512
+    assert completion_payload(512, 64, 1016) == 512
+    with pytest.raises(OptionError, match="holds at most 120 bytes"):
+        completion_payload(128, 64, 120)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [3, 7])
+def test_any_worker_count_works(workers: int, device: str) -> None:
+    out = _demo("--device", device, "--requests", "300", "--workers", str(workers), "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rep = json.loads(out.stdout)
+    assert rep["requests_verified"] == 300 and rep["errors"] == 0
+    assert len(rep["workers_report"]) == workers
+    assert all(w["served"] > 0 for w in rep["workers_report"])
+    _no_objects(device)
+
+
+@pytest.mark.slow
+def test_max_payload_larger_than_a_record_is_split_to_fit(device: str) -> None:
+    # The default device's slots hold 248-byte records: a 256-byte payload cannot fit.
+    out = _demo("--device", device, "--requests", "300", "--max-payload", "256",
+                "--read-size", "1024", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rep = json.loads(out.stdout)
+    assert rep["errors"] == 0 and rep["requests_verified"] == 300
+    assert (rep["max_payload"], rep["completion_payload"]) == (256, 128)
+    assert rep["model"]["errors"] == 0 and rep["model"]["bad_records"] == 0
+    assert "Traceback" not in out.stderr
+    text = _demo("--device", device, "--requests", "50", "--max-payload", "256")
+    assert "completions split to 128-byte payloads (Max_Payload_Size 256)" in text.stdout
+
+
+@pytest.fixture
+def small_slot_device() -> Iterator[str]:
+    name = f"small{os.getpid()}"
+    sim.create_device(name, slot_size=128)
+    yield name
+    sim.remove_device(name)
+
+
+def test_max_payload_that_cannot_fit_is_one_line_and_leaves_nothing(
+        small_slot_device: str) -> None:
+    out = _demo("--device", small_slot_device, "--requests", "10", timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("mlx5tlp demo: --max-payload 128: a gateway record of this "
+                                 "device holds at most 120 bytes")
+    st = sim.device_stats(small_slot_device)
+    assert (st["contexts"], st["tlp_vars"], st["umems"], st["devx_objs"]) == (0, 0, 0, 0)
+
+
+def test_more_workers_than_gateway_pages_is_refused(sim_dir: str) -> None:
+    name = f"two{os.getpid()}"
+    sim.create_device(name, gw_pages=2)
+    try:
+        out = _demo("--device", name, "--workers", "3", timeout=60)
+        assert out.returncode == 2
+        assert out.stderr == (f"mlx5tlp demo: --workers 3: {name} has 2 TLP gateway pages, "
+                              "one per worker is needed\n")
+    finally:
+        sim.remove_device(name)
+
+
+@pytest.mark.slow
+def test_a_run_whose_worker_died_does_not_poison_the_next(device: str) -> None:
+    killed = _demo("--device", device, "--requests", "3000", "--kill-worker-after", "100",
+                   "--json")
+    assert killed.returncode == 1
+    rep = json.loads(killed.stdout)
+    assert "died (exit code -9)" in rep["error_messages"][0]
+    _no_objects(device)
+    assert sim.device_stats(device)["requests_pending"] == 0
+    again = _demo("--device", device, "--requests", "500", "--json")
+    assert again.returncode == 0, again.stdout + again.stderr
+    rep = json.loads(again.stdout)
+    assert rep["errors"] == 0 and rep["error_messages"] == []
+    assert rep["model"]["unexpected"] == 0 and rep["requests_verified"] == 500
+
+
+@pytest.mark.slow
+def test_progress_bar_draws_its_final_frame(device: str) -> None:
+    # stderr on a terminal: the bar. Its last frame must show the final count.
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx5tlp", "demo", "--device", device, "--requests", "700"],
+            stdout=subprocess.PIPE, stderr=follower, text=True)
+        os.close(follower)
+        follower = -1
+        screen = b""
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: the other side closed
+                    break
+                if not chunk:
+                    break
+                screen += chunk
+            elif proc.poll() is not None:
+                break
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert proc.returncode == 0, stdout
+    frames = screen.decode().replace("\r\n", "\n").split("\r")
+    last = frames[-1].strip()
+    assert last.startswith("[#########################] 100% 700/700 "), frames[-3:]
+    assert last.endswith("errors 0")

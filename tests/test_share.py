@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import multiprocessing
@@ -260,3 +261,77 @@ def test_recv_of_a_freed_var_closes_everything(ctx: mlx5tlp.Context) -> None:
         assert fd_count() == before
     assert sim.device_stats(ctx.name)["devx_objs"] == 1
     obj.free()
+
+
+# -- the backend travels with the context --------------------------------------------------------
+def test_receiver_gets_the_senders_backend_without_naming_it(ctx: mlx5tlp.Context) -> None:
+    # The receiver is a fresh interpreter whose default backend is rdma ($MLX5TLP_BACKEND
+    # unset): the context arrives on the software device all the same.
+    var = ctx.alloc_var(tlp=True)
+    parent, child = share.socketpair()
+    script = textwrap.dedent(
+        f"""
+        import json, socket
+        from mlx5tlp import share
+        sock = socket.socket(fileno={child.fileno()})
+        ctx, (var,) = share.recv(sock, timeout=60)
+        sock.sendall(json.dumps([ctx.backend, ctx.name, var.page_id]).encode())
+        var.unimport()
+        ctx.close()
+        sock.close()
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLX5TLP_BACKEND"}
+    with parent:
+        with child:
+            proc = subprocess.Popen([sys.executable, "-c", script], pass_fds=[child.fileno()],
+                                    env=env)
+        try:
+            share.send(parent, ctx, var)
+            result = _recv_json(parent)
+        finally:
+            code = _wait(proc)
+    assert code == 0
+    assert result == ["sim", ctx.name, var.page_id]
+    var.free()
+
+
+def test_recv_expecting_another_backend_is_refused_and_leaks_nothing(
+        ctx: mlx5tlp.Context) -> None:
+    a, b = share.socketpair()
+    with a, b:
+        share.send(a, ctx)
+        before = fd_count()
+        with pytest.raises(mlx5tlp.InvalidArgumentError) as info:
+            share.recv(b, backend="rdma", timeout=TIMEOUT)
+        assert info.value.errno == errno.EINVAL
+        assert f"the peer sent a context of backend 'sim' (device {ctx.name!r}), not 'rdma'" \
+            in str(info.value)
+        assert fd_count() == before
+        share.send(a, ctx)
+        got, objs = share.recv(b, backend="sim", timeout=TIMEOUT)  # the same name: fine
+        with got:
+            assert got.backend == "sim" and objs == []
+
+
+def test_import_fd_recognises_a_software_device_fd(
+        ctx: mlx5tlp.Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLX5TLP_BACKEND", "rdma")  # the default would be wrong for this fd
+    with mlx5tlp.Context.import_fd(ctx.cmd_fd) as imported:
+        assert imported.backend == "sim" and imported.name == ctx.name
+
+
+def test_import_fd_of_the_other_backend_says_which_it_is(ctx: mlx5tlp.Context) -> None:
+    before = fd_count()
+    with pytest.raises(mlx5tlp.InvalidHandleError) as info:
+        mlx5tlp.Context.import_fd(ctx.cmd_fd, backend="rdma")
+    assert info.value.errno == errno.EINVAL
+    message = str(info.value)
+    assert message.startswith(f"fd {ctx.cmd_fd} is a command fd of the 'sim' backend "
+                              f"(software device {ctx.name!r} at ")
+    assert "use backend='sim'" in message
+    assert fd_count() == before
+    # An fd that is neither: the core's own error, on the backend asked for.
+    with open(os.devnull, "rb") as f, pytest.raises(mlx5tlp.InvalidHandleError) as info:
+        mlx5tlp.Context.import_fd(f.fileno(), backend="sim")
+    assert "is not a device context's command fd" in str(info.value)

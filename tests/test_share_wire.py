@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import errno
 import multiprocessing
 import os
 import socket
@@ -442,3 +443,50 @@ def test_zero_timeout_reads_what_is_queued(pair: tuple[socket.socket, socket.soc
         recv_fds(b, timeout=0)
     send_fds(a, [], [b"queued"])
     assert recv_fds(b, timeout=0)[1] == [b"queued"]
+
+
+def test_context_descriptor_round_trip_and_refusals() -> None:
+    blob = share.context_descriptor("sim", "mlx5_sim0")
+    assert blob.startswith(share.CONTEXT_MAGIC)
+    assert share.parse_context_descriptor(blob) == {"backend": "sim", "device": "mlx5_sim0"}
+    assert share.parse_context_descriptor(b"MLX5ENV...an envelope") is None
+    with pytest.raises(ValueError, match="backend must be one of"):
+        share.context_descriptor("gpu")
+    for bad in (share.CONTEXT_MAGIC + b"{", share.CONTEXT_MAGIC + b'{"backend": "gpu"}',
+                share.CONTEXT_MAGIC + b"[]", share.CONTEXT_MAGIC + b" " * 5000):
+        with pytest.raises(share.ProtocolError) as info:
+            share.parse_context_descriptor(bad)
+        assert info.value.errno == errno.EPROTO
+
+
+def test_recv_of_a_malformed_descriptor_closes_the_fd(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    f = new_file()
+    try:
+        send_fds(a, [f], [share.CONTEXT_MAGIC + b"{not json"])
+        before = fd_count()
+        with pytest.raises(share.ProtocolError, match="malformed context descriptor"):
+            share.recv(b, timeout=5, _import_fd=FakeCtx, _import_blob=Imported)
+        assert fd_count() == before
+    finally:
+        os.close(f)
+
+
+def test_send_puts_the_backend_first_and_recv_uses_it(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    f = new_file()
+    ctx = FakeCtx(f)
+    ctx.backend, ctx.name = "sim", "dev0"  # type: ignore[attr-defined]
+    try:
+        share.send(a, ctx, FakeObj("var"))
+        fds, payloads, _creds = recv_fds(b, timeout=5)
+        for fd in fds:
+            os.close(fd)
+        assert payloads == [share.context_descriptor("sim", "dev0"), b"blob:var"]
+    finally:
+        ctx.close()
+        os.close(f)

@@ -9,6 +9,7 @@ lock-free doorbell loop. rdma-core is loaded at run time; ``backend="sim"`` (or
 from __future__ import annotations
 
 from mlx5tlp._object import DeviceObject, import_blob
+from mlx5tlp._version import __version__
 from mlx5tlp.backend import DeviceInfo, RdmaInfo, list_devices, rdma_info, resolve_backend
 from mlx5tlp.context import Context, TlpCaps, open_device
 from mlx5tlp.devx_obj import DevxObj
@@ -32,8 +33,6 @@ from mlx5tlp.umem import (
     alloc_umem_buffer,
 )
 from mlx5tlp.var import Var
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ACCESS_LOCAL_WRITE",

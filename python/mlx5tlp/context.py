@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+import stat
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Union
@@ -10,6 +14,7 @@ from mlx5tlp import _core, registry
 from mlx5tlp._closing import Closing
 from mlx5tlp.backend import resolve_backend
 from mlx5tlp.envelope import DeviceIdentity, Kind
+from mlx5tlp.errors import DeviceNotFoundError, Error, InvalidHandleError
 
 if TYPE_CHECKING:
     from mlx5tlp.devx_obj import DevxObj
@@ -74,13 +79,30 @@ class Context(Closing):
         `fd` is duplicated before ``ibv_import_device`` (which owns the fd it is given): the
         caller keeps ownership of `fd` and may close it afterwards.
 
+        Backend: `backend` if given; else the backend `fd` belongs to when that can be told
+        from the fd (an rdma-core ``/dev/infiniband/uverbs*`` fd, or a software-device fd);
+        else ``$MLX5TLP_BACKEND``, else ``"rdma"``.
+
         Raises:
-            InvalidHandleError: `fd` is not a device context's command fd.
+            InvalidHandleError: `fd` is not a device context's command fd, or it is one of the
+                other backend (``EINVAL``; the message names the backend it belongs to).
             NotSupportedError: rdma-core lacks ``ibv_import_device``.
         """
         if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
             raise ValueError(f"fd must be a non-negative int, not {fd!r}")
-        return cls(_core.Context.import_fd(fd, resolve_backend(backend)))
+        owner = fd_backend(fd)
+        if backend is None and owner is not None:
+            chosen = owner[0]
+        else:
+            chosen = resolve_backend(backend)
+            if owner is not None and owner[0] != chosen:
+                raise InvalidHandleError(
+                    errno.EINVAL,
+                    f"fd {fd} is a command fd of the {owner[0]!r} backend ({owner[1]}), not of "
+                    f"{chosen!r}: use backend={owner[0]!r} (or leave backend unset)",
+                    "ibv_import_device",
+                )
+        return cls(_core.Context.import_fd(fd, chosen))
 
     # -- properties ------------------------------------------------------------------------
     @property
@@ -196,6 +218,26 @@ class Context(Closing):
         return DevxObj._import(self, blob, key)
 
 
+def fd_backend(fd: int) -> Optional[tuple[str, str]]:
+    """Which backend a command fd belongs to, as ``(backend, what)``, or None if unknown.
+
+    An rdma-core command fd is the character device ``/dev/infiniband/uverbs<N>``; a
+    software-device command fd is that device's ``bar`` file, beside its ``state`` file
+    (docs/sim.md). Only the fd's own metadata is read; nothing is imported.
+    """
+    try:
+        st = os.fstat(fd)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None  # a bad fd: ibv_import_device reports it
+    if stat.S_ISCHR(st.st_mode) and re.fullmatch(r"/dev/infiniband/uverbs\d+", path):
+        return "rdma", path
+    if (stat.S_ISREG(st.st_mode) and os.path.basename(path) == "bar"
+            and os.path.isfile(os.path.join(os.path.dirname(path), "state"))):
+        return "sim", f"software device {os.path.basename(os.path.dirname(path))!r} at {path}"
+    return None
+
+
 def _mailbox(data: object, what: str, minimum: int = 8) -> bytes:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"{what} must be bytes-like, not {type(data).__name__}")
@@ -219,10 +261,31 @@ def open_device(name: Optional[str] = None, *, backend: Optional[str] = None) ->
     Backend: `backend`, else ``$MLX5TLP_BACKEND``, else ``"rdma"``.
 
     Raises:
-        DeviceNotFoundError: no such device (the message lists those there are).
+        DeviceNotFoundError: no such device (the message lists those there are; on the rdma
+            backend with no mlx5 device at all it also points to the software device).
         LibraryNotFoundError: rdma-core is not installed (or use ``backend="sim"``).
         NotSupportedError: the device is not an mlx5 device.
     """
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str or None, not {type(name).__name__}")
-    return Context(_core.Context.open(name or "", resolve_backend(backend)))
+    chosen = resolve_backend(backend)
+    try:
+        return Context(_core.Context.open(name or "", chosen))
+    except DeviceNotFoundError as exc:
+        if chosen != "rdma" or _has_mlx5_device(chosen):
+            raise
+        raise DeviceNotFoundError(
+            exc.errno,
+            f"{exc}; without mlx5 hardware, use the bundled software device: "
+            "open_device(backend=\"sim\") or MLX5TLP_BACKEND=sim (try `mlx5tlp demo`)",
+            exc.operation,
+        ) from None
+
+
+def _has_mlx5_device(backend: str) -> bool:
+    from mlx5tlp.backend import list_devices
+
+    try:
+        return any(d.mlx5 for d in list_devices(backend))
+    except Error:
+        return False

@@ -15,14 +15,18 @@ so that a C++ program can use it with::
     find_package(mlx5tlp CONFIG REQUIRED)
     target_link_libraries(app PRIVATE mlx5tlp::core)
 
-A development tree (``PYTHONPATH=python``) has none of these but the software device: the
-functions here raise :class:`FileNotFoundError` saying so instead of returning a path that
-does not exist.
+An editable install (``pip install -e .``) keeps the Python code in the source tree and puts
+these files in site-packages: they are found through the installed distribution's file list
+(its ``RECORD``). A development tree (``PYTHONPATH=python``) has none of these but the software
+device: the functions here raise :class:`FileNotFoundError` saying so instead of returning a
+path that does not exist.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
+from typing import Optional
 
 __all__ = ["cmake_dir", "include_dir", "sim_library"]
 
@@ -31,6 +35,9 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 def _installed(path: Path, what: str) -> Path:
     if not path.exists():
+        found = _from_distribution(path.relative_to(_PACKAGE_DIR))
+        if found is not None:
+            return found
         raise FileNotFoundError(
             f"{what} not found at {path}: mlx5tlp at {_PACKAGE_DIR} is not an installed "
             "package (an in-place development tree?); install it (pip install mlx5tlp, or "
@@ -38,6 +45,22 @@ def _installed(path: Path, what: str) -> Path:
             "and the CMake package"
         )
     return path
+
+
+def _from_distribution(relative: Path) -> Optional[Path]:
+    """`relative` (to the package directory) as the installed distribution lists it, if it
+    exists there: where an editable install put the compiled and data files."""
+    try:
+        dist = importlib.metadata.distribution("mlx5tlp")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    want = ("mlx5tlp", *relative.parts)
+    for entry in dist.files or ():
+        if tuple(Path(str(entry)).parts) == want:
+            located = Path(str(dist.locate_file(entry))).resolve()
+            if located.exists():
+                return located
+    return None
 
 
 def cmake_dir() -> str:

@@ -10,7 +10,10 @@ Two layers:
 * :func:`send_fds` / :func:`recv_fds` move fds and byte payloads, nothing else. They work on
   plain fds and need neither rdma-core nor the compiled core.
 * :func:`send` / :func:`recv` use them for a context plus objects (duck-typed: the context has
-  ``cmd_fd``; objects have ``export(key=None) -> bytes``).
+  ``cmd_fd`` and ``backend``; objects have ``export(key=None) -> bytes``). The context's
+  backend travels with it: :func:`send` puts a context descriptor (``b"MLX5CTX\\0"`` + JSON
+  ``{"backend": ..., "device": ...}``) before the envelopes, and :func:`recv` imports the fd on
+  that backend without the receiver naming it.
 
 Wire format (all integers little-endian), one message per :func:`send_fds` call::
 
@@ -37,6 +40,7 @@ import array
 import contextlib
 import errno
 import importlib
+import json
 import os
 import socket
 import struct
@@ -45,9 +49,10 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from mlx5tlp.errors import Error
+from mlx5tlp.errors import Error, InvalidArgumentError
 
 __all__ = [
+    "CONTEXT_MAGIC",
     "MAX_FDS",
     "MAX_PAYLOADS",
     "MAX_PAYLOAD_BYTES",
@@ -55,6 +60,8 @@ __all__ = [
     "WIRE_VERSION",
     "PeerCredentials",
     "ProtocolError",
+    "context_descriptor",
+    "parse_context_descriptor",
     "peer_credentials",
     "recv",
     "recv_fds",
@@ -68,6 +75,12 @@ WIRE_MAGIC = b"MLX5FDS\x00"
 
 WIRE_VERSION = 1
 """Message format version."""
+
+CONTEXT_MAGIC = b"MLX5CTX\x00"
+"""First 8 bytes of the context descriptor, the first payload of a :func:`send` message."""
+
+_MAX_DESCRIPTOR = 4096
+_BACKENDS = ("rdma", "sim")
 
 MAX_FDS = 253
 """Most fds one message may carry (Linux ``SCM_MAX_FD``)."""
@@ -329,17 +342,62 @@ def recv_fds(
 
 
 def send(sock: socket.socket, ctx: Any, *objs: Any, key: bytes | None = None) -> None:
-    """Send a context's command fd and an export envelope of each object.
+    """Send a context's command fd, its backend and an export envelope of each object.
 
     Args:
         sock: a connected ``AF_UNIX``/``SOCK_STREAM`` socket.
-        ctx: the context; its ``cmd_fd`` is sent (the sender keeps its own fd).
+        ctx: the context; its ``cmd_fd`` is sent (the sender keeps its own fd), and its
+            ``backend`` (``"rdma"`` or ``"sim"``) and ``name`` in a context descriptor, so that
+            :func:`recv` imports it on the same backend.
         objs: objects with ``export(key=...) -> bytes`` (VARs, UMEMs, DEVX objects) that
             belong to ``ctx``.
         key: optional HMAC key for the envelopes; the receiver must pass the same key.
+
+    Raises:
+        ValueError: ``ctx.backend`` is not a backend name.
+        OSError: see :func:`send_fds`.
+
+    Thread-safety: one sender per socket at a time (a message is several writes).
     """
     payloads = [o.export() if key is None else o.export(key=key) for o in objs]
+    backend = getattr(ctx, "backend", None)
+    if backend is not None:
+        payloads.insert(0, context_descriptor(str(backend), str(getattr(ctx, "name", ""))))
     send_fds(sock, [int(ctx.cmd_fd)], payloads)
+
+
+def context_descriptor(backend: str, device: str = "") -> bytes:
+    """The payload :func:`send` puts before the envelopes: which backend the fd belongs to.
+
+    Raises:
+        ValueError: `backend` is not ``"rdma"`` or ``"sim"``.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, not {backend!r}")
+    body = json.dumps({"backend": backend, "device": device}, separators=(",", ":"))
+    return CONTEXT_MAGIC + body.encode()
+
+
+def parse_context_descriptor(payload: bytes) -> Optional[dict[str, str]]:
+    """The descriptor's fields, or None when `payload` is not a descriptor (an envelope).
+
+    Raises:
+        ProtocolError: it starts like a descriptor but is malformed (``EPROTO``).
+    """
+    if not payload.startswith(CONTEXT_MAGIC):
+        return None
+    try:
+        if len(payload) > _MAX_DESCRIPTOR:
+            raise ValueError(f"{len(payload)} bytes, at most {_MAX_DESCRIPTOR}")
+        fields = json.loads(payload[len(CONTEXT_MAGIC) :].decode())
+        if not isinstance(fields, dict) or fields.get("backend") not in _BACKENDS:
+            raise ValueError(f"backend {fields.get('backend')!r} is not one of {_BACKENDS}"
+                             if isinstance(fields, dict) else "not a JSON object")
+        if not isinstance(fields.get("device", ""), str):
+            raise ValueError("device is not a string")
+    except ValueError as exc:
+        raise ProtocolError(errno.EPROTO, f"malformed context descriptor: {exc}", "recv") from None
+    return {"backend": str(fields["backend"]), "device": str(fields.get("device", ""))}
 
 
 def _close_quietly(obj: Any) -> None:
@@ -361,7 +419,9 @@ def recv(
 ) -> tuple[Any, list[Any]]:
     """Receive what :func:`send` sent: import the context, then every object onto it.
 
-    The received command fd is given to ``Context.import_fd(fd, backend=backend)``, which
+    The context is imported on the backend the sender's context was on (carried in the
+    message); a message from a sender that did not say uses `backend` (``None``: the
+    default). The received command fd is given to ``Context.import_fd(fd, backend=...)``, which
     duplicates it; this function then closes its own copy (also when the import fails). Each
     envelope is imported with ``mlx5tlp.import_blob(ctx, blob, key=key)``, which validates it
     (:func:`mlx5tlp.envelope.open_envelope`) before rdma-core sees it. If any import fails,
@@ -369,7 +429,9 @@ def recv(
 
     Args:
         sock: a connected ``AF_UNIX``/``SOCK_STREAM`` socket.
-        backend: backend of the imported context (``None``: the default).
+        backend: the backend the caller expects (``None``: whatever the sender's context was
+            on). A message whose context is on another backend is refused
+            (:class:`~mlx5tlp.InvalidArgumentError`, ``EINVAL``, naming both).
         key: the HMAC key the sender used, if any.
         allow_uids: see :func:`recv_fds`.
         timeout: see :func:`recv_fds`.
@@ -386,10 +448,29 @@ def recv(
     if len(fds) != 1:
         _close_all(fds)
         raise ProtocolError(errno.EPROTO, f"expected 1 context fd, got {len(fds)}")
+    try:
+        descriptor = parse_context_descriptor(payloads[0]) if payloads else None
+    except ProtocolError:
+        _close_all(fds)
+        raise
+    use_backend = backend
+    if descriptor is not None:
+        payloads = payloads[1:]
+        sent = descriptor["backend"]
+        if backend is not None and backend != sent:
+            _close_all(fds)
+            raise InvalidArgumentError(
+                errno.EINVAL,
+                f"the peer sent a context of backend {sent!r} (device "
+                f"{descriptor['device']!r}), not {backend!r}: recv(backend=None) takes the "
+                "sender's backend",
+                "recv",
+            )
+        use_backend = sent
 
     def default_import_fd(fd: int) -> Any:
         # Imported lazily: the compiled core is only needed here.
-        return importlib.import_module("mlx5tlp").Context.import_fd(fd, backend=backend)
+        return importlib.import_module("mlx5tlp").Context.import_fd(fd, backend=use_backend)
 
     def default_import_blob(ctx: Any, blob: bytes) -> Any:
         return importlib.import_module("mlx5tlp").import_blob(ctx, blob, key=key)

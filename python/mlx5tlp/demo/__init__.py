@@ -17,7 +17,9 @@ device object of the run is left.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -36,10 +38,16 @@ from mlx5tlp.demo import endpoint
 from mlx5tlp.demo.host import Checker, RequestMix
 from mlx5tlp.demo.progress import Progress
 
-__all__ = ["Options", "run"]
+__all__ = ["OptionError", "Options", "completion_payload", "run", "shares"]
 
 BAR_BASE = 0xF000_0000
 TAGS = 1024  # 10-bit tags
+CPL_HEADER = 12  # a completion has a 3 DW header (PCIe Base Spec, 2.2.9), no digest here
+
+
+class OptionError(ValueError):
+    """An option of the demo is out of range, or does not fit the device: the message says
+    which and what the rule is. Raised before any worker starts."""
 
 
 @dataclass
@@ -58,6 +66,41 @@ class Options:
     timeout: float = 120.0
     json: bool = False
     kill_worker_after: Optional[int] = None  # fault injection: SIGKILL worker 0 after N requests
+
+
+def shares(bar_size: int, workers: int) -> list[tuple[int, int]]:
+    """Each worker's part of the BAR, ``[lo, hi)``: contiguous, DW-aligned, covering it all.
+
+    Any worker count works (no divisibility rule): the boundaries are rounded down to whole
+    DWs, so every request starts inside exactly one share.
+    """
+    cuts = [(i * bar_size // workers) & ~3 for i in range(workers)] + [bar_size]
+    return list(itertools.pairwise(cuts))
+
+
+def completion_payload(max_payload: int, rcb: int, max_record: int) -> int:
+    """The largest completion payload the workers use: at most `max_payload` (the
+    Max_Payload_Size), a power of two (the codec's rule) and with its 3 DW header no larger
+    than a gateway record (`max_record`).
+
+    Below Max_Payload_Size is allowed: a completer may split a read into several completions
+    at Read Completion Boundaries (PCIe Base Spec, 2.3.1.1), and a power of two >= 128 is a
+    multiple of any RCB.
+
+    Raises:
+        OptionError: not even a 128-byte payload fits a record.
+    """
+    size = max_payload
+    while size >= 128 and size + CPL_HEADER > max_record:
+        size //= 2
+    if size < 128 or size < rcb:
+        raise OptionError(
+            f"--max-payload {max_payload}: a gateway record of this device holds at most "
+            f"{max_record} bytes, less than a completion with the smallest payload "
+            f"({CPL_HEADER} + 128 bytes); use a device with a larger slot size "
+            "(mlx5tlp sim create NAME --slot-size 512)"
+        )
+    return size
 
 
 def run(opts: Options) -> tuple[dict[str, Any], int]:
@@ -79,16 +122,22 @@ def run(opts: Options) -> tuple[dict[str, Any], int]:
 
 
 def _run(opts: Options, stop: threading.Event) -> tuple[dict[str, Any], int]:
+    if opts.device not in (d.name for d in mlx5tlp.list_devices("sim")):
+        from mlx5tlp._cli_sim import unknown_device_message
+
+        raise mlx5tlp.DeviceNotFoundError(19, unknown_device_message(opts.device), "demo")
     baseline = sim.device_stats(opts.device)
-    report: dict[str, Any] = {"device": opts.device, "workers": opts.workers, "seed": opts.seed}
+    report: dict[str, Any] = {"device": opts.device, "workers": opts.workers, "seed": opts.seed,
+                              "max_payload": opts.max_payload}
     with mlx5tlp.open_device(opts.device, backend="sim") as ctx:
         caps = ctx.query_tlp_caps()
         if not caps.supported:
-            raise mlx5tlp.NotSupportedError(95, f"{opts.device} has no TLP emulation", "demo")
+            raise mlx5tlp.NotSupportedError(
+                95, f"{opts.device} has no TLP emulation (created with --no-tlp?)", "demo")
         if caps.gw_num_pages < opts.workers:
-            raise mlx5tlp.ResourceExhaustedError(
-                12, f"{opts.device} has {caps.gw_num_pages} gateway pages for {opts.workers} "
-                "workers", "demo")
+            raise OptionError(
+                f"--workers {opts.workers}: {opts.device} has {caps.gw_num_pages} TLP gateway "
+                "pages, one per worker is needed")
         bar = random.Random(opts.seed).randbytes(opts.bar_size)
         memfd = os.memfd_create("mlx5tlp-demo-bar")
         try:
@@ -102,33 +151,46 @@ def _run(opts: Options, stop: threading.Event) -> tuple[dict[str, Any], int]:
     return report, 0 if ok else (130 if report.get("interrupted") else 1)
 
 
+def _fit_payload(vars_: list[mlx5tlp.Var], opts: Options) -> int:
+    """Checks --max-payload against the gateway layout before any worker starts."""
+    # A direct-mode gateway has no writer thread: opening one only maps the page and reads the
+    # layout; it is closed again before the worker opens its own (one gateway per page).
+    with vars_[0].gateway(direct=True) as gw:
+        max_record = gw.max_record
+    return completion_payload(opts.max_payload, opts.rcb, max_record)
+
+
 def _run_with(
     ctx: mlx5tlp.Context, opts: Options, bar: bytes, memfd: int, stop: threading.Event
 ) -> dict[str, Any]:
     buf = mlx5tlp.alloc_umem_buffer(len(bar), fd=memfd)
     buf[: len(bar)] = bar
-    vars_ = [ctx.alloc_var(tlp=True) for _ in range(opts.workers)]
-    umem = ctx.reg_umem(buf)
-    function = ctx.create_devx_obj(bytes([0x0A, 0, 0, 0, 0, 0, 0, 0x7F]) + bytes(8), 16)
-    share_bytes = opts.bar_size // opts.workers
-    mp = multiprocessing.get_context("spawn")
-    procs, socks = [], []
+    vars_: list[mlx5tlp.Var] = []
+    umem: Optional[mlx5tlp.Umem] = None
+    function: Optional[mlx5tlp.DevxObj] = None
+    procs: list[Any] = []
+    socks: list[socket.socket] = []
     try:
+        vars_ = [ctx.alloc_var(tlp=True) for _ in range(opts.workers)]
+        payload = _fit_payload(vars_, opts)
+        umem = ctx.reg_umem(buf)
+        function = ctx.create_devx_obj(bytes([0x0A, 0, 0, 0, 0, 0, 0, 0x7F]) + bytes(8), 16)
+        parts = shares(opts.bar_size, opts.workers)
+        mp = multiprocessing.get_context("spawn")
         for i, var in enumerate(vars_):
             parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks.append(parent)
             p = mp.Process(target=endpoint.serve, args=(child,), name=f"mlx5tlp-worker-{i}")
             p.start()
+            procs.append(p)
             child.close()
             cfg = {"index": i, "channel": i, "bar_size": len(bar), "bar_base": BAR_BASE,
-                   "share_lo": i * share_bytes, "share_hi": (i + 1) * share_bytes,
-                   "completer_id": endpoint_id(), "max_payload": opts.max_payload,
-                   "rcb": opts.rcb}
+                   "share_lo": parts[i][0], "share_hi": parts[i][1],
+                   "completer_id": endpoint_id(), "max_payload": payload, "rcb": opts.rcb}
             # Context fd + BAR memfd, then the config and the envelopes.
             share.send_fds(parent, [ctx.cmd_fd, memfd],
                            [json.dumps(cfg).encode(), var.export(), umem.export(),
                             function.export()])
-            procs.append(p)
-            socks.append(parent)
         for p, s in zip(procs, socks, strict=True):  # the clock starts once every worker serves
             s.settimeout(60)
             if s.recv(5) != b"ready":
@@ -137,13 +199,15 @@ def _run_with(
         if not opts.json:
             print(f"{opts.workers} workers ready on {opts.device}; sending {opts.requests} "
                   "requests", file=sys.stderr, flush=True)
-        mix = RequestMix(opts.seed, bar, BAR_BASE, opts.workers, share_bytes, opts.read_size)
+        mix = RequestMix(opts.seed, bar, BAR_BASE, parts, opts.read_size)
         with sim.Host(opts.device) as host:
             result = _drive(host, mix, opts, procs, stop)
             # Stop the workers while the host still consumes: a worker's gateway drains what it
             # queued before it closes (an interrupted run leaves completions in flight).
             result["workers_report"] = _stop_workers(procs, socks, host)
             result["model"] = host.stats()
+        result["completion_payload"] = payload
+        result["stale_requests_discarded"] = _discard_requests(ctx, opts.workers)
     finally:
         for s in socks:
             s.close()
@@ -151,11 +215,24 @@ def _run_with(
             if p.is_alive():
                 p.kill()
             p.join(10)
+        # Requests a dead or stopped worker never took must not reach the next run's workers.
+        with contextlib.suppress(mlx5tlp.Error):
+            _discard_requests(ctx, opts.workers)
         # The control process owns everything: it frees (importers only unimported).
         for obj in (function, umem, *vars_):
-            obj.close()
+            if obj is not None:
+                obj.close()
         buf.close()
     return result
+
+
+def _discard_requests(ctx: mlx5tlp.Context, workers: int) -> int:
+    """Takes (and drops) every request still queued on the run's channels; how many."""
+    n = 0
+    for channel in range(workers):
+        while sim.take_request(ctx, channel) is not None:
+            n += 1
+    return n
 
 
 def endpoint_id() -> int:
@@ -203,7 +280,7 @@ def _drive(
             failure = f"timed out with {len(checker.outstanding)} requests unanswered"
             break
     elapsed = time.perf_counter() - start
-    progress.done()
+    progress.done(checker.requests_verified, len(checker.errors))
     errors = list(checker.errors)
     if failure:
         errors.append(failure)
@@ -265,17 +342,33 @@ def _stop_workers(
 
 
 def _validate(o: Options) -> None:
+    """The same rules as ``mlx5tlp demo``'s argument parser, for callers of :func:`run`."""
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
     checks = [
-        (o.requests >= 1, "requests must be >= 1"),
-        (1 <= o.workers <= 8, "workers must be 1..8"),
-        (1 <= o.read_size <= 4096, "read-size must be 1..4096 bytes"),
-        (o.bar_size % (4096 * o.workers) == 0, "bar-size must be a multiple of 4096 * workers"),
-        (o.max_payload in (128, 256, 512, 1024, 2048, 4096), "max-payload must be 128..4096"),
-        (o.rcb in (64, 128), "rcb must be 64 or 128"),
+        (is_int(o.requests) and o.requests >= 1, f"--requests must be >= 1, not {o.requests}"),
+        (is_int(o.workers) and 1 <= o.workers <= sim.CHANNELS,
+         f"--workers must be 1..{sim.CHANNELS}, not {o.workers}"),
+        (is_int(o.read_size) and 1 <= o.read_size <= 4096,
+         f"--read-size must be 1..4096 bytes, not {o.read_size}"),
+        (is_int(o.max_payload) and 128 <= o.max_payload <= 4096
+         and not o.max_payload & (o.max_payload - 1),
+         f"--max-payload must be a power of two in 128..4096, not {o.max_payload}"),
+        (o.rcb in (64, 128), f"--rcb must be 64 or 128, not {o.rcb}"),
+        (is_int(o.window) and 1 <= o.window <= TAGS,
+         f"--window must be 1..{TAGS}, not {o.window}"),
+        (isinstance(o.timeout, (int, float)) and math.isfinite(o.timeout) and o.timeout > 0,
+         f"--timeout must be a number of seconds > 0, not {o.timeout}"),
+        (o.kill_worker_after is None
+         or (is_int(o.kill_worker_after) and 1 <= o.kill_worker_after <= o.requests),
+         f"--kill-worker-after must be 1..--requests ({o.requests}), not {o.kill_worker_after}"),
+        (is_int(o.bar_size) and o.bar_size >= 4096 * o.workers and o.bar_size % 4096 == 0,
+         f"bar_size must be a multiple of 4096 of at least 4096 per worker, not {o.bar_size}"),
     ]
     for ok, msg in checks:
         if not ok:
-            raise ValueError(msg)
+            raise OptionError(msg)
 
 
 def print_report(report: dict[str, Any], as_json: bool) -> None:
@@ -295,5 +388,9 @@ def print_report(report: dict[str, Any], as_json: bool) -> None:
     print(f"  device model: {model.get('completions', 0)} completions checked, "
           f"{model.get('errors', 0)} errors; leaked device objects: "
           f"{report['leaked_objects']}", file=out)
+    payload = report.get("completion_payload", report.get("max_payload"))
+    if payload is not None and payload != report.get("max_payload"):
+        print(f"  completions split to {payload}-byte payloads (Max_Payload_Size "
+              f"{report['max_payload']}): that is what one gateway record holds", file=out)
     for msg in report.get("error_messages", [])[:10]:
         print(f"  error: {msg}", file=out)

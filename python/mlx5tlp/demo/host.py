@@ -33,10 +33,12 @@ class RequestMix:
     """Generates requests: memory reads over the BAR (split per worker share), config reads and
     writes of function 0, and IO reads the function does not support (answered with UR)."""
 
-    def __init__(self, seed: int, bar: bytes, base: int, workers: int, share: int,
+    def __init__(self, seed: int, bar: bytes, base: int, shares: list[tuple[int, int]],
                  read_size: int) -> None:
+        """`shares`: each worker's ``[lo, hi)`` part of the BAR (worker i serves channel i)."""
         self.rng = random.Random(seed)
-        self.bar, self.base, self.workers, self.share = bar, base, workers, share
+        self.bar, self.base, self.shares = bar, base, shares
+        self.workers = len(shares)
         self.read_size = read_size
         self.config_space = initial_config_space()  # the host's model of what reads return
 
@@ -64,8 +66,9 @@ class RequestMix:
     def _mem_read(self, tag: int) -> Pending:
         rng = self.rng
         worker = rng.randrange(self.workers)
-        size = rng.randint(1, self.read_size)
-        start = worker * self.share + rng.randrange(self.share - size + 1)
+        lo, hi = self.shares[worker]
+        size = min(rng.randint(1, self.read_size), hi - lo)
+        start = lo + rng.randrange(hi - lo - size + 1)
         if start % 4096 + size > 4096:  # a request must not cross a 4 KiB boundary
             size = 4096 - start % 4096
         first_dw, last_dw = start // 4, (start + size - 1) // 4
