@@ -223,12 +223,14 @@ def test_memlock_note_follows_the_real_process() -> None:
 # -- mlx5tlp sim ----------------------------------------------------------------------------
 def test_sim_create_list_stats_remove(sim_dir: str) -> None:
     name = f"cli{os.getpid()}"
-    made = _cli("sim", "create", name, "--gw-pages", "3", "--no-tlp", "--slot-size", "0x200")
+    made = _cli("sim", "create", name, "--gw-pages", "3", "--no-tlp", "--slot-size", "0x200",
+                "--no-var-flags-attr")
     assert made.returncode == 0, made.stderr
     try:
         assert sim.device_config(name) | {"node_guid": 0} == {
             "tlp": False, "gw_pages": 3, "gw_log_stride": 0, "virtio_pages": 16,
-            "slot_size": 512, "bar_offset": 0x200000, "node_guid": 0}
+            "slot_size": 512, "bar_offset": 0x200000, "node_guid": 0,
+            "var_support": True, "var_flags_attr": False}
         listed = json.loads(_cli("sim", "list", "--json").stdout)
         assert listed["device_dir"] == sim_dir
         assert {d["name"] for d in listed["devices"]} >= {name, "mlx5_sim0"}
