@@ -70,7 +70,9 @@ std::shared_ptr<Gateway> Gateway::open(std::shared_ptr<Var> var,
                     " is a VirtIO VAR, not a TLP response gateway page");
   if (options.batch_max == 0)
     throw Error(ErrorKind::invalid_argument, "open gateway", EINVAL, "batch_max must be >= 1");
-  if (!layout) layout = make_layout(var->context()->lib().sym().sim.mmap != nullptr ? "sim" : "raw_tlp");
+  const bool sim = var->context()->lib().sym().sim.mmap != nullptr;
+  if (!layout) layout = make_layout(sim ? "sim" : "raw_tlp");
+  layout->set_device_memory(!sim);  // a real device's page is MMIO; the software device's is not
   // Write-only unless the layout reads the page: the kernel maps TLP pages non-cached and the
   // raw_tlp layout never reads them (the sim layout reads its consumer index).
   const int prot = layout->reads_page() ? PROT_READ | PROT_WRITE : PROT_WRITE;
@@ -334,8 +336,9 @@ void Gateway::idle_wait(uint32_t seen_state) noexcept {
   for (unsigned i = 1;; ++i) {
     // relaxed: a hint; the parking protocol below is what is exact.
     if (!ring_->empty() || state_.load(std::memory_order_relaxed) != seen_state) return;
-    ring_detail::cpu_relax();
-    if (i % 64 == 0 && Clock::now() >= spin_until) break;
+    // PAUSE first; then yield, so that a producer waiting for this CPU (busy machine) runs.
+    ring_detail::backoff(i);
+    if (i % 16 == 0 && Clock::now() >= spin_until) break;
   }
   // seq_cst store + fence: the writer half of the Dekker pairs with wake_writer() (fence) and
   // with wake_writer_for_state() (seq_cst exchange after close()'s seq_cst state store).
@@ -359,6 +362,7 @@ void Gateway::run() noexcept {
     const uint32_t st = state_.load(std::memory_order_seq_cst);
     const bool pending = !ring_->empty();
     if (st == kDraining && (!pending || drain_deadline_.expired())) break;
+    ring_->wake_waiters();  // we stop consuming for now: producers may use any room there is
     if (pending) {  // published records wait for device credits
       credit_waits_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
       // Blocking point: the layout sleeps until the device returns credits or close() wakes us.

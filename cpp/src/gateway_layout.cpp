@@ -164,10 +164,30 @@ inline void store64(uint8_t* dst, const uint8_t* src) noexcept {
 #endif
 }
 
-// Eight aligned 8-byte stores of one 64-byte chunk (src: `len` <= 64 bytes, zero-padded).
-inline void store8_chunk(volatile uint64_t* dst, const uint8_t* src, size_t len) noexcept {
-  copy_to_device(dst, src, len);
-  for (size_t w = (len + 7) / 8; w < 8; ++w) dst[w] = 0;
+// One 8-byte word of a record for the fallback path: bytes [at, at + 8) of `rem` bytes, zero
+// past the end. Fixed-size loads only (TLP records are whole DWs, so a partial word is 4 bytes):
+// no call to memcpy in the inner loop.
+inline uint64_t word_at(const uint8_t* src, size_t at, size_t rem) noexcept {
+  uint64_t x = 0;
+  if (at + 8 <= rem) {
+    __builtin_memcpy(&x, src + at, 8);
+  } else if (at < rem) {
+    size_t i = at;
+    if (rem - at >= 4) {
+      uint32_t lo;
+      __builtin_memcpy(&lo, src + at, 4);
+      x = lo;
+      i += 4;
+    }
+    for (; i < rem; ++i) x |= uint64_t(src[i]) << (8 * (i - at));
+  }
+  return x;
+}
+
+// Eight aligned 8-byte stores of one 64-byte chunk: `rem` (1..64) record bytes, zero-padded.
+inline void store8_chunk(volatile uint64_t* dst, const uint8_t* src, size_t rem) noexcept {
+#pragma GCC unroll 8
+  for (size_t w = 0; w < 8; ++w) dst[w] = word_at(src, w * 8, rem);
 }
 
 }  // namespace
@@ -177,15 +197,19 @@ const char* cpu_store64() noexcept {
   return path;
 }
 
-RawTlpLayout::RawTlpLayout(size_t slot_size, StorePath path) : slot_size_(slot_size) {
-  const char* env = std::getenv("MLX5TLP_STORE64");
-  const bool env_off = env != nullptr && std::strcmp(env, "0") == 0;
+RawTlpLayout::RawTlpLayout(size_t slot_size, StorePath path)
+    : slot_size_(slot_size), path_(path), store64_(path == StorePath::store64) {
   if (path == StorePath::store64 && cpu_store64() == nullptr)
     throw Error(ErrorKind::not_supported, "gateway layout 'raw_tlp'", ENOTSUP,
                 "store64 asks for a single-copy-atomic 64-byte store (x86 MOVDIR64B, Arm "
                 "ST64B/FEAT_LS64), which this CPU does not have; use store8");
-  store64_ = path == StorePath::store64 ||
-             (path == StorePath::automatic && !env_off && cpu_store64() != nullptr);
+}
+
+void RawTlpLayout::set_device_memory(bool mmio) noexcept {
+  if (path_ != StorePath::automatic) return;
+  const char* env = std::getenv("MLX5TLP_STORE64");
+  const bool env_off = env != nullptr && std::strcmp(env, "0") == 0;
+  store64_ = mmio && !env_off && cpu_store64() != nullptr;
 }
 
 void RawTlpLayout::attach(uint8_t* page, size_t length) {
@@ -202,10 +226,9 @@ void RawTlpLayout::attach(uint8_t* page, size_t length) {
 
 // The record as ceil(len / 64) whole 64-byte chunks, zero-padded, in ascending address order
 // (as rdma-core's mmio_memcpy_x64 writes BlueFlame WQEs): full chunks straight from the
-// record, the last partial one through a zero-padded 64-byte buffer.
+// record, the last partial one through a zero-padded 64-byte buffer (store64) or word by word.
 template <bool Store64>
-void RawTlpLayout::put(const uint8_t* record, size_t len) noexcept {
-  uint8_t* slot = page_ + next_ * slot_size_;
+void RawTlpLayout::put(uint8_t* slot, const uint8_t* record, size_t len) noexcept {
   size_t done = 0;
   for (; done + 64 <= len; done += 64) {
     if (Store64) store64(slot + done, record + done);
@@ -220,29 +243,39 @@ void RawTlpLayout::put(const uint8_t* record, size_t len) noexcept {
       store8_chunk(reinterpret_cast<volatile uint64_t*>(slot + done), record + done, len - done);
     }
   }
-  if (++next_ == slots_) next_ = 0;
 }
 
 void RawTlpLayout::write(const uint8_t* record, size_t len) noexcept {
   // Wire order is the TLP's byte order: copied as is.
-  if (store64_) put<true>(record, len);
-  else put<false>(record, len);
+  uint8_t* slot = page_ + next_ * slot_size_;
+  if (store64_) put<true>(slot, record, len);
+  else put<false>(slot, record, len);
+  if (++next_ == slots_) next_ = 0;
+}
+
+template <bool Store64>
+void RawTlpLayout::put_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
+                             size_t n) noexcept {
+  // Locals, not members: the compiler must assume a volatile store may alias a member and
+  // would reload them after every store.
+  uint8_t* const first = page_;
+  uint8_t* const end = page_ + slots_ * slot_size_;
+  const size_t stride = slot_size_;
+  uint8_t* slot = first + next_ * stride;
+  for (size_t i = 0; i < n; ++i) {
+    put<Store64>(slot, buf + offsets[i], lengths[i]);
+    store_fence();  // provisional: publish each record before the next one starts
+    slot += stride;
+    if (slot == end) slot = first;  // wrap without a division
+  }
+  next_ = size_t(slot - first) / stride;  // once per batch
 }
 
 void RawTlpLayout::write_batch(const uint8_t* buf, const uint32_t* offsets,
                                const uint32_t* lengths, size_t n) noexcept {
   // The store path is chosen once per batch, not per record.
-  if (store64_) {
-    for (size_t i = 0; i < n; ++i) {
-      put<true>(buf + offsets[i], lengths[i]);
-      store_fence();  // provisional: publish each record before the next one starts
-    }
-  } else {
-    for (size_t i = 0; i < n; ++i) {
-      put<false>(buf + offsets[i], lengths[i]);
-      store_fence();
-    }
-  }
+  if (store64_) put_batch<true>(buf, offsets, lengths, n);
+  else put_batch<false>(buf, offsets, lengths, n);
 }
 
 std::unique_ptr<GatewayLayout> make_layout(const std::string& spec) {

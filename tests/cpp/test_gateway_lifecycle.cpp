@@ -217,10 +217,34 @@ void raw_tlp_store_paths() {
   const char* cpu = cpu_store64();
   std::printf("test_gateway_lifecycle: this CPU's 64-byte store: %s\n", cpu ? cpu : "none");
   {
+    // On the software device the page is ordinary memory: the automatic path is store8 (a
+    // 64-byte direct store to DRAM is slow and forms no TLP); explicit store64 is honoured.
     auto gw = Gateway::open(var, make_layout("raw_tlp:256"), opts(64, 1s));
-    CHECK(std::string(gw->store_path()) == (cpu ? cpu : "store8"));  // the run-time choice
+    CHECK(std::string(gw->store_path()) == "store8");
     CHECK(gw->page_prot() == PROT_WRITE);
     gw->close();
+    if (cpu != nullptr) {
+      auto g64 = Gateway::open(var, make_layout("raw_tlp:256:store64"), opts(64, 1s));
+      CHECK(std::string(g64->store_path()) == cpu);
+      g64->close();
+    }
+  }
+  {
+    // On device memory (the rdma backend) the automatic choice is the CPU's 64-byte store, and
+    // $MLX5TLP_STORE64=0 forces the fallback.
+    alignas(64) static uint8_t mem[4096];
+    RawTlpLayout automatic(256);
+    automatic.set_device_memory(true);
+    automatic.attach(mem, sizeof mem);
+    CHECK(std::string(automatic.store_path()) == (cpu ? cpu : "store8"));
+    setenv("MLX5TLP_STORE64", "0", 1);
+    RawTlpLayout off(256);
+    off.set_device_memory(true);
+    CHECK(std::string(off.store_path()) == "store8");
+    unsetenv("MLX5TLP_STORE64");
+    RawTlpLayout forced(256, StorePath::store8);
+    forced.set_device_memory(true);
+    CHECK(std::string(forced.store_path()) == "store8");
   }
   {
     auto gw = Gateway::open(var, make_layout("sim"), opts(64, 1s));

@@ -7,7 +7,7 @@
 //   any thread, concurrently: try_push, try_push_batch, push, push_wait, push_batch,
 //                             try_reserve, slot_data, publish, shutdown, capacity, slot_bytes,
 //                             size_approx, stats
-//   ONE consumer thread only: consume, peek_published, empty  (at most one thread at a time)
+//   ONE consumer thread only: consume, wake_waiters, peek_published, empty (one at a time)
 //   construction/destruction: no other thread may be using the ring.
 // MutexRing (= BasicRing<std::mutex>) is the same ring code with every operation under one
 // std::mutex; it exists as the honest baseline for benchmarks/bench_ring.cpp.
@@ -230,6 +230,15 @@ class BasicRing {
     return n;
   }
 
+  // Wakes producers blocked on a full ring if any room at all is free. consume() wakes them only
+  // once half the ring is free; a consumer that stops consuming for a while (nothing published,
+  // or its own output is blocked) calls this first, so no producer sleeps while room is unused.
+  void wake_waiters() noexcept {
+    // relaxed: only the consumer writes tail; its last store was seq_cst (Dekker, see hand_back).
+    const uint64_t t = cons_.tail.load(std::memory_order_relaxed);
+    wait_.notify([&] { return free_after(t) > 0; });
+  }
+
   // Number of published records consume() would deliver right now (contiguous from the front).
   std::size_t peek_published() const noexcept {
     std::lock_guard<Lock> guard(lock_);
@@ -327,13 +336,18 @@ class BasicRing {
     return header(pos)->seq.load(std::memory_order_acquire) == pos + 1;
   }
 
-  // The consumer hands slots [.., new_tail) back and wakes blocked producers if there are any.
+  // The consumer hands slots [.., new_tail) back and wakes blocked producers if there are any
+  // and at least half the ring is free (RoomWaiters: hysteresis).
   void hand_back(uint64_t new_tail) noexcept {
     // seq_cst (a release store and more): our reads of the consumed slots happen-before a
     // producer reserves and overwrites them (it acquires tail or the producers' cached copy),
     // and the store precedes notify()'s load of the waiter count (RoomWaiters' Dekker pair).
     cons_.tail.store(new_tail, std::memory_order_seq_cst);
-    wait_.notify();
+    wait_.notify([&] { return free_after(new_tail) >= (cfg_.mask + 2) / 2; });
+  }
+  uint64_t free_after(uint64_t tail) const noexcept {
+    // relaxed: a snapshot (only ever behind), read only when producers wait.
+    return cfg_.mask + 1 - (prod_.head.load(std::memory_order_relaxed) - tail);
   }
 
   bool has_room_seq_cst() const noexcept {

@@ -7,11 +7,15 @@
 // nobody writes while nobody waits. shut_down() wakes everyone for good (a closing gateway).
 //
 // No lost wake-up (a Dekker pair; all four operations are seq_cst, one total order):
-//   consumer: tail.store(new_tail) ; n = waiters.load() ; if n: seq.fetch_add(1), FUTEX_WAKE
+//   consumer: tail.store(new_tail) ; n = waiters.load() ; if n (and room): seq.fetch_add(1), WAKE
 //   producer: waiters.fetch_add(1) ; s = seq.load() ; look at tail ; FUTEX_WAIT(seq, s)
 // Either the consumer's load sees the registration (and it wakes: the bump makes a FUTEX_WAIT
 // on the old value return at once), or the registration comes later in the total order, and
-// then the producer's look at tail sees the new tail and it does not sleep.
+// then the producer's look at tail sees the new tail and it does not sleep. The consumer wakes
+// only once a useful amount of room is free (hysteresis: producers then move many records per
+// wake-up instead of the consumer and the producers taking turns per batch); whenever it stops
+// consuming it wakes them for any room at all (Ring::wake_waiters), so no waiter sleeps while
+// room sits unused.
 //
 // Thread-safety: wait()/shut_down() from any thread; notify() from the ring's consumer.
 #pragma once
@@ -107,10 +111,12 @@ class RoomWaiters {
     return st;
   }
 
-  // The consumer, right after its seq_cst store of the new tail.
-  void notify() noexcept {
+  // The consumer, right after its seq_cst store of the new tail: wakes the waiters if there are
+  // any and `enough()` (enough room to be worth a wake-up: see BasicRing::hand_back).
+  template <class Enough>
+  void notify(Enough&& enough) noexcept {
     // seq_cst: the consumer half of the Dekker pair; a plain load on x86 and Arm (ldar).
-    if (line_.waiters.load(std::memory_order_seq_cst) != 0) {
+    if (line_.waiters.load(std::memory_order_seq_cst) != 0 && enough()) {
       stats_.wakes.fetch_add(1, std::memory_order_relaxed);
       wake_all();
     }
