@@ -164,30 +164,30 @@ inline void store64(uint8_t* dst, const uint8_t* src) noexcept {
 #endif
 }
 
-// One 8-byte word of a record for the fallback path: bytes [at, at + 8) of `rem` bytes, zero
-// past the end. Fixed-size loads only (TLP records are whole DWs, so a partial word is 4 bytes):
-// no call to memcpy in the inner loop.
-inline uint64_t word_at(const uint8_t* src, size_t at, size_t rem) noexcept {
-  uint64_t x = 0;
-  if (at + 8 <= rem) {
-    __builtin_memcpy(&x, src + at, 8);
-  } else if (at < rem) {
-    size_t i = at;
-    if (rem - at >= 4) {
-      uint32_t lo;
-      __builtin_memcpy(&lo, src + at, 4);
-      x = lo;
-      i += 4;
-    }
-    for (; i < rem; ++i) x |= uint64_t(src[i]) << (8 * (i - at));
-  }
-  return x;
-}
-
 // Eight aligned 8-byte stores of one 64-byte chunk: `rem` (1..64) record bytes, zero-padded.
-inline void store8_chunk(volatile uint64_t* dst, const uint8_t* src, size_t rem) noexcept {
-#pragma GCC unroll 8
-  for (size_t w = 0; w < 8; ++w) dst[w] = word_at(src, w * 8, rem);
+// Whole words first, then at most one partial word (TLP records are whole DWs: 4 bytes), then
+// zeros; fixed-size loads only, no call to memcpy in the inner loop.
+__attribute__((always_inline)) inline void store8_chunk(volatile uint64_t* dst, const uint8_t* src, size_t rem) noexcept {
+  const size_t full = rem / 8;
+  size_t w = 0;
+  for (; w < full; ++w) {
+    uint64_t x;
+    __builtin_memcpy(&x, src + 8 * w, 8);  // the source may be unaligned; the store is one word
+    dst[w] = x;
+  }
+  if (const size_t tail = rem % 8; tail != 0) {
+    uint64_t x = 0;
+    size_t i = 0;
+    if (tail >= 4) {
+      uint32_t lo;
+      __builtin_memcpy(&lo, src + 8 * w, 4);
+      x = lo;
+      i = 4;
+    }
+    for (; i < tail; ++i) x |= uint64_t(src[8 * w + i]) << (8 * i);
+    dst[w++] = x;
+  }
+  for (; w < 8; ++w) dst[w] = 0;
 }
 
 }  // namespace
@@ -228,7 +228,8 @@ void RawTlpLayout::attach(uint8_t* page, size_t length) {
 // (as rdma-core's mmio_memcpy_x64 writes BlueFlame WQEs): full chunks straight from the
 // record, the last partial one through a zero-padded 64-byte buffer (store64) or word by word.
 template <bool Store64>
-void RawTlpLayout::put(uint8_t* slot, const uint8_t* record, size_t len) noexcept {
+__attribute__((always_inline)) inline void RawTlpLayout::put(uint8_t* slot, const uint8_t* record,
+                                                             size_t len) noexcept {
   size_t done = 0;
   for (; done + 64 <= len; done += 64) {
     if (Store64) store64(slot + done, record + done);
