@@ -329,3 +329,24 @@ def test_raw_tlp_maps_the_page_write_only(ctx: mlx5tlp.Context) -> None:
     with var.gateway("sim"):
         assert sorted(_bar_mappings(bar)) == sorted([*before, "rw-s"])  # reads its consumer index
     var.free()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: another user must own the directory")
+def test_lock_directory_owned_by_another_user_refused(ctx: mlx5tlp.Context) -> None:
+    """The page-lock directory (here the device's directory) owned by another uid, as one
+    pre-created by another user would be, is refused, naming the owner. (The C++ test
+    test_page_lock.cpp has a forked child setuid() to 65534 and create such a directory; here
+    the session's 0700 parent directory keeps uid 65534 out, so the test hands it over.)"""
+    var = ctx.alloc_var(tlp=True)
+    devdir = Path(sim.device_dir()) / ctx.name
+    st = devdir.stat()
+    os.chown(devdir, 65534, 65534)
+    try:
+        with pytest.raises(mlx5tlp.Error) as ei:
+            var.gateway()
+        assert ei.value.errno == errno.EPERM
+        assert "owned by uid 65534" in str(ei.value)
+    finally:
+        os.chown(devdir, st.st_uid, st.st_gid)
+    var.gateway().close()  # ours again: fine
+    var.free()

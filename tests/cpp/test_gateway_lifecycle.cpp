@@ -154,8 +154,16 @@ void idle_writer_parks_and_is_woken_by_post() {
   const std::vector<uint8_t> rec(32, 3);
   CHECK(gw->post(rec.data(), rec.size(), Deadline::never()));
   CHECK(gw->flush(Deadline::never()));
-  CHECK(eventually([&] { return gw->stats().writer_parks >= 1; }));
-  const uint64_t parks = gw->stats().writer_parks;
+  // Settle: the writer parked after the post (it may also have parked once before it). The
+  // old writer never settled: it woke, spun and re-parked every 5 ms.
+  uint64_t parks = ~uint64_t{0};
+  CHECK(eventually([&] {
+    const uint64_t now = gw->stats().writer_parks;
+    const bool settled = now == parks && now >= 1;
+    parks = now;
+    if (!settled) std::this_thread::sleep_for(50ms);
+    return settled;
+  }));
   std::this_thread::sleep_for(200ms);  // idle: 40 wake-ups of the old 5 ms timed wait
   CHECK(gw->stats().writer_parks == parks);
   for (int i = 0; i < 20; ++i) {  // each post after a park wakes the writer
