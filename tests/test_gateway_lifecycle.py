@@ -58,6 +58,7 @@ def _run_blocked(gw: mlx5tlp.Gateway) -> tuple[list[threading.Thread], dict[str,
             out["batch"] = e
 
     def flush() -> None:
+        out["flush_tid"] = threading.get_native_id()
         out["flush"] = gw.flush(timeout=None)
 
     ts = [threading.Thread(target=f, daemon=True) for f in (post, batch, flush)]
@@ -67,7 +68,22 @@ def _run_blocked(gw: mlx5tlp.Gateway) -> tuple[list[threading.Thread], dict[str,
     while gw.stats()["producer_sleeps"] < 2:  # both producers asleep on the full ring
         assert time.monotonic() < deadline, "producers never blocked"
         time.sleep(0.005)
+    while not _in_futex(out.get("flush_tid")):  # and the flusher asleep in flush()
+        assert time.monotonic() < deadline, "flush() never blocked"
+        time.sleep(0.005)
     return ts, out
+
+
+def _in_futex(tid: int | None) -> bool:
+    """Whether thread `tid` of this process sleeps in futex(2) right now (/proc syscall)."""
+    if tid is None:
+        return False
+    try:
+        nr = Path(f"/proc/self/task/{tid}/syscall").read_text().split()[0]
+    except (OSError, IndexError):
+        return False
+    futex = {"x86_64": "202", "aarch64": "98"}.get(os.uname().machine)
+    return nr == futex
 
 
 def _check_woken(ts: list[threading.Thread], out: dict[str, Any]) -> None:

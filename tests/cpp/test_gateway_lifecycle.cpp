@@ -14,6 +14,7 @@
 #include <chrono>
 #include <climits>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -43,6 +44,19 @@ bool eventually(P&& pred, std::chrono::seconds limit = 20s) {
     std::this_thread::sleep_for(1ms);
   }
   return true;
+}
+
+// True while thread `tid` of this process sleeps in futex(2) (the blocking point under test):
+// the first field of /proc/self/task/<tid>/syscall is the number of the syscall it is in.
+bool in_futex(pid_t tid) {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/self/task/%d/syscall", int(tid));
+  FILE* f = std::fopen(path, "r");
+  if (f == nullptr) return false;
+  long nr = -1;
+  const bool ok = std::fscanf(f, "%ld", &nr) == 1;
+  std::fclose(f);
+  return ok && nr == SYS_futex;
 }
 
 GatewayOptions opts(size_t ring, std::chrono::nanoseconds drain) {
@@ -83,9 +97,14 @@ void close_with_blocked_producers_and_flushers() {
       batch_errno = e.error_number();
     }
   });
-  std::thread flusher([&] { flush_result = gw->flush(Deadline::never()) ? 1 : 0; });
-  // Both producers asleep on the full ring before we close.
+  std::atomic<pid_t> flusher_tid{0};
+  std::thread flusher([&] {
+    flusher_tid = pid_t(::syscall(SYS_gettid));
+    flush_result = gw->flush(Deadline::never()) ? 1 : 0;
+  });
+  // Both producers asleep on the full ring, and the flusher asleep, before we close.
   CHECK(eventually([&] { return gw->stats().producer_sleeps >= 2; }));
+  CHECK(eventually([&] { return flusher_tid.load() != 0 && in_futex(flusher_tid.load()); }));
   std::atomic<bool> closed{false};
   int close_errno = 0;
   std::thread closer([&] {
