@@ -31,6 +31,7 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/utsname.h>
 #include <unistd.h>
@@ -46,9 +47,12 @@
 #include <thread>
 #include <vector>
 
+#include "bench_contended.hpp"
+#include "bench_direct.hpp"
+#include "bench_sim.hpp"
+#include "bench_util.hpp"
 #include "mlx5tlp/context.hpp"
 #include "mlx5tlp/error.hpp"
-#include "bench_util.hpp"
 #include "mlx5tlp/gateway.hpp"
 #include "mlx5tlp/gateway_layout.hpp"
 #include "mlx5tlp/tlp.hpp"
@@ -56,167 +60,10 @@
 
 using namespace mlx5tlp;
 using namespace mlx5tlp_bench;
-using Clock = std::chrono::steady_clock;
 
 namespace {
 
-constexpr size_t kRecordBytes = 32;  // a CplD with 5 DW of payload: 12-byte header + 20 bytes
-constexpr size_t kRawSlot = 64;      // "raw_tlp:64"
-constexpr size_t kBatchRecords = 4096;  // pre-built records, reused round-robin
-constexpr size_t kPostBatch = 32;    // records per post_batch() in the loop benchmark
 constexpr uint16_t kRequester = 0x0100, kCompleter = 0x0200;
-
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-bool file_exists(const std::string& p) {
-  struct stat st{};
-  return ::stat(p.c_str(), &st) == 0;
-}
-
-// The installed package keeps the programs in mlx5tlp/bin and the sim library in mlx5tlp/.
-void locate_sim_library() {
-  const char* env = std::getenv("MLX5TLP_SIM_LIB");
-  if (env != nullptr && *env != '\0') return;
-  char exe[PATH_MAX];
-  const ssize_t n = ::readlink("/proc/self/exe", exe, sizeof exe - 1);
-  if (n <= 0) return;
-  exe[n] = '\0';
-  std::string dir(exe);
-  dir.resize(dir.rfind('/'));
-  for (const std::string& cand : {dir + "/libmlx5tlp_sim.so", dir + "/../libmlx5tlp_sim.so"}) {
-    if (file_exists(cand)) {
-      ::setenv("MLX5TLP_SIM_LIB", cand.c_str(), 1);
-      return;
-    }
-  }
-}
-
-// A private software device, removed (with its directory, if we made it) on destruction.
-struct SimDevice {
-  std::string name, made_dir;
-  std::shared_ptr<const Library> lib;
-
-  SimDevice() {
-    const char* env = std::getenv("MLX5TLP_SIM_DIR");
-    if (env == nullptr || *env == '\0') {
-      const char* tmp = std::getenv("TMPDIR");
-      std::string tmpl = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") +
-                         "/mlx5tlp-bench-XXXXXX";
-      std::vector<char> buf(tmpl.begin(), tmpl.end());
-      buf.push_back('\0');
-      if (::mkdtemp(buf.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-      made_dir = buf.data();
-      ::setenv("MLX5TLP_SIM_DIR", made_dir.c_str(), 1);
-    }
-    lib = Library::get(Backend::sim);
-    name = "bench_gw_" + std::to_string(::getpid());
-    m5a_sim_device_config cfg{};
-    cfg.tlp = 1;
-    cfg.gw_pages = 4;
-    cfg.gw_log_stride = 4;  // 64 KiB pages: many slots
-    cfg.virtio_pages = 0;
-    cfg.gw_slot_size = 64;  // sim slots: 8-byte header + a 32-byte record fit
-    cfg.gw_bar_offset = 0x200000;
-    const int rc = lib->sym().sim.create_device(name.c_str(), &cfg);
-    if (rc != 0) throw std::runtime_error("create software device: " + std::string(std::strerror(rc)));
-  }
-  ~SimDevice() {
-    lib->sym().sim.remove_device(name.c_str());
-    if (!made_dir.empty()) ::rmdir(made_dir.c_str());
-  }
-  SimDevice(const SimDevice&) = delete;
-  SimDevice& operator=(const SimDevice&) = delete;
-};
-
-// Records: buffer + offsets + lengths, all kRecordBytes long, distinct contents.
-struct Records {
-  std::vector<uint8_t> buf;
-  std::vector<uint32_t> off, len;
-  explicit Records(size_t n) : buf(n * kRecordBytes), off(n), len(n, uint32_t(kRecordBytes)) {
-    for (size_t i = 0; i < n; ++i) {
-      off[i] = uint32_t(i * kRecordBytes);
-      for (size_t b = 0; b < kRecordBytes; ++b) buf[i * kRecordBytes + b] = uint8_t(i * 7 + b);
-    }
-  }
-};
-
-// ------------------------------------------------------------ direct mode vs raw stores
-// What a program writing the page itself does: the record's four 8-byte words as single
-// aligned stores into the slot, then a store fence so it reaches the device in order.
-template <bool Fence>
-void raw_store_loop(uint8_t* page, size_t slots, const Records& r, uint64_t total) {
-  const size_t n = r.off.size();
-  for (uint64_t i = 0; i < total; ++i) {
-    const uint8_t* src = r.buf.data() + r.off[i % n];
-    auto* dst = reinterpret_cast<volatile uint64_t*>(page + (i % slots) * kRawSlot);
-    for (size_t w = 0; w < kRecordBytes / 8; ++w) {
-      uint64_t x;
-      std::memcpy(&x, src + w * 8, 8);
-      dst[w] = x;
-    }
-    if (Fence) store_fence();
-  }
-}
-
-struct DirectResult {
-  std::vector<double> gw, raw, raw_nofence;
-  bool ok = true;
-};
-
-DirectResult bench_direct(const std::shared_ptr<Context>& ctx, uint64_t total, int runs) {
-  auto var = Var::alloc(ctx, true);
-  DirectResult res;
-  {
-    GatewayOptions o;
-    o.direct = true;
-    o.batch_max = 64;
-    auto gw = Gateway::open(var, make_layout("raw_tlp:" + std::to_string(kRawSlot)), o);
-    Mapping m = var->map(PROT_READ | PROT_WRITE);  // the same page, mapped a second time
-    auto* page = static_cast<uint8_t*>(m.data());
-    const size_t slots = m.size() / kRawSlot;
-    const Records r(kBatchRecords);
-    const auto timeout = std::chrono::seconds(10);
-    auto run_gw = [&] {
-      const auto t0 = Clock::now();
-      uint64_t done = 0;
-      while (done < total) {
-        const size_t k = static_cast<size_t>(std::min<uint64_t>(kBatchRecords, total - done));
-        const size_t w = gw->write_batch(r.buf.data(), r.off.data(), r.len.data(), k, mlx5tlp::Deadline::after(timeout));
-        if (w != k) res.ok = false;
-        done += k;
-      }
-      return double(total) / seconds_since(t0);
-    };
-    auto run_raw = [&](bool fence) {
-      const auto t0 = Clock::now();
-      if (fence) raw_store_loop<true>(page, slots, r, total);
-      else raw_store_loop<false>(page, slots, r, total);
-      return double(total) / seconds_since(t0);
-    };
-    run_raw(true);  // warm-up: page faults, caches, branch predictors
-    run_gw();
-    run_raw(false);
-    for (int i = 0; i < runs; ++i) {
-      res.raw.push_back(run_raw(true));
-      res.gw.push_back(run_gw());
-      res.raw_nofence.push_back(run_raw(false));
-    }
-    // Check the gateway really wrote: run once more from slot 0 and compare the first slots.
-    std::memset(page, 0, m.size());
-    const uint64_t written = gw->stats().written;
-    const size_t start = size_t(written % slots);  // the layout's next slot
-    const size_t k = std::min<size_t>(16, slots - start);
-    gw->write_batch(r.buf.data(), r.off.data(), r.len.data(), k, mlx5tlp::Deadline::after(timeout));
-    for (size_t i = 0; i < k; ++i)
-      if (std::memcmp(page + (start + i) * kRawSlot, r.buf.data() + r.off[i], kRecordBytes) != 0)
-        res.ok = false;
-    gw->close();
-  }
-  var->free();
-  return res;
-}
 
 // ------------------------------------------------------------ doorbell loop throughput
 struct LoopRow {
@@ -404,6 +251,13 @@ int main(int argc, char** argv) {
     const DirectResult d = bench_direct(ctx, direct_records, runs);
     ok = ok && d.ok;
     const double gw_rate = median(d.gw), raw_rate = median(d.raw), nofence = median(d.raw_nofence);
+    const double gw8_rate = median(d.gw8), raw8_rate = median(d.raw8);
+
+    const uint64_t contended_records = quick ? (1u << 18) : (1u << 21);
+    const ContendedRow quiet = bench_contended(ctx, false, contended_records, runs, &ok);
+    const ContendedRow busy = bench_contended(ctx, true, contended_records, runs, &ok);
+    const double idle_seconds = quick ? 0.5 : 3.0;
+    const double idle_pct = idle_cpu_percent(ctx, idle_seconds, &ok);
 
     std::vector<LoopRow> rows;
     for (const bool batch : {true, false})
@@ -428,20 +282,38 @@ int main(int argc, char** argv) {
                 static_cast<unsigned long long>(direct_records),
                 static_cast<unsigned long long>(loop_records), kPostBatch, lat_samples, lat_warmup);
     std::printf("  \"method\": {\"warmup_runs\": 1, \"runs\": %d, \"statistic\": \"median\", "
-                "\"timer\": \"steady_clock\", \"direct\": \"raw, gateway and no-fence runs "
-                "alternate; same page, second mapping; raw = 4 aligned 8-byte stores + store fence "
-                "per record at the raw_tlp:64 slot offsets\", \"loop\": \"producers released -> "
+                "\"timer\": \"steady_clock\", \"direct\": \"raw and gateway runs alternate; same "
+                "page, second mapping; raw = the same bytes the layout writes (each record one "
+                "zero-padded 64-byte chunk, with the gateway's store path: MOVDIR64B or 8 aligned "
+                "8-byte stores) + store fence per record at the raw_tlp:64 slot offsets, "
+                "compare-and-wrap indices (no division per record)\", \"contended\": \"default "
+                "gateway (ring 1024, batch_max 64), raw_tlp:64, 2 producers post_batch(32, no "
+                "deadline), released -> flush() returned; ring_contended with 2 busy-loop threads "
+                "running meanwhile\", \"idle\": \"getrusage(RUSAGE_SELF) user+system over the "
+                "interval / wall time, 4 open idle gateways\", \"loop\": \"producers released -> "
                 "flush() returned; the single-post rows post a quarter of the records\", "
                 "\"latency\": \"one record in flight; t0 before post(), t1 when the sim host's "
                 "poll returns it; main thread is producer and host, plus the writer thread\", "
                 "\"quick\": %s},\n",
                 runs, quick ? "true" : "false");
-    std::printf("  \"direct_vs_raw_store\": {\"direct_records_per_s\": %.0f, "
+    std::printf("  \"direct_vs_raw_store\": {\"store_path\": \"%s\", \"direct_records_per_s\": %.0f, "
                 "\"raw_store_records_per_s\": %.0f, \"ratio\": %.3f, "
-                "\"raw_store_nofence_records_per_s\": %.0f,\n"
-                "    \"direct_runs\": %s, \"raw_store_runs\": %s},\n",
-                gw_rate, raw_rate, gw_rate / raw_rate, nofence, json_array(d.gw).c_str(),
-                json_array(d.raw).c_str());
+                "\"direct_store8_records_per_s\": %.0f, \"raw_store8_records_per_s\": %.0f, "
+                "\"ratio_store8\": %.3f, \"raw_store8_nofence_records_per_s\": %.0f,\n"
+                "    \"direct_runs\": %s, \"raw_store_runs\": %s, \"direct_store8_runs\": %s, "
+                "\"raw_store8_runs\": %s},\n",
+                d.path.c_str(), gw_rate, raw_rate, gw_rate / raw_rate, gw8_rate, raw8_rate,
+                gw8_rate / raw8_rate, nofence, json_array(d.gw).c_str(), json_array(d.raw).c_str(),
+                json_array(d.gw8).c_str(), json_array(d.raw8).c_str());
+    for (const ContendedRow* c : {&quiet, &busy})
+      std::printf("  \"%s\": {\"records_per_s\": %.0f, \"busy_loops\": %d, \"ring_slots\": 1024, "
+                  "\"producers\": 2, \"post_batch\": %zu, \"producer_sleeps\": %llu, "
+                  "\"writer_parks\": %llu, \"runs\": %s},\n",
+                  c->busy ? "ring_contended" : "ring_uncontended", c->records_per_s,
+                  c->busy ? 2 : 0, kPostBatch, static_cast<unsigned long long>(c->producer_sleeps),
+                  static_cast<unsigned long long>(c->writer_parks), json_array(c->runs).c_str());
+    std::printf("  \"idle\": {\"gateways\": 4, \"seconds\": %.1f, \"cpu_percent\": %.3f},\n",
+                idle_seconds, idle_pct);
     std::printf("  \"loop\": [\n");
     for (size_t i = 0; i < rows.size(); ++i) {
       const LoopRow& r = rows[i];

@@ -14,7 +14,8 @@ import pytest
 from mlx5tlp import bench
 
 # The C++ programs' keys may be null, but only with a reason (program not built/installed).
-CPP_KEYS = ("lockfree_vs_mutex_2p", "direct_vs_raw_store", "latency_p50_us", "latency_p99_us")
+CPP_KEYS = ("lockfree_vs_mutex_2p", "direct_vs_raw_store", "ring_contended_records_per_s",
+            "idle_gateways_cpu_percent", "latency_p50_us", "latency_p99_us")
 PY_KEYS = ("bulk_vs_naive_python", "post_call_us")
 
 
@@ -58,6 +59,10 @@ def _check_shape(rep: dict[str, object]) -> None:
     assert isinstance(rep["method"], dict) and rep["method"]["quick"] is True
     targets = rep["targets"]
     assert isinstance(targets, dict) and set(targets) == set(bench.TARGETS)
+    load = rep["load_average"]
+    assert isinstance(load, dict) and len(load["start"]) == len(load["end"]) == 3
+    for t in targets.values():
+        assert t["load_average_1min"] is None or _is_number(t["load_average_1min"])
 
 
 @pytest.mark.slow
@@ -83,3 +88,28 @@ def test_find_program_honours_override(tmp_path: Path, monkeypatch: pytest.Monke
     prog.chmod(0o755)
     path, _ = bench.find_program("bench_ring")
     assert path == prog
+
+
+def _fake_report(quick: bool, **values: float | None) -> dict[str, object]:
+    rep: dict[str, object] = {key: values.get(key, 1.0) for key in bench.TARGETS}
+    rep["reasons"] = {k: "bench_ring not found" for k, v in values.items() if v is None}
+    rep["method"] = {"quick": quick}
+    rep["targets"] = bench._check_targets(rep, {k: 0.5 for k in bench.TARGETS})
+    return rep
+
+
+def test_exit_status_names_missed_targets(capsys: pytest.CaptureFixture[str]) -> None:
+    ok = _fake_report(False, bulk_vs_naive_python=25.0, lockfree_vs_mutex_2p=3.0,
+                      post_call_us=0.5, ring_contended_records_per_s=3e7,
+                      idle_gateways_cpu_percent=0.1)
+    assert bench.exit_status(ok) == 0
+    bad = _fake_report(False, bulk_vs_naive_python=5.3, lockfree_vs_mutex_2p=None,
+                       post_call_us=0.5, ring_contended_records_per_s=3e7,
+                       idle_gateways_cpu_percent=0.1)
+    assert bench.exit_status(bad) == 1
+    err = capsys.readouterr().err
+    assert "bulk_vs_naive_python: 5.3 (target >= 20" in err
+    assert "lockfree_vs_mutex_2p: bench_ring not found" in err
+    assert "post_call_us" not in err
+    # --quick is a smoke run: it reports, it does not fail.
+    assert bench.exit_status(_fake_report(True, bulk_vs_naive_python=5.3)) == 0

@@ -96,7 +96,7 @@ def test_post_flush_close(ctx: mlx5tlp.Context, host: sim.Host) -> None:
         assert st["posted"] == st["written"] == 11
         assert st["lost"] == 0 and 1 <= st["batches"] <= 11 and st["max_batch"] <= 64
         assert set(st) == {"posted", "written", "batches", "max_batch", "full_waits",
-                           "credit_waits", "lost"}
+                           "credit_waits", "lost", "producer_sleeps", "writer_parks"}
     assert gw.closed
     got = collect(host, 11)
     assert [c.page_id for c in got] == [var.page_id] * 11
@@ -586,9 +586,9 @@ def test_raw_tlp_layout_wire_order(ctx: mlx5tlp.Context) -> None:
         for k, c in enumerate(cpls):
             slot = k * 512
             assert page[slot : slot + len(c)] == c, f"slot {k}"
-            padded = (len(c) + 7) // 8 * 8
+            padded = (len(c) + 63) // 64 * 64  # whole 64-byte chunks, zero-padded
             assert page[slot + len(c) : slot + padded] == bytes(padded - len(c))
-            assert page[slot + padded] == 0xEE  # nothing past the record's last word
+            assert page[slot + padded] == 0xEE  # nothing past the record's last chunk
         assert tlp.decode(page[0 : len(cpls[0])]).tag == 0x15
         assert page[len(cpls) * 512] == 0xEE
         # Direct mode, 64-byte slots: the 65th record wraps around to slot 0.

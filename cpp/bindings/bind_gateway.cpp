@@ -115,7 +115,20 @@ void bind_gateway(py::module_& m) {
         py::gil_scoped_release r;
         return g.flush(t);
       }, py::arg("timeout"))
-      .def("close", &Gateway::close, py::call_guard<py::gil_scoped_release>())
+      .def("close", [](Gateway& g, const py::object& drain_timeout) {
+        // None: the gateway's own drain timeout (a number overrides it, e.g. at exit).
+        if (drain_timeout.is_none()) {
+          py::gil_scoped_release r;
+          g.close();
+          return;
+        }
+        const auto d = to_duration(drain_timeout, "drain_timeout");
+        py::gil_scoped_release r;
+        g.close(d);
+      }, py::arg("drain_timeout") = py::none())
+      .def_property_readonly("store_path", [](const Gateway& g) { return std::string(g.store_path()); })
+      .def_property_readonly("page_prot", &Gateway::page_prot)
+      .def_property_readonly("state", [](const Gateway& g) { return std::string(to_string(g.state())); })
       .def_property_readonly("closed", &Gateway::closed)
       .def_property_readonly("direct", &Gateway::direct)
       .def_property_readonly("max_record", &Gateway::max_record)
@@ -131,6 +144,8 @@ void bind_gateway(py::module_& m) {
         d["full_waits"] = s.full_waits;
         d["credit_waits"] = s.credit_waits;
         d["lost"] = s.lost;
+        d["producer_sleeps"] = s.producer_sleeps;
+        d["writer_parks"] = s.writer_parks;
         return d;
       });
 }

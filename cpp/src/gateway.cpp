@@ -1,97 +1,65 @@
 #include "mlx5tlp/gateway.hpp"
 
-#include <fcntl.h>
-#include <pthread.h>
 #include <sys/mman.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstdio>
-#include <cstdlib>
-#include <set>
 
 #include "mlx5tlp/error.hpp"
+#include "mlx5tlp/futex.hpp"
 
 namespace mlx5tlp {
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
+constexpr uint32_t kOpen = uint32_t(GatewayState::open), kClosing = uint32_t(GatewayState::closing),
+                   kDraining = uint32_t(GatewayState::draining),
+                   kClosed = uint32_t(GatewayState::closed);
+// How long an idle writer keeps polling the ring before it parks: long enough that a steady
+// stream of posts a few microseconds apart never pays a futex wake-up, short enough that an idle
+// gateway costs nothing measurable (it then sleeps until the next post, untimed).
+constexpr auto kIdleSpin = std::chrono::microseconds(50);
 
-// ---- fork awareness: a child never uses (or joins) its parent's writer threads ----
-std::atomic<uint64_t> g_fork_gen{0};
-std::mutex g_lock_fds_mu;
-std::set<int>* g_lock_fds = nullptr;  // page-lock fds of this process's open gateways
-
-void atfork_prepare() { g_lock_fds_mu.lock(); }
-void atfork_parent() { g_lock_fds_mu.unlock(); }
-void atfork_child() {
-  // relaxed: the child is single-threaded here.
-  g_fork_gen.fetch_add(1, std::memory_order_relaxed);
-  // The inherited fds share the parent's lock (same open file description): closing our copies
-  // keeps a long-lived child from holding the parent's page once the parent lets it go.
-  if (g_lock_fds != nullptr) {
-    for (int fd : *g_lock_fds) ::close(fd);
-    g_lock_fds->clear();
-  }
-  g_lock_fds_mu.unlock();
-}
-
-void register_lock_fd(int fd, bool add) {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    g_lock_fds = new std::set<int>();  // lives for the process: atfork handlers may run at exit
-    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
-  });
-  std::lock_guard<std::mutex> l(g_lock_fds_mu);
-  if (add) g_lock_fds->insert(fd);
-  else g_lock_fds->erase(fd);
-}
-
-std::string page_lock_path(const Var& var) {
+// The page lock, keyed by the device and the page's mmap offset (see page_lock.hpp).
+PageLock lock_page(const Var& var) {
   const Context& ctx = *var.context();
+  char off[32];
+  std::snprintf(off, sizeof off, "%llx", static_cast<unsigned long long>(var.mmap_off()));
+  const std::string busy = "TLP gateway page " + std::to_string(var.page_id()) + " (mmap offset 0x" +
+                           off + ") of device " + ctx.name() +
+                           " already has a writer (in this or another process): the hardware "
+                           "allows one committer per page";
+  const auto& sim = ctx.lib().sym().sim;
+  if (sim.device_dir != nullptr) {  // the software device: in the device's own directory
+    char root[4096];
+    if (sim.device_dir(root, sizeof root) == 0) {
+      const std::string dir = std::string(root) + "/" + ctx.name();
+      PageLock::check_dir(dir, false);
+      return PageLock::acquire(dir, std::string("gw-off") + off + ".lock", busy);
+    }
+  }
+  bool is_default = true;
+  const std::string dir = PageLock::default_dir(&is_default);
+  PageLock::check_dir(dir, is_default);
   char guid[24];
   std::snprintf(guid, sizeof guid, "%016llx", static_cast<unsigned long long>(ctx.node_guid()));
-  const std::string page = std::to_string(var.page_id());
-  const auto& sim = ctx.lib().sym().sim;
-  if (sim.device_dir != nullptr) {  // the software device: beside the device's own files
-    char dir[4096];
-    if (sim.device_dir(dir, sizeof dir) == 0)
-      return std::string(dir) + "/" + ctx.name() + "/gw" + page + ".lock";
-  }
-  const char* env = std::getenv("MLX5TLP_LOCK_DIR");
-  std::string dir = env != nullptr && *env != '\0' ? env : "/dev/shm";
-  return dir + "/mlx5tlp-gw-" + std::to_string(getuid()) + "-" + ctx.name() + "-" + guid + "-" +
-         page + ".lock";
-}
-
-// One committer per page, across processes: an OFD write lock, released when the last fd of
-// its open file description closes (also when the process dies).
-int lock_page(const Var& var) {
-  const std::string path = page_lock_path(var);
-  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  if (fd < 0) throw_errno("open gateway page lock " + path, errno_or_eio(), false);
-  struct flock fl{};
-  fl.l_type = F_WRLCK;
-  fl.l_whence = SEEK_SET;
-  fl.l_len = 1;
-  if (fcntl(fd, F_OFD_SETLK, &fl) != 0) {
-    const int err = errno;
-    ::close(fd);
-    if (err == EAGAIN || err == EACCES)
-      throw Error(ErrorKind::generic, "open gateway", EBUSY,
-                  "TLP gateway page " + std::to_string(var.page_id()) + " of device " +
-                      var.context()->name() +
-                      " already has a writer (in this or another process): the hardware allows "
-                      "one committer per page");
-    throw_errno("lock gateway page " + path, err, false);
-  }
-  register_lock_fd(fd, true);
-  return fd;
+  return PageLock::acquire(dir, ctx.name() + "-" + guid + "-off" + off + ".lock", busy);
 }
 
 }  // namespace
+
+const char* to_string(GatewayState s) noexcept {
+  switch (s) {
+    case GatewayState::open: return "open";
+    case GatewayState::closing: return "closing";
+    case GatewayState::draining: return "draining";
+    case GatewayState::closed: return "closed";
+  }
+  return "?";
+}
 
 std::shared_ptr<Gateway> Gateway::open(std::shared_ptr<Var> var,
                                        std::unique_ptr<GatewayLayout> layout,
@@ -102,24 +70,25 @@ std::shared_ptr<Gateway> Gateway::open(std::shared_ptr<Var> var,
                     " is a VirtIO VAR, not a TLP response gateway page");
   if (options.batch_max == 0)
     throw Error(ErrorKind::invalid_argument, "open gateway", EINVAL, "batch_max must be >= 1");
-  if (!layout) layout = make_layout(var->context()->lib().sym().sim.mmap != nullptr ? "sim" : "raw_tlp");
-  int fd = lock_page(*var);
-  try {
-    Mapping m = var->map(PROT_READ | PROT_WRITE);
-    layout->attach(static_cast<uint8_t*>(m.data()), m.size());
-    std::shared_ptr<Gateway> gw(new Gateway(std::move(m), std::move(layout), options, fd));
-    if (!gw->direct_) gw->writer_ = std::make_unique<std::thread>([g = gw.get()] { g->run(); });
-    gw->var()->context()->adopt(gw);
-    return gw;
-  } catch (...) {
-    register_lock_fd(fd, false);
-    ::close(fd);
-    throw;
-  }
+  const bool sim = var->context()->lib().sym().sim.mmap != nullptr;
+  if (!layout) layout = make_layout(sim ? "sim" : "raw_tlp");
+  layout->set_device_memory(!sim);  // a real device's page is MMIO; the software device's is not
+  // Write-only unless the layout reads the page: the kernel maps TLP pages non-cached and the
+  // raw_tlp layout never reads them (the sim layout reads its consumer index).
+  const int prot = layout->reads_page() ? PROT_READ | PROT_WRITE : PROT_WRITE;
+  // Map first: the mapping is the device's check that mmap_off is a live page of this context,
+  // and the lock is keyed by that offset (never by an envelope's page_id).
+  Mapping m = var->map(prot);
+  PageLock lock = lock_page(*var);
+  layout->attach(static_cast<uint8_t*>(m.data()), m.size());
+  std::shared_ptr<Gateway> gw(new Gateway(std::move(m), std::move(layout), options, std::move(lock), prot));
+  if (!gw->direct_) gw->writer_ = std::make_unique<std::thread>([g = gw.get()] { g->run(); });
+  gw->var()->context()->adopt(gw);
+  return gw;
 }
 
 Gateway::Gateway(Mapping mapping, std::unique_ptr<GatewayLayout> layout, const GatewayOptions& o,
-                 int lock_fd)
+                 PageLock lock, int prot)
     : var_(mapping.var()),
       mapping_(std::move(mapping)),
       layout_(std::move(layout)),
@@ -128,22 +97,26 @@ Gateway::Gateway(Mapping mapping, std::unique_ptr<GatewayLayout> layout, const G
       batch_max_(o.batch_max),
       drain_timeout_(o.drain_timeout),
       max_record_(layout_->max_record()),
-      fork_gen_(g_fork_gen.load(std::memory_order_relaxed)),
-      lock_fd_(lock_fd) {}
+      fork_gen_(fork_generation()),
+      prot_(prot),
+      lock_(std::move(lock)) {}
 
 Gateway::~Gateway() {
   try {
-    close();
+    close();  // bounded by the drain timeout (see the lifecycle in gateway.hpp)
   } catch (...) {
     // close() reports undeliverable records; a destructor cannot.
   }
 }
 
+void Gateway::closed_error(const char* op) const {
+  throw Error(ErrorKind::invalid_handle, op, EBADF, "the gateway was closed");
+}
+
 void Gateway::check_usable(const char* op) const {
-  if (closed_.load(std::memory_order_acquire))
-    throw Error(ErrorKind::invalid_handle, op, EBADF, "the gateway is closed");
-  // relaxed: only the forking thread changes it, before any thread of the child runs.
-  if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_)
+  // relaxed: a fast refusal only; Inflight re-checks with seq_cst.
+  if (state_.load(std::memory_order_relaxed) != kOpen) closed_error(op);
+  if (fork_generation() != fork_gen_)
     throw Error(ErrorKind::invalid_handle, op, EBADF,
                 "this gateway was opened before fork(); a child does not inherit its writer: "
                 "open a new gateway in this process");
@@ -156,27 +129,62 @@ void Gateway::check_record(size_t len, const char* op) const {
                     layout_->name() + "', not " + std::to_string(len));
 }
 
+// Marks a caller inside post()/post_batch()/write*(). Dekker pair with close(): close() stores
+// state_ then loads inflight_; a caller increments inflight_ then loads state_ (all seq_cst),
+// so either the caller sees the close (and backs out) or close() sees the caller (and waits).
+// On the way out, a caller that sees the gateway closing wakes close() if it was the last.
+struct Gateway::Inflight {
+  Gateway& g;
+  Inflight(Gateway& gw, const char* op) : g(gw) {
+    // seq_cst: the caller half of the Dekker pair (see above).
+    g.inflight_.fetch_add(1, std::memory_order_seq_cst);
+    if (g.state_.load(std::memory_order_seq_cst) != kOpen) {
+      leave();
+      g.closed_error(op);
+    }
+  }
+  ~Inflight() { leave(); }
+  void leave() noexcept {
+    // seq_cst: our pushes happen-before close() sees the count drop, and the decrement is
+    // ordered before the state load below (the same Dekker pair, on the way out).
+    if (g.inflight_.fetch_sub(1, std::memory_order_seq_cst) == 1 &&
+        g.state_.load(std::memory_order_seq_cst) != kOpen)
+      futex_wake(g.inflight_, INT_MAX);
+  }
+  Inflight(const Inflight&) = delete;
+  Inflight& operator=(const Inflight&) = delete;
+};
+
 // ---------------------------------------------------------------- direct mode
+void Gateway::count_written(size_t n, bool batched) noexcept {
+  // seq_cst (a release store and more): a flush()/stats() reader that sees the count sees the
+  // page writes before it; and it precedes our load of flush_waiters_ (Dekker with flush()).
+  written_.store(written_.load(std::memory_order_relaxed) + n, std::memory_order_seq_cst);
+  // relaxed: statistics.
+  batches_.fetch_add(batched ? 1 : n, std::memory_order_relaxed);
+  if (n > max_batch_.load(std::memory_order_relaxed)) max_batch_.store(n, std::memory_order_relaxed);
+  // seq_cst: the writer half of the Dekker pair with flush(); a plain load when nobody waits.
+  if (flush_waiters_.load(std::memory_order_seq_cst) != 0) wake_flushers();
+}
+
 size_t Gateway::write_direct(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
                              size_t n, Deadline deadline) {
   const bool batched = layout_->batched_doorbell();
   size_t done = 0;
-  unsigned spins = 0;
   while (done < n) {
-    size_t credits = layout_->credits();
+    // relaxed: a close() wakes us (wake_credit_waiter) and waits for us to leave (Inflight).
+    if (state_.load(std::memory_order_relaxed) != kOpen) break;
+    const size_t credits = layout_->credits();
     if (credits == 0) {
       credit_waits_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
       if (deadline.expired()) break;
-      ring_detail::backoff(std::min(spins++, 200u));
+      layout_->wait_credits(deadline);  // blocking point: the device returns credits or close()
       continue;
     }
     const size_t k = std::min({credits, n - done, batch_max_});
     layout_->write_batch(buf, offsets + done, lengths + done, k);
     done += k;
-    // release: a flush()/stats() reader that sees the count sees the page writes before it.
-    written_.store(written_.load(std::memory_order_relaxed) + k, std::memory_order_release);
-    batches_.fetch_add(batched ? 1 : k, std::memory_order_relaxed);
-    if (k > max_batch_.load(std::memory_order_relaxed)) max_batch_.store(k, std::memory_order_relaxed);
+    count_written(k, batched);
   }
   return done;
 }
@@ -193,7 +201,9 @@ size_t Gateway::write_batch(const uint8_t* buf, const uint32_t* offsets, const u
   if (!direct_)
     throw Error(ErrorKind::invalid_argument, "write", EINVAL,
                 "this gateway runs the doorbell loop: use post(); write() is for direct mode");
-  for (size_t i = 0; i < n; ++i) check_record(lengths[i], "write_batch");
+  for (size_t i = 0; i < n; ++i)  // one compare per record; the error path is out of line
+    if (lengths[i] - 1u >= max_record_) check_record(lengths[i], "write_batch");
+  Inflight in(*this, "write");
   // acquire: pairs with the release below, so one direct caller's page writes precede the next's.
   if (direct_busy_.exchange(true, std::memory_order_acquire))
     throw Error(ErrorKind::invalid_argument, "write", EBUSY,
@@ -202,35 +212,35 @@ size_t Gateway::write_batch(const uint8_t* buf, const uint32_t* offsets, const u
     std::atomic<bool>& f;
     ~Unbusy() { f.store(false, std::memory_order_release); }  // release: see the exchange above
   } unbusy{direct_busy_};
-  return write_direct(buf, offsets, lengths, n, deadline);
+  const size_t done = write_direct(buf, offsets, lengths, n, deadline);
+  if (done == 0 && n != 0 && state_.load(std::memory_order_relaxed) != kOpen) closed_error("write");
+  return done;
 }
 
 // ---------------------------------------------------------------- doorbell loop
-// Marks a producer inside post(): close() sets closed_ then waits for inflight_ to drain, and a
-// producer increments inflight_ then checks closed_; both sides use seq_cst, so either the
-// producer sees closed_ (and backs out) or close() sees the producer (and waits for it).
-struct Gateway::Inflight {
-  Gateway& g;
-  explicit Inflight(Gateway& gw, const char* op) : g(gw) {
-    g.inflight_.fetch_add(1, std::memory_order_seq_cst);
-    if (g.closed_.load(std::memory_order_seq_cst)) {
-      g.inflight_.fetch_sub(1, std::memory_order_release);
-      throw Error(ErrorKind::invalid_handle, op, EBADF, "the gateway is closed");
-    }
-  }
-  ~Inflight() { g.inflight_.fetch_sub(1, std::memory_order_release); }  // release: our push
-  Inflight(const Inflight&) = delete;
-  Inflight& operator=(const Inflight&) = delete;
-};
-
 void Gateway::wake_writer() noexcept {
-  // Dekker with the writer's park(): our publication (in the ring) and its parked_ store are
-  // both followed by a full fence before reading the other side, so one of us sees the other.
+  // Dekker with idle_wait(): our publication (the slot stamp) and the writer's writer_sleep_
+  // store are each followed by a full fence before reading the other side, so either the
+  // writer sees the record or we see it parked. The exchange makes one waker do the syscall.
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (parked_.load(std::memory_order_relaxed)) {
-    std::lock_guard<std::mutex> l(park_mu_);
-    park_cv_.notify_one();
-  }
+  // relaxed: ordered by the fence; the exchange below decides.
+  if (writer_sleep_.load(std::memory_order_relaxed) != 0 &&
+      writer_sleep_.exchange(0, std::memory_order_acq_rel) != 0)
+    futex_wake(writer_sleep_, 1);
+}
+
+void Gateway::wake_writer_for_state() noexcept {
+  // seq_cst: follows close()'s seq_cst state store; a writer that stores 1 after this exchange
+  // loads state_ after it in the total order and sees the new state (idle_wait).
+  if (writer_sleep_.exchange(0, std::memory_order_seq_cst) != 0) futex_wake(writer_sleep_, 1);
+  layout_->wake_credit_waiter();
+}
+
+void Gateway::wake_flushers() noexcept {
+  // seq_cst: a flusher that read flush_seq_ before this bump finds FUTEX_WAIT failing its value
+  // check; one that reads it after sees the count (or state) stored before.
+  flush_seq_.fetch_add(1, std::memory_order_seq_cst);
+  futex_wake(flush_seq_, INT_MAX);
 }
 
 bool Gateway::post(const uint8_t* rec, size_t len, Deadline deadline) {
@@ -240,15 +250,18 @@ bool Gateway::post(const uint8_t* rec, size_t len, Deadline deadline) {
                 "this gateway is in direct mode: use write()");
   check_record(len, "post");
   Inflight in(*this, "post");
-  bool ok = ring_->try_push(rec, len);
-  if (!ok && !deadline.expired()) {
+  if (ring_->try_push(rec, len)) {
     wake_writer();
-    ok = ring_->push(rec, len, deadline);  // counts its own full wait (stats() adds it)
-  } else if (!ok) {
-    full_waits_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
+    return true;
   }
-  if (ok) wake_writer();
-  return ok;
+  // Ring full: the ring sleeps us until the writer frees slots, the deadline, or close().
+  const PushStatus st = ring_->wait_until(deadline, [&] { return ring_->try_push(rec, len); });
+  if (st == PushStatus::pushed) {
+    wake_writer();
+    return true;
+  }
+  if (st == PushStatus::shut_down) closed_error("post");
+  return false;
 }
 
 size_t Gateway::post_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
@@ -257,24 +270,22 @@ size_t Gateway::post_batch(const uint8_t* buf, const uint32_t* offsets, const ui
   if (direct_)
     throw Error(ErrorKind::invalid_argument, "post_batch", EINVAL,
                 "this gateway is in direct mode: use write_batch()");
-  for (size_t i = 0; i < n; ++i) check_record(lengths[i], "post_batch");
+  for (size_t i = 0; i < n; ++i)  // one compare per record; the error path is out of line
+    if (lengths[i] - 1u >= max_record_) check_record(lengths[i], "post_batch");
   Inflight in(*this, "post_batch");
   size_t done = 0;
-  unsigned spins = 0;
-  bool waited = false;
-  while (done < n) {
+  // Every partial push wakes the writer: it must drain while we wait for the rest.
+  auto attempt = [&] {
     const size_t k = ring_->try_push_batch(buf, offsets + done, lengths + done, n - done);
-    done += k;
     if (k != 0) {
+      done += k;
       wake_writer();
-      spins = 0;
-      continue;
     }
-    if (!waited) full_waits_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
-    waited = true;
-    if (deadline.expired()) break;
-    ring_detail::backoff(std::min(spins++, 200u));
-  }
+    return done == n;
+  };
+  if (n == 0 || attempt()) return done;
+  const PushStatus st = ring_->wait_until(deadline, attempt);
+  if (st == PushStatus::shut_down && done == 0) closed_error("post_batch");
   return done;
 }
 
@@ -282,13 +293,29 @@ bool Gateway::flush(Deadline deadline) {
   check_usable("flush");
   if (direct_) return true;  // direct writes are in the page when write() returns
   const uint64_t target = ring_->reserved_total();
-  for (unsigned i = 0;; ++i) {
-    // acquire: pairs with the writer's release, so the page holds those records.
-    if (written_.load(std::memory_order_acquire) >= target) return true;
-    if (closed_.load(std::memory_order_acquire) || deadline.expired()) return false;
-    wake_writer();
-    ring_detail::backoff(std::min(i, 200u));
+  // acquire: pairs with the writer's store, so the page holds those records.
+  if (written_.load(std::memory_order_acquire) >= target) return true;
+  wake_writer();
+  // seq_cst: the flusher half of the Dekker pair with count_written().
+  flush_waiters_.fetch_add(1, std::memory_order_seq_cst);
+  bool ok = false;
+  for (;;) {
+    // seq_cst: read before looking at the count, so a later wake-up changes it.
+    const uint32_t seq = flush_seq_.load(std::memory_order_seq_cst);
+    if (written_.load(std::memory_order_seq_cst) >= target) {
+      ok = true;
+      break;
+    }
+    if (state_.load(std::memory_order_seq_cst) == kClosed) break;  // not all were written
+    // Blocking point: until the writer's count moves, the gateway closes, or the deadline.
+    if (!futex_wait(flush_seq_, seq, deadline)) {
+      ok = written_.load(std::memory_order_acquire) >= target;
+      break;
+    }
   }
+  // release: nothing is read through it; the writer only tests it for zero.
+  flush_waiters_.fetch_sub(1, std::memory_order_release);
+  return ok;
 }
 
 size_t Gateway::drain_batch(size_t max) noexcept {
@@ -300,52 +327,51 @@ size_t Gateway::drain_batch(size_t max) noexcept {
   });
   if (n == 0) return 0;
   if (batched) layout->doorbell();
-  // release: flush() acquires this count and may then rely on the page contents.
-  written_.store(written_.load(std::memory_order_relaxed) + n, std::memory_order_release);
-  batches_.fetch_add(batched ? 1 : n, std::memory_order_relaxed);  // relaxed: statistics
-  if (n > max_batch_.load(std::memory_order_relaxed)) max_batch_.store(n, std::memory_order_relaxed);
+  count_written(n, batched);
   return n;
 }
 
+// The idle writer: poll the ring for a short while (a post usually follows soon), then park on
+// writer_sleep_ with no timeout until a post (wake_writer) or a state change wakes it.
+void Gateway::idle_wait(uint32_t seen_state) noexcept {
+  const auto spin_until = Clock::now() + kIdleSpin;
+  for (unsigned i = 1;; ++i) {
+    // relaxed: a hint; the parking protocol below is what is exact.
+    if (!ring_->empty() || state_.load(std::memory_order_relaxed) != seen_state) return;
+    // PAUSE first; then yield, so that a producer waiting for this CPU (busy machine) runs.
+    ring_detail::backoff(i);
+    if (i % 16 == 0 && Clock::now() >= spin_until) break;
+  }
+  // seq_cst store + fence: the writer half of the Dekker pairs with wake_writer() (fence) and
+  // with wake_writer_for_state() (seq_cst exchange after close()'s seq_cst state store).
+  writer_sleep_.store(1, std::memory_order_seq_cst);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (ring_->empty() && state_.load(std::memory_order_seq_cst) == seen_state) {
+    writer_parks_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
+    // Blocking point: untimed; a post or a lifecycle transition sets the word to 0 and wakes.
+    futex_wait(writer_sleep_, 1, Deadline::never());
+  }
+  // relaxed: only this thread sets it to 1; a waker may have cleared it already.
+  writer_sleep_.store(0, std::memory_order_relaxed);
+}
+
 void Gateway::run() noexcept {
-  unsigned idle = 0;
-  bool draining = false;
-  Deadline deadline = Deadline::never();
   for (;;) {
     const size_t credits = layout_->credits();
-    if (credits > 0 && drain_batch(std::min(credits, batch_max_)) > 0) {
-      idle = 0;
-      continue;
-    }
-    // stop_ first, then the ring: close() stores stop_ only after every accepted post is in the
-    // ring, so a writer that sees stop_ and then an empty ring has really drained everything.
-    // acquire: pairs with close()'s release of stop_.
-    const bool stopping = stop_.load(std::memory_order_acquire);
+    if (credits > 0 && drain_batch(std::min(credits, batch_max_)) > 0) continue;
+    // acquire (seq_cst): once we see draining, every accepted post is in the ring (close()
+    // waited for the producers), and drain_deadline_ (written before it) is visible.
+    const uint32_t st = state_.load(std::memory_order_seq_cst);
     const bool pending = !ring_->empty();
-    if (stopping) {
-      if (!pending) break;
-      if (!draining) deadline = Deadline::after_or_never(drain_timeout_);
-      draining = true;
-      if (deadline.expired()) break;  // the device stopped returning credits
-    }
-    if (pending) {  // records wait for device credits
+    if (st == kDraining && (!pending || drain_deadline_.expired())) break;
+    ring_->wake_waiters();  // we stop consuming for now: producers may use any room there is
+    if (pending) {  // published records wait for device credits
       credit_waits_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
-      ring_detail::backoff(std::min(idle++, 200u));
+      // Blocking point: the layout sleeps until the device returns credits or close() wakes us.
+      layout_->wait_credits(st == kDraining ? drain_deadline_ : Deadline::never());
       continue;
     }
-    // Idle: spin a little (a completion usually follows soon), then park.
-    if (++idle < 4096) {
-      ring_detail::cpu_relax();
-      continue;
-    }
-    std::unique_lock<std::mutex> l(park_mu_);
-    parked_.store(true, std::memory_order_relaxed);
-    // See wake_writer(): fence between our parked_ store and our look at the ring.
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (ring_->empty() && !stop_.load(std::memory_order_acquire))
-      park_cv_.wait_for(l, std::chrono::milliseconds(5));
-    parked_.store(false, std::memory_order_relaxed);
-    idle = 0;
+    idle_wait(st);
   }
   size_t left = 0;
   while (ring_->consume(ring_->capacity(), [&left](const uint8_t*, uint32_t) { ++left; }) != 0) {
@@ -353,39 +379,49 @@ void Gateway::run() noexcept {
   lost_.store(left, std::memory_order_release);  // release: close() reads it after join anyway
 }
 
-void Gateway::close() {
+void Gateway::close() { close(drain_timeout_); }
+
+void Gateway::close(std::chrono::nanoseconds drain_timeout) {
   std::lock_guard<std::mutex> l(close_mu_);
-  if (closed_.load(std::memory_order_acquire)) return;
-  // seq_cst: pairs with Inflight (see there); later calls see the gateway closed.
-  closed_.store(true, std::memory_order_seq_cst);
-  if (g_fork_gen.load(std::memory_order_relaxed) != fork_gen_) {
+  if (state_.load(std::memory_order_acquire) != kOpen) return;
+  if (fork_generation() != fork_gen_) {
     // A forked child: the writer thread does not exist here and must not be joined; leak the
-    // parent's thread handle (destroying a joinable std::thread would terminate). The atfork
-    // handler already closed our copy of the lock fd.
+    // parent's thread handle (destroying a joinable std::thread would terminate). The at-fork
+    // handler already closed our copy of the lock fd: forget it, never close it twice.
+    state_.store(kClosed, std::memory_order_seq_cst);
     static_cast<void>(writer_.release());
+    lock_.forget_after_fork();
     mapping_.reset();
     return;
   }
-  // seq_cst: see Inflight. Once no producer is inside post(), every accepted record is in the ring.
-  for (unsigned i = 0; inflight_.load(std::memory_order_seq_cst) != 0; ++i)
-    ring_detail::backoff(std::min(i, 200u));
+  // open -> closing. seq_cst: the closer half of the Inflight Dekker pair.
+  state_.store(kClosing, std::memory_order_seq_cst);
+  if (ring_) ring_->shutdown();  // producers blocked on a full ring wake and fail (EBADF)
+  layout_->wake_credit_waiter();  // a direct writer waiting for credits
+  wake_flushers();
+  // Wait for the callers still inside: none of them can block any more.
+  for (uint32_t n; (n = inflight_.load(std::memory_order_seq_cst)) != 0;)
+    futex_wait(inflight_, n, Deadline::never());  // blocking point: the last caller wakes us
+  // closing -> draining: every accepted record is in the ring now.
+  drain_deadline_ = Deadline::after_or_never(drain_timeout);
+  state_.store(kDraining, std::memory_order_seq_cst);  // seq_cst: see wake_writer_for_state
+  wake_writer_for_state();
   if (writer_) {
-    stop_.store(true, std::memory_order_release);  // release: pairs with run()'s acquire
-    {
-      std::lock_guard<std::mutex> pl(park_mu_);
-      park_cv_.notify_one();
-    }
-    writer_->join();
+    writer_->join();  // bounded: the writer stops at the drain deadline
     writer_.reset();
   }
+  // draining -> closed.
+  state_.store(kClosed, std::memory_order_seq_cst);
+  wake_flushers();
   mapping_.reset();  // munmap: the Var may be freed now
-  register_lock_fd(lock_fd_, false);
-  ::close(lock_fd_);  // releases the page to the next committer
+  lock_.reset();     // releases the page to the next committer
   const uint64_t lost = lost_.load(std::memory_order_acquire);
   if (lost != 0)
     throw Error(ErrorKind::resource_exhausted, "close gateway", ETIMEDOUT,
-                std::to_string(lost) + " posted record(s) could not be written: the device " +
-                    "returned no credits within the drain timeout");
+                std::to_string(lost) + " posted record(s) for TLP gateway page " +
+                    std::to_string(var_->page_id()) + " of device " + var_->context()->name() +
+                    " could not be written: the device returned no credits within the drain "
+                    "timeout");
 }
 
 GatewayStats Gateway::stats() const noexcept {
@@ -395,9 +431,13 @@ GatewayStats Gateway::stats() const noexcept {
   s.posted = direct_ ? s.written : ring_->reserved_total();
   s.batches = batches_.load(std::memory_order_relaxed);
   s.max_batch = max_batch_.load(std::memory_order_relaxed);
-  s.full_waits = full_waits_.load(std::memory_order_relaxed) +
-                 (ring_ ? ring_->stats().full_waits : 0);
+  if (ring_) {
+    const RingStats r = ring_->stats();
+    s.full_waits = r.full_waits;
+    s.producer_sleeps = r.sleeps;
+  }
   s.credit_waits = credit_waits_.load(std::memory_order_relaxed);
+  s.writer_parks = writer_parks_.load(std::memory_order_relaxed);
   s.lost = lost_.load(std::memory_order_relaxed);
   return s;
 }

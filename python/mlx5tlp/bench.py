@@ -15,8 +15,8 @@ Ratios are "higher is better".
 
 from __future__ import annotations
 
-import array
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -32,16 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["PROGRAMS", "TARGETS", "find_program", "run"]
+__all__ = ["PROGRAMS", "TARGETS", "exit_status", "find_program", "missed_targets", "run"]
 
 PROGRAMS = ("bench_ring", "bench_gateway")
 
-# Key -> (comparison, threshold). Informational: the benchmark reports, it does not fail.
+# Key -> (comparison, threshold). In full mode ``mlx5tlp bench`` exits non-zero when one is
+# missed (or could not be measured) and says which; ``--quick`` is a smoke run and only reports.
 TARGETS: dict[str, tuple[str, float]] = {
     "bulk_vs_naive_python": (">=", 20.0),
     "lockfree_vs_mutex_2p": (">=", 2.0),
     "direct_vs_raw_store": (">=", 0.5),
     "post_call_us": ("<=", 1.0),
+    "ring_contended_records_per_s": (">=", 20e6),
+    "idle_gateways_cpu_percent": ("<=", 1.0),
 }
 
 # The headline keys every report has (a number, or null with a reason).
@@ -50,6 +53,8 @@ HEADLINE_KEYS = (
     "lockfree_vs_mutex_2p",
     "direct_vs_raw_store",
     "post_call_us",
+    "ring_contended_records_per_s",
+    "idle_gateways_cpu_percent",
     "latency_p50_us",
     "latency_p99_us",
 )
@@ -199,52 +204,86 @@ def _private_device() -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+COMPLETER_ID = 0x0200
+_REQ = struct.Struct(">III")  # a 3DW memory read request header, wire order
+_CPL = struct.Struct(">III20s")  # its 32-byte CplD: 3DW header + 5 DW of data
+
+
+def _requests(n: int) -> tuple[bytes, bytes]:
+    """n 5-DW memory reads (encoded, back to back) and the 20 bytes of data each returns."""
+    from mlx5tlp import tlp
+
+    one = [
+        tlp.Tlp.mem_read(0x10000 + 64 * (i % 256), 5, requester_id=0x0100, tag=i & 0xFF).encode()
+        for i in range(256)
+    ]
+    reqs = b"".join(one[i % 256] for i in range(n))
+    data = bytes((i * 7 + 3) & 0xFF for i in range(20 * n))
+    return reqs, data
+
+
+def _naive_completions(mv: memoryview, slots: int, reqs: bytes, data: bytes, n: int) -> None:
+    """The fastest competent pure-Python path: per request, unpack its header, build the CplD
+    with one ``Struct.pack_into`` straight into the page (a memoryview), rotating slots."""
+    unpack, pack_into = _REQ.unpack_from, _CPL.pack_into
+    cid = COMPLETER_ID << 16
+    off, end = 0, slots * RAW_SLOT
+    for i in range(n):
+        dw0, dw1, dw2 = unpack(reqs, 12 * i)
+        length = dw0 & 0x3FF
+        # CplD: fmt/type 0x4a + length; completer | byte count; requester | tag | lower address
+        pack_into(mv, off, 0x4A000000 | length, cid | (length << 2), (dw1 & 0xFFFFFF00) |
+                  (dw2 & 0x7C), data[20 * i : 20 * i + 20])
+        off += RAW_SLOT
+        if off == end:
+            off = 0
+
+
 def _bulk_vs_naive(ctx: Any, sz: _Sizes) -> dict[str, Any]:
-    """Python bulk post through the doorbell loop vs a struct.pack + mmap slice loop."""
+    """Completions for n reads, record building INCLUDED on both sides: the bulk builder
+    (``tlp.build_completions``) + ``post_batch`` + ``flush`` through the default 1024-slot ring,
+    against the naive per-request ``Struct.pack_into`` into ``var.mmap()``. Both write the same
+    bytes into the same raw_tlp:64 slot offsets (checked)."""
+    from mlx5tlp import tlp
+
     n = sz.bulk_records
-    records = [_record(i) for i in range(n)]
-    buffer = b"".join(records)
-    offsets = array.array("I", range(0, RECORD_BYTES * n + 1, RECORD_BYTES))
+    reqs, data = _requests(n)
     var = ctx.alloc_var(tlp=True)
+    out: dict[str, Any] = {}
     try:
-        mm = var.mmap()
+        mm = var.mmap(mmap.PROT_READ | mmap.PROT_WRITE)
+        mv = memoryview(mm)
         slots = var.length // RAW_SLOT
-        pack_into_page = struct.pack
-        fmt = RECORD_FORMAT
-
-        def naive() -> None:
-            # What a pyverbs user writing the mmapped page does: pack, then store into the slot.
-            for i in range(n):
-                off = (i % slots) * RAW_SLOT
-                mm[off : off + RECORD_BYTES] = pack_into_page(
-                    fmt,
-                    0x4A000005,
-                    0x02000014,
-                    0x01000000 | ((i & 0xFF) << 8),
-                    i & 0xFFFFFFFF,
-                    0xA0A1A2A3A4A5A6A7,
-                    i,
-                )
-
-        out: dict[str, Any] = {}
         try:
-            for label, ring in (("bulk", n), ("bulk_default_ring", 1024)):
+            # Like with like: the naive record i is exactly the bulk builder's completion i.
+            probe = tlp.build_completions(reqs[: 12 * 8], data[: 20 * 8], completer_id=COMPLETER_ID)
+            _naive_completions(mv, slots, reqs, data, 8)
+            for k in range(8):
+                if bytes(mv[k * RAW_SLOT : k * RAW_SLOT + RECORD_BYTES]) != bytes(probe.record(k)):
+                    raise RuntimeError(f"naive and bulk completions differ at record {k}")
+            for label, ring in (("bulk", 1024), ("bulk_big_ring", n)):
                 with var.gateway(f"raw_tlp:{RAW_SLOT}", ring_slots=ring) as gw:
 
                     def bulk(gw: Any = gw) -> None:
-                        if gw.post_batch((buffer, offsets), timeout=None) != n:
+                        cpl = tlp.build_completions(reqs, data, completer_id=COMPLETER_ID)
+                        if gw.post_batch(cpl, timeout=None) != n:
                             raise RuntimeError("post_batch queued fewer records than given")
                         if not gw.flush(timeout=30.0):
                             raise RuntimeError("flush timed out")
 
+                    out[f"{label}_load"] = os.getloadavg()[0]
                     rate, runs = _median_rate(n, sz.runs, bulk)
                     out[f"{label}_records_per_s"] = rate
                     out[f"{label}_runs"] = runs
                     stats = gw.stats()
                     if stats["written"] != stats["posted"]:
                         raise RuntimeError(f"gateway wrote {stats['written']} of {stats['posted']}")
-            out["naive_records_per_s"], out["naive_runs"] = _median_rate(n, sz.runs, naive)
+            out["naive_load"] = os.getloadavg()[0]
+            out["naive_records_per_s"], out["naive_runs"] = _median_rate(
+                n, sz.runs, lambda: _naive_completions(mv, slots, reqs, data, n)
+            )
         finally:
+            mv.release()
             mm.close()
     finally:
         var.close()
@@ -325,13 +364,35 @@ def _ring_row(rep: dict[str, Any]) -> Optional[dict[str, Any]]:
     return None
 
 
-def _check_targets(rep: dict[str, Any]) -> dict[str, Any]:
+def _check_targets(rep: dict[str, Any], loads: dict[str, float]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, (op, bound) in TARGETS.items():
         value = rep.get(key)
         met = None if value is None else (value >= bound if op == ">=" else value <= bound)
-        out[key] = {"target": f"{op} {bound:g}", "met": met}
+        out[key] = {"target": f"{op} {bound:g}", "met": met, "load_average_1min": loads.get(key)}
     return out
+
+
+def missed_targets(rep: dict[str, Any]) -> list[str]:
+    """The targets of `rep` that were missed or not measured, as readable lines."""
+    lines = []
+    for key, t in rep["targets"].items():
+        if t["met"] is True:
+            continue
+        value = rep.get(key)
+        why = rep["reasons"].get(key, "not measured") if value is None else f"{value:.4g}"
+        lines.append(f"{key}: {why} (target {t['target']}, load {t['load_average_1min']})")
+    return lines
+
+
+def exit_status(rep: dict[str, Any], file: Any = None) -> int:
+    """0, or 1 in full mode when a target was missed (each one printed to `file`/stderr)."""
+    if rep["method"]["quick"]:
+        return 0
+    missed = missed_targets(rep)
+    for line in missed:
+        print(f"mlx5tlp bench: target missed: {line}", file=file or sys.stderr)
+    return 1 if missed else 0
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -346,7 +407,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     programs: dict[str, Optional[str]] = {}
     compiler: Optional[str] = None
 
+    loads: dict[str, float] = {}
+    load_start = os.getloadavg()
     # -- Python: bulk vs naive, post() call cost --
+    loads["bulk_vs_naive_python"] = loads["post_call_us"] = os.getloadavg()[0]
     try:
         with _private_device() as dev, mlx5tlp.open_device(dev, backend="sim") as ctx:
             bulk = _bulk_vs_naive(ctx, sz)
@@ -358,7 +422,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         rep["bulk_vs_naive_python"] = bulk["bulk_vs_naive_python"]
         rep["bulk_records_per_s"] = bulk["bulk_records_per_s"]
         rep["naive_records_per_s"] = bulk["naive_records_per_s"]
-        rep["bulk_default_ring_records_per_s"] = bulk["bulk_default_ring_records_per_s"]
+        rep["bulk_big_ring_records_per_s"] = bulk["bulk_big_ring_records_per_s"]
         rep["post_call_us"] = post["post_call_us"]
         details["python"] = {**bulk, **post}
 
@@ -370,7 +434,11 @@ def run(quick: bool = False) -> dict[str, Any]:
     args = ["--quick"] if quick else []
     with tempfile.TemporaryDirectory(prefix="mlx5tlp-bench-") as simdir:
         env["MLX5TLP_SIM_DIR"] = simdir
+        loads["lockfree_vs_mutex_2p"] = os.getloadavg()[0]
         ring, why, programs["bench_ring"] = _run_program("bench_ring", args, sz.timeout, env)
+        loads["direct_vs_raw_store"] = os.getloadavg()[0]
+        for key in ("ring_contended_records_per_s", "idle_gateways_cpu_percent"):
+            loads[key] = loads["direct_vs_raw_store"]
         gw, why_gw, programs["bench_gateway"] = _run_program("bench_gateway", args, sz.timeout, env)
 
     row = _ring_row(ring) if ring is not None else None
@@ -402,6 +470,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         rep["direct_vs_raw_store"] = d["direct_records_per_s"] / d["raw_store_records_per_s"]
         rep["direct_records_per_s"] = d["direct_records_per_s"]
         rep["raw_store_records_per_s"] = d["raw_store_records_per_s"]
+        rep["direct_store_path"] = d["store_path"]
+        rep["ring_contended_records_per_s"] = gw["ring_contended"]["records_per_s"]
+        rep["ring_uncontended_records_per_s"] = gw["ring_uncontended"]["records_per_s"]
+        rep["idle_gateways_cpu_percent"] = gw["idle"]["cpu_percent"]
         rep["latency_p50_us"] = gw["latency"]["p50_us"]
         rep["latency_p99_us"] = gw["latency"]["p99_us"]
         rep["loop_records_per_s"] = {
@@ -410,10 +482,12 @@ def run(quick: bool = False) -> dict[str, Any]:
         compiler = compiler or gw.get("machine", {}).get("compiler")
         details["gateway"] = {k: v for k, v in gw.items() if k != "machine"}
     else:
-        for key in ("direct_vs_raw_store", "latency_p50_us", "latency_p99_us"):
+        for key in ("direct_vs_raw_store", "ring_contended_records_per_s",
+                    "idle_gateways_cpu_percent", "latency_p50_us", "latency_p99_us"):
             reasons[key] = why_gw or "bench_gateway failed"
 
-    rep["targets"] = _check_targets(rep)
+    rep["targets"] = _check_targets(rep, loads)
+    rep["load_average"] = {"start": list(load_start), "end": list(os.getloadavg())}
     rep["reasons"] = reasons
     rep["machine"] = _machine(compiler)
     rep["method"] = {
@@ -423,12 +497,13 @@ def run(quick: bool = False) -> dict[str, Any]:
         "statistic": "median of the runs (C++ programs: their own runs, see details)",
         "record_bytes": RECORD_BYTES,
         "bulk_vs_naive_python": (
-            f"layout raw_tlp:{RAW_SLOT} on a 64 KiB software-device page for both (no consumer "
-            f"needed). bulk: gw.post_batch((buffer, offsets)) of {sz.bulk_records} pre-built "
-            f"records, timed from the call until flush() returns, ring_slots={sz.bulk_records} "
-            "(holds the burst); bulk_default_ring_records_per_s: the same with ring_slots=1024. "
-            "naive: per record struct.pack(...) then mm[off:off+32] = ... into var.mmap() at "
-            "the same rotating slot offsets. Runs: bulk runs, then naive runs."
+            f"{sz.bulk_records} completions for 5-DW memory reads, record building INCLUDED on "
+            "both sides, same input (the encoded requests + their data), same bytes into the "
+            f"same raw_tlp:{RAW_SLOT} slot offsets of a 64 KiB software-device page (checked). "
+            "bulk: tlp.build_completions(requests, data) + gw.post_batch(result) + flush(), "
+            "default ring_slots=1024 (bulk_big_ring_records_per_s: a ring holding the burst). "
+            "naive: per request Struct.unpack_from of its header, then one Struct.pack_into of "
+            "the CplD straight into a memoryview of var.mmap(), rotating slot offsets."
         ),
         "post_call_us": (
             f"{sz.post_calls} calls of gw.post(record, timeout=0) per run (raw_tlp:{RAW_SLOT}, "
@@ -440,8 +515,18 @@ def run(quick: bool = False) -> dict[str, Any]:
         ),
         "direct_vs_raw_store": (
             "bench_gateway: direct-mode Gateway::write_batch of 32-byte records into a "
-            "raw_tlp:64 page over a hand-written loop of 4 aligned 8-byte stores + store fence "
-            "per record into the same page"
+            "raw_tlp:64 page over a hand-written loop writing the same bytes (one zero-padded "
+            "64-byte chunk per record, the gateway's store path) + store fence per record into "
+            "the same page, compare-and-wrap indices (no division per record)"
+        ),
+        "ring_contended_records_per_s": (
+            "bench_gateway: the default gateway (ring_slots=1024, batch_max=64) into raw_tlp:64, "
+            "2 C++ producers post_batch(32, no deadline), 2 busy-loop threads competing for the "
+            "CPUs meanwhile; released -> flush() returned; median of the runs"
+        ),
+        "idle_gateways_cpu_percent": (
+            "bench_gateway: getrusage(RUSAGE_SELF) user+system CPU over wall time while 4 "
+            "gateways are open and idle (each wrote one record first)"
         ),
         "latency": (
             "bench_gateway: post() to the software device's host model having collected the "
@@ -469,6 +554,8 @@ def print_table(rep: dict[str, Any], file: Any = None) -> None:
     out = file or sys.stdout
     rows = [
         ("bulk_vs_naive_python", ""),
+        ("ring_contended_records_per_s", " rec/s"),
+        ("idle_gateways_cpu_percent", " %"),
         ("bulk_records_per_s", " rec/s"),
         ("naive_records_per_s", " rec/s"),
         ("lockfree_vs_mutex_2p", ""),
@@ -486,6 +573,8 @@ def print_table(rep: dict[str, Any], file: Any = None) -> None:
         if key in rep["reasons"]:
             note = f"  ({rep['reasons'][key]})"
         print(f"{key:<{width}}  {_fmt(rep.get(key), unit)}{note}", file=out)
+    la = rep["load_average"]
+    print(f"load average (1/5/15 min): start {la['start']}, end {la['end']}", file=out)
     m = rep["machine"]
     print(
         f"machine: {m['arch']}, {m['cpus']} CPUs, Python {m['python']}, "

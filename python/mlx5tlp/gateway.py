@@ -5,26 +5,50 @@ layout is therefore one named, replaceable piece (``GatewayLayout`` in the C++ c
 
 * ``"sim"``: the software device's page, a ring of fixed-size slots with a producer count (the
   doorbell) and a consumer count from the device model, which is where credits come from.
-* ``"raw_tlp[:<slot bytes>]"``: a PROVISIONAL hardware layout: the completion TLP in PCIe wire
-  order, written with aligned 8-byte stores into rotating slots, and a store fence per record.
-  It is a placeholder for the firmware format, not a statement of it.
+* ``"raw_tlp[:<slot bytes>][:store8|:store64]"``: a PROVISIONAL hardware layout: the completion
+  TLP in PCIe wire order in rotating slots, written as whole 64-byte chunks (zero-padded) with a
+  single-copy-atomic 64-byte store where the CPU has one (x86 MOVDIR64B, Arm ST64B; chosen at
+  run time, see :attr:`Gateway.store_path`; ``$MLX5TLP_STORE64=0`` or ``:store8`` forces the
+  fallback) or eight aligned 8-byte stores, and a store fence per record. It is a placeholder
+  for the firmware format, not a statement of it. Its page is mapped write-only.
 
 C++ callers can supply their own layout (subclass ``mlx5tlp::GatewayLayout``).
+
+Lifecycle: ``open`` -> ``closing`` -> ``draining`` -> ``closed`` (:attr:`Gateway.state`).
+``close()`` always ends within the drain timeout: producers blocked in ``post``/``post_batch``
+are woken and fail with :class:`~mlx5tlp.InvalidHandleError` (``EBADF``), flushers are woken,
+accepted records are drained, and what could not be written is counted in ``lost`` and
+reported. At interpreter exit, gateways still open are closed with a drain limit of at most
+:data:`EXIT_DRAIN_TIMEOUT` seconds; records that could not be delivered are reported with a
+:class:`RecordsDroppedWarning` naming how many, for which page, instead of a silent stall.
 """
 
 from __future__ import annotations
 
 import array
+import atexit
+import math
+import warnings
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from mlx5tlp import _core
 from mlx5tlp._closing import Closing
+from mlx5tlp.errors import Error, ResourceExhaustedError
 
 if TYPE_CHECKING:
     from mlx5tlp.var import Var
 
-__all__ = ["Gateway", "Records"]
+__all__ = ["EXIT_DRAIN_TIMEOUT", "Gateway", "Records", "RecordsDroppedWarning"]
+
+EXIT_DRAIN_TIMEOUT = 1.0
+"""Seconds a gateway still open at interpreter exit gives the device to take its records."""
+
+
+class RecordsDroppedWarning(RuntimeWarning):
+    """Posted records a gateway could not write before interpreter exit (shown by default)."""
+
 
 BytesLike = Union[bytes, bytearray, memoryview]
 # A batch: a sequence of records, or an object with ``buffer`` and ``offsets`` (n + 1 uint32
@@ -55,23 +79,31 @@ class Gateway(Closing):
     """A writer into one TLP gateway page. Open with :meth:`mlx5tlp.Var.gateway`.
 
     Loop mode (default): any number of threads ``post()``/``post_batch()`` into a bounded
-    lock-free ring; one writer thread drains it into the page, one doorbell per batch. Direct
-    mode (``direct=True``): one thread ``write()``/``write_batch()`` straight into the page.
+    lock-free ring; one writer thread drains it into the page, one doorbell per batch, and
+    blocks (without polling) while idle. Direct mode (``direct=True``): one thread
+    ``write()``/``write_batch()`` straight into the page.
 
     Back-pressure: ``timeout=0`` never blocks (False / fewer records when full), a number blocks
-    up to that many seconds, ``None`` blocks until there is room. ``flush()`` waits until every
-    record posted before it is in the page. ``close()`` drains and stops the writer; it raises
-    :class:`~mlx5tlp.ResourceExhaustedError` if the device stopped consuming and records could
-    not be written. One gateway per page, in any process (a second one gets ``EBUSY``). After
-    ``fork()`` the child cannot use its parent's gateway (``InvalidHandleError``): it opens its
-    own. Thread-safety: post/post_batch/flush/stats from any thread.
+    up to that many seconds, ``None`` blocks until there is room. A blocked producer sleeps and
+    is woken when the writer frees slots. ``flush()`` waits until every record posted before it
+    is in the page. ``close()`` drains and stops the writer, within the drain timeout even while
+    other threads are blocked (they get :class:`~mlx5tlp.InvalidHandleError`); it raises
+    :class:`~mlx5tlp.ResourceExhaustedError` (``ETIMEDOUT``) if the device stopped consuming and
+    records could not be written (``stats()["lost"]`` says how many). One gateway per page, in
+    any process (a second one gets ``EBUSY``), keyed by the page's mmap offset. After ``fork()``
+    the child cannot use its parent's gateway (``InvalidHandleError``): it opens its own.
+
+    Thread-safety: post/post_batch/flush/stats/close from any thread; write/write_batch from one
+    thread at a time. The gateway keeps its :class:`~mlx5tlp.Var` alive.
     """
 
-    __slots__ = ("_core", "_var")
+    __slots__ = ("__weakref__", "_core", "_drain_timeout", "_var")
 
-    def __init__(self, core: Any, var: Var) -> None:
+    def __init__(self, core: Any, var: Var, drain_timeout: Optional[float] = None) -> None:
         self._core = core
         self._var = var
+        self._drain_timeout = drain_timeout
+        _open_gateways.add(self)
 
     @property
     def var(self) -> Var:
@@ -82,6 +114,16 @@ class Gateway(Closing):
     def layout(self) -> str:
         """The record layout's name: ``"sim"`` or ``"raw_tlp"``."""
         return str(self._core.layout)
+
+    @property
+    def store_path(self) -> str:
+        """How records reach the page: ``"movdir64b"``, ``"st64b"`` or ``"store8"``."""
+        return str(self._core.store_path)
+
+    @property
+    def state(self) -> str:
+        """``"open"``, ``"closing"``, ``"draining"`` or ``"closed"``."""
+        return str(self._core.state)
 
     @property
     def max_record(self) -> int:
@@ -99,14 +141,23 @@ class Gateway(Closing):
         return bool(self._core.closed)
 
     def post(self, record: BytesLike, timeout: Optional[float] = None) -> bool:
-        """Queue one record for the writer. False if the ring stayed full for `timeout`."""
+        """Queue one record for the writer. False if the ring stayed full for `timeout`.
+
+        Raises:
+            InvalidHandleError: the gateway is closed, or was closed while this call waited.
+            InvalidArgumentError: the record is empty or longer than :attr:`max_record`.
+        """
         return bool(self._core.post(record, timeout))
 
     def post_batch(self, records: Records, timeout: Optional[float] = None) -> int:
         """Queue many records (reserving ring slots in bulk); returns how many were queued.
 
-        Fewer than all only when the ring stayed full for `timeout`: the rest were not queued
+        Fewer than all when the ring stayed full for `timeout` (the timeout bounds the whole
+        call), or when the gateway was closed while the call waited: the rest were not queued
         (a prefix is always what was queued, so retry with the remainder).
+
+        Raises:
+            InvalidHandleError: the gateway is closed (or was closed before anything was queued).
         """
         data, offsets = _as_batch(records)
         return int(self._core.post_batch(data, offsets, timeout))
@@ -121,22 +172,69 @@ class Gateway(Closing):
         return int(self._core.write_batch(data, offsets, timeout))
 
     def flush(self, timeout: Optional[float] = None) -> bool:
-        """Wait until everything posted before this call is in the page. False on timeout."""
+        """Wait until everything posted before this call is in the page.
+
+        Returns False at the timeout, or when the gateway was closed before all of them could be
+        written. Blocks without polling (the writer wakes it).
+        """
         return bool(self._core.flush(timeout))
 
     def stats(self) -> dict[str, int]:
-        """posted, written, batches, max_batch, full_waits, credit_waits, lost."""
+        """posted, written, batches, max_batch, full_waits, credit_waits, lost,
+        producer_sleeps (futex sleeps on a full ring), writer_parks (idle writer blocks)."""
         return {k: int(v) for k, v in self._core.stats().items()}
 
-    def close(self) -> None:
-        """Drain, stop the writer, unmap and release the page; idempotent."""
-        self._core.close()
+    def close(self, drain_timeout: Optional[float] = None) -> None:
+        """Drain, stop the writer, unmap and release the page; idempotent.
 
+        Args:
+            drain_timeout: seconds the device gets to take what is queued; ``None``: the
+                gateway's own ``drain_timeout``.
+
+        Raises:
+            ResourceExhaustedError: ``ETIMEDOUT``: records could not be written (counted in
+                ``stats()["lost"]``); the gateway is closed all the same.
+        """
+        if drain_timeout is None:
+            self._core.close()
+        else:
+            self._core.close(drain_timeout)
+
+    def _close_at_exit(self, limit: float) -> None:
+        """Close with at most `limit` seconds of drain; warn about what was dropped."""
+        if self.closed:
+            return
+        if self._drain_timeout is not None:
+            limit = min(limit, self._drain_timeout)
+        try:
+            self._core.close(limit)
+        except ResourceExhaustedError:
+            lost = self.stats().get("lost", 0)
+            warnings.warn(
+                f"mlx5tlp: {lost} posted completion record(s) for TLP gateway page "
+                f"{self._var.page_id} of device {self._var.context.name} were dropped at "
+                f"interpreter exit: the device took none within {limit:g} s "
+                "(flush() or close() the gateway before exiting)",
+                RecordsDroppedWarning,
+                stacklevel=1,
+            )
+        except Error:
+            pass  # e.g. a gateway of the parent process in a forked child: nothing to drain
 
     def __repr__(self) -> str:
         mode = "direct" if self.direct else "loop"
         state = "closed" if self.closed else f"page {self._var.page_id}"
         return f"<mlx5tlp.Gateway {self.layout} {mode} {state}>"
+
+
+_open_gateways: weakref.WeakSet[Gateway] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_gateways() -> None:
+    """Interpreter exit: bounded, reported closes instead of a silent drain per gateway."""
+    for gw in list(_open_gateways):
+        gw._close_at_exit(EXIT_DRAIN_TIMEOUT)
 
 
 def open_gateway(
@@ -158,4 +256,7 @@ def open_gateway(
     core = _core.Gateway.open(
         var._core, layout or "", bool(direct), ring_slots, batch_max, drain_timeout
     )
-    return Gateway(core, var)
+    limit = None
+    if isinstance(drain_timeout, (int, float)) and not isinstance(drain_timeout, bool):
+        limit = None if math.isinf(drain_timeout) else float(drain_timeout)
+    return Gateway(core, var, limit)

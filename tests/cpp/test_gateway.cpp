@@ -680,7 +680,7 @@ void close_right_after_post() {
 }
 
 // The provisional hardware layout: each record in PCIe wire order at slot k * slot_size
-// (rotating), zero-padded to 8 bytes, nothing else in the page touched.
+// (rotating), zero-padded to whole 64-byte chunks, nothing else in the page touched.
 void raw_tlp_layout() {
   auto ctx = Context::open(kSmall, Backend::sim);
   auto var = Var::alloc(ctx, true);
@@ -708,9 +708,10 @@ void raw_tlp_layout() {
     for (size_t k = 0; k < recs.size(); ++k) {
       const uint8_t* slot = page + k * 512;
       CHECK(std::memcmp(slot, recs[k].data(), recs[k].size()) == 0);
-      const size_t padded = (recs[k].size() + 7) / 8 * 8;
+      // Whole 64-byte chunks, zero-padded (as rdma-core's mmio_memcpy_x64), nothing beyond.
+      const size_t padded = (recs[k].size() + 63) / 64 * 64;
       for (size_t i = recs[k].size(); i < padded; ++i) CHECK(slot[i] == 0);
-      CHECK(slot[padded] == 0xee);  // nothing written past the record's last word
+      CHECK(slot[padded] == 0xee);  // nothing written past the record's last chunk
     }
     CHECK(page[3 * 512] == 0xee);
     const GatewayStats st = gw->stats();

@@ -174,6 +174,39 @@ void test_unpublished_blocks_consumer() {
   CHECK(drain(r).size() == 8);
 }
 
+// Issue 10 B5: record lengths beyond a slot are refused by every entry point in release builds
+// too (this file is built with NDEBUG in the plain and sanitizer configurations: an assert()
+// would vanish). Uses the LAST slot, so an unchecked length would read past the allocation
+// (ASan reports it).
+template <class R>
+void test_lengths_refused_without_asserts() {
+#ifndef NDEBUG
+  std::printf("note: test_ring built without NDEBUG; the release-build checks still run\n");
+#endif
+  R r(4, 16);
+  for (int i = 0; i < 3; ++i) CHECK(push_str(r, "x"));
+  const Reservation last = r.try_reserve(1);  // position 3: the last slot of the allocation
+  CHECK(last.count == 1);
+  CHECK(r.slot_data(last, 1) == nullptr);   // not a slot of this reservation
+  CHECK(!r.publish(last, 1, 4));            // refused, nothing published
+  CHECK(r.peek_published() == 3);
+  CHECK(!r.publish(last, 0, 1u << 20));     // longer than a slot: refused ...
+  std::vector<uint32_t> lens;
+  r.consume(8, [&](const uint8_t*, uint32_t len) { lens.push_back(len); });
+  CHECK(lens.size() == 4 && lens[3] == 0);  // ... and published as an empty filler (no stall)
+  // The blocking forms refuse it at once, without waiting, whatever the deadline.
+  std::string big(17, 'b');
+  CHECK(r.push_wait(big.data(), big.size(), mlx5tlp::Deadline::never()) ==
+        mlx5tlp::PushStatus::too_long);
+  const uint32_t off[2] = {0, 0}, len[2] = {4, 17};
+  mlx5tlp::PushStatus why = mlx5tlp::PushStatus::pushed;
+  CHECK(r.push_batch(reinterpret_cast<const uint8_t*>(big.data()), off, len, 2,
+                     mlx5tlp::Deadline::never(), &why) == 1);
+  CHECK(why == mlx5tlp::PushStatus::too_long);
+  CHECK(drain(r).size() == 1);
+  CHECK(r.stats().full_waits == 0);
+}
+
 template <class R>
 void test_consume_exception() {
   R r(8, 16);
@@ -341,6 +374,7 @@ void run_all_single_thread() {
   test_push_timeout<R>();
   test_unpublished_blocks_consumer<R>();
   test_consume_exception<R>();
+  test_lengths_refused_without_asserts<R>();
 }
 
 }  // namespace

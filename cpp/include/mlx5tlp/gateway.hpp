@@ -4,27 +4,40 @@
 //   direct  write()/write_batch() from ONE thread, straight into the page (no ring, no thread).
 //   loop    any number of producer threads post()/post_batch() into a bounded lock-free MPSC
 //           ring; one writer thread drains it in batches into the page, one doorbell per batch
-//           where the layout allows, spinning briefly then parking when idle.
-// Back-pressure is explicit: post blocks up to a timeout (0: never) and returns false when the
-// ring stayed full. flush() waits until everything posted before it is in the page; close()
-// drains (giving the device up to `drain_timeout` to return credits) and stops the writer.
-// Nothing accepted is dropped silently: close() reports records it could not write.
+//           where the layout allows. An idle writer blocks (futex) until the next post.
+// Back-pressure is explicit: post blocks up to a deadline (a producer on a full ring sleeps
+// and is woken when the writer frees slots) and returns false when the ring stayed full.
+// flush() blocks until everything posted before it is in the page (woken by the writer).
+//
+// Lifecycle, an explicit state machine; every transition wakes every waiter (producers blocked
+// in post/post_batch, flushers, the writer, a writer waiting for device credits):
+//   open      posts are accepted.
+//   closing   close() was called: new calls and blocked producers fail with
+//             Error(invalid_handle, EBADF, "the gateway was closed"); close() waits for the
+//             producers still inside a call (none can block any more).
+//   draining  the writer writes what was accepted, giving the device up to the drain timeout
+//             to return credits; then it stops.
+//   closed    unmapped and unlocked; records that could not be written are counted in `lost`,
+//             and close() throws Error(resource_exhausted, ETIMEDOUT) naming how many.
+// close() therefore always ends within the drain timeout (plus at most one
+// SimRingLayout::kCreditWaitCap), even while other threads are blocked with no deadline, and
+// the destructor never waits longer.
 //
 // One committer per page: mlx5 hardware forbids starting a doorbell write while another is in
 // progress on the same page, so a second Gateway on a page (this or another process) is refused
-// (EBUSY) through an OFD lock on a per-page lock file.
+// (EBUSY) through a PageLock keyed by the page's verified mmap offset (page_lock.hpp).
 //
 // Fork: a child does not inherit the writer thread. Every call in a child on a gateway opened by
 // the parent throws Error(invalid_handle); the child opens its own gateway.
 //
-// Ownership: a Gateway keeps its Var (and so its Context) alive and holds the page mapping;
-// Var::free() is refused while it is open. Thread-safety: post/post_batch/flush/stats from any
-// thread; write/write_batch from one thread at a time (concurrent use throws); close() from any.
+// Ownership: a Gateway keeps its Var (and so its Context) alive and holds the page mapping
+// (write-only when the layout never reads the page, as raw_tlp on a real device's non-cached
+// page); Var::free() is refused while it is open. Thread-safety: post/post_batch/flush/stats/
+// close from any thread; write/write_batch from one thread at a time (concurrent use throws).
 #pragma once
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -32,6 +45,7 @@
 
 #include "mlx5tlp/deadline.hpp"
 #include "mlx5tlp/gateway_layout.hpp"
+#include "mlx5tlp/page_lock.hpp"
 #include "mlx5tlp/ring.hpp"
 #include "mlx5tlp/var.hpp"
 
@@ -50,10 +64,15 @@ struct GatewayStats {
   uint64_t written = 0;      // records in the page and published by a doorbell
   uint64_t batches = 0;      // doorbells rung
   uint64_t max_batch = 0;    // largest batch behind one doorbell
-  uint64_t full_waits = 0;   // posts that found the ring full and waited
+  uint64_t full_waits = 0;   // post/post_batch calls that found the ring full and waited
   uint64_t credit_waits = 0; // times the writer found no device credit and waited
   uint64_t lost = 0;         // records close() could not write (device stopped consuming)
+  uint64_t producer_sleeps = 0;  // futex sleeps of producers on a full ring
+  uint64_t writer_parks = 0;     // times the idle writer blocked until the next post
 };
+
+enum class GatewayState : uint32_t { open = 0, closing = 1, draining = 2, closed = 3 };
+const char* to_string(GatewayState s) noexcept;
 
 class Gateway final : public Child, public std::enable_shared_from_this<Gateway> {
  public:
@@ -67,31 +86,53 @@ class Gateway final : public Child, public std::enable_shared_from_this<Gateway>
   size_t max_record() const noexcept { return max_record_; }
   bool direct() const noexcept { return direct_; }
   const char* layout_name() const noexcept { return layout_->name(); }
+  // "store8", "movdir64b" or "st64b": how the layout stores records (raw_tlp: run-time choice).
+  const char* store_path() const noexcept { return layout_->store_path(); }
+  // PROT_WRITE, or PROT_READ | PROT_WRITE when the layout reads the page.
+  int page_prot() const noexcept { return prot_; }
   const std::shared_ptr<Var>& var() const noexcept { return var_; }
+  GatewayState state() const noexcept {
+    // acquire: a caller that sees closed also sees the final counters.
+    return static_cast<GatewayState>(state_.load(std::memory_order_acquire));
+  }
 
-  // Direct mode. Waits up to `timeout` for device credits; returns how many records were
-  // written (all of them unless the device stopped consuming).
+  // Direct mode. Waits up to `deadline` for device credits; returns how many records were
+  // written (fewer when the device stopped consuming or the gateway was closed meanwhile).
   bool write(const uint8_t* rec, size_t len, Deadline deadline);
   size_t write_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
                      size_t n, Deadline deadline);
 
   // Loop mode. Records are 1..max_record() bytes (others throw Error(invalid_argument)).
+  // post: true when queued, false when the ring stayed full until `deadline`; throws
+  // Error(invalid_handle, EBADF) when the gateway is (or gets) closed. post_batch: how many were
+  // queued (a prefix); a close while it waits ends it with what was queued (EBADF if nothing).
   bool post(const uint8_t* rec, size_t len, Deadline deadline);
   size_t post_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
                     size_t n, Deadline deadline);
+  // True once every record posted before the call is in the page; false at the deadline, or
+  // when the gateway closed without writing them all.
   bool flush(Deadline deadline);
 
+  // close() with this gateway's drain timeout, or with `drain_timeout` (e.g. a short limit at
+  // interpreter exit). Idempotent; a concurrent second call waits for the first.
   void close() override;
-  bool closed() const override { return closed_.load(std::memory_order_acquire); }
+  void close(std::chrono::nanoseconds drain_timeout);
+  bool closed() const override { return state() == GatewayState::closed; }
   GatewayStats stats() const noexcept;
 
  private:
-  Gateway(Mapping mapping, std::unique_ptr<GatewayLayout> layout, const GatewayOptions& o, int lock_fd);
+  Gateway(Mapping mapping, std::unique_ptr<GatewayLayout> layout, const GatewayOptions& o,
+          PageLock lock, int prot);
   void check_usable(const char* op) const;
   void check_record(size_t len, const char* op) const;
+  [[noreturn]] void closed_error(const char* op) const;
   void wake_writer() noexcept;
+  void wake_writer_for_state() noexcept;
+  void wake_flushers() noexcept;
+  void idle_wait(uint32_t seen_state) noexcept;
   void run() noexcept;
   size_t drain_batch(size_t max) noexcept;
+  void count_written(size_t n, bool batched) noexcept;
   size_t write_direct(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
                       size_t n, Deadline deadline);
 
@@ -104,27 +145,31 @@ class Gateway final : public Child, public std::enable_shared_from_this<Gateway>
   const std::chrono::nanoseconds drain_timeout_;
   const size_t max_record_;
   const uint64_t fork_gen_;
-  int lock_fd_;
-
+  const int prot_;
+  PageLock lock_;
   std::unique_ptr<std::thread> writer_;
-  std::atomic<bool> stop_{false};
-  std::atomic<bool> closed_{false};
-  std::atomic<bool> parked_{false};
   std::atomic<bool> direct_busy_{false};
-  std::mutex park_mu_;
-  std::condition_variable park_cv_;
   std::mutex close_mu_;
-  // Producers inside post()/post_batch(): close() waits for them before stopping the writer,
-  // so a record accepted by post() is always drained. Its own line: every post touches it.
-  alignas(kCacheLine) std::atomic<uint64_t> inflight_{0};
+  Deadline drain_deadline_ = Deadline::never();  // set by close() before `draining`
+
+  // GatewayState; written by close() only.
+  alignas(kCacheLine) std::atomic<uint32_t> state_{0};
+  // Callers inside post/post_batch/write*: close() waits (futex) for 0. Its own line: every
+  // post touches it.
+  alignas(kCacheLine) std::atomic<uint32_t> inflight_{0};
   struct Inflight;
+  // The idle writer's futex word: 1 while it is (about to be) parked. Read by every post.
+  alignas(kCacheLine) std::atomic<uint32_t> writer_sleep_{0};
+  // flush() callers blocked until the writer's count passes their target.
+  alignas(kCacheLine) std::atomic<uint32_t> flush_waiters_{0};
+  std::atomic<uint32_t> flush_seq_{0};
 
   // Counters: written by the writer (or the direct caller) only, read by stats()/flush().
-  std::atomic<uint64_t> written_{0};
+  alignas(kCacheLine) std::atomic<uint64_t> written_{0};
   std::atomic<uint64_t> batches_{0};
   std::atomic<uint64_t> max_batch_{0};
   std::atomic<uint64_t> credit_waits_{0};
-  std::atomic<uint64_t> full_waits_{0};
+  std::atomic<uint64_t> writer_parks_{0};
   std::atomic<uint64_t> lost_{0};
 };
 

@@ -4,15 +4,20 @@
 // push completion records; one consumer thread takes them in order and writes them to the page.
 //
 // Thread-safety (Ring = BasicRing<NoLock>, lock-free):
-//   any thread, concurrently: try_push, try_push_batch, push, try_reserve, slot_data, publish,
-//                             capacity, slot_bytes, size_approx, stats
-//   ONE consumer thread only: consume, peek_published, empty  (at most one thread at a time)
+//   any thread, concurrently: try_push, try_push_batch, push, push_wait, push_batch,
+//                             try_reserve, slot_data, publish, shutdown, capacity, slot_bytes,
+//                             size_approx, stats
+//   ONE consumer thread only: consume, wake_waiters, peek_published, empty (one at a time)
 //   construction/destruction: no other thread may be using the ring.
 // MutexRing (= BasicRing<std::mutex>) is the same ring code with every operation under one
 // std::mutex; it exists as the honest baseline for benchmarks/bench_ring.cpp.
 // Neither is copyable nor movable: threads hold references to it (put it in a unique_ptr).
 //
-// Records: a length 0..slot_bytes() and that many bytes; zero-length records are allowed.
+// Records: a length 0..slot_bytes() and that many bytes; zero-length records are allowed. Every
+// entry point refuses a longer record in every build type (never only an assert).
+// Blocking: a producer on a full ring spins briefly, then sleeps on a futex until the consumer
+// frees slots (the consumer pays one load per consume() for this when nobody waits), its
+// deadline passes, or shutdown() wakes it.
 // Order: records of one producer thread are consumed in the order that thread pushed them.
 // Protocol, memory orders and layout: docs/ring.md.
 #pragma once
@@ -21,6 +26,7 @@
 #include <atomic>
 #include <cassert>
 #include <chrono>
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -34,33 +40,11 @@
 #include <type_traits>
 
 #include "mlx5tlp/deadline.hpp"
+#include "mlx5tlp/ring_wait.hpp"
 
 namespace mlx5tlp {
 
-inline constexpr std::size_t kCacheLine = 64;
-
 namespace ring_detail {
-
-inline void cpu_relax() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield" ::: "memory");
-#endif
-}
-
-// Back-pressure policy of a waiting thread, step i = 0, 1, 2, ...: 64 PAUSE spins (the other
-// side is probably running right now), then 64 yields (it may need our core), then sleeps of
-// 1, 2, 4 .. 128 us (it is descheduled or stalled; stop burning the CPU it needs).
-inline void backoff(unsigned i) noexcept {
-  if (i < 64) {
-    cpu_relax();
-  } else if (i < 128) {
-    std::this_thread::yield();
-  } else {
-    std::this_thread::sleep_for(std::chrono::microseconds(1u << std::min(i - 128u, 7u)));
-  }
-}
 
 struct FreeDeleter {
   void operator()(void* p) const noexcept { std::free(p); }
@@ -86,9 +70,12 @@ struct NoLock {
 };
 
 struct RingStats {
-  uint64_t full_waits = 0;     // blocking push() calls that found the ring full and had to wait
-  uint64_t push_timeouts = 0;  // blocking push() calls that gave up at their timeout
+  uint64_t full_waits = 0;     // blocking push calls that found the ring full and had to wait
+  uint64_t push_timeouts = 0;  // blocking push calls that gave up at their deadline
+  uint64_t sleeps = 0;         // futex waits of blocked producers
+  uint64_t wakes = 0;          // consume() calls that woke sleeping producers
 };
+
 
 // Slots [start, start + count) handed to one producer by try_reserve(); count == 0: ring full.
 struct Reservation {
@@ -147,47 +134,81 @@ class BasicRing {
     return r.count;
   }
 
-  // Blocking form with back-pressure (ring_detail::backoff: spin, then yield, then sleep). False
-  // when the ring stayed full until `timeout`, or at once when the record can never fit.
+  // Blocking forms. A producer that finds the ring full spins briefly, then sleeps on a futex
+  // until the consumer frees slots, `deadline` passes, or shutdown() is called (see wait_until).
+  // push(): true when pushed; false on timeout, shutdown, or at once for a record that can
+  // never fit.
   bool push(const void* rec, std::size_t len, Deadline deadline) noexcept {
-    if (try_push(rec, len)) return true;
-    if (len > cfg_.slot_bytes || (rec == nullptr && len != 0)) return false;
-    // relaxed: statistics only, nothing is ordered by them.
-    stats_.full_waits.fetch_add(1, std::memory_order_relaxed);
-    for (unsigned i = 0;; ++i) {
-      ring_detail::backoff(i);
-      if (try_push(rec, len)) return true;
-      if (deadline.expired()) {
-        // relaxed: statistics only.
-        stats_.push_timeouts.fetch_add(1, std::memory_order_relaxed);
-        return false;
-      }
-    }
+    return push_wait(rec, len, deadline) == PushStatus::pushed;
   }
+  PushStatus push_wait(const void* rec, std::size_t len, const Deadline& deadline) noexcept {
+    if (len > cfg_.slot_bytes || (rec == nullptr && len != 0)) return PushStatus::too_long;
+    if (try_push(rec, len)) return PushStatus::pushed;
+    return wait_until(deadline, [&] { return try_push(rec, len); });
+  }
+  // Pushes records 0..n-1 (as try_push_batch), waiting for room as push_wait does; returns how
+  // many were pushed (always a prefix) and, in *why, pushed (all of them), timed_out,
+  // shut_down, or too_long (the record right after the prefix is longer than slot_bytes()).
+  std::size_t push_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
+                         std::size_t n, const Deadline& deadline, PushStatus* why = nullptr) noexcept {
+    std::size_t valid = 0;
+    while (valid < n && lengths[valid] <= cfg_.slot_bytes) ++valid;
+    std::size_t done = try_push_batch(buf, offsets, lengths, valid);
+    PushStatus st = PushStatus::pushed;
+    if (done < valid)
+      st = wait_until(deadline, [&] {
+        done += try_push_batch(buf, offsets + done, lengths + done, valid - done);
+        return done == valid;
+      });
+    if (st == PushStatus::pushed && valid < n) st = PushStatus::too_long;
+    if (why != nullptr) *why = st;
+    return done;
+  }
+
+  // The blocking step itself, for callers with their own push logic (the Gateway wakes its
+  // writer after each partial push): calls attempt() — which tries to push and returns true
+  // when done — until it succeeds, sleeping on the futex in between while the ring is full.
+  // Returns pushed, timed_out (one last attempt failed at the deadline) or shut_down. A past
+  // deadline makes exactly one attempt, without spinning.
+  template <class Attempt>
+  PushStatus wait_until(const Deadline& deadline, Attempt&& attempt) noexcept {
+    return wait_.wait(deadline, attempt, [this] { return has_room_seq_cst(); });
+  }
+
+  // Wakes every producer blocked in a push and makes every later blocking push that would have
+  // to wait return shut_down. try_push*/try_reserve keep working (the owner decides whether to
+  // accept); the consumer keeps consuming. Irreversible.
+  void shutdown() noexcept { wait_.shut_down(); }
+  bool is_shut_down() const noexcept { return wait_.is_shut_down(); }
 
   // Zero-copy form: reserve up to n slots, fill slot_data(r, i) with up to slot_bytes() bytes,
   // then publish(r, i, len) EVERY reserved slot (in any order; a zero-length record is a valid
   // filler). The consumer stops at the first unpublished slot, so an unpublished reservation
-  // stalls the ring for everyone.
+  // stalls the ring for everyone. `r` must come from try_reserve() on this ring.
   Reservation try_reserve(std::size_t n) noexcept {
     std::lock_guard<Lock> guard(lock_);
     return reserve_unlocked(n);
   }
+  // nullptr when i is not a slot of r.
   uint8_t* slot_data(const Reservation& r, std::size_t i) const noexcept {
-    assert(i < r.count);
-    return data(r.start + i);
+    return i < r.count ? data(r.start + i) : nullptr;
   }
-  void publish(const Reservation& r, std::size_t i, std::size_t len) noexcept {
-    assert(i < r.count && len <= cfg_.slot_bytes);
+  // False when i is not a slot of r (nothing happens) or len > slot_bytes(): such a record is
+  // refused in every build type, and the slot is published as a zero-length record so that the
+  // ring does not stall behind it.
+  bool publish(const Reservation& r, std::size_t i, std::size_t len) noexcept {
+    if (i >= r.count) return false;
+    const bool fits = len <= cfg_.slot_bytes;
     std::lock_guard<Lock> guard(lock_);
-    publish_unlocked(r.start + i, static_cast<uint32_t>(len));
+    publish_unlocked(r.start + i, fits ? static_cast<uint32_t>(len) : 0u);
+    return fits;
   }
 
   // ---- consumer (one thread) ----
 
   // Calls fn(const uint8_t* data, uint32_t len) for up to max published records in ring order,
   // stopping at the first slot that is not published, then hands the slots back to producers
-  // with one release store. The bytes are valid only during the call. If fn throws, the records
+  // with one store (and wakes producers blocked on a full ring, if there are any). The bytes are valid only during the call. If fn throws, the records
   // before the throwing one count as consumed and the throwing one is delivered again next time.
   template <class F>
   std::size_t consume(std::size_t max, F&& fn) {
@@ -196,19 +217,26 @@ class BasicRing {
     const uint64_t t = cons_.tail.load(std::memory_order_relaxed);
     std::size_t n = 0;
     struct Release {  // runs also when fn throws
-      std::atomic<uint64_t>& tail;
+      BasicRing& ring;
       const uint64_t first;
       const std::size_t& done;
-      // release: our reads of the consumed slots happen-before a producer (acquire on tail, or
-      // on the producers' cached copy) reserves and overwrites them.
-      ~Release() { if (done != 0) tail.store(first + done, std::memory_order_release); }
-    } release{cons_.tail, t, n};
+      ~Release() { if (done != 0) ring.hand_back(first + done); }
+    } release{*this, t, n};
     max = std::min(max, capacity());
     while (n < max && is_published(t + n)) {
       fn(static_cast<const uint8_t*>(data(t + n)), header(t + n)->len);
       ++n;
     }
     return n;
+  }
+
+  // Wakes producers blocked on a full ring if any room at all is free. consume() wakes them only
+  // once half the ring is free; a consumer that stops consuming for a while (nothing published,
+  // or its own output is blocked) calls this first, so no producer sleeps while room is unused.
+  void wake_waiters() noexcept {
+    // relaxed: only the consumer writes tail; its last store was seq_cst (Dekker, see hand_back).
+    const uint64_t t = cons_.tail.load(std::memory_order_relaxed);
+    wait_.notify([&] { return free_after(t) > 0; });
   }
 
   // Number of published records consume() would deliver right now (contiguous from the front).
@@ -245,9 +273,10 @@ class BasicRing {
   }
   RingStats stats() const noexcept {
     RingStats s;
-    // relaxed: statistics only.
-    s.full_waits = stats_.full_waits.load(std::memory_order_relaxed);
-    s.push_timeouts = stats_.push_timeouts.load(std::memory_order_relaxed);
+    s.full_waits = wait_.full_waits();
+    s.push_timeouts = wait_.push_timeouts();
+    s.sleeps = wait_.sleeps();
+    s.wakes = wait_.wakes();
     return s;
   }
 
@@ -269,10 +298,6 @@ class BasicRing {
   // Written by the consumer only; producers read it only when the cached copy says "full".
   struct alignas(kCacheLine) ConsumerSide {
     std::atomic<uint64_t> tail{0};  // first position not yet handed back to producers
-  };
-  struct alignas(kCacheLine) StatsSide {
-    std::atomic<uint64_t> full_waits{0};
-    std::atomic<uint64_t> push_timeouts{0};
   };
   static_assert(sizeof(ProducerSide) == kCacheLine, "producer indices fill exactly one line");
   static_assert(sizeof(ConsumerSide) == kCacheLine, "consumer index has a line of its own");
@@ -309,6 +334,28 @@ class BasicRing {
     // acquire: pairs with the producer's release of this stamp, so len and the record bytes it
     // wrote before publishing are visible to us.
     return header(pos)->seq.load(std::memory_order_acquire) == pos + 1;
+  }
+
+  // The consumer hands slots [.., new_tail) back and wakes blocked producers if there are any
+  // and at least half the ring is free (RoomWaiters: hysteresis).
+  void hand_back(uint64_t new_tail) noexcept {
+    // seq_cst (a release store and more): our reads of the consumed slots happen-before a
+    // producer reserves and overwrites them (it acquires tail or the producers' cached copy),
+    // and the store precedes notify()'s load of the waiter count (RoomWaiters' Dekker pair).
+    cons_.tail.store(new_tail, std::memory_order_seq_cst);
+    wait_.notify([&] { return free_after(new_tail) >= (cfg_.mask + 2) / 2; });
+  }
+  uint64_t free_after(uint64_t tail) const noexcept {
+    // relaxed: a snapshot (only ever behind), read only when producers wait.
+    return cfg_.mask + 1 - (prod_.head.load(std::memory_order_relaxed) - tail);
+  }
+
+  bool has_room_seq_cst() const noexcept {
+    // seq_cst: the producer's look at tail in the Dekker pair of RoomWaiters.
+    const uint64_t t = cons_.tail.load(std::memory_order_seq_cst);
+    // seq_cst (a snapshot): loaded after t, so h >= t.
+    const uint64_t h = prod_.head.load(std::memory_order_seq_cst);
+    return h - t < cfg_.mask + 1;
   }
 
   void publish_unlocked(uint64_t pos, uint32_t len) noexcept {
@@ -367,7 +414,7 @@ class BasicRing {
   Config cfg_;
   ProducerSide prod_;
   ConsumerSide cons_;
-  StatsSide stats_;
+  RoomWaiters wait_;
   alignas(kCacheLine) mutable Lock lock_;
 };
 
