@@ -2,6 +2,7 @@
 #include <pybind11/stl.h>
 
 #include "bind.hpp"
+#include "boundary.hpp"
 #include "mlx5tlp/context.hpp"
 
 namespace py = pybind11;
@@ -44,12 +45,12 @@ void bind_context(py::module_& m) {
         return py::make_tuple(caps.supported, caps.gw_num_pages, caps.gw_page_stride,
                               caps.gw_bar_offset, caps.gw_log_stride);
       })
-      .def("general_cmd", [](Context& c, py::bytes in, size_t outlen) {
-        std::string s = in;
+      .def("general_cmd", [](Context& c, py::handle in, size_t outlen) {
+        const std::vector<uint8_t> s = copy_bytes(in, "cmd_in");
         std::vector<uint8_t> out;
         {
           py::gil_scoped_release r;
-          out = c.general_cmd(reinterpret_cast<const uint8_t*>(s.data()), s.size(), outlen);
+          out = c.general_cmd(s.data(), s.size(), outlen);
         }
         return to_bytes(out);
       }, py::arg("cmd_in"), py::arg("out_len"))

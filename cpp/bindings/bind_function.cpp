@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "bind.hpp"
+#include "boundary.hpp"
 #include "mlx5tlp/error.hpp"
 #include "mlx5tlp/function.hpp"
 
@@ -187,27 +188,6 @@ class RecordingSink final : public InterruptSink {
   uint64_t dropped_ = 0;
 };
 
-// A writable, C-contiguous buffer held for the lifetime of the object (released exactly once,
-// also when the constructor of its owner throws after acquiring it).
-class WritableView {
- public:
-  explicit WritableView(const py::object& obj) {
-    if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
-      PyErr_Clear();
-      throw py::type_error("state must be a writable, contiguous buffer (e.g. an mmap), not " +
-                           std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
-    }
-  }
-  ~WritableView() { PyBuffer_Release(&view_); }
-  WritableView(const WritableView&) = delete;
-  WritableView& operator=(const WritableView&) = delete;
-  void* data() const { return view_.buf; }
-  size_t size() const { return size_t(view_.len); }
-
- private:
-  Py_buffer view_{};
-};
-
 // A Function with its sink and, when the state lives in a caller buffer, that buffer.
 class PyFunction {
  public:
@@ -217,13 +197,13 @@ class PyFunction {
       f_ = std::make_unique<Function>(layout_, &sink_);
       return;
     }
-    view_ = std::make_unique<WritableView>(state);
+    view_ = std::make_unique<BufferView>(state, "state", Item::byte, Access::write);
     if (view_->size() != Function::state_size())
       spec_error("state", "buffer of " + std::to_string(view_->size()) + " bytes, need " +
                               std::to_string(Function::state_size()));
-    if (reinterpret_cast<uintptr_t>(view_->data()) % alignof(FunctionState) != 0)
+    if (reinterpret_cast<uintptr_t>(view_->mutable_data()) % alignof(FunctionState) != 0)
       spec_error("state", "buffer is not " + std::to_string(alignof(FunctionState)) + "-byte aligned");
-    f_ = std::make_unique<Function>(layout_, &sink_, static_cast<FunctionState*>(view_->data()),
+    f_ = std::make_unique<Function>(layout_, &sink_, reinterpret_cast<FunctionState*>(view_->mutable_data()),
                                     adopt ? Function::Adopt::keep : Function::Adopt::reset);
   }
   PyFunction(const PyFunction&) = delete;
@@ -238,7 +218,7 @@ class PyFunction {
   // the sink it delivers to.
   RecordingSink sink_;
   std::shared_ptr<const FunctionLayout> layout_;
-  std::unique_ptr<WritableView> view_;
+  std::unique_ptr<BufferView> view_;  // pinned: the Function reads and writes it
   std::unique_ptr<Function> f_;
 };
 
@@ -323,10 +303,10 @@ void bind_function(py::module_& root) {
         const MsixAccess a = p.f().msix_read(bar, off, len, out.data());
         return py::make_tuple(msix_access_name(a), raw(out.data(), a == MsixAccess::out_of_range ? 0 : len));
       }, py::arg("bar"), py::arg("offset"), py::arg("length"))
-      .def("msix_write", [](PyFunction& p, int bar, uint64_t off, const py::bytes& data, uint32_t fbe, uint32_t lbe) {
-        const std::string s = data;
+      .def("msix_write", [](PyFunction& p, int bar, uint64_t off, py::handle data, uint32_t fbe, uint32_t lbe) {
+        const BufferView s(data, "data");
         if (fbe > 0xf || lbe > 0xf) throw Error(ErrorKind::invalid_argument, "msix write", EINVAL, "byte enables are 4 bits");
-        return msix_access_name(p.f().msix_write(bar, off, reinterpret_cast<const uint8_t*>(s.data()),
+        return msix_access_name(p.f().msix_write(bar, off, s.data(),
                                                  uint32_t(s.size()), uint8_t(fbe), uint8_t(lbe)));
       }, py::arg("bar"), py::arg("offset"), py::arg("data"), py::arg("first_be"), py::arg("last_be"))
       .def("raise_msix", [](PyFunction& p, uint32_t v) {
@@ -347,8 +327,8 @@ void bind_function(py::module_& root) {
         p.f().snapshot(buf.data(), buf.size());
         return raw(buf.data(), buf.size());
       })
-      .def("restore", [](PyFunction& p, const py::bytes& b) {
-        const std::string s = b;
+      .def("restore", [](PyFunction& p, py::handle b) {
+        const BufferView s(b, "snapshot");
         p.f().restore(s.data(), s.size());
       }, py::arg("snapshot"));
 }

@@ -1,12 +1,18 @@
 // Gateway bindings. post() is the per-record hot path: bytes are read without a buffer request
-// and the GIL is released only when the call may block.
+// and the GIL is released only when the call may block. Batches cross as (buffer, offsets),
+// built by mlx5tlp.Records; the checks are boundary.hpp's BufferView.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cerrno>
 #include <chrono>
+#include <optional>
+#include <string>
+#include <vector>
 
 #include "bind.hpp"
 #include "boundary.hpp"
+#include "mlx5tlp/error.hpp"
 #include "mlx5tlp/gateway.hpp"
 
 namespace py = pybind11;
@@ -15,54 +21,74 @@ namespace mlx5tlp::bind {
 
 namespace {
 
-// A record as (pointer, length) without copying: bytes fast, other buffers through the protocol.
-struct RecordView {
-  const uint8_t* data = nullptr;
-  size_t len = 0;
-  py::buffer_info info;  // keeps a non-bytes buffer exported while we read it
+// One record. bytes is immutable and read in place (the hot path: no buffer request); any
+// other buffer is checked and pinned by a BufferView. The length is taken once, here.
+class Record {
+ public:
+  explicit Record(const py::handle& obj) {
+    if (PyBytes_Check(obj.ptr())) {
+      data_ = reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(obj.ptr()));
+      len_ = size_t(PyBytes_GET_SIZE(obj.ptr()));
+      return;
+    }
+    view_.emplace(obj, "record");
+    data_ = view_->data();
+    len_ = view_->size();
+  }
+  const uint8_t* data() const noexcept { return data_; }
+  size_t size() const noexcept { return len_; }
+
+ private:
+  std::optional<BufferView> view_;
+  const uint8_t* data_ = nullptr;
+  size_t len_ = 0;
 };
 
-void view_of(py::handle obj, RecordView* v) {
-  if (PyBytes_Check(obj.ptr())) {
-    char* p = nullptr;
-    Py_ssize_t n = 0;
-    PyBytes_AsStringAndSize(obj.ptr(), &p, &n);
-    v->data = reinterpret_cast<const uint8_t*>(p);
-    v->len = size_t(n);
-    return;
+// Per-thread scratch for a batch's offsets and lengths: grown, reused, so a steady stream of
+// batches allocates nothing; trimmed after an unusually large batch.
+struct BatchScratch {
+  std::vector<uint32_t> offsets;
+  std::vector<uint32_t> lengths;
+  static constexpr size_t kKeep = size_t{1} << 16;
+  void trim() {
+    if (offsets.capacity() > kKeep) std::vector<uint32_t>().swap(offsets);
+    if (lengths.capacity() > kKeep) std::vector<uint32_t>().swap(lengths);
   }
-  v->info = py::reinterpret_borrow<py::buffer>(obj).request();
-  if (v->info.ndim != 1 || v->info.strides[0] != v->info.itemsize)
-    throw py::value_error("a record must be a contiguous bytes-like object");
-  v->data = static_cast<const uint8_t*>(v->info.ptr);
-  v->len = size_t(v->info.size * v->info.itemsize);
-}
+};
 
-// Records given as one buffer plus n+1 uint32 offsets (the TLP bulk format).
+// Records given as one buffer plus n+1 uint32 offsets (mlx5tlp.Records, the TLP bulk format).
+// The offsets are copied and checked under the GIL; the call without the GIL sees only the
+// copy, so another thread rewriting the offsets cannot move an access out of bounds. The
+// record bytes are read from the pinned buffer (their contents are only carried).
 template <typename F>
-size_t for_batch(py::buffer data, py::buffer offsets, F&& fn) {
-  py::buffer_info d = data.request();
-  py::buffer_info o = offsets.request();
-  if (o.itemsize != 4 || o.ndim != 1 || (o.format != "I" && o.format != "L" && o.format != "=I"))
-    throw py::value_error("offsets must be a buffer of uint32 (array('I'))");
-  const size_t n = o.size > 0 ? size_t(o.size) - 1 : 0;
-  const auto* off = static_cast<const uint32_t*>(o.ptr);
-  const size_t total = size_t(d.size * d.itemsize);
-  for (size_t i = 0; i < n; ++i)
+size_t for_batch(const char* op, const py::handle& data, const py::handle& offsets, F&& fn) {
+  const BufferView d(data, "records buffer");
+  const BufferView o(offsets, "offsets", Item::u32);
+  thread_local BatchScratch scratch;
+  struct Trim {
+    BatchScratch& s;
+    ~Trim() { s.trim(); }
+  } trim{scratch};
+  std::vector<uint32_t>& off = scratch.offsets;
+  o.copy_to(&off);
+  if (off.empty())
+    throw Error(ErrorKind::invalid_argument, op, EINVAL,
+                "offsets must hold n + 1 entries for n records (at least one)");
+  const size_t n = off.size() - 1;
+  const size_t total = d.size();
+  std::vector<uint32_t>& len = scratch.lengths;
+  len.resize(n);
+  for (size_t i = 0; i < n; ++i) {
     if (off[i] > off[i + 1] || off[i + 1] > total)
-      throw py::value_error("offsets must be non-decreasing and within the buffer");
-  // Lengths in fixed chunks on the stack: no allocation per call.
-  constexpr size_t kChunk = 256;
-  uint32_t lengths[kChunk];
-  size_t done = 0;
-  while (done < n) {
-    const size_t k = std::min(kChunk, n - done);
-    for (size_t i = 0; i < k; ++i) lengths[i] = off[done + i + 1] - off[done + i];
-    const size_t w = fn(static_cast<const uint8_t*>(d.ptr), off + done, lengths, k);
-    done += w;
-    if (w < k) break;
+      throw Error(ErrorKind::invalid_argument, op, EINVAL,
+                  "offsets must be non-decreasing and within the " + std::to_string(total) +
+                      "-byte buffer (entry " + std::to_string(i + 1) + " is " +
+                      std::to_string(off[i + 1]) + ", previous " + std::to_string(off[i]) + ")");
+    len[i] = off[i + 1] - off[i];
   }
-  return done;
+  if (n == 0) return 0;
+  py::gil_scoped_release r;
+  return fn(d.data(), off.data(), len.data(), n);
 }
 
 }  // namespace
@@ -82,33 +108,31 @@ void bind_gateway(py::module_& m) {
       }, py::arg("var"), py::arg("layout"), py::arg("direct"), py::arg("ring_slots"),
          py::arg("batch_max"), py::arg("drain_timeout"))
       .def("post", [](Gateway& g, py::handle rec, const py::object& timeout) {
-        RecordView v;
-        view_of(rec, &v);
+        const Record v(rec);
         const auto t = to_deadline(timeout);
-        if (t.expired()) return g.post(v.data, v.len, t);  // never blocks: keep the GIL
+        if (t.expired()) return g.post(v.data(), v.size(), t);  // never blocks: keep the GIL
         py::gil_scoped_release r;
-        return g.post(v.data, v.len, t);
+        return g.post(v.data(), v.size(), t);
       }, py::arg("record"), py::arg("timeout"))
-      .def("post_batch", [](Gateway& g, py::buffer data, py::buffer offsets, const py::object& timeout) {
+      .def("post_batch", [](Gateway& g, py::handle data, py::handle offsets, const py::object& timeout) {
         const auto t = to_deadline(timeout);
-        return for_batch(data, offsets, [&](const uint8_t* b, const uint32_t* o, const uint32_t* l, size_t n) {
-          py::gil_scoped_release r;
-          return g.post_batch(b, o, l, n, t);
-        });
+        return for_batch("post batch", data, offsets,
+                         [&](const uint8_t* b, const uint32_t* o, const uint32_t* l, size_t n) {
+                           return g.post_batch(b, o, l, n, t);
+                         });
       }, py::arg("data"), py::arg("offsets"), py::arg("timeout"))
       .def("write", [](Gateway& g, py::handle rec, const py::object& timeout) {
-        RecordView v;
-        view_of(rec, &v);
+        const Record v(rec);
         const auto t = to_deadline(timeout);
         py::gil_scoped_release r;
-        return g.write(v.data, v.len, t);
+        return g.write(v.data(), v.size(), t);
       }, py::arg("record"), py::arg("timeout"))
-      .def("write_batch", [](Gateway& g, py::buffer data, py::buffer offsets, const py::object& timeout) {
+      .def("write_batch", [](Gateway& g, py::handle data, py::handle offsets, const py::object& timeout) {
         const auto t = to_deadline(timeout);
-        return for_batch(data, offsets, [&](const uint8_t* b, const uint32_t* o, const uint32_t* l, size_t n) {
-          py::gil_scoped_release r;
-          return g.write_batch(b, o, l, n, t);
-        });
+        return for_batch("write batch", data, offsets,
+                         [&](const uint8_t* b, const uint32_t* o, const uint32_t* l, size_t n) {
+                           return g.write_batch(b, o, l, n, t);
+                         });
       }, py::arg("data"), py::arg("offsets"), py::arg("timeout"))
       .def("flush", [](Gateway& g, const py::object& timeout) {
         const auto t = to_deadline(timeout);

@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "bind.hpp"
+#include "boundary.hpp"
 #include "mlx5tlp/devx_obj.hpp"
 #include "mlx5tlp/umem.hpp"
 #include "mlx5tlp/var.hpp"
@@ -15,8 +16,6 @@ namespace mlx5tlp::bind {
 py::bytes to_bytes(const std::vector<uint8_t>& v);
 
 namespace {
-
-const uint8_t* bytes_ptr(const std::string& s) { return reinterpret_cast<const uint8_t*>(s.data()); }
 
 template <typename T, typename Cls>
 void bind_handle(Cls& cls) {
@@ -37,10 +36,10 @@ void bind_objects(py::module_& m) {
   bind_handle<Var>(var);
   var.def_static("alloc", &Var::alloc, py::arg("ctx"), py::arg("tlp"),
                  py::call_guard<py::gil_scoped_release>())
-      .def_static("import_", [](std::shared_ptr<Context> ctx, py::bytes raw, bool tlp) {
-        std::string s = raw;
+      .def_static("import_", [](std::shared_ptr<Context> ctx, py::handle raw, bool tlp) {
+        const std::vector<uint8_t> s = copy_bytes(raw, "raw");
         py::gil_scoped_release r;
-        return Var::import(std::move(ctx), bytes_ptr(s), s.size(), tlp);
+        return Var::import(std::move(ctx), s.data(), s.size(), tlp);
       }, py::arg("ctx"), py::arg("raw"), py::arg("tlp"))
       .def_property_readonly("page_id", &Var::page_id)
       .def_property_readonly("length", &Var::length)
@@ -52,55 +51,57 @@ void bind_objects(py::module_& m) {
   py::class_<Umem, std::shared_ptr<Umem>> umem(m, "Umem");
   bind_handle<Umem>(umem);
   // The memoryview passed in is kept alive by the returned Umem (keep_alive), which also keeps
-  // its buffer export: a bytearray cannot be resized (moved) while registered.
-  umem.def_static("reg", [](std::shared_ptr<Context> ctx, py::buffer buf, uint32_t access) {
-        py::buffer_info info = buf.request(true);
-        if (info.size * info.itemsize <= 0) throw py::value_error("cannot register an empty buffer");
-        void* ptr = info.ptr;
-        size_t size = size_t(info.size * info.itemsize);
+  // its buffer export: a bytearray cannot be resized (moved) while registered. The façade
+  // (mlx5tlp.Umem) owns that memoryview and releases it only after the dereg succeeded; a
+  // caller of this private binding that releases the memoryview itself unpins the memory.
+  umem.def_static("reg", [](std::shared_ptr<Context> ctx, py::handle buf, uint32_t access) {
+        const BufferView v(buf, "buffer", Item::byte, Access::write);
+        if (v.size() == 0) throw py::value_error("cannot register an empty buffer");
+        void* ptr = v.mutable_data();
+        const size_t size = v.size();
         py::gil_scoped_release r;
         return Umem::reg(std::move(ctx), ptr, size, access);
       }, py::arg("ctx"), py::arg("buffer"), py::arg("access"), py::keep_alive<0, 2>())
-      .def_static("import_", [](std::shared_ptr<Context> ctx, py::bytes raw) {
-        std::string s = raw;
+      .def_static("import_", [](std::shared_ptr<Context> ctx, py::handle raw) {
+        const std::vector<uint8_t> s = copy_bytes(raw, "raw");
         py::gil_scoped_release r;
-        return Umem::import(std::move(ctx), bytes_ptr(s), s.size());
+        return Umem::import(std::move(ctx), s.data(), s.size());
       }, py::arg("ctx"), py::arg("raw"))
       .def_property_readonly("umem_id", &Umem::umem_id)
       .def_property_readonly("size", &Umem::size);
 
   py::class_<DevxObj, std::shared_ptr<DevxObj>> obj(m, "DevxObj");
   bind_handle<DevxObj>(obj);
-  obj.def_static("create", [](std::shared_ptr<Context> ctx, py::bytes in, size_t outlen) {
-        std::string s = in;
+  obj.def_static("create", [](std::shared_ptr<Context> ctx, py::handle in, size_t outlen) {
+        const std::vector<uint8_t> s = copy_bytes(in, "cmd_in");
         std::vector<uint8_t> out;
         std::shared_ptr<DevxObj> o;
         {
           py::gil_scoped_release r;
-          o = DevxObj::create(std::move(ctx), bytes_ptr(s), s.size(), outlen, &out);
+          o = DevxObj::create(std::move(ctx), s.data(), s.size(), outlen, &out);
         }
         return py::make_tuple(o, to_bytes(out));
       }, py::arg("ctx"), py::arg("cmd_in"), py::arg("out_len"))
-      .def_static("import_", [](std::shared_ptr<Context> ctx, py::bytes raw) {
-        std::string s = raw;
+      .def_static("import_", [](std::shared_ptr<Context> ctx, py::handle raw) {
+        const std::vector<uint8_t> s = copy_bytes(raw, "raw");
         py::gil_scoped_release r;
-        return DevxObj::import(std::move(ctx), bytes_ptr(s), s.size());
+        return DevxObj::import(std::move(ctx), s.data(), s.size());
       }, py::arg("ctx"), py::arg("raw"))
-      .def("query", [](DevxObj& o, py::bytes in, size_t outlen) {
-        std::string s = in;
+      .def("query", [](DevxObj& o, py::handle in, size_t outlen) {
+        const std::vector<uint8_t> s = copy_bytes(in, "cmd_in");
         std::vector<uint8_t> out;
         {
           py::gil_scoped_release r;
-          out = o.query(bytes_ptr(s), s.size(), outlen);
+          out = o.query(s.data(), s.size(), outlen);
         }
         return to_bytes(out);
       }, py::arg("cmd_in"), py::arg("out_len"))
-      .def("modify", [](DevxObj& o, py::bytes in, size_t outlen) {
-        std::string s = in;
+      .def("modify", [](DevxObj& o, py::handle in, size_t outlen) {
+        const std::vector<uint8_t> s = copy_bytes(in, "cmd_in");
         std::vector<uint8_t> out;
         {
           py::gil_scoped_release r;
-          out = o.modify(bytes_ptr(s), s.size(), outlen);
+          out = o.modify(s.data(), s.size(), outlen);
         }
         return to_bytes(out);
       }, py::arg("cmd_in"), py::arg("out_len"));

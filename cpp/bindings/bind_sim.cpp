@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bind.hpp"
+#include "boundary.hpp"
 #include "mlx5tlp/context.hpp"
 #include "mlx5tlp/deadline.hpp"
 #include "mlx5tlp/error.hpp"
@@ -244,8 +245,8 @@ void bind_sim(py::module_& root) {
   py::class_<Host>(m, "Host")
       .def(py::init<const std::string&>(), py::arg("device"))
       .def("close", &Host::close)
-      .def("send", [](Host& h, py::bytes tlp, uint32_t channel) {
-        std::string s = tlp;
+      .def("send", [](Host& h, py::handle tlp, uint32_t channel) {
+        const BufferView s(tlp, "tlp");  // read once, with the GIL held: pinned, not copied
         int rc = sim().host_send(h.get(), channel, s.data(), s.size());
         if (rc == EAGAIN) return false;  // the channel is full: back-pressure to the caller
         check("send request", rc, "channel " + std::to_string(channel));

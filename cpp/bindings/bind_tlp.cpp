@@ -6,9 +6,11 @@
 
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "bind.hpp"
+#include "boundary.hpp"
 #include "mlx5tlp/tlp.hpp"
 #include "mlx5tlp/tlp_completion.hpp"
 
@@ -27,22 +29,6 @@ const char* const kFieldNames[] = {
     "last_be", "address",     "dest_id",     "status",     "bcm",      "byte_count",
     "lower_address", "message_code", "routing", "digest",  "data"};
 constexpr size_t kFields = sizeof(kFieldNames) / sizeof(kFieldNames[0]);
-
-// A contiguous read-only view of any buffer-protocol object (released on destruction).
-class View {
- public:
-  explicit View(const py::handle& obj) {
-    if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_SIMPLE) != 0) throw py::error_already_set();
-  }
-  ~View() { PyBuffer_Release(&view_); }
-  View(const View&) = delete;
-  View& operator=(const View&) = delete;
-  const uint8_t* data() const { return static_cast<const uint8_t*>(view_.buf); }
-  size_t size() const { return static_cast<size_t>(view_.len); }
-
- private:
-  Py_buffer view_{};
-};
 
 py::tuple to_tuple(const Tlp& t) {
   return py::make_tuple(
@@ -65,7 +51,7 @@ bool field(const py::tuple& f, size_t i, uint64_t maxv, uint64_t* out) {
 }
 
 // Fill `t` from a field tuple; `data` must stay alive while `t` is used.
-Status from_tuple(const py::tuple& f, const View& data, Tlp* t) {
+Status from_tuple(const py::tuple& f, const BufferView& data, Tlp* t) {
   if (f.size() != kFields) throw py::value_error("TLP field tuple has the wrong size");
   uint64_t v[kFields - 1] = {};
   const uint64_t maxv[kFields - 1] = {
@@ -145,7 +131,7 @@ void bind_tlp(py::module_& m) {
   t.attr("MAX_COMPLETIONS") = tlp::kMaxCompletions;
 
   t.def("decode", [](const py::object& buf) -> py::tuple {
-    View v(buf);
+    const BufferView v(buf, "buf");
     Tlp x;
     Status s = tlp::decode(v.data(), v.size(), &x);
     if (s != Status::ok) return py::make_tuple(static_cast<int>(s), py::none());
@@ -153,7 +139,7 @@ void bind_tlp(py::module_& m) {
   }, py::arg("buf"), "(status, fields | None) for exactly one TLP in buf.");
 
   t.def("encode", [](const py::tuple& f, bool auto_format) -> py::tuple {
-    View data(f[kFields - 1]);
+    const BufferView data(f[kFields - 1], "data");
     Tlp x;
     Status s = from_tuple(f, data, &x);
     if (s == Status::ok && auto_format) tlp::set_format(&x);
@@ -169,8 +155,8 @@ void bind_tlp(py::module_& m) {
 
   t.def("completions", [](const py::tuple& f, const py::object& data, int completer_id,
                           int max_payload, int rcb, int status) -> py::tuple {
-    View payload(f[kFields - 1]);
-    View d(data);
+    const BufferView payload(f[kFields - 1], "request data");
+    const BufferView d(data, "data");
     Tlp req;
     Status s = Status::ok;
     tlp::CompletionParams p = params(completer_id, max_payload, rcb, status, &s);
@@ -189,10 +175,26 @@ void bind_tlp(py::module_& m) {
   t.def("build_bulk", [](const py::object& reqs, const py::object& data,
                          const py::object& statuses, int completer_id, int max_payload, int rcb,
                          int status) -> py::tuple {
-    View r(reqs);
-    View d(data);
-    std::unique_ptr<View> st;
-    if (!statuses.is_none()) st = std::make_unique<View>(statuses);
+    // The requests size the outputs (bulk_measure) and are parsed again to fill them
+    // (bulk_build), without the GIL: both passes must see the same bytes. bytes objects are
+    // immutable; any other buffer is copied once, here, and only the copy is parsed.
+    std::optional<BufferView> rv;
+    std::vector<uint8_t> reqs_copy;
+    const uint8_t* rp = nullptr;
+    size_t rn = 0;
+    if (PyBytes_Check(reqs.ptr())) {
+      rp = reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(reqs.ptr()));
+      rn = size_t(PyBytes_GET_SIZE(reqs.ptr()));
+    } else {
+      rv.emplace(reqs, "requests");
+      reqs_copy = rv->snapshot();
+      rp = reqs_copy.data();
+      rn = reqs_copy.size();
+    }
+    // data and statuses are only read (bounded by the lengths taken here), from pinned buffers.
+    const BufferView d(data, "data");
+    std::optional<BufferView> st;
+    if (!statuses.is_none()) st.emplace(statuses, "statuses");
     Status s = Status::ok;
     tlp::CompletionParams p = params(completer_id, max_payload, rcb, status, &s);
     auto fail = [](Status e) {
@@ -202,7 +204,7 @@ void bind_tlp(py::module_& m) {
     tlp::BulkSizes sz;
     {
       py::gil_scoped_release nogil;
-      s = tlp::bulk_measure(r.data(), r.size(), p, &sz);
+      s = tlp::bulk_measure(rp, rn, p, &sz);
     }
     if (s != Status::ok) return fail(s);
     py::bytes buf = new_bytes(sz.max_bytes);
@@ -216,11 +218,12 @@ void bind_tlp(py::module_& m) {
     o.offsets_cap = sz.max_completions + 1;
     o.request_first = reinterpret_cast<uint32_t*>(bytes_data(first));
     o.errors = reinterpret_cast<uint8_t*>(bytes_data(errors));
+    o.requests_cap = sz.requests;
     {
       // The new bytes objects are not visible to any other thread yet.
       py::gil_scoped_release nogil;
-      s = tlp::bulk_build(r.data(), r.size(), d.data(), d.size(),
-                          st ? st->data() : nullptr, st ? st->size() : 0, p, &o);
+      s = tlp::bulk_build(rp, rn, d.data(), d.size(), st ? st->data() : nullptr,
+                          st ? st->size() : 0, p, &o);
     }
     if (s != Status::ok) return fail(s);
     PyObject* raw = buf.release().ptr();

@@ -232,6 +232,7 @@ Status bulk_build(const uint8_t* reqs, size_t len, const uint8_t* data, size_t d
     const size_t rec = record_size(reqs + off, len - off);
     if (Status s = check_record(reqs + off, len - off, rec); s != Status::ok) return s;
     if (statuses != nullptr && i >= n_statuses) return Status::field_out_of_range;
+    if (i >= out->requests_cap) return Status::output_too_small;
     CompletionParams rp = p;
     if (statuses != nullptr) rp.status = statuses[i];
     out->request_first[i] = static_cast<uint32_t>(out->completions);

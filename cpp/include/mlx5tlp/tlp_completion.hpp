@@ -77,6 +77,7 @@ struct BulkOutput {
   uint32_t* request_first = nullptr; // requests + 1: request i's completions are
                                      //   [request_first[i], request_first[i + 1])
   uint8_t* errors = nullptr;         // requests: Status per request (ok, or why none was built)
+  size_t requests_cap = 0;           // entries of errors (request_first holds one more)
   size_t completions = 0;            // results
   size_t bytes = 0;
   size_t data_used = 0;
@@ -86,7 +87,8 @@ struct BulkOutput {
 // produce nothing with errors[i] == ok; other requests that get no completion record the
 // reason in errors[i] and produce nothing. Whole-call failures: the measure failures,
 // field_out_of_range (statuses count), data_length_mismatch (data not exactly consumed),
-// output_too_small.
+// output_too_small (every output write is bounded by its capacity, so input that changed
+// since bulk_measure cannot overflow a buffer sized from it).
 Status bulk_build(const uint8_t* reqs, size_t len, const uint8_t* data, size_t data_len,
                   const uint8_t* statuses, size_t n_statuses, const CompletionParams& p,
                   BulkOutput* out) noexcept;
@@ -111,6 +113,7 @@ struct BulkStorage {
     o.offsets_cap = offsets.size();
     o.request_first = request_first.data();
     o.errors = errors.data();
+    o.requests_cap = errors.size();
     return o;
   }
 };
