@@ -77,8 +77,16 @@ def test_planned_handover_keeps_state_and_answers_everything(rig: Rig) -> None:
         assert cpl.data == (0xA5A5_1234).to_bytes(4, "little")
         assert s1.wait_event("first-served")["how"] == "handover"
         assert p0.wait_event("handed-over")["successor"] == s1.pid
-        p0.wait_event("standby")  # the old primary stays as a standby of the new one
-        st = handover.request(rig.path, rig.key, "status")
+        # The old primary stays as a standby of the new one (its own "standby" event names
+        # its primary; the earlier one, as primary, named the standby that joined).
+        deadline = time.monotonic() + 30
+        while not any(e["event"] == "standby" and e.get("primary") == s1.pid
+                      for e in list(p0.events)):
+            assert time.monotonic() < deadline, p0.events
+            time.sleep(0.01)
+        while (st := handover.request(rig.path, rig.key, "status"))["standbys"] < 1:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.01)
         assert (st["pid"], st["generation"], st["standbys"]) == (s1.pid, 2, 1)
         # ... and can take the function back.
         back = handover.request(rig.path, rig.key, "handover")

@@ -115,6 +115,17 @@ def _handover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from mlx5tlp.handover import demo
+
+    rep = demo.run(requests=args.requests, handover_every=args.handover_every,
+                   kill_every=args.kill_primary_every, seed=args.seed, window=args.window,
+                   timeout=args.timeout)
+    print(json.dumps(rep, indent=None if args.json else 2))
+    bad = rep["lost"] or rep["duplicated"] or rep["unexpected"] or any(rep["leaked"].values())
+    return 1 if bad else 0
+
+
 def add_parsers(sub: argparse._SubParsersAction, run: Callable[[Handler], Handler]) -> None:  # type: ignore[type-arg]
     """Add ``serve`` and ``handover`` to the ``mlx5tlp`` command line."""
     serve = sub.add_parser("serve", help="serve an emulated function as primary or standby "
@@ -136,3 +147,15 @@ def add_parsers(sub: argparse._SubParsersAction, run: Callable[[Handler], Handle
     ho.add_argument("--action", choices=["handover", "stop", "status"], default="handover")
     ho.add_argument("--timeout", type=float, default=10.0, help="seconds (10)")
     ho.set_defaults(func=run(_handover))
+    dm = sub.add_parser("handover-demo", help="planned handovers and killed primaries under "
+                        "load, every completion checked (docs/handover.md)")
+    dm.add_argument("--requests", type=int, default=2000, help="requests to send (2000)")
+    dm.add_argument("--handover-every", type=int, default=0, metavar="N",
+                    help="planned handover every N requests (0: none)")
+    dm.add_argument("--kill-primary-every", type=int, default=0, metavar="N",
+                    help="SIGKILL the primary at a random point of every N requests (0: none)")
+    dm.add_argument("--seed", type=int, default=1, help="seed (1)")
+    dm.add_argument("--window", type=int, default=16, help="requests in flight (16)")
+    dm.add_argument("--timeout", type=float, default=600.0, help="give up after (600 s)")
+    dm.add_argument("--json", action="store_true", help="one line of JSON")
+    dm.set_defaults(func=run(_demo))

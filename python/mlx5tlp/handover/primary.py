@@ -264,14 +264,18 @@ class Primary:
         state = self.node.state
         t_stop = time.monotonic_ns()  # stop taking: nothing is in flight between requests
         self.server.close_gateway()   # direct mode: nothing queued; releases the page lock
+        t_closed = time.monotonic_ns()
         state.mark(self.generation, state.served() + self.server.served, paused=True)
         self.server.served = 0
         snapshot = seal_snapshot(state.snapshot(), self.key, self.generation)
+        self._steps = [t_stop, t_closed]
         committed = False
         try:
             wire.send("prepared", {"generation": self.generation, "t_stop": t_stop},
                       payloads=[snapshot])
+            self._steps.append(time.monotonic_ns())
             reply = wire.recv(timeout=_STEP_TIMEOUT)
+            self._steps.append(time.monotonic_ns())
             reply.close_fds()
             if reply.type != "accept":
                 raise HandoverError(errno.ECANCELED, f"the standby answered {reply.type!r}",
@@ -318,7 +322,9 @@ class Primary:
                     p.wire.send("moved", {"generation": self.generation})
             self._drop(p)
         self.listener.close()  # the path is the successor's now: do not unlink it
-        self._emit("handed-over", generation=self.generation, successor=successor)
+        steps = getattr(self, "_steps", [])
+        self._emit("handed-over", generation=self.generation, successor=successor,
+                   steps_us=[(t - steps[0]) // 1000 for t in steps[1:]])
 
     def _tell_operator(self, kind: str, fields: dict[str, Any]) -> None:
         op = self._operator
