@@ -229,8 +229,9 @@ def sim_states() -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
             ("var-virtio", virtio),
             ("umem", umem),
         ):
-            envelopes.append((name, obj.export()))
-            envelopes.append((f"{name}-keyed", obj.export(key=FUZZ_KEY)))
+            # fuzz_envelope.py's flag byte: 1 = recompute the CRC, 3 = and re-sign the HMAC.
+            envelopes.append((name, b"\x01" + obj.export()))
+            envelopes.append((f"{name}-keyed", b"\x03" + obj.export(key=FUZZ_KEY)))
         for o in (umem, virtio, *tlp_vars):
             o.close()
     sim.remove_device("fuzzseed")
