@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from handover_rig import Rig
 
+from handover_rig import Rig
 from mlx5tlp import handover
 
 ROOT = Path(__file__).resolve().parents[1]
