@@ -51,4 +51,4 @@ def test_killed_primaries_under_load() -> None:
 def test_handovers_and_kills_mixed() -> None:
     rep = run_demo("--requests", "3000", "--handover-every", "300", "--kill-primary-every", "700")
     check_zero(rep)
-    assert rep["handovers"] >= 5 and rep["takeovers"] >= 3
+    assert rep["handovers"] >= 4 and rep["takeovers"] >= 2, rep

@@ -24,7 +24,7 @@ from mlx5tlp.function import FunctionSpec
 from mlx5tlp.handover.errors import HandoverError, LeaseHeldError
 from mlx5tlp.handover.lease import Lease
 from mlx5tlp.handover.node import Events, Node, bind_listener, default_spec
-from mlx5tlp.handover.state import STATE_VERSION, seal_snapshot
+from mlx5tlp.handover.state import STATE_VERSION, seal_snapshot, state_summary
 from mlx5tlp.handover.wire import Wire, check_key
 from mlx5tlp.share import ProtocolError
 
@@ -61,7 +61,7 @@ class Primary:
     """
 
     def __init__(self, path: str, key: bytes, node: Node, lease: Lease,
-                 listener: socket.socket, *, allow_uids: Optional[Collection[int]] = None,
+                 listener: Optional[socket.socket], *, allow_uids: Optional[Collection[int]] = None,
                  events: Optional[Events] = None) -> None:
         self.path = os.path.abspath(path)
         self.key = check_key(key)
@@ -143,6 +143,8 @@ class Primary:
                 self._poll(0.0)
                 continue
             idle += 1
+            if self.listener is None and idle < 64 and not reported:
+                continue  # a fresh successor: answer first, open the control socket after
             self._poll(0.0 if idle < 64 else 50e-6 if idle < 4096 else 1e-3)
             now = time.monotonic()
             if now - last_beat > 0.5:
@@ -157,6 +159,10 @@ class Primary:
         return self.outcome
 
     def _poll(self, timeout: float) -> None:
+        if self.listener is None:
+            # A successor binds the control socket only after it answered its first request
+            # (or went idle): standbys retry their connect meanwhile, the host does not wait.
+            self.listener = bind_listener(self.path)
         rlist = [self.listener, *(p.sock for p in self.peers)]
         try:
             ready, _, _ = select.select(rlist, [], [], timeout)
@@ -174,6 +180,7 @@ class Primary:
 
     def _accept(self) -> None:
         try:
+            assert self.listener is not None
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
@@ -267,7 +274,7 @@ class Primary:
         t_closed = time.monotonic_ns()
         state.mark(self.generation, state.served() + self.server.served, paused=True)
         self.server.served = 0
-        snapshot = seal_snapshot(state.snapshot(), self.key, self.generation)
+        snapshot = seal_snapshot(state_summary(state.snapshot()), self.key, self.generation)
         self._steps = [t_stop, t_closed]
         committed = False
         try:
@@ -321,7 +328,8 @@ class Primary:
                 with contextlib.suppress(OSError):
                     p.wire.send("moved", {"generation": self.generation})
             self._drop(p)
-        self.listener.close()  # the path is the successor's now: do not unlink it
+        if self.listener is not None:
+            self.listener.close()  # the path is the successor's now: do not unlink it
         steps = getattr(self, "_steps", [])
         self._emit("handed-over", generation=self.generation, successor=successor,
                    steps_us=[(t - steps[0]) // 1000 for t in steps[1:]])
@@ -340,8 +348,9 @@ class Primary:
         gateway VAR. Returns how the VAR went (see ``Node.close``). Idempotent."""
         for p in list(self.peers):
             self._drop(p)
-        with contextlib.suppress(OSError):
-            self.listener.close()
+        if self.listener is not None:
+            with contextlib.suppress(OSError):
+                self.listener.close()
         stopped = self.outcome != "handed-over"
         if stopped:
             with contextlib.suppress(FileNotFoundError):

@@ -41,9 +41,9 @@ from mlx5tlp.handover.errors import (
     StateMismatchError,
 )
 from mlx5tlp.handover.lease import Lease
-from mlx5tlp.handover.node import Events, Node, bind_listener
+from mlx5tlp.handover.node import Events, Node
 from mlx5tlp.handover.primary import Primary
-from mlx5tlp.handover.state import STATE_VERSION, open_snapshot
+from mlx5tlp.handover.state import STATE_VERSION, open_snapshot, state_summary
 from mlx5tlp.handover.wire import Wire, check_key
 from mlx5tlp.share import ProtocolError
 
@@ -242,9 +242,8 @@ class Standby:
             raise
         self.lease.digest = node.state.digest
         node.state.adopt(gen)
-        listener = bind_listener(self.path)
         self._drop_connection()
-        p = Primary(self.path, self.key, node, self.lease, listener,
+        p = Primary(self.path, self.key, node, self.lease, None,
                     allow_uids=self.allow_uids, events=self.events)
         p.origin = {"how": "takeover", "t_detect": t_detect, "dead": self.primary_pid}
         self._emit("takeover", generation=gen, recovered=p.server.recovered,
@@ -283,6 +282,7 @@ class Standby:
             raise HandoverAborted(errno.EPROTO, f"expected prepared, got {prepared.type!r}",
                                   "handover")
         gen = int(prepared.fields["generation"])
+        marks = [time.monotonic_ns()]  # step times, reported with the first answer
         opened = False
         try:
             rec = self.lease.read()
@@ -291,16 +291,20 @@ class Standby:
                                       f"the lease says {rec}", "handover")
             state = open_snapshot(prepared.payloads[0], self.key, generation=gen,
                                   digest=node.state.digest, version=self.state_version)
-            if state != node.state.snapshot():
+            if state != state_summary(node.state.snapshot()):
                 raise HandoverAborted(errno.ESTALE, "the shared state differs from the "
                                       "primary's prepared snapshot", "handover")
+            marks.append(time.monotonic_ns())
             node.state.adopt(gen)
+            marks.append(time.monotonic_ns())
             server = node.make_server()
             server.open()
             opened = True
+            marks.append(time.monotonic_ns())
             wire.send("accept", {"generation": gen})
             commit = wire.recv(timeout=self.timeout)
             commit.close_fds()
+            marks.append(time.monotonic_ns())
             if commit.type != "commit":
                 raise HandoverAborted(errno.EPROTO, f"expected commit, got {commit.type!r}",
                                       "handover")
@@ -315,12 +319,16 @@ class Standby:
             raise
         new_gen = self.lease.acquire(1.0)
         node.state.mark(new_gen, node.state.served())
-        listener = bind_listener(self.path)
+        marks.append(time.monotonic_ns())
         wire.send("done", {"generation": new_gen})
         self._drop_connection()
-        p = Primary(self.path, self.key, node, self.lease, listener,
+        marks.append(time.monotonic_ns())
+        p = Primary(self.path, self.key, node, self.lease, None,
                     allow_uids=self.allow_uids, events=self.events)
-        p.origin = {"how": "handover", "t_stop": int(prepared.fields["t_stop"])}
+        marks.append(time.monotonic_ns())
+        t_stop = int(prepared.fields["t_stop"])
+        p.origin = {"how": "handover", "t_stop": t_stop,
+                    "steps_us": [(m - t_stop) // 1000 for m in marks]}
         self.node = None
         self._lease_given = True
         return p

@@ -23,8 +23,10 @@ What is shared (the successor continues from the bytes): this block — configur
 MSI-X table and pending bits (the function model's state) — and the memory region (a second
 memfd). What lives in the device, not here: the request channels (their position and every
 claimed-but-unretired request, redelivered by the software device when a claimer dies) and the
-gateway page's doorbell. What is copied at a planned handover: a signed snapshot of this block
-(:func:`seal_snapshot`), which the successor checks against the shared bytes before adopting.
+gateway page's doorbell. What is copied at a planned handover: a sealed summary of this block
+(:func:`state_summary`: the header and the block's SHA-256, sealed with :func:`seal_snapshot`),
+which the successor checks against the shared bytes before adopting; a whole block can be
+sealed the same way to copy it.
 
 Versioning: a successor whose handover or function state version differs refuses to adopt
 (:class:`~mlx5tlp.handover.StateMismatchError`, ``EPROTO``); there is no implicit migration.
@@ -53,6 +55,7 @@ __all__ = [
     "SharedState",
     "open_snapshot",
     "seal_snapshot",
+    "state_summary",
 ]
 
 STATE_MAGIC = b"M5HS"
@@ -208,6 +211,13 @@ class SharedState(Closing):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def state_summary(block: bytes) -> bytes:
+    """The header of a state block followed by the SHA-256 of the whole block: what a planned
+    handover seals instead of the 37 KB block itself (the successor has the block shared and
+    checks that it hashes the same)."""
+    return block[:HEADER_SIZE] + hashlib.sha256(block).digest()
 
 
 def seal_snapshot(state: bytes, key: bytes, generation: int) -> bytes:
