@@ -132,7 +132,10 @@ struct DeviceState {
   uint32_t state_size;
   m5a_sim_device_config cfg;
   uint32_t next_id;      // umem_id / object_id allocator (device-unique)
-  uint32_t reserved;
+  // Request wake-up word (mlx5tlp_sim_function_wait): bit 31 "a function waits", bits 0..30 a
+  // sequence bumped by a push that found the bit set, and by mlx5tlp_sim_function_wake. A
+  // shared futex word; it sits where v2 had a reserved zero word, so the layout is unchanged.
+  std::atomic<uint32_t> req_wake;
   uint64_t reclaimed;    // objects reclaimed from dead contexts
   uint64_t page_gen;     // gateway page allocation counter
   uint64_t host_epoch;   // bumped by every device model that attaches

@@ -260,6 +260,8 @@ std::shared_ptr<const Library> Library::open(Backend backend, const std::string&
     resolve(verbs, s.sim.function_mark, "mlx5tlp_sim_function_mark", node);
     resolve(verbs, s.sim.function_retire, "mlx5tlp_sim_function_retire", node);
     resolve(verbs, s.sim.last_error, "mlx5tlp_sim_last_error", node);
+    resolve(verbs, s.sim.function_wait, "mlx5tlp_sim_function_wait", node);
+    resolve(verbs, s.sim.function_wake, "mlx5tlp_sim_function_wake", node);
     if (s.sim.mmap == nullptr)
       throw Error(ErrorKind::library_not_found, "load " + ibverbs_path, 0,
                   "not an mlx5tlp software device (no mlx5tlp_sim_mmap@" M5A_SIM_VERSION_NODE ")");

@@ -7,7 +7,8 @@ import typing_extensions
 from . import tlp
 from . import sim
 from . import function
-__all__: list[str] = ['Context', 'DevxObj', 'Gateway', 'MappingHold', 'Umem', 'Var', 'format_guid', 'function', 'library_info', 'list_devices', 'resolve_backend', 'sim', 'symbol_version', 'tlp']
+from . import engine
+__all__: list[str] = ['Context', 'DevxObj', 'Gateway', 'MappingHold', 'Umem', 'Var', 'engine', 'format_guid', 'function', 'library_info', 'list_devices', 'resolve_backend', 'sim', 'symbol_version', 'tlp']
 class Context:
     @staticmethod
     def import_fd(fd: typing.SupportsInt | typing.SupportsIndex, backend: str) -> Context:
