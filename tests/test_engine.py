@@ -364,3 +364,36 @@ def test_msix_message_reaches_the_host_model(ctx: mlx5tlp.Context, host: sim.Hos
         assert dev.raise_msix(0) == "sent"
         st = host.stats()
         assert st["errors"] == 0 and st["interrupts"] >= 1
+
+
+def test_requests_a_dead_claimer_left_are_answered_once(device: str, host: sim.Host) -> None:
+    # A claimer process takes two requests and dies without answering: the engine started
+    # afterwards recovers both (docs/sim.md, claimer sessions) and answers each exactly once.
+    import mmap
+    import subprocess
+    import sys
+
+    state = mmap.mmap(-1, fn.STATE_SIZE)  # the function state a successor adopts
+    mem = engine.MemoryRegion(0, 0, 0x1000)
+    mem.write(0, b"\x5a" * 8)
+    with mlx5tlp.open_device(device, backend="sim") as ctx:
+        with _served(ctx, [mem], state=state):
+            bus = Bus(host)
+            bus.enumerate()
+        tags = [bus.next_tag(), bus.next_tag()]
+        for t in tags:
+            bus.send(tlp.Tlp.mem_read(BAR0, 2, tag=t))
+        code = ("import os, signal, mlx5tlp\nfrom mlx5tlp import sim\n"
+                f"c = mlx5tlp.open_device({device!r}, backend='sim')\n"
+                "got = [sim.claim_request(c, 0) for _ in range(2)]\n"
+                "assert all(g is not None for g in got), got\n"
+                "os.kill(os.getpid(), signal.SIGKILL)\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == -9, out.stderr
+        with _served(ctx, [mem], state=state, adopt=True) as dev:
+            cpls = bus.collect(2)
+            assert sorted(c.tag for c in cpls if c.data == b"\x5a" * 8) == sorted(tags)
+            assert dev.stats()["redelivered"] == 2
+        assert host.completions(0.05) == []
+        assert host.stats()["errors"] == 0

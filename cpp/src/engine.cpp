@@ -805,6 +805,12 @@ void Lane::serve_batch(size_t n) {
 void Lane::run() noexcept {
   try {
     refresh();
+    // A successor first takes every request a dead claimer left, before it writes to any
+    // page: the source judges "published" against the doorbells the dead claimer left.
+    for (size_t n; !want_stop() && (n = src->recover(reqs.data(), batch)) != 0;) {
+      serve_batch(n);
+      publish(n);
+    }
     for (;;) {
       const uint32_t c = cmd.load(std::memory_order_acquire);  // acquire: the command's data
       if (c == kCmdStop) break;
