@@ -183,6 +183,14 @@ def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
                 took_over.append(pid)
             elif kind == "first-served":
                 first_served[pid] = ev
+                due = awaiting.get(pid)
+                if due is not None and ev.get("how") == due[0]:
+                    # Resolved here, so that request gates close again at once.
+                    del awaiting[pid], first_served[pid]
+                    if due[0] == "handover":
+                        pauses.append((ev["first_ns"] - ev["t_stop"]) / 1000)
+                    else:
+                        gaps.append((ev["first_ns"] - due[1]) / 1000)
             try:
                 ev = procs.events.get_nowait()
             except queue.Empty:
@@ -244,14 +252,6 @@ def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
     while (sent < requests or checker.outstanding or awaiting) and time.monotonic() < end:
         pump_host()
         pump_events()
-        for pid in list(awaiting):
-            ev = first_served.get(pid)
-            if ev is None or ev.get("how") != awaiting[pid][0]:
-                continue
-            how, t0 = awaiting.pop(pid)
-            first_served.pop(pid)
-            (pauses if how == "handover" else gaps).append(
-                (ev["first_ns"] - (ev["t_stop"] if how == "handover" else t0)) / 1000)
         if awaiting and sent >= requests and not checker.outstanding:
             break  # no request left to show the successor's first answer
         if next_handover is not None and sent >= next_handover and pending_ho is None \
@@ -270,6 +270,10 @@ def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
             succ = int(ho_result.get("successor", 0))
             if succ:
                 awaiting[succ] = ("handover", 0)
+                ev = first_served.pop(succ, None)
+                if ev is not None and ev.get("how") == "handover":  # it answered already
+                    del awaiting[succ]
+                    pauses.append((ev["first_ns"] - ev["t_stop"]) / 1000)
                 standbys.discard(succ)
                 primary = succ
                 handovers += 1
@@ -295,6 +299,10 @@ def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
             if taker is None:
                 break
             awaiting[taker] = ("takeover", t_kill)
+            ev = first_served.pop(taker, None)
+            if ev is not None and ev.get("how") == "takeover":  # it answered already
+                del awaiting[taker]
+                gaps.append((ev["first_ns"] - t_kill) / 1000)
             standbys.discard(taker)
             primary = taker
             takeovers += 1

@@ -207,7 +207,8 @@ class Standby:
                 return self.take_over()
             try:
                 msg = self.wire.recv(timeout=self.timeout)
-            except ProtocolError:
+            except (ProtocolError, ConnectionError):
+                # EOF, or a reset: a primary killed with our unread message in its buffer.
                 if self._primary_dead(0.2):
                     return self.take_over()
                 self._reconnect()  # closed by a living primary: connect again
