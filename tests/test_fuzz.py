@@ -75,7 +75,7 @@ def test_fuzz_briefly(target: str, build_dir: Path) -> None:
     )
     assert res.ok, f"{target} crashed or violated a property{saved}:\n{res.log[-8000:]}"
     # It really fuzzed: libFuzzer reported its final statistics and covered code.
-    assert res.executions >= 100 and res.coverage > 0, (
+    assert res.executions >= 20 and res.coverage > 0, (
         f"{target}: {res.executions} runs, cov {res.coverage}"
     )
 
