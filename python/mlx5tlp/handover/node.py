@@ -7,9 +7,9 @@ kernel objects outlive a crashed primary (they are reclaimed only when the last 
 context closes, and the standby holds one).
 
 Ownership: the first primary allocates the VAR (``owned``); everyone else imports it. The
-process that finally stops the function frees it if it can: its owner, or an importer when the
-core allows ``free()`` on imported objects (issue 10 A7); otherwise it unimports and the device
-reclaims the page when the last process closes its context (kernel semantics).
+process that finally stops the function frees it: its owner, or an importer (``free()`` on
+imported objects, issue 10 A7); if a free is refused it unimports, and the device reclaims the
+page when the last process closes its context (kernel semantics).
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ class Node:
             else:
                 try:
                     if free:
-                        self.var.free()  # issue 10 A7, when the core allows it
+                        self.var.free()  # an importer that took over frees (issue 10 A7)
                         how = "freed"
                 except Error:
                     pass
