@@ -208,15 +208,57 @@ def test_importer_keeps_a_crashed_owners_objects(device: str) -> None:
         with var.mmap(RW) as m:
             m[0:2] = b"ok"
         assert obj.query(QUERY, 32)[16:] == CREATE_OBJ
-        # We are importers: we cannot free them, only unimport.
-        with pytest.raises(mlx5tlp.InvalidArgumentError):
-            var.free()
+        # close() on an import stays unimport: the kernel objects are left alone.
     # Closing the last fd of the ucontext reclaims what the dead owner left.
     stats = sim.device_stats(device)
     assert stats["contexts"] == 0
     assert (stats["tlp_vars"], stats["devx_objs"]) == (0, 0)
     assert stats["gw_pages_free"] == 8
     assert stats["reclaimed"] >= 2
+
+
+def test_importer_frees_what_a_dead_owner_left(device: str) -> None:
+    """A process that takes over from a dead owner frees what it inherited (issue 10 A7).
+
+    rdma-core lets any one party free an imported object (exactly one must); without that the
+    successor could only wait for the last fd to close.
+    """
+    script = """
+    sock = socket.socket(fileno=int(sys.argv[2]))
+    ctx = mlx5tlp.open_device(sys.argv[1])
+    var = ctx.alloc_var(tlp=True)
+    umem = ctx.reg_umem(mlx5tlp.alloc_umem_buffer(4096))
+    obj = ctx.create_devx_obj(CREATE_OBJ, 16)
+    share.send(sock, ctx, var, umem, obj)
+    sock.close()
+    ready(page=var.page_id)
+    wait_forever()
+    """
+    parent, child_sock = share.socketpair()
+    with (
+        parent,
+        child_sock,
+        child(script, device, str(child_sock.fileno()), pass_fds=(child_sock.fileno(),)) as proc,
+    ):
+        child_sock.close()
+        ictx, (var, umem, obj) = share.recv(parent, timeout=TIMEOUT)
+        wait_ready(proc)
+        sigkill(proc)
+    with ictx:
+        stats = sim.device_stats(device)
+        assert (stats["tlp_vars"], stats["umems"], stats["devx_objs"]) == (1, 1, 1)
+        for o in (var, umem, obj):
+            assert o.imported
+            o.free()
+            assert o.closed
+        # Freed on the device now, while our context (the last fd) is still open.
+        stats = sim.device_stats(device)
+        assert (stats["tlp_vars"], stats["umems"], stats["devx_objs"]) == (0, 0, 0)
+        assert stats["gw_pages_free"] == 8
+        assert stats["reclaimed"] == 0
+        # Exactly once: a second free is a use after release.
+        with pytest.raises(mlx5tlp.InvalidHandleError):
+            obj.free()
 
 
 # -- free while imported across processes ----------------------------------------------------

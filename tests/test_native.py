@@ -22,7 +22,8 @@ CONFIGS = {
     "asan": (["-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DMLX5TLP_SANITIZE=address"], None),
     # The lock-free code is what ThreadSanitizer is for; the process-level tests fork, which
     # TSan supports poorly.
-    "tsan": (["-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DMLX5TLP_SANITIZE=thread"], "ring|gateway"),
+    "tsan": (["-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DMLX5TLP_SANITIZE=thread"],
+             "ring|gateway|engine"),
 }
 
 

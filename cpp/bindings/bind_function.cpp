@@ -233,6 +233,8 @@ uint16_t check_dw(uint32_t off) {
 
 }  // namespace
 
+pci::FunctionSpec spec_from_dict(const py::dict& d) { return to_spec(d); }
+
 void bind_function(py::module_& root) {
   py::module_ m = root.def_submodule("function", "PCIe function model (private: use mlx5tlp.function)");
   m.attr("STATE_SIZE") = Function::state_size();

@@ -30,6 +30,9 @@ void bind_loader(py::module_& m) {
                                    ? py::object(py::none())
                                    : py::object(py::str(lib->rdma_core_version()));
     out["capabilities"] = caps;
+    out["mlx5_load_error"] = lib->mlx5_load_error().empty()
+                                 ? py::object(py::none())
+                                 : py::object(py::str(lib->mlx5_load_error()));
     int fork = -1;
     if (lib->sym().ibv_is_fork_initialized != nullptr) fork = lib->sym().ibv_is_fork_initialized();
     out["fork_status"] = fork;

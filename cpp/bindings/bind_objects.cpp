@@ -32,6 +32,10 @@ void bind_handle(Cls& cls) {
 }  // namespace
 
 void bind_objects(py::module_& m) {
+  py::class_<MappingHold>(m, "MappingHold")
+      .def("release", &MappingHold::release, "Uncount the mapping (idempotent).")
+      .def_property_readonly("released", &MappingHold::released);
+
   py::class_<Var, std::shared_ptr<Var>> var(m, "Var");
   bind_handle<Var>(var);
   var.def_static("alloc", &Var::alloc, py::arg("ctx"), py::arg("tlp"),
@@ -46,6 +50,8 @@ void bind_objects(py::module_& m) {
       .def_property_readonly("mmap_off", [](const Var& v) { return int64_t(v.mmap_off()); })
       .def_property_readonly("is_tlp", &Var::is_tlp)
       .def_property_readonly("mappings", &Var::mappings)
+      .def("hold_mapping", &Var::hold_mapping,
+           "Count a mapping made outside the core (free() refuses while it is held).")
       .def("probe", &Var::probe, py::call_guard<py::gil_scoped_release>());
 
   py::class_<Umem, std::shared_ptr<Umem>> umem(m, "Umem");

@@ -302,6 +302,7 @@ void bind_sim(py::module_& root) {
         d["epoch"] = s.epoch;
         d["stale_requests"] = s.stale_requests;
         d["stale_completions"] = s.stale_completions;
+        d["interrupts"] = s.interrupts;
         return d;
       });
 }

@@ -10,4 +10,5 @@ PYBIND11_MODULE(_core, m) {
   mlx5tlp::bind::bind_sim(m);
   mlx5tlp::bind::bind_gateway(m);
   mlx5tlp::bind::bind_function(m);
+  mlx5tlp::bind::bind_engine(m);
 }

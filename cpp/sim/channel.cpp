@@ -12,6 +12,7 @@
 #include <new>
 
 #include "device_map.hpp"
+#include "mlx5tlp/futex.hpp"
 
 namespace mlx5tlp::sim {
 
@@ -73,6 +74,40 @@ uint32_t channel_count(const RequestChannel& ch, uint32_t state) {
   for (const auto& w : ch.word) n += slot_state(w.load(std::memory_order_acquire)) == state;
   return n;
 }
+
+// ---- blocking wait for requests ----
+
+void request_pushed(DeviceState& st) {
+  // seq_cst fence: the push's READY/head stores are ordered before the flag load (the other
+  // half of the waiter's flag CAS + fence + scan).
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if ((st.req_wake.load(std::memory_order_relaxed) & kReqWaiting) == 0) return;  // relaxed: after the fence
+  wake_request_waiters(st);
+}
+
+void wake_request_waiters(DeviceState& st) {
+  uint32_t v = st.req_wake.load(std::memory_order_relaxed);  // relaxed: the CAS below decides
+  // acq_rel: a new sequence (flag cleared) that every waiter's FUTEX_WAIT compares against.
+  while (!st.req_wake.compare_exchange_weak(v, (v + 1) & ~kReqWaiting, std::memory_order_acq_rel,
+                                            std::memory_order_relaxed)) {
+  }
+  mlx5tlp::futex_wake(&st.req_wake, INT_MAX, true);
+}
+
+namespace {
+
+// Whether a slot of `ch` holds a request no one has claimed yet.
+bool channel_ready(const RequestChannel& ch) {
+  // acquire: as fresh() reads them.
+  uint64_t t = ch.tail.load(std::memory_order_acquire);
+  const uint64_t h = ch.head.load(std::memory_order_acquire);
+  if (t > h || h - t > kRequestSlots) t = h - (h < kRequestSlots ? h : kRequestSlots);  // garbage
+  for (uint64_t pos = t; pos < h; ++pos)  // acquire: pairs with the host's READY release
+    if (ch.word[pos % kRequestSlots].load(std::memory_order_acquire) == slot_word(pos, kSlotReady)) return true;
+  return false;
+}
+
+}  // namespace
 
 namespace {
 
@@ -302,6 +337,38 @@ M5A_EXPORT int mlx5tlp_sim_function_retire(m5a_ibv_context* context, uint32_t ch
   Claimer* cl = nullptr;
   if (int rc = make_claimer(context, channel, &cl, mem)) return rc;
   return cl->retire(claim);
+}
+
+// Blocks until a channel of `mask` may hold a request, a wake, or the timeout. Spurious
+// returns are allowed (the caller claims and waits again); claims of dead claimers announce
+// nothing, so a caller bounds its wait to find them (claim sweeps about once a millisecond).
+M5A_EXPORT int mlx5tlp_sim_function_wait(m5a_ibv_context* context, uint32_t channel_mask,
+                                         int64_t timeout_ns) {
+  if (context == nullptr || channel_mask == 0 || (channel_mask >> kChannels) != 0)
+    return fail(EINVAL, "no context, or channel mask %#x is empty or names channels beyond %u",
+                channel_mask, kChannels - 1);
+  DeviceState& st = *sim_ctx(context)->dev->st();
+  const mlx5tlp::Deadline deadline =
+      timeout_ns < 0 ? mlx5tlp::Deadline::never() : mlx5tlp::Deadline::after(std::chrono::nanoseconds(timeout_ns));
+  uint32_t v = st.req_wake.load(std::memory_order_relaxed);  // relaxed: the CAS below decides
+  // acq_rel: announce the waiter (the pusher's fence + load sees it, or our scan sees the push).
+  while ((v & kReqWaiting) == 0 &&
+         !st.req_wake.compare_exchange_weak(v, v | kReqWaiting, std::memory_order_acq_rel, std::memory_order_relaxed)) {
+  }
+  v |= kReqWaiting;
+  std::atomic_thread_fence(std::memory_order_seq_cst);  // seq_cst: flag before the scan
+  for (uint32_t c = 0; c < kChannels; ++c)
+    if ((channel_mask >> c & 1u) != 0 && channel_ready(st.chan[c])) return 0;
+  if (!mlx5tlp::futex_wait(&st.req_wake, v, deadline, true)) return ETIMEDOUT;
+  return 0;
+}
+
+// Wakes every function blocked in mlx5tlp_sim_function_wait on the device (a stop, a pause, a
+// deferred completion to send).
+M5A_EXPORT int mlx5tlp_sim_function_wake(m5a_ibv_context* context) {
+  if (context == nullptr) return fail(EINVAL, "no context");
+  wake_request_waiters(*sim_ctx(context)->dev->st());
+  return 0;
 }
 
 // Claim + retire in one call: at most once (a caller killed after it returns loses the

@@ -51,4 +51,13 @@ void channel_reset(RequestChannel& ch, uint32_t* ready, uint32_t* claimed);
 // Requests waiting to be claimed / claimed and not yet retired.
 uint32_t channel_count(const RequestChannel& ch, uint32_t state);
 
+// Waking functions blocked in mlx5tlp_sim_function_wait (the req_wake word, state.hpp). The
+// host calls request_pushed() after every successful push: a fence and one load, plus a CAS
+// and a FUTEX_WAKE only when a function said it waits. Dekker pair with the waiter, which sets
+// the flag, fences, then looks for READY slots before it sleeps: either the waiter sees the
+// request or the pusher sees the flag.
+constexpr uint32_t kReqWaiting = 1u << 31;
+void request_pushed(DeviceState& st);
+void wake_request_waiters(DeviceState& st);
+
 }  // namespace mlx5tlp::sim

@@ -159,7 +159,10 @@ M5A_EXPORT int mlx5tlp_sim_host_send(m5a_sim_host* host, uint32_t channel, const
   if (host == nullptr || tlp == nullptr || channel >= kChannels || len < 12 || len > kRequestMax)
     return EINVAL;
   const int rc = channel_push(host->dev->st()->chan[channel], tlp, len);
-  if (rc == 0) host->check.track_request(static_cast<const uint8_t*>(tlp), len);
+  if (rc == 0) {
+    host->check.track_request(static_cast<const uint8_t*>(tlp), len);
+    request_pushed(*host->dev->st());
+  }
   return rc;
 }
 

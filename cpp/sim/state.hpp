@@ -26,6 +26,19 @@
 
 #define M5A_EXPORT extern "C" __attribute__((visibility("default")))
 
+// Every rdma-core function the software device exports, declared from the one prototype list
+// (mlx5tlp/abi_functions.h) that tests/cpp/abi_conformance.c checks against rdma-core's own
+// headers: a definition below with another return or parameter type fails to compile.
+#define M5A_STRUCT(tag) struct m5a_##tag
+#define M5A_ENUM(tag) int
+#define M5A_FUNCTION(ret, name, params) M5A_EXPORT ret name params;
+#define M5A_FUNCTION_63 M5A_FUNCTION
+#include "mlx5tlp/abi_functions.h"
+#undef M5A_FUNCTION_63
+#undef M5A_FUNCTION
+#undef M5A_ENUM
+#undef M5A_STRUCT
+
 namespace mlx5tlp::sim {
 
 constexpr uint64_t kStateMagic = 0x3154534c54354c4dull;  // "ML5TLST1"
@@ -119,7 +132,10 @@ struct DeviceState {
   uint32_t state_size;
   m5a_sim_device_config cfg;
   uint32_t next_id;      // umem_id / object_id allocator (device-unique)
-  uint32_t reserved;
+  // Request wake-up word (mlx5tlp_sim_function_wait): bit 31 "a function waits", bits 0..30 a
+  // sequence bumped by a push that found the bit set, and by mlx5tlp_sim_function_wake. A
+  // shared futex word; it sits where v2 had a reserved zero word, so the layout is unchanged.
+  std::atomic<uint32_t> req_wake;
   uint64_t reclaimed;    // objects reclaimed from dead contexts
   uint64_t page_gen;     // gateway page allocation counter
   uint64_t host_epoch;   // bumped by every device model that attaches

@@ -52,16 +52,16 @@ int check_objects(const DeviceState& st, const m5a_sim_device_config& cfg, Check
       if (o.aux != o.id * stride) return c.bad("obj[%u].mmap_off is 0x%" PRIx64 ", page %u is at 0x%" PRIx64, i, o.aux, o.id, o.id * stride);
       const uint32_t owner = st.gw[o.id].owner.load(std::memory_order_relaxed);  // locked
       if (owner != i + 1)
-        return c.bad("obj[%u] holds TLP page %u, which the page table gives to entry %d", i, o.id,
-                     int(owner) - 1);
+        return c.bad("obj[%u] holds TLP page %u, which the page table gives to entry %" PRId64, i,
+                     o.id, int64_t(owner) - 1);  // -1: free; 64-bit: any u32 owner fits
     } else if (o.kind == ObjKind::virtio_var) {
       if (o.id >= cfg.virtio_pages) return c.bad("obj[%u] is VirtIO page %u of %u", i, o.id, cfg.virtio_pages);
       if (o.length != kVirtioPageSize) return c.bad("obj[%u].length is %u, not %u", i, o.length, kVirtioPageSize);
       const uint64_t off = stride * cfg.gw_pages + uint64_t(o.id) * kVirtioPageSize;
       if (o.aux != off) return c.bad("obj[%u].mmap_off is 0x%" PRIx64 ", VirtIO page %u is at 0x%" PRIx64, i, o.aux, o.id, off);
       if (st.virtio_owner[o.id] != i + 1)
-        return c.bad("obj[%u] holds VirtIO page %u, which the page table gives to entry %d", i, o.id,
-                     int(st.virtio_owner[o.id]) - 1);
+        return c.bad("obj[%u] holds VirtIO page %u, which the page table gives to entry %" PRId64,
+                     i, o.id, int64_t(st.virtio_owner[o.id]) - 1);
     }
     keys.push_back(Key{o.ctx_slot, o.ctx_gen, o.handle, i});
   }

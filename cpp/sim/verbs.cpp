@@ -183,7 +183,8 @@ M5A_EXPORT const char* ibv_get_device_name(m5a_ibv_device* device) {
   return device != nullptr ? device->name : nullptr;
 }
 
-M5A_EXPORT uint64_t ibv_get_device_guid(m5a_ibv_device* device) {
+// __be64 is unsigned long long on LP64 Linux (the type abi_functions.h checks).
+M5A_EXPORT unsigned long long ibv_get_device_guid(m5a_ibv_device* device) {
   if (device == nullptr) return 0;
   auto dev = DeviceMap::get(device->name);
   return dev ? htobe64(dev->st()->cfg.node_guid) : 0;
@@ -206,7 +207,7 @@ M5A_EXPORT m5a_ibv_context* mlx5dv_open_device(m5a_ibv_device* device,
 // bool, as upstream (rdma-core v63 providers/mlx5/mlx5dv.h:
 // bool mlx5dv_is_supported(struct ibv_device *device)): a caller reading an int gets garbage.
 M5A_EXPORT bool mlx5dv_is_supported(m5a_ibv_device* device) { return device != nullptr; }
-static_assert(std::is_same<decltype(&mlx5dv_is_supported), bool (*)(m5a_ibv_device*)>::value,
+static_assert(std::is_same<decltype(&mlx5dv_is_supported), m5a_mlx5dv_is_supported_fn>::value,
               "mlx5dv_is_supported returns bool, as rdma-core declares it");
 
 M5A_EXPORT int ibv_is_fork_initialized(void) {
@@ -218,10 +219,15 @@ M5A_EXPORT int ibv_is_fork_initialized(void) {
 // As libibverbs (v63 libibverbs/device.c, ibv_import_device): once the fd matched a device it
 // belongs to the import, which closes it if anything later fails (the provider's
 // mlx5_import_context -> verbs_uninit_context closes cmd_fd); on success the new context owns
-// it and ibv_close_device closes it. An fd that matches no device is left to the caller.
+// it and ibv_close_device closes it. An fd that matches no device is left to the caller, with
+// libibverbs' ENODEV (no device list, or no device's cdev is the fd's), so that a caller can
+// tell "still yours" (ENODEV) from "matched and closed" (every other errno).
 M5A_EXPORT m5a_ibv_context* ibv_import_device(int cmd_fd) {
   std::vector<std::string> names;
-  if (!device_names(&names)) return nullptr;
+  if (!device_names(&names)) {
+    errno = ENODEV;
+    return nullptr;
+  }
   for (const std::string& name : names) {
     auto dev = DeviceMap::get(name);
     if (!dev || !dev->same_bar(cmd_fd)) continue;
@@ -241,7 +247,7 @@ M5A_EXPORT m5a_ibv_context* ibv_import_device(int cmd_fd) {
     if (ctx != nullptr) owned.release();
     return ctx;
   }
-  fail(EINVAL, "fd %d is not a software device context's command fd", cmd_fd);
+  fail(ENODEV, "fd %d is not a software device context's command fd", cmd_fd);
   return nullptr;
 }
 

@@ -2,13 +2,16 @@
 
 #include <endian.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 
 #include "mlx5tlp/error.hpp"
+#include "mlx5tlp/unique_fd.hpp"
 
 namespace mlx5tlp {
 
@@ -121,18 +124,31 @@ std::shared_ptr<Context> Context::open(const std::string& name, Backend backend)
 std::shared_ptr<Context> Context::import_fd(int fd, Backend backend) {
   auto lib = Library::get(backend);
   auto import = lib->need(lib->sym().ibv_import_device, "ibv_import_device");
+  const std::string what = "fd " + std::to_string(fd) + " is not a device context's command fd";
   // ibv_import_device takes ownership of the fd it is given (ibv_close_device closes it), so
   // give it a duplicate and leave the caller's fd to the caller.
-  int dup_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-  if (dup_fd < 0) throw_errno("dup(cmd_fd)", errno_or_eio(), true);
+  UniqueFd dup_fd(fcntl(fd, F_DUPFD_CLOEXEC, 0));
+  if (!dup_fd) throw_errno("dup(cmd_fd)", errno_or_eio(), true);
+  // libibverbs' own first check (v63 libibverbs/device.c: fstat, S_ISCHR, else EINVAL), done
+  // here so that an EINVAL from the call below can only come after the device matched. The
+  // software device's command fd is its regular `bar` file.
+  struct stat st {};
+  const bool right_type = fstat(dup_fd.get(), &st) == 0 &&
+                          (backend == Backend::sim ? S_ISREG(st.st_mode) : S_ISCHR(st.st_mode));
+  if (!right_type) throw_errno("ibv_import_device", EINVAL, true, what);
   errno = 0;
-  m5a_ibv_context* raw = import(dup_fd);
+  m5a_ibv_context* raw = import(dup_fd.get());
   if (raw == nullptr) {
-    int err = errno_or_eio();
-    ::close(dup_fd);
-    throw_errno("ibv_import_device", err, true, "fd " + std::to_string(fd) +
-                                                     " is not a device context's command fd");
+    const int err = errno_or_eio();
+    // Once the fd matched a device it belongs to the import, which closes it when a later
+    // step fails (mlx5_import_context -> mlx5_uninit_context -> close): closing it again
+    // could close an fd another thread has just been given the same number. Before a match
+    // (ENODEV: no device has this fd's cdev; EOPNOTSUPP: the provider cannot import) the fd
+    // is still ours.
+    if (err != ENODEV && err != EOPNOTSUPP) (void)dup_fd.release();
+    throw_errno("ibv_import_device", err, true, what);
   }
+  (void)dup_fd.release();  // the imported context owns it; ibv_close_device closes it
   return std::shared_ptr<Context>(new Context(std::move(lib), raw, true));
 }
 
@@ -140,10 +156,12 @@ Context::~Context() {
   if (raw_ != nullptr) lib_->sym().ibv_close_device(raw_);
 }
 
-void Context::adopt(const std::shared_ptr<Child>& child) {
+void Context::adopt(const std::shared_ptr<Child>& child, const Use& creating) {
+  (void)creating;  // proof that the caller holds the shared lock close() waits for
   std::lock_guard<std::mutex> l(children_mu_);
   // Drop entries of children already gone so the list stays as long as the live set.
   std::vector<std::weak_ptr<Child>> keep;
+  keep.reserve(children_.size() + 1);
   for (auto& w : children_)
     if (!w.expired()) keep.push_back(std::move(w));
   keep.push_back(child);
@@ -159,6 +177,14 @@ size_t Context::open_children() {
 }
 
 void Context::close() {
+  std::lock_guard<std::mutex> one(close_mu_);
+  {
+    // Waits for every call in flight, allocations included (they adopt their object under
+    // their Use); from here on new calls fail, so the snapshot below is complete.
+    std::unique_lock<std::shared_mutex> l(mu_);
+    if (raw_ == nullptr) return;
+    closing_ = true;
+  }
   std::vector<std::shared_ptr<Child>> live;
   {
     std::lock_guard<std::mutex> l(children_mu_);
@@ -167,17 +193,41 @@ void Context::close() {
     children_.clear();
   }
   // Newest first, as a stack unwinds; each child's close is idempotent.
+  std::vector<std::shared_ptr<Child>> stuck;
+  std::string why;
+  std::optional<Error> first_error;
   for (auto it = live.rbegin(); it != live.rend(); ++it) {
     try {
       (*it)->close();
-    } catch (const Error&) {
-      // A child whose kernel object is already gone (freed elsewhere) is still released.
+    } catch (const Error& e) {
+      // Released anyway (its kernel object was already gone: ENOENT) is not a failure of
+      // close(); one that is still alive (EBUSY, EREMOTEIO, still mapped, ...) is.
+      if ((*it)->closed()) continue;
+      stuck.push_back(*it);
+      why += (why.empty() ? "" : "; ") + (*it)->describe() + " (" + e.what() + ")";
+      if (!first_error) first_error.emplace(e);
     }
   }
+  if (!stuck.empty()) {
+    {
+      std::lock_guard<std::mutex> l(children_mu_);
+      for (auto it = stuck.rbegin(); it != stuck.rend(); ++it) children_.push_back(*it);
+    }
+    {
+      std::unique_lock<std::shared_mutex> l(mu_);
+      closing_ = false;
+    }
+    Error e(first_error->kind(), "close context '" + name_ + "'", first_error->error_number(),
+            std::to_string(stuck.size()) + " object(s) could not be released and stay open, "
+            "as does the context (release them, or call close() again): " + why);
+    e.fw_status = first_error->fw_status;
+    e.syndrome = first_error->syndrome;
+    throw e;
+  }
   std::unique_lock<std::shared_mutex> l(mu_);
-  if (raw_ == nullptr) return;
   lib_->sym().ibv_close_device(raw_);
   raw_ = nullptr;
+  closing_ = false;
 }
 
 bool Context::closed() const {
@@ -185,9 +235,11 @@ bool Context::closed() const {
   return raw_ == nullptr;
 }
 
-Context::Use::Use(const Context& c) : lock_(c.mu_), raw_(c.raw_) {
+Context::Use::Use(const Context& c, Purpose purpose) : lock_(c.mu_), raw_(c.raw_) {
   if (raw_ == nullptr)
     throw Error(ErrorKind::invalid_handle, "use context", EBADF, "the context is closed");
+  if (c.closing_ && purpose != release)
+    throw Error(ErrorKind::invalid_handle, "use context", EBADF, "the context is closing");
 }
 
 int Context::cmd_fd() const { return Use(*this).get()->cmd_fd; }

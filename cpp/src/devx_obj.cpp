@@ -20,15 +20,12 @@ std::shared_ptr<DevxObj> DevxObj::create(std::shared_ptr<Context> ctx, const uin
   const Library& lib = ctx->lib();
   auto create_fn = lib.need(lib.sym().mlx5dv_devx_obj_create, "mlx5dv_devx_obj_create");
   std::vector<uint8_t> buf(outlen, 0);
-  m5a_mlx5dv_devx_obj* raw;
-  {
-    Context::Use u(*ctx);
-    errno = 0;
-    raw = create_fn(u.get(), in, inlen, buf.data(), outlen);
-  }
+  Context::Use u(*ctx);
+  errno = 0;
+  m5a_mlx5dv_devx_obj* raw = create_fn(u.get(), in, inlen, buf.data(), outlen);
   if (raw == nullptr) throw_devx("mlx5dv_devx_obj_create", errno_or_eio(), buf.data(), outlen, false);
   std::shared_ptr<DevxObj> obj(new DevxObj(ctx, raw, false));
-  ctx->adopt(obj);
+  ctx->adopt(obj, u);  // under the Use of the creation: close() cannot miss it
   if (out != nullptr) *out = std::move(buf);
   return obj;
 }
@@ -36,12 +33,10 @@ std::shared_ptr<DevxObj> DevxObj::create(std::shared_ptr<Context> ctx, const uin
 std::shared_ptr<DevxObj> DevxObj::import(std::shared_ptr<Context> ctx, const uint8_t* raw,
                                          size_t len) {
   const Library& lib = ctx->lib();
-  auto* o = detail::import_raw(
-      *ctx, ObjectKind::devx_obj, "mlx5dv_devx_obj_import",
-      lib.need(lib.sym().mlx5dv_devx_obj_import, "mlx5dv_devx_obj_import"), raw, len);
-  std::shared_ptr<DevxObj> out(new DevxObj(ctx, o, true));
-  ctx->adopt(out);
-  return out;
+  return detail::import_raw(
+      ctx, ObjectKind::devx_obj, "mlx5dv_devx_obj_import",
+      lib.need(lib.sym().mlx5dv_devx_obj_import, "mlx5dv_devx_obj_import"), raw, len,
+      [&](m5a_mlx5dv_devx_obj* o) { return std::shared_ptr<DevxObj>(new DevxObj(ctx, o, true)); });
 }
 
 static std::vector<uint8_t> run(const Library& lib, m5a_mlx5dv_devx_obj_cmd_fn fn,

@@ -83,7 +83,12 @@ std::shared_ptr<Gateway> Gateway::open(std::shared_ptr<Var> var,
   layout->attach(static_cast<uint8_t*>(m.data()), m.size());
   std::shared_ptr<Gateway> gw(new Gateway(std::move(m), std::move(layout), options, std::move(lock), prot));
   if (!gw->direct_) gw->writer_ = std::make_unique<std::thread>([g = gw.get()] { g->run(); });
-  gw->var()->context()->adopt(gw);
+  {
+    // Under a Use, as every child: a close() in progress refuses it (and ~Gateway undoes it).
+    const std::shared_ptr<Context>& ctx = gw->var()->context();
+    Context::Use u(*ctx);
+    ctx->adopt(gw, u);
+  }
   return gw;
 }
 

@@ -32,10 +32,6 @@ void check_export_size(const Context& ctx, ObjectKind kind, const char* function
 void Handle::free() {
   std::unique_lock<std::shared_mutex> l(mu_);
   if (!live_) closed_error("free");
-  if (imported_)
-    throw Error(ErrorKind::invalid_argument, "free", EINVAL,
-                std::string("this ") + what_ +
-                    " was imported: only its exporter frees it; call unimport() or close()");
   release(true);
   live_ = false;
 }

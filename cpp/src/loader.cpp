@@ -172,6 +172,12 @@ const char* symbol_version(const char* function) noexcept {
 
 void Library::missing(const char* function) const {
   const SymbolVersion* v = find_version(function);
+  const bool from_mlx5 = v != nullptr && std::strncmp(v->node, "MLX5_", 5) == 0;
+  if (from_mlx5 && !mlx5_error_.empty())
+    throw Error(ErrorKind::not_supported, function, EOPNOTSUPP,
+                "libmlx5 could not be loaded (" + mlx5_error_ + "), so " + function +
+                    " is unavailable; install rdma-core's mlx5 provider (Debian/Ubuntu: "
+                    "ibverbs-providers) or set MLX5TLP_MLX5_LIB");
   std::string detail = std::string("the loaded ") +
                        (backend_ == Backend::sim ? "software device" : "rdma-core") +
                        (version_.empty() ? std::string() : " " + version_) + " lacks " +
@@ -185,9 +191,15 @@ std::shared_ptr<const Library> Library::open(Backend backend, const std::string&
                                              const std::string& mlx5_path) {
   void* verbs = open_or_throw(ibverbs_path, backend);
   void* mlx5 = verbs;
+  std::string mlx5_error;
   if (!mlx5_path.empty() && mlx5_path != ibverbs_path) {
-    // libmlx5 is optional for listing devices: without it, DV calls report NotSupported.
+    // libmlx5 is optional for listing devices: without it, DV calls report NotSupported
+    // with dlopen's reason (a missing provider package, a broken install), not a version.
     mlx5 = dlopen(mlx5_path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (mlx5 == nullptr) {
+      const char* why = dlerror();
+      mlx5_error = mlx5_path + ": " + (why != nullptr ? why : "dlopen failed");
+    }
   }
 
   auto lib = std::make_shared<Library>();
@@ -195,6 +207,7 @@ std::shared_ptr<const Library> Library::open(Backend backend, const std::string&
   lib->paths_.push_back(loaded_path(verbs));
   if (mlx5 != nullptr && mlx5 != verbs) lib->paths_.push_back(loaded_path(mlx5));
   lib->version_ = version_from_path(lib->paths_.front());
+  lib->mlx5_error_ = std::move(mlx5_error);
 
   Symbols& s = lib->sym_;
   resolve(verbs, s.ibv_get_device_list, "ibv_get_device_list");
@@ -247,6 +260,8 @@ std::shared_ptr<const Library> Library::open(Backend backend, const std::string&
     resolve(verbs, s.sim.function_mark, "mlx5tlp_sim_function_mark", node);
     resolve(verbs, s.sim.function_retire, "mlx5tlp_sim_function_retire", node);
     resolve(verbs, s.sim.last_error, "mlx5tlp_sim_last_error", node);
+    resolve(verbs, s.sim.function_wait, "mlx5tlp_sim_function_wait", node);
+    resolve(verbs, s.sim.function_wake, "mlx5tlp_sim_function_wake", node);
     if (s.sim.mmap == nullptr)
       throw Error(ErrorKind::library_not_found, "load " + ibverbs_path, 0,
                   "not an mlx5tlp software device (no mlx5tlp_sim_mmap@" M5A_SIM_VERSION_NODE ")");
@@ -321,7 +336,7 @@ std::vector<DeviceInfo> list_devices(const Library& lib) {
     const char* name = s.ibv_get_device_name(list[i]);
     d.name = name != nullptr ? name : "";
     d.node_guid = be64toh(s.ibv_get_device_guid(list[i]));  // __be64 -> host
-    d.mlx5 = s.mlx5dv_is_supported != nullptr && s.mlx5dv_is_supported(list[i]) != 0;
+    d.mlx5 = s.mlx5dv_is_supported != nullptr && s.mlx5dv_is_supported(list[i]);
     out.push_back(std::move(d));
   }
   s.ibv_free_device_list(list);

@@ -132,19 +132,23 @@ Status generate(const Tlp& req, const uint8_t* data, size_t data_len, const Comp
   // Successful memory read (§2.3.1.1): every completion but the last ends on an RCB-aligned
   // address; each carries as much as Max_Payload_Size allows (so a request inside one RCB
   // block is never split); Byte Count is what remains from the completion's first byte.
-  const uint64_t end = start + uint64_t{req.length} * 4;
-  const uint64_t enabled_end = start + first_off + total_bc;  // past the last enabled byte
+  // Positions are offsets in the request's 4 KiB page (a request never crosses one, validate()
+  // checked): the page is RCB- and 128-byte aligned, so the low bits are the address's, and
+  // nothing wraps for a request at the top of the 64-bit space (end would be 2^64 there).
+  const uint64_t base = start & 0xFFF;
+  const uint64_t end = base + uint64_t{req.length} * 4;       // <= 4096
+  const uint64_t enabled_end = base + first_off + total_bc;  // past the last enabled byte
   const uint64_t rcb = p.rcb;
   c.kind = locked ? Kind::CplDLk : Kind::CplD;
   c.fmt = 2;
-  for (uint64_t cur = start; cur < end;) {
+  for (uint64_t cur = base; cur < end;) {
     const uint64_t limit = cur + p.max_payload;
     const uint64_t chunk_end = end <= limit ? end : (limit & ~(rcb - 1));
-    const uint64_t first_byte = cur == start ? start + first_off : cur;
+    const uint64_t first_byte = cur == base ? base + first_off : cur;
     c.length = static_cast<uint16_t>((chunk_end - cur) / 4);
     c.byte_count = static_cast<uint16_t>(enabled_end - first_byte);
     c.lower_address = static_cast<uint8_t>(first_byte & 0x7F);
-    c.data = data + (cur - start);
+    c.data = data + (cur - base);
     c.data_len = static_cast<size_t>(chunk_end - cur);
     if (Status s = emit(c); s != Status::ok) return s;
     cur = chunk_end;

@@ -19,12 +19,9 @@ std::shared_ptr<Umem> Umem::reg(std::shared_ptr<Context> ctx, void* addr, size_t
                                 uint32_t access) {
   const Library& lib = ctx->lib();
   auto reg_fn = lib.need(lib.sym().mlx5dv_devx_umem_reg, "mlx5dv_devx_umem_reg");
-  m5a_mlx5dv_devx_umem* raw;
-  {
-    Context::Use u(*ctx);
-    errno = 0;
-    raw = reg_fn(u.get(), addr, size, access);
-  }
+  Context::Use u(*ctx);
+  errno = 0;
+  m5a_mlx5dv_devx_umem* raw = reg_fn(u.get(), addr, size, access);
   if (raw == nullptr) {
     const int err = errno_or_eio();
     throw_errno("mlx5dv_devx_umem_reg", err, false,
@@ -33,18 +30,16 @@ std::shared_ptr<Umem> Umem::reg(std::shared_ptr<Context> ctx, void* addr, size_t
                               : std::string());
   }
   std::shared_ptr<Umem> out(new Umem(ctx, raw, false, size));
-  ctx->adopt(out);
+  ctx->adopt(out, u);  // under the Use of the registration: close() cannot miss it
   return out;
 }
 
 std::shared_ptr<Umem> Umem::import(std::shared_ptr<Context> ctx, const uint8_t* raw, size_t len) {
   const Library& lib = ctx->lib();
-  auto* u = detail::import_raw(
-      *ctx, ObjectKind::umem, "mlx5dv_devx_umem_import",
-      lib.need(lib.sym().mlx5dv_devx_umem_import, "mlx5dv_devx_umem_import"), raw, len);
-  std::shared_ptr<Umem> out(new Umem(ctx, u, true, 0));
-  ctx->adopt(out);
-  return out;
+  return detail::import_raw(
+      ctx, ObjectKind::umem, "mlx5dv_devx_umem_import",
+      lib.need(lib.sym().mlx5dv_devx_umem_import, "mlx5dv_devx_umem_import"), raw, len,
+      [&](m5a_mlx5dv_devx_umem* u) { return std::shared_ptr<Umem>(new Umem(ctx, u, true, 0)); });
 }
 
 std::vector<uint8_t> Umem::export_raw() const {

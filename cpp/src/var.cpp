@@ -39,6 +39,20 @@ void Mapping::reset() noexcept {
   var_.reset();
 }
 
+MappingHold::MappingHold(std::shared_ptr<Var> var) noexcept : var_(std::move(var)) {}
+
+void MappingHold::release() noexcept {
+  if (!var_) return;
+  var_->mappings_.fetch_sub(1, std::memory_order_relaxed);
+  var_.reset();
+}
+
+std::unique_ptr<MappingHold> Var::hold_mapping() {
+  auto l = use("map VAR");  // shared: free() (exclusive) sees the count or a closed VAR
+  mappings_.fetch_add(1, std::memory_order_relaxed);
+  return std::make_unique<MappingHold>(shared_from_this());
+}
+
 Var::Var(std::shared_ptr<Context> ctx, m5a_mlx5dv_var* raw, bool imported, bool tlp)
     : Handle(std::move(ctx), imported, tlp ? "TLP gateway VAR" : "VAR"),
       raw_(raw),
@@ -59,12 +73,9 @@ std::shared_ptr<Var> Var::alloc(std::shared_ptr<Context> ctx, bool tlp) {
   const Library& lib = ctx->lib();
   auto alloc_fn = lib.need(lib.sym().mlx5dv_alloc_var, "mlx5dv_alloc_var");
   if (tlp && !lib.caps().tlp_var) lib.missing("mlx5dv_alloc_var(MLX5DV_VAR_ALLOC_FLAG_TLP)");
-  m5a_mlx5dv_var* raw;
-  {
-    Context::Use u(*ctx);
-    errno = 0;
-    raw = alloc_fn(u.get(), tlp ? M5A_MLX5DV_VAR_ALLOC_FLAG_TLP : 0);
-  }
+  Context::Use u(*ctx);
+  errno = 0;
+  m5a_mlx5dv_var* raw = alloc_fn(u.get(), tlp ? M5A_MLX5DV_VAR_ALLOC_FLAG_TLP : 0);
   if (raw == nullptr) {
     const int err = errno_or_eio();
     std::string why;
@@ -81,19 +92,16 @@ std::shared_ptr<Var> Var::alloc(std::shared_ptr<Context> ctx, bool tlp) {
                 false, why);
   }
   std::shared_ptr<Var> v(new Var(ctx, raw, false, tlp));
-  ctx->adopt(v);
+  ctx->adopt(v, u);  // under the Use of the allocation: close() cannot miss it
   return v;
 }
 
 std::shared_ptr<Var> Var::import(std::shared_ptr<Context> ctx, const uint8_t* raw, size_t len,
                                  bool tlp) {
   const Library& lib = ctx->lib();
-  auto* v = detail::import_raw(*ctx, ObjectKind::var, "mlx5dv_var_import",
-                               lib.need(lib.sym().mlx5dv_var_import, "mlx5dv_var_import"), raw,
-                               len);
-  std::shared_ptr<Var> out(new Var(ctx, v, true, tlp));
-  ctx->adopt(out);
-  return out;
+  return detail::import_raw(ctx, ObjectKind::var, "mlx5dv_var_import",
+                            lib.need(lib.sym().mlx5dv_var_import, "mlx5dv_var_import"), raw, len,
+                            [&](m5a_mlx5dv_var* v) { return std::shared_ptr<Var>(new Var(ctx, v, true, tlp)); });
 }
 
 std::vector<uint8_t> Var::export_raw() const {
@@ -141,8 +149,9 @@ void Var::release(bool destroy) {
     if (mappings_.load(std::memory_order_relaxed) > 0)
       throw Error(ErrorKind::invalid_argument, "mlx5dv_free_var", EBUSY,
                   "VAR page " + std::to_string(page_id_) + " is still mapped (" +
-                      std::to_string(mappings_.load()) + " mapping(s)/gateway(s)): close them first");
-    Context::Use u(*ctx_);
+                      std::to_string(mappings_.load()) +
+                      " mapping(s) or gateway(s) made through mlx5tlp): close them first");
+    Context::Use u(*ctx_, Context::Use::release);
     lib.sym().mlx5dv_free_var(raw_);
   } else {
     lib.need(lib.sym().mlx5dv_var_unimport, "mlx5dv_var_unimport")(raw_);

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from mlx5tlp._object import DeviceObject, import_blob
 from mlx5tlp._version import __version__
-from mlx5tlp.backend import DeviceInfo, RdmaInfo, list_devices, rdma_info, resolve_backend
+from mlx5tlp.backend import (
+    DeviceInfo,
+    RdmaInfo,
+    list_devices,
+    load_error,
+    rdma_info,
+    resolve_backend,
+)
 from mlx5tlp.context import Context, TlpCaps, open_device
 from mlx5tlp.devx_obj import DevxObj
 from mlx5tlp.errors import (
@@ -60,6 +67,7 @@ __all__ = [
     "cmake_dir",
     "import_blob",
     "list_devices",
+    "load_error",
     "open_device",
     "rdma_info",
     "resolve_backend",

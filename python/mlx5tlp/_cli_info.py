@@ -60,8 +60,9 @@ def info_report(backend: Optional[str]) -> dict[str, Any]:
         "memlock_limit": limit,
         "cap_ipc_lock": ipc_lock,
         "load_error": info.load_error,
+        "mlx5_load_error": info.mlx5_load_error,
         "diagnostics": diagnose(info.backend, info.load_error, info.capabilities, devices, limit,
-                                ipc_lock),
+                                ipc_lock, mlx5_load_error=info.mlx5_load_error),
     }
 
 
@@ -85,8 +86,13 @@ def diagnose(
     devices: list[dict[str, Any]],
     memlock: Optional[int],
     cap_ipc_lock: bool,
+    *,
+    mlx5_load_error: Optional[str] = None,
 ) -> list[str]:
     """One actionable line per problem found.
+
+    When libmlx5 failed to load (``mlx5_load_error``), that is the one line about rdma-core:
+    the loader's reason, not a guess that rdma-core is too old.
 
     The memlock line appears only where the limit applies: some mlx5 device is there to
     register UMEMs on, the limit is below :data:`MEMLOCK_ENOUGH`, and the process lacks
@@ -95,6 +101,14 @@ def diagnose(
     out: list[str] = []
     if load_error is not None:
         out.append(f"rdma-core not loaded: {load_error}")
+        if backend == "rdma":
+            out.append(SIM_HINT)
+        return out
+    if mlx5_load_error is not None:
+        out.append(
+            f"libmlx5 not loaded: {mlx5_load_error}: VARs, DEVX objects, UMEMs and "
+            "export/import are unavailable (install ibverbs-providers or set MLX5TLP_MLX5_LIB)"
+        )
         if backend == "rdma":
             out.append(SIM_HINT)
         return out

@@ -18,10 +18,18 @@ BytesLike = Union[bytes, bytearray, memoryview]
 class DeviceObject(Closing):
     """Base of :class:`Var`, :class:`Umem` and :class:`DevxObj`.
 
-    An object is *owned* (created here: ``free()`` destroys the kernel object) or *imported*
-    (from an envelope: ``unimport()`` drops it here and leaves the kernel object alone). Exactly
-    one party frees; every importer unimports. ``close()`` does whichever applies and is
-    idempotent; any other use after it raises :class:`~mlx5tlp.InvalidHandleError`.
+    An object is *owned* (created here) or *imported* (from an envelope). ``free()`` destroys
+    the kernel object, whoever calls it: exactly one party frees (the owner, or an importer
+    that took over from a dead owner), every other party unimports. ``unimport()`` (imported
+    objects only) drops the object here and leaves the kernel object alone. ``close()`` is
+    ``free()`` for owned objects and ``unimport()`` for imported ones, and is idempotent; any
+    other use after a release raises :class:`~mlx5tlp.InvalidHandleError`.
+
+    A failed ``free()``/``close()`` releases the handle only when the kernel object is already
+    gone (``ENOENT``, raised as :class:`~mlx5tlp.InvalidHandleError`). Any other failure
+    (``EBUSY``: in use; ``EREMOTEIO``: the firmware refused, as
+    :class:`~mlx5tlp.DevxCommandError`) leaves the object alive and usable: call ``free()`` or
+    ``close()`` again later.
     Thread-safety: methods may be called from any thread.
     """
 
@@ -48,7 +56,15 @@ class DeviceObject(Closing):
         return bool(self._core.closed)
 
     def free(self) -> None:
-        """Destroy the kernel object (owned objects only; importers call :meth:`unimport`)."""
+        """Destroy the kernel object (owned or imported: exactly one party frees).
+
+        Raises:
+            InvalidHandleError: already released, or the kernel object was already gone
+                (``ENOENT``: the handle is released now).
+            Error: ``EBUSY`` (in use, or a VAR still mapped) and other refusals: the object
+                stays alive; retry later.
+            DevxCommandError: ``EREMOTEIO``, the firmware refused; the object stays alive.
+        """
         self._core.free()
 
     def unimport(self) -> None:

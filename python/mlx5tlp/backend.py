@@ -9,7 +9,7 @@ from typing import Optional
 from mlx5tlp import _core
 from mlx5tlp.errors import LibraryNotFoundError
 
-__all__ = ["DeviceInfo", "RdmaInfo", "list_devices", "rdma_info", "resolve_backend"]
+__all__ = ["DeviceInfo", "RdmaInfo", "list_devices", "load_error", "rdma_info", "resolve_backend"]
 
 CAPABILITY_NAMES = (
     "tlp_var",
@@ -61,6 +61,9 @@ class RdmaInfo:
         fork_status: ``ibv_is_fork_initialized()`` as "disabled"/"enabled"/"unneeded", or
             ``None`` when the library cannot tell.
         load_error: why the library could not be loaded, or ``None``.
+        mlx5_load_error: why libmlx5 could not be loaded although libibverbs was (its path
+            and the ``dlerror()`` text), or ``None``. Devices are still listed (none counts
+            as mlx5), and every DV call raises :class:`NotSupportedError` with this text.
     """
 
     backend: str
@@ -69,6 +72,7 @@ class RdmaInfo:
     capabilities: dict[str, bool] = field(default_factory=dict)
     fork_status: Optional[str] = None
     load_error: Optional[str] = None
+    mlx5_load_error: Optional[str] = None
 
     @property
     def loaded(self) -> bool:
@@ -99,7 +103,21 @@ def rdma_info(backend: Optional[str] = None) -> RdmaInfo:
         rdma_core_version=raw["rdma_core_version"],
         capabilities={k: bool(raw["capabilities"][k]) for k in CAPABILITY_NAMES},
         fork_status=_FORK_STATES.get(raw["fork_status"]),
+        mlx5_load_error=raw["mlx5_load_error"],
     )
+
+
+def load_error(backend: Optional[str] = None) -> Optional[str]:
+    """Why the backend's libraries (or libmlx5 alone) failed to load, or ``None``.
+
+    The text is the dynamic loader's own (``dlerror()``: a missing file, a missing dependency,
+    a wrong architecture), with the path tried; it never guesses at an rdma-core version.
+
+    Raises:
+        InvalidArgumentError: unknown backend name.
+    """
+    info = rdma_info(backend)
+    return info.load_error if info.load_error is not None else info.mlx5_load_error
 
 
 def list_devices(backend: Optional[str] = None) -> list[DeviceInfo]:

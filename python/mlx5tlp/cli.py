@@ -137,7 +137,7 @@ def _add_demo(sub: argparse._SubParsersAction, func: Command) -> None:  # type: 
 
 
 def _parser(run: Callable[[Command], Command]) -> argparse.ArgumentParser:
-    from mlx5tlp import _cli_sim
+    from mlx5tlp import _cli_handover, _cli_sim
 
     p = _Parser(
         prog="mlx5tlp", description="TLP response gateways on NVIDIA mlx5 devices. "
@@ -153,6 +153,7 @@ def _parser(run: Callable[[Command], Command]) -> argparse.ArgumentParser:
     info.set_defaults(func=run(_cmd_info))
     _add_demo(sub, run(_cmd_demo))
     _cli_sim.add_parser(sub, run)
+    _cli_handover.add_parsers(sub, run)
     bench = sub.add_parser(
         "bench", help="run the benchmarks (Python here, C++ programs if built/installed)"
     )

@@ -137,10 +137,22 @@ class Context(Closing):
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
-        """Close every object still open on this context, then the context. Idempotent."""
-        self._core.close()
-        for umem in list(self._umems):
-            umem._release_buffer()
+        """Close every object still open on this context, then the context. Idempotent.
+
+        Raises:
+            Error: some object could not be released (a destroy failed with ``EBUSY`` or
+                ``EREMOTEIO``, or a VAR is still mapped): the message names each one; they,
+                and the context, stay open and usable, and ``close()`` may be called again.
+                An object whose kernel object was already gone (``ENOENT``) is released
+                without an error.
+        """
+        try:
+            self._core.close()
+        finally:
+            # A UMEM's buffer stays pinned (exported to the core) until its dereg succeeded.
+            for umem in list(self._umems):
+                if umem.closed:
+                    umem._release_buffer()
 
 
     def __repr__(self) -> str:

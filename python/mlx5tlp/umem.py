@@ -95,9 +95,16 @@ class Umem(DeviceObject):
         return int(self._core.size)
 
     def close(self) -> None:
-        """Deregister (owned) or unimport (imported), then release the buffer; idempotent."""
-        super().close()
-        self._release_buffer()
+        """Deregister (owned) or unimport (imported), then release the buffer; idempotent.
+
+        The buffer stays pinned (kept exported, a ``bytearray`` not resizable) until the
+        dereg succeeded: after a refused dereg (``EBUSY``, ...) the UMEM is still registered.
+        """
+        try:
+            super().close()
+        finally:
+            if self.closed:
+                self._release_buffer()
 
     def free(self) -> None:
         """Deregister the UMEM (``mlx5dv_devx_umem_dereg``), then release the buffer."""

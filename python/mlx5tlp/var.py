@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import weakref
 from typing import TYPE_CHECKING, Optional
 
 from mlx5tlp import _core
@@ -16,6 +17,21 @@ if TYPE_CHECKING:
     from mlx5tlp.gateway import Gateway
 
 __all__ = ["Var"]
+
+
+class _PageMapping(mmap.mmap):
+    """A Python mapping of a VAR page that the VAR counts until it is closed (see Var.mmap)."""
+
+    _hold: _core.MappingHold
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._hold.release()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Var(DeviceObject):
@@ -82,7 +98,9 @@ class Var(DeviceObject):
 
         The default protection is write-only, as for a gateway page; pass
         ``mmap.PROT_READ | mmap.PROT_WRITE`` to read it back (the software device allows it).
-        The mapping is independent of this object: close it yourself.
+        The mapping is counted by this VAR until it is closed (``close()``, ``with``, or
+        garbage collection): :meth:`free` (and :meth:`Context.close`) refuse with ``EBUSY``
+        while it is open, so no mapping made here outlives its page.
 
         Raises:
             InvalidHandleError: the VAR is closed, or its page was freed by its owner.
@@ -92,7 +110,18 @@ class Var(DeviceObject):
                 errno.EINVAL, f"VAR page {self.page_id} was freed: the kernel refuses its mapping",
                 "mmap",
             )
-        return mmap.mmap(self._ctx.cmd_fd, self.length, mmap.MAP_SHARED, prot, offset=self.mmap_off)
+        hold = self._core.hold_mapping()
+        try:
+            m = _PageMapping(
+                self._ctx.cmd_fd, self.length, mmap.MAP_SHARED, prot, offset=self.mmap_off
+            )
+        except BaseException:
+            hold.release()
+            raise
+        m._hold = hold
+        # A mapping dropped without close() is unmapped by the collector: uncount it then too.
+        weakref.finalize(m, hold.release)
+        return m
 
     def gateway(
         self,

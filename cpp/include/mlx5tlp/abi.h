@@ -16,6 +16,9 @@
 #define MLX5TLP_ABI_H
 
 #include <pthread.h>
+#ifndef __cplusplus
+#include <stdbool.h>
+#endif
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -48,7 +51,14 @@ struct m5a_ibv_context {
 	void *abi_compat;
 };
 
-/* struct mlx5dv_context_attr (mlx5dv.h) */
+/*
+ * struct mlx5dv_context_attr (mlx5dv.h): a PREFIX of upstream's. rdma-core >= 61 appends
+ * `struct ibv_fd_arr *fds` (24 bytes in all); older releases end after comp_mask (16 bytes).
+ * Passing our 16 bytes to any of them is safe because we always set comp_mask = 0: libmlx5
+ * reads `fds` only when comp_mask has MLX5DV_CONTEXT_ATTR_MASK_FD_ARRAY, so it never reads
+ * past our struct. tests/cpp/abi_conformance.c checks each of our fields' offset and size
+ * and that our size is <= upstream's, against old and new headers alike.
+ */
 struct m5a_mlx5dv_context_attr {
 	uint32_t flags;
 	uint64_t comp_mask;
@@ -89,48 +99,26 @@ enum {
 	M5A_IBV_FORK_UNNEEDED = 2,
 };
 
-/* Function types, named after the rdma-core function. */
-typedef struct m5a_ibv_device **(*m5a_ibv_get_device_list_fn)(int *num_devices);
-typedef void (*m5a_ibv_free_device_list_fn)(struct m5a_ibv_device **list);
-typedef const char *(*m5a_ibv_get_device_name_fn)(struct m5a_ibv_device *device);
-typedef uint64_t (*m5a_ibv_get_device_guid_fn)(struct m5a_ibv_device *device); /* __be64 */
-typedef struct m5a_ibv_context *(*m5a_ibv_open_device_fn)(struct m5a_ibv_device *device);
-typedef int (*m5a_ibv_close_device_fn)(struct m5a_ibv_context *context);
-typedef struct m5a_ibv_context *(*m5a_ibv_import_device_fn)(int cmd_fd);
-typedef int (*m5a_ibv_is_fork_initialized_fn)(void);
+/*
+ * Function types, named after the rdma-core function: m5a_<name>_fn for every prototype in
+ * mlx5tlp/abi_functions.h (which tests/cpp/abi_conformance.c checks against the system's).
+ * rdma-core's enum return types are read as int: an enum of small non-negative values is
+ * returned in the same register, and the conformance test checks its size.
+ */
+#define M5A_STRUCT(tag) struct m5a_##tag
+#define M5A_ENUM(tag) int
+#define M5A_FUNCTION(ret, name, params) typedef ret(*m5a_##name##_fn) params;
+#define M5A_FUNCTION_63 M5A_FUNCTION
+#include "mlx5tlp/abi_functions.h"
+#undef M5A_FUNCTION_63
+#undef M5A_FUNCTION
+#undef M5A_ENUM
+#undef M5A_STRUCT
 
-typedef int (*m5a_mlx5dv_is_supported_fn)(struct m5a_ibv_device *device); /* bool */
-typedef struct m5a_ibv_context *(*m5a_mlx5dv_open_device_fn)(
-	struct m5a_ibv_device *device, struct m5a_mlx5dv_context_attr *attr);
-typedef struct m5a_mlx5dv_var *(*m5a_mlx5dv_alloc_var_fn)(struct m5a_ibv_context *ctx,
-							 uint32_t flags);
-typedef void (*m5a_mlx5dv_free_var_fn)(struct m5a_mlx5dv_var *var);
-typedef struct m5a_mlx5dv_devx_umem *(*m5a_mlx5dv_devx_umem_reg_fn)(
-	struct m5a_ibv_context *ctx, void *addr, size_t size, uint32_t access);
-typedef int (*m5a_mlx5dv_devx_umem_dereg_fn)(struct m5a_mlx5dv_devx_umem *umem);
-typedef struct m5a_mlx5dv_devx_obj *(*m5a_mlx5dv_devx_obj_create_fn)(
-	struct m5a_ibv_context *ctx, const void *in, size_t inlen, void *out, size_t outlen);
-typedef int (*m5a_mlx5dv_devx_obj_cmd_fn)(struct m5a_mlx5dv_devx_obj *obj, const void *in,
-					   size_t inlen, void *out, size_t outlen);
-typedef int (*m5a_mlx5dv_devx_obj_destroy_fn)(struct m5a_mlx5dv_devx_obj *obj);
-typedef int (*m5a_mlx5dv_devx_general_cmd_fn)(struct m5a_ibv_context *ctx, const void *in,
-					       size_t inlen, void *out, size_t outlen);
-
-/* rdma-core >= 63 (symbol version MLX5_1.27) */
-typedef void (*m5a_mlx5dv_get_export_sizes_fn)(struct m5a_mlx5dv_export_sizes *sizes,
-					      size_t sizes_len);
-typedef int (*m5a_mlx5dv_var_export_fn)(struct m5a_mlx5dv_var *var, void *data);
-typedef struct m5a_mlx5dv_var *(*m5a_mlx5dv_var_import_fn)(struct m5a_ibv_context *ctx,
-							  void *data);
-typedef void (*m5a_mlx5dv_var_unimport_fn)(struct m5a_mlx5dv_var *var);
-typedef int (*m5a_mlx5dv_devx_umem_export_fn)(struct m5a_mlx5dv_devx_umem *umem, void *data);
-typedef struct m5a_mlx5dv_devx_umem *(*m5a_mlx5dv_devx_umem_import_fn)(
-	struct m5a_ibv_context *ctx, void *data);
-typedef void (*m5a_mlx5dv_devx_umem_unimport_fn)(struct m5a_mlx5dv_devx_umem *umem);
-typedef int (*m5a_mlx5dv_devx_obj_export_fn)(struct m5a_mlx5dv_devx_obj *obj, void *data);
-typedef struct m5a_mlx5dv_devx_obj *(*m5a_mlx5dv_devx_obj_import_fn)(
-	struct m5a_ibv_context *ctx, void *data);
-typedef void (*m5a_mlx5dv_devx_obj_unimport_fn)(struct m5a_mlx5dv_devx_obj *obj);
+/* Shorter names the core uses: query and modify share one shape; the export-sizes entry point
+ * is the symbol behind the header inline mlx5dv_get_export_sizes(). */
+typedef m5a_mlx5dv_devx_obj_query_fn m5a_mlx5dv_devx_obj_cmd_fn;
+typedef m5a__mlx5dv_get_export_sizes_fn m5a_mlx5dv_get_export_sizes_fn;
 
 /*
  * The software device's "kernel mmap handler": validates that `offset` belongs to a live

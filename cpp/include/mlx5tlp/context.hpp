@@ -4,7 +4,9 @@
 // ibv_close_device closes that fd. Objects created on a context (Var, Umem, DevxObj) hold a
 // shared_ptr to it, so the ibv_context outlives every object that refers to it. close() closes
 // every object still open on the context first (owned ones are freed, imported ones
-// unimported), then the context; it is idempotent.
+// unimported), then the context; it is idempotent. When some object cannot be released
+// (a destroy failing with EBUSY, EREMOTEIO, ...) close() throws an Error naming each one and
+// leaves them, and the context, open: release them (or call close() again) later.
 // Thread-safety: all methods may be called from any thread; close() waits for calls in flight
 // and later calls throw Error(invalid_handle).
 #pragma once
@@ -37,6 +39,8 @@ class Child {
   virtual ~Child() = default;
   virtual void close() = 0;
   virtual bool closed() const = 0;
+  // What it is, for errors that name it ("UMEM 3", "TLP gateway VAR page 2").
+  virtual std::string describe() const { return "object"; }
 };
 
 class Context : public std::enable_shared_from_this<Context> {
@@ -67,17 +71,22 @@ class Context : public std::enable_shared_from_this<Context> {
   // _mlx5dv_get_export_sizes for one kind (NotSupported before rdma-core 63).
   uint32_t export_size(ObjectKind kind) const;
 
-  // Used by the object types: the raw context under a shared lock (throws when closed).
+  // Used by the object types: the raw context under a shared lock. Throws Error(invalid_handle)
+  // when the context is closed, or is closing (except for `release`: close() releasing its
+  // children). close() waits for every Use in flight before it takes its snapshot of children.
   class Use {
    public:
-    explicit Use(const Context& c);
+    enum Purpose { use, release };
+    explicit Use(const Context& c, Purpose purpose = use);
     m5a_ibv_context* get() const noexcept { return raw_; }
 
    private:
     std::shared_lock<std::shared_mutex> lock_;
     m5a_ibv_context* raw_;
   };
-  void adopt(const std::shared_ptr<Child>& child);
+  // Registers a new object for close(). The caller holds the Use under which it created the
+  // object, so a close() cannot take its snapshot in between (C4: no child adopted after it).
+  void adopt(const std::shared_ptr<Child>& child, const Use& creating);
   size_t open_children();
 
  private:
@@ -86,6 +95,8 @@ class Context : public std::enable_shared_from_this<Context> {
   std::shared_ptr<const Library> lib_;
   mutable std::shared_mutex mu_;
   m5a_ibv_context* raw_;  // null once closed
+  bool closing_ = false;  // under mu_: close() is releasing the children
+  std::mutex close_mu_;   // one close() at a time
   bool imported_;
   std::string name_;
   uint64_t guid_ = 0;

@@ -101,6 +101,10 @@ class Gateway final : public Child, public std::enable_shared_from_this<Gateway>
   bool write(const uint8_t* rec, size_t len, Deadline deadline);
   size_t write_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
                      size_t n, Deadline deadline);
+  // Direct mode, the writing thread: the page's doorbell count after the last write
+  // (GatewayLayout::published), so the caller can mark a request "answered at seq" before it
+  // writes the answer (request_source.hpp).
+  uint64_t published() const noexcept { return layout_->published(); }
 
   // Loop mode. Records are 1..max_record() bytes (others throw Error(invalid_argument)).
   // post: true when queued, false when the ring stayed full until `deadline`; throws

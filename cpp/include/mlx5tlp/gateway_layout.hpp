@@ -103,6 +103,10 @@ class GatewayLayout {
   // loop. The default calls write() per record and rings as batched_doorbell() says.
   virtual void write_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
                            size_t n) noexcept;
+  // The page's doorbell count as of the last doorbell: the position a request source's mark
+  // names ("published once the doorbell reaches seq"). The sim layout continues the count a
+  // predecessor left in the page; a layout whose device count is not readable returns 0.
+  virtual uint64_t published() const noexcept { return 0; }
 };
 
 class SimRingLayout final : public GatewayLayout {
@@ -122,6 +126,7 @@ class SimRingLayout final : public GatewayLayout {
   bool batched_doorbell() const noexcept override { return true; }
   void write_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
                    size_t n) noexcept override;
+  uint64_t published() const noexcept override { return produced_; }
 
   static constexpr uint32_t kMagic = 0x5747354d;  // "M5GW"
   static constexpr size_t kDoorbell = 0x00, kMagicOff = 0x08, kVersion = 0x0c, kCount = 0x10,

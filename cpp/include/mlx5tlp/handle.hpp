@@ -1,8 +1,12 @@
 // mlx5tlp/handle.hpp — what Var, Umem and DevxObj share: owned vs imported, close exactly once.
 //
 // An owned object is destroyed by free() (mlx5dv_free_var / _umem_dereg / _obj_destroy); an
-// imported one is dropped by unimport() without touching the kernel object. close() does the
-// right one. Each releases exactly once; after that every use throws Error(invalid_handle).
+// imported one is dropped by unimport() without touching the kernel object, or destroyed by
+// free() too: upstream lets any one party free (a process taking over from a dead owner frees
+// what it inherited); exactly one must. close() is free() for owned objects and unimport() for
+// imported ones. A destroy that fails with ENOENT (the kernel object is already gone) releases
+// the handle; any other failure (EBUSY, EREMOTEIO, ...) leaves the object alive, usable and
+// retryable. Once released, every use throws Error(invalid_handle).
 // Thread-safety: operations take a shared lock, release takes it exclusively.
 #pragma once
 
@@ -26,12 +30,13 @@ class Handle : public Child {
     std::shared_lock<std::shared_mutex> l(mu_);
     return !live_;
   }
-  // Owned objects only: destroys the kernel object.
+  // Destroys the kernel object (owned or imported: exactly one party frees).
   void free();
   // Imported objects only: drops this process's struct; the kernel object stays.
   void unimport();
   // free() or unimport(), whichever applies; idempotent.
   void close() override;
+  std::string describe() const override { return what_; }
 
  protected:
   Handle(std::shared_ptr<Context> ctx, bool imported, const char* what)
@@ -42,10 +47,13 @@ class Handle : public Child {
   std::shared_lock<std::shared_mutex> use(const char* operation) const;
   [[noreturn]] void closed_error(const char* operation) const;
 
-  // The release of a UMEM or DEVX object: `destroy_fn` (owned) or `unimport_fn` (imported).
-  // A destroy that finds the kernel object already gone (destroyed through another context)
-  // leaves libmlx5's struct allocated: it is dropped with unimport, the handle marked released
-  // (never released twice), and the failure reported with `gone` as detail.
+  // The release of a UMEM or DEVX object: `destroy_fn` (free) or `unimport_fn` (unimport).
+  // Only ENOENT (the kernel object was destroyed elsewhere) releases the handle after a failed
+  // destroy: libmlx5 then leaves its struct allocated, so it is dropped with unimport, and the
+  // failure is reported with `gone` as detail. Any other errno (EBUSY: still in use; EREMOTEIO:
+  // the firmware refused) leaves the kernel object, the struct and this handle alive: the
+  // caller may retry. rdma-core's destroy calls return no outbox, so there is no firmware
+  // status or syndrome to report for them.
   template <typename R>
   void release_raw(R*& raw, bool destroy, int (*destroy_fn)(R*), const char* destroy_name,
                    void (*unimport_fn)(R*), const char* unimport_name, const std::string& gone) {
@@ -56,15 +64,27 @@ class Handle : public Child {
     }
     int rc;
     {
-      Context::Use u(*ctx_);
+      Context::Use u(*ctx_, Context::Use::release);
+      errno = 0;
       rc = destroy_fn(raw);
     }
-    if (rc != 0) {
-      if (unimport_fn != nullptr) unimport_fn(raw);
-      live_ = false;
+    if (rc == 0) {
+      raw = nullptr;
+      return;
     }
-    raw = nullptr;
-    if (rc != 0) throw_errno(destroy_name, rc > 0 ? rc : errno_or_eio(), true, gone);
+    const int err = rc > 0 ? rc : errno_or_eio();
+    if (err == ENOENT) {
+      if (unimport_fn != nullptr) unimport_fn(raw);
+      raw = nullptr;
+      live_ = false;
+      throw_errno(destroy_name, err, true, gone);
+    }
+    throw Error(kind_for_errno(err, false), destroy_name, err,
+                describe() + " is still alive (" +
+                    (err == EBUSY     ? std::string("in use")
+                     : err == EREMOTEIO ? std::string("the firmware refused the destroy")
+                                        : std::string("the destroy failed")) +
+                    "): it stays usable; free() or close() it again later");
   }
 
   std::shared_ptr<Context> ctx_;
@@ -81,20 +101,21 @@ namespace detail {
 void check_export_size(const Context& ctx, ObjectKind kind, const char* function, size_t len);
 
 // Imports a raw export buffer with `fn` (mlx5dv_*_import), handing rdma-core a private copy of
-// exactly the size it reads. Throws on a size mismatch or an import failure.
-template <typename Fn>
-auto import_raw(Context& ctx, ObjectKind kind, const char* function, Fn fn, const uint8_t* raw,
-                size_t len) {
-  check_export_size(ctx, kind, function, len);
+// exactly the size it reads, wraps the result with `wrap` (raw -> shared_ptr<T>) and adopts it
+// on `ctx` under the same Use, so a concurrent close() cannot miss it. Throws on a size
+// mismatch or an import failure.
+template <typename Fn, typename Wrap>
+auto import_raw(const std::shared_ptr<Context>& ctx, ObjectKind kind, const char* function, Fn fn,
+                const uint8_t* raw, size_t len, Wrap wrap) {
+  check_export_size(*ctx, kind, function, len);
   std::vector<uint8_t> copy(raw, raw + len);
-  decltype(fn(nullptr, nullptr)) out;
-  {
-    Context::Use u(ctx);
-    errno = 0;
-    out = fn(u.get(), copy.data());
-  }
+  Context::Use u(*ctx);
+  errno = 0;
+  auto* out = fn(u.get(), copy.data());
   if (out == nullptr) throw_errno(function, errno_or_eio(), false);
-  return out;
+  auto obj = wrap(out);
+  ctx->adopt(obj, u);
+  return obj;
 }
 
 // Exports with `fn` (mlx5dv_*_export) into a buffer of this rdma-core's export size.

@@ -93,6 +93,10 @@ class Library {
   const std::vector<std::string>& paths() const noexcept { return paths_; }
   // e.g. "44.0" from libibverbs.so.1.14.44.0; empty when the file name does not say.
   const std::string& rdma_core_version() const noexcept { return version_; }
+  // Why libmlx5 could not be loaded ("<path>: <dlerror text>"), empty when it was (or when
+  // one library serves both, as the software device does). libibverbs alone still lists
+  // devices; every DV call then fails with NotSupported carrying this text.
+  const std::string& mlx5_load_error() const noexcept { return mlx5_error_; }
   const Symbols& sym() const noexcept { return sym_; }
   const Capabilities& caps() const noexcept { return caps_; }
 
@@ -112,6 +116,7 @@ class Library {
   Backend backend_ = Backend::rdma;
   std::vector<std::string> paths_;
   std::string version_;
+  std::string mlx5_error_;
   Symbols sym_;
   Capabilities caps_;
 };

@@ -84,6 +84,7 @@ struct m5a_sim_host_stats {
 	uint64_t epoch;             /* this host's epoch (1 for the first host of the device) */
 	uint64_t stale_requests;    /* requests of a previous host discarded when this one attached */
 	uint64_t stale_completions; /* unconsumed completion records discarded when it attached */
+	uint64_t interrupts;        /* Memory Writes from the function (its MSI-X messages) */
 };
 
 /* Request claims (mlx5tlp_sim_function_claim). A claim belongs to the calling process's claimer
@@ -180,6 +181,15 @@ typedef int (*m5a_sim_function_mark_fn)(struct m5a_ibv_context *ctx, uint32_t ch
 typedef int (*m5a_sim_function_retire_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
 					  uint64_t claim);
 
+/* Block until one of the channels in `channel_mask` (bit c: channel c) may hold a request, until
+ * mlx5tlp_sim_function_wake, or for at most `timeout_ns` (< 0: no limit). A shared futex on the
+ * device's request wake-up word: no polling, no sleeping. 0 (look now; may be spurious),
+ * ETIMEDOUT, EINVAL. Claims of dead claimers are not announced: bound the wait to find them. */
+typedef int (*m5a_sim_function_wait_fn)(struct m5a_ibv_context *ctx, uint32_t channel_mask,
+					int64_t timeout_ns);
+/* Wake every function blocked in mlx5tlp_sim_function_wait on the device. 0, EINVAL. */
+typedef int (*m5a_sim_function_wake_fn)(struct m5a_ibv_context *ctx);
+
 #ifdef __cplusplus
 }  /* extern "C" */
 
@@ -203,6 +213,8 @@ struct SimSymbols {
 	m5a_sim_function_mark_fn function_mark = nullptr;
 	m5a_sim_function_retire_fn function_retire = nullptr;
 	m5a_sim_last_error_fn last_error = nullptr;
+	m5a_sim_function_wait_fn function_wait = nullptr;
+	m5a_sim_function_wake_fn function_wake = nullptr;
 };
 }  // namespace mlx5tlp
 #endif

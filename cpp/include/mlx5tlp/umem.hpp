@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "mlx5tlp/handle.hpp"
@@ -25,6 +26,7 @@ class Umem final : public Handle {
   ~Umem() override;
 
   uint32_t umem_id() const noexcept { return umem_id_; }
+  std::string describe() const override { return "UMEM " + std::to_string(umem_id_); }
   size_t size() const noexcept { return size_; }  // 0 when imported (not in the export)
   std::vector<uint8_t> export_raw() const;
 

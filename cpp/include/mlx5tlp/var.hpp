@@ -3,7 +3,8 @@
 // alloc() calls mlx5dv_alloc_var (with MLX5DV_VAR_ALLOC_FLAG_TLP for a gateway page) and owns
 // the result; import() rebuilds one from a raw rdma-core export buffer and only unimports it.
 // map() maps the page (mmap on cmd_fd at mmap_off) into a Mapping that keeps the Var alive;
-// free() refuses while mappings exist, so no mapping ever outlives the page it maps.
+// hold_mapping() counts a mapping made elsewhere (Python's mmap). free() refuses (EBUSY) while
+// any of either exists, so no mapping made through the API ever outlives the page it maps.
 // Thread-safety: as Handle.
 #pragma once
 
@@ -12,6 +13,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "mlx5tlp/handle.hpp"
@@ -42,6 +44,21 @@ class Mapping {
   size_t len_ = 0;
 };
 
+// A mapping of the page made outside the core (the Python façade's Var.mmap()): counted like a
+// Mapping, so free() refuses while it is alive. release() (or destruction) uncounts it once.
+class MappingHold {
+ public:
+  explicit MappingHold(std::shared_ptr<Var> var) noexcept;
+  ~MappingHold() { release(); }
+  MappingHold(const MappingHold&) = delete;
+  MappingHold& operator=(const MappingHold&) = delete;
+  void release() noexcept;
+  bool released() const noexcept { return !var_; }
+
+ private:
+  std::shared_ptr<Var> var_;
+};
+
 class Var final : public Handle, public std::enable_shared_from_this<Var> {
  public:
   static std::shared_ptr<Var> alloc(std::shared_ptr<Context> ctx, bool tlp);
@@ -63,9 +80,16 @@ class Var final : public Handle, public std::enable_shared_from_this<Var> {
   // Would the kernel map this VAR now? Maps and unmaps once; false for a freed VAR.
   bool probe();
   int mappings() const noexcept { return mappings_.load(std::memory_order_relaxed); }
+  // Counts a mapping made outside the core until the hold is released; throws when the VAR
+  // is closed (so a hold never outlives the page it guards).
+  std::unique_ptr<MappingHold> hold_mapping();
+  std::string describe() const override {
+    return std::string(what_) + " page " + std::to_string(page_id_);
+  }
 
  private:
   friend class Mapping;
+  friend class MappingHold;
   Var(std::shared_ptr<Context> ctx, m5a_mlx5dv_var* raw, bool imported, bool tlp);
   void release(bool destroy) override;
   void* map_raw(int prot);

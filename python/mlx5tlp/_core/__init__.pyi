@@ -6,7 +6,8 @@ import typing
 from . import tlp
 from . import sim
 from . import function
-__all__: list[str] = ['Context', 'DevxObj', 'Gateway', 'Umem', 'Var', 'format_guid', 'function', 'library_info', 'list_devices', 'resolve_backend', 'sim', 'symbol_version', 'tlp']
+from . import engine
+__all__: list[str] = ['Context', 'DevxObj', 'Gateway', 'MappingHold', 'Umem', 'Var', 'engine', 'format_guid', 'function', 'library_info', 'list_devices', 'resolve_backend', 'sim', 'symbol_version', 'tlp']
 class Context:
     @staticmethod
     def import_fd(fd: typing.SupportsInt | typing.SupportsIndex, backend: str) -> Context:
@@ -45,6 +46,14 @@ class Context:
     @property
     def rdma_core_version(self) -> str:
         ...
+class MappingHold:
+    def release(self) -> None:
+        """
+        Uncount the mapping (idempotent).
+        """
+    @property
+    def released(self) -> bool:
+        ...
 class Var:
     @staticmethod
     def alloc(ctx: Context, tlp: bool) -> Var:
@@ -58,6 +67,10 @@ class Var:
         ...
     def free(self) -> None:
         ...
+    def hold_mapping(self) -> MappingHold:
+        """
+        Count a mapping made outside the core (free() refuses while it is held).
+        """
     def probe(self) -> bool:
         ...
     def unimport(self) -> None:

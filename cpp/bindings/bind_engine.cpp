@@ -1,0 +1,334 @@
+// _core.engine: the native engine (mlx5tlp/engine.hpp), its regions and the sim request
+// source. The typed API is mlx5tlp.engine; here every call that may block releases the GIL,
+// and the lanes' hooked/callback accesses reach Python through one dispatch callable per
+// engine, called once per lane batch with the GIL held (one acquisition per batch).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cerrno>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "bind.hpp"
+#include "boundary.hpp"
+#include "mlx5tlp/engine.hpp"
+#include "mlx5tlp/error.hpp"
+
+namespace py = pybind11;
+
+namespace mlx5tlp::bind {
+
+namespace {
+
+// Calls the façade's dispatch(list of items) with the GIL. Items are tuples
+// (region_index, write, offset, length, first_be, last_be, data or None, deferred_id,
+//  requester_id, tag, kind); the façade answers through Engine.complete / fail.
+class PyHandler final : public BatchHandler {
+ public:
+  explicit PyHandler(py::object dispatch) : dispatch_(std::move(dispatch)) {}
+  ~PyHandler() override {
+    py::gil_scoped_acquire g;
+    dispatch_ = py::object();
+  }
+  void run(BatchItem* items, size_t n) noexcept override {
+    if (!Py_IsInitialized()) return;  // interpreter gone: the items stay deferred until expiry
+    py::gil_scoped_acquire g;
+    try {
+      py::list l(n);
+      for (size_t i = 0; i < n; ++i) {
+        const BatchItem& it = items[i];
+        py::object data = it.write ? py::object(py::bytes(reinterpret_cast<const char*>(it.data), it.len))
+                                   : py::object(py::none());
+        l[i] = py::make_tuple(it.region_index, it.write, it.offset, it.len, it.first_be, it.last_be, data,
+                              it.deferred_id, it.requester_id, it.tag, tlp::kind_name(it.kind));
+      }
+      dispatch_(l);
+    } catch (py::error_already_set& e) {
+      // The façade catches the handlers' exceptions; anything left is reported, not raised
+      // into a native thread.
+      e.discard_as_unraisable("mlx5tlp engine dispatch");
+    } catch (...) {
+    }
+  }
+
+ private:
+  py::object dispatch_;
+};
+
+class PyEngine {
+ public:
+  PyEngine(const py::dict& spec, std::vector<std::shared_ptr<Region>> regions, const EngineOptions& o,
+           py::object dispatch, const py::object& state, bool adopt)
+      : handler_(std::move(dispatch)) {
+    auto layout = pci::compile(spec_from_dict(spec));
+    pci::FunctionState* st = nullptr;
+    if (!state.is_none()) {
+      if (PyObject_GetBuffer(state.ptr(), &view_, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
+        PyErr_Clear();
+        throw py::type_error("state must be a writable, contiguous buffer (e.g. an mmap)");
+      }
+      have_view_ = true;
+      if (size_t(view_.len) != pci::Function::state_size() ||
+          reinterpret_cast<uintptr_t>(view_.buf) % alignof(pci::FunctionState) != 0) {
+        PyBuffer_Release(&view_);
+        have_view_ = false;
+        throw Error(ErrorKind::invalid_argument, "create engine", EINVAL,
+                    "state: need an 8-byte aligned buffer of " + std::to_string(pci::Function::state_size()) + " bytes");
+      }
+      st = static_cast<pci::FunctionState*>(view_.buf);
+    }
+    try {
+      engine_ = std::make_unique<Engine>(layout, std::move(regions), o, st,
+                                         adopt ? pci::Function::Adopt::keep : pci::Function::Adopt::reset);
+    } catch (...) {
+      release_view();
+      throw;
+    }
+    engine_->set_batch_handler(&handler_);
+  }
+  ~PyEngine() {
+    {
+      py::gil_scoped_release r;
+      engine_.reset();
+    }
+    release_view();
+  }
+  PyEngine(const PyEngine&) = delete;
+  PyEngine& operator=(const PyEngine&) = delete;
+  Engine& e() {
+    if (!engine_) throw Error(ErrorKind::invalid_handle, "engine", EBADF, "the device was closed");
+    return *engine_;
+  }
+  void close() {
+    py::gil_scoped_release r;
+    engine_.reset();
+  }
+
+ private:
+  void release_view() {
+    if (have_view_) PyBuffer_Release(&view_);
+    have_view_ = false;
+  }
+  PyHandler handler_;
+  Py_buffer view_{};
+  bool have_view_ = false;
+  std::unique_ptr<Engine> engine_;
+};
+
+uint8_t status_of(const std::string& s) {
+  if (s == "UR") return uint8_t(tlp::CplStatus::UR);
+  if (s == "CA") return uint8_t(tlp::CplStatus::CA);
+  throw py::value_error("status must be 'UR' or 'CA', not '" + s + "'");
+}
+
+py::dict stats_dict(const EngineStats& s) {
+  py::dict d;
+  py::dict kinds;
+  for (int k = 0; k < tlp::kKindCount; ++k) kinds[tlp::kind_name(tlp::Kind(k))] = s.requests[size_t(k)];
+  d["requests"] = kinds;
+  d["batches"] = s.batches;
+  d["completions"] = s.completions;
+  d["ur"] = s.ur;
+  d["ca"] = s.ca;
+  d["unsupported_posted"] = s.unsupported_posted;
+  d["malformed"] = s.malformed;
+  d["unexpected_completions"] = s.unexpected_completions;
+  d["messages"] = s.messages;
+  d["redelivered"] = s.redelivered;
+  d["already_published"] = s.already_published;
+  d["stale"] = s.stale;
+  d["deferred"] = s.deferred;
+  d["deferred_completed"] = s.deferred_completed;
+  d["deferred_expired"] = s.deferred_expired;
+  d["deferred_outstanding"] = s.deferred_outstanding;
+  d["handler_batches"] = s.handler_batches;
+  d["interrupts"] = s.interrupts;
+  d["config_writes"] = s.config_writes;
+  d["latency_ns_log2"] = std::vector<uint64_t>(s.latency_ns_log2.begin(), s.latency_ns_log2.end());
+  py::list regions;
+  for (const RegionCounters& r : s.regions) {
+    py::dict x;
+    x["reads"] = r.reads;
+    x["writes"] = r.writes;
+    x["read_bytes"] = r.read_bytes;
+    x["write_bytes"] = r.write_bytes;
+    x["batched"] = r.batched;
+    regions.append(x);
+  }
+  d["regions"] = regions;
+  return d;
+}
+
+py::tuple trace_tuple(const TraceEntry& t) {
+  return py::make_tuple(t.time_ns, t.lane, t.kind, t.status, t.address, t.length_dw, t.requester_id, t.tag,
+                        t.first_be, t.last_be, t.completions, int(t.region) - 1, t.latency_ns,
+                        py::bytes(reinterpret_cast<const char*>(t.header), 16));
+}
+
+}  // namespace
+
+void bind_engine(py::module_& root) {
+  py::module_ m = root.def_submodule("engine", "the native engine (private: use mlx5tlp.engine)");
+  m.attr("TRACE_MAGIC") = kTraceMagic;
+  m.attr("TRACE_VERSION") = kTraceVersion;
+  m.attr("TRACE_ENTRY_BYTES") = sizeof(TraceEntry);
+
+  py::class_<Region, std::shared_ptr<Region>>(m, "Region")
+      .def_property_readonly("name", &Region::name)
+      .def_property_readonly("bar", &Region::bar)
+      .def_property_readonly("offset", &Region::offset)
+      .def_property_readonly("size", &Region::size)
+      .def_property_readonly("kind", [](const Region& r) { return std::string(region_kind_name(r.kind())); });
+
+  py::class_<MemoryRegion, Region, std::shared_ptr<MemoryRegion>>(m, "MemoryRegion")
+      .def_static("create", [](const std::string& name, int bar, uint64_t offset, uint64_t size, int fd) {
+        std::unique_ptr<MemoryRegion> r = fd < 0 ? MemoryRegion::create_memfd(name, bar, offset, size)
+                                                 : MemoryRegion::map_fd(name, bar, offset, size, fd);
+        return std::shared_ptr<MemoryRegion>(std::move(r));
+      }, py::arg("name"), py::arg("bar"), py::arg("offset"), py::arg("size"), py::arg("fd"))
+      .def_property_readonly("fd", &MemoryRegion::fd)
+      .def("read", [](const MemoryRegion& r, uint64_t off, uint64_t n) {
+        if (off > r.size() || n > r.size() - off) throw py::value_error("read beyond the region");
+        return py::bytes(reinterpret_cast<const char*>(r.data() + off), n);
+      }, py::arg("offset"), py::arg("length"))
+      .def("write", [](MemoryRegion& r, uint64_t off, const py::bytes& b) {
+        const std::string s = b;
+        if (off > r.size() || s.size() > r.size() - off) throw py::value_error("write beyond the region");
+        std::memcpy(r.data() + off, s.data(), s.size());
+      }, py::arg("offset"), py::arg("data"));
+
+  py::class_<RegisterRegion, Region, std::shared_ptr<RegisterRegion>>(m, "RegisterRegion")
+      .def(py::init([](const std::string& name, int bar, uint64_t offset, uint64_t size, const py::list& regs) {
+        std::vector<RegisterSpec> v;
+        for (size_t i = 0; i < regs.size(); ++i) {
+          auto t = regs[i].cast<py::tuple>();
+          if (t.size() != 7) throw py::value_error("register tuples are (name, offset, width, reset, access, read_hook, write_hook)");
+          RegisterSpec r;
+          r.name = t[0].cast<std::string>();
+          r.offset = t[1].cast<uint32_t>();
+          r.width = uint8_t(t[2].cast<uint32_t>());
+          r.reset = t[3].cast<uint64_t>();
+          const std::string a = t[4].cast<std::string>();
+          if (a == "ro") r.access = RegAccess::ro;
+          else if (a == "rw") r.access = RegAccess::rw;
+          else if (a == "rw1c") r.access = RegAccess::rw1c;
+          else if (a == "wo") r.access = RegAccess::wo;
+          else throw Error(ErrorKind::invalid_argument, "define region", EINVAL,
+                           "region '" + name + "': registers[" + std::to_string(i) + "].access: '" + a + "' is not ro, rw, rw1c or wo");
+          r.read_hook = t[5].cast<bool>();
+          r.write_hook = t[6].cast<bool>();
+          v.push_back(std::move(r));
+        }
+        return std::make_shared<RegisterRegion>(name, bar, offset, size, std::move(v));
+      }), py::arg("name"), py::arg("bar"), py::arg("offset"), py::arg("size"), py::arg("registers"))
+      .def("find", [](const RegisterRegion& r, uint64_t off) { return r.find(off); }, py::arg("offset"))
+      .def("value", [](const RegisterRegion& r, size_t i) { return r.value(i); }, py::arg("index"))
+      .def("set_value", [](RegisterRegion& r, size_t i, uint64_t v) { r.set_value(i, v); }, py::arg("index"), py::arg("value"))
+      .def("reset", &RegisterRegion::reset)
+      .def("names", [](const RegisterRegion& r) {
+        std::vector<std::tuple<std::string, uint32_t, uint32_t>> out;
+        for (const auto& x : r.registers()) out.emplace_back(x.name, x.offset, x.width);
+        return out;
+      }, "(name, offset, width) in offset order");
+
+  py::class_<CallbackRegion, Region, std::shared_ptr<CallbackRegion>>(m, "CallbackRegion")
+      .def(py::init([](const std::string& name, int bar, uint64_t offset, uint64_t size, uint32_t deadline_us) {
+        return std::make_shared<CallbackRegion>(name, bar, offset, size, deadline_us);
+      }), py::arg("name"), py::arg("bar"), py::arg("offset"), py::arg("size"), py::arg("deadline_us"))
+      .def_property_readonly("deadline_us", &CallbackRegion::deadline_us);
+
+  py::class_<PyEngine>(m, "Engine")
+      .def(py::init([](const py::dict& spec, std::vector<std::shared_ptr<Region>> regions, size_t batch,
+                       size_t deferred_max, size_t trace_entries, py::object dispatch, const py::object& state, bool adopt) {
+        EngineOptions o;
+        o.batch = batch;
+        o.deferred_max = deferred_max;
+        o.trace_entries = trace_entries;
+        return std::make_unique<PyEngine>(spec, std::move(regions), o, std::move(dispatch), state, adopt);
+      }), py::arg("spec"), py::arg("regions"), py::arg("batch"), py::arg("deferred_max"), py::arg("trace_entries"),
+         py::arg("dispatch"), py::arg("state"), py::arg("adopt"))
+      .def("add_sim_lane", [](PyEngine& p, std::shared_ptr<Var> var, uint32_t channels, double spin_us) {
+        Engine& e = p.e();
+        auto ctx = var->context();
+        py::gil_scoped_release r;
+        GatewayOptions go;
+        go.direct = true;
+        auto gw = Gateway::open(var, nullptr, go);
+        auto src = std::make_unique<SimRequestSource>(ctx, channels, 64,
+                                                      std::chrono::nanoseconds(int64_t(spin_us * 1000)));
+        e.add_lane(std::move(gw), std::move(src));
+      }, py::arg("var"), py::arg("channels"), py::arg("spin_us"))
+      .def("start", [](PyEngine& p) { p.e().start(); })
+      .def("pause", [](PyEngine& p, const py::object& timeout) {
+        const Deadline d = to_deadline(timeout);
+        Engine& e = p.e();
+        py::gil_scoped_release r;
+        return e.pause(d);
+      }, py::arg("timeout"))
+      .def("resume", [](PyEngine& p) { p.e().resume(); })
+      .def("stop", [](PyEngine& p) {
+        Engine& e = p.e();
+        py::gil_scoped_release r;
+        e.stop();
+      })
+      .def("close", &PyEngine::close)
+      .def("release_gateways", [](PyEngine& p) {
+        Engine& e = p.e();
+        py::gil_scoped_release r;
+        e.release_gateways(std::chrono::seconds(1));
+      })
+      .def("reattach_gateways", [](PyEngine& p) {
+        Engine& e = p.e();
+        py::gil_scoped_release r;
+        e.reattach_gateways();
+      })
+      .def_property_readonly("state", [](PyEngine& p) { return std::string(p.e().state()); })
+      .def_property_readonly("lanes", [](PyEngine& p) { return p.e().lanes(); })
+      .def_property_readonly("completer_id", [](PyEngine& p) { return p.e().completer_id(); })
+      .def("stats", [](PyEngine& p) { return stats_dict(p.e().stats()); })
+      .def("complete", [](PyEngine& p, uint64_t id, const py::bytes& data) {
+        const std::string s = data;
+        return p.e().complete_deferred(id, reinterpret_cast<const uint8_t*>(s.data()), s.size());
+      }, py::arg("id"), py::arg("data"))
+      .def("fail", [](PyEngine& p, uint64_t id, const std::string& status) {
+        return p.e().fail_deferred(id, status_of(status));
+      }, py::arg("id"), py::arg("status"))
+      .def("trace_dump", [](PyEngine& p, const std::string& path) {
+        Engine& e = p.e();
+        py::gil_scoped_release r;
+        return e.trace_dump(path);
+      }, py::arg("path"))
+      .def("config_read", [](PyEngine& p, uint32_t off) {
+        if (off > 0xffff) throw Error(ErrorKind::invalid_argument, "config read", EINVAL, "offset above 0xffff");
+        return p.e().config_read(uint16_t(off));
+      }, py::arg("dw_offset"))
+      .def("config_write", [](PyEngine& p, uint32_t off, uint32_t v, uint32_t be) {
+        if (off > 0xffff || be > 0xf) throw Error(ErrorKind::invalid_argument, "config write", EINVAL, "bad offset or byte enables");
+        p.e().config_write(uint16_t(off), v, uint8_t(be));
+      }, py::arg("dw_offset"), py::arg("value"), py::arg("byte_enables"))
+      .def("config_bytes", [](PyEngine& p) {
+        const std::vector<uint8_t> b = p.e().config_bytes();
+        return py::bytes(reinterpret_cast<const char*>(b.data()), b.size());
+      })
+      .def("raise_msix", [](PyEngine& p, uint32_t v) {
+        return std::string(pci::raise_result_name(v > 0xffff ? pci::RaiseResult::bad_vector : p.e().raise_msix(uint16_t(v))));
+      }, py::arg("vector"))
+      .def("msix_pending", [](PyEngine& p, uint32_t v) { return v <= 0xffff && p.e().msix_pending(uint16_t(v)); },
+           py::arg("vector"));
+
+  m.def("read_trace", [](const std::string& path) {
+    std::vector<TraceEntry> v;
+    {
+      py::gil_scoped_release r;
+      v = read_trace(path);
+    }
+    py::list out;
+    for (const TraceEntry& t : v) out.append(trace_tuple(t));
+    return out;
+  }, py::arg("path"), "(time_ns, lane, kind, status, address, length_dw, requester_id, tag, first_be, last_be, "
+                      "completions, region, latency_ns, header)");
+}
+
+}  // namespace mlx5tlp::bind

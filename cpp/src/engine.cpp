@@ -1,0 +1,1224 @@
+// The native engine: one lane (thread) per gateway page. See engine.hpp for the routing rules
+// and docs/engine.md for the loop, the counters and the trace format.
+#include "mlx5tlp/engine.hpp"
+
+#include <fcntl.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+
+#include "mlx5tlp/error.hpp"
+#include "mlx5tlp/futex.hpp"
+#include "mlx5tlp/tlp_completion.hpp"
+#include "mlx5tlp/unique_fd.hpp"
+
+namespace mlx5tlp {
+
+namespace {
+
+using pci::hex;
+using tlp::CplStatus;
+using tlp::Kind;
+
+uint64_t now_ns() noexcept {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return uint64_t(ts.tv_sec) * 1000000000u + uint64_t(ts.tv_nsec);
+}
+
+// Single-writer counters: the lane stores, stats() loads (relaxed: statistics order nothing).
+using Counter = std::atomic<uint64_t>;
+inline void bump(Counter& c, uint64_t n = 1) noexcept { c.store(c.load(std::memory_order_relaxed) + n, std::memory_order_relaxed); }
+
+[[noreturn]] void engine_error(const char* op, int err, const std::string& what) {
+  throw Error(ErrorKind::invalid_argument, op, err, what);
+}
+
+constexpr uint8_t kTracePosted = 0xfe, kTraceDeferred = 0xfd, kTraceMalformed = 0xff;
+constexpr uint32_t kCmdRun = 0, kCmdPause = 1, kCmdStop = 2, kCmdRelease = 3, kCmdReattach = 4;
+constexpr int kStateCreated = 0, kStateRunning = 1, kStatePaused = 2, kStateStopped = 3;
+constexpr size_t kMaxDataPerRequest = 4096;
+constexpr size_t kMaxCplBytesPerRequest = kMaxDataPerRequest + tlp::kMaxCompletions * 16;
+
+struct RegionCountersA {
+  Counter reads{0}, writes{0}, read_bytes{0}, write_bytes{0}, batched{0};
+};
+
+// One request of the batch being served.
+enum class Action : uint8_t { answer, posted, retire_only, deferred, keep };
+
+struct Slot {
+  tlp::Tlp t;
+  Action action = Action::answer;
+  uint8_t status = 0;
+  int16_t region = -1;
+  uint8_t ncpl = 0;
+  uint32_t cpl_first = 0;  // index into cpl_start/cpl_len
+  int32_t item = -1;       // BatchItem index
+  uint32_t deferred = UINT32_MAX;
+  uint64_t seq = 0;        // the mark: in the page once the doorbell count reaches it
+};
+
+enum class DState : uint8_t { free = 0, in_call, pending, ready };
+
+struct Deferred {
+  DState state = DState::free;
+  uint32_t gen = 0;
+  tlp::Tlp t;       // header fields only (data null)
+  Request req;      // claim/channel/flags (tlp pointer null)
+  int16_t region = -1;
+  uint64_t deadline_ns = 0;
+  uint64_t taken_ns = 0;
+  uint8_t status = 0;
+  std::vector<uint8_t> data;
+};
+
+}  // namespace
+
+struct Lane;
+
+struct Engine::Impl {
+  class Sink final : public pci::InterruptSink {
+   public:
+    explicit Sink(Impl* e) : e_(e) {}
+    void deliver(uint64_t address, uint32_t data) noexcept override;
+
+   private:
+    Impl* e_;
+  };
+
+  Impl(std::shared_ptr<const pci::FunctionLayout> l, std::vector<std::shared_ptr<Region>> r,
+       const EngineOptions& o, pci::FunctionState* st, pci::Function::Adopt adopt);
+
+  void validate_regions();
+  void poke_all() noexcept;
+  int find_region(int bar, uint64_t off, uint64_t len) const noexcept;
+
+  std::shared_ptr<const pci::FunctionLayout> layout;
+  std::vector<std::shared_ptr<Region>> regions;
+  std::vector<uint32_t> by_bar[7];
+  EngineOptions opt;
+  Sink sink{this};
+  mutable std::mutex fn_mu;  // blocking point: configuration / MSI-X table accesses, brief
+  std::unique_ptr<pci::Function> fn;
+  std::atomic<uint64_t> cfg_gen{1};
+  std::atomic<uint32_t> completer{0};
+  BatchHandler* handler = nullptr;
+  std::vector<std::unique_ptr<Lane>> lanes;
+  std::mutex ctl_mu;  // blocking point: lifecycle calls
+  std::atomic<int> state{kStateCreated};
+  // MSI-X messages waiting for lane 0 to write them (raise_msix may run on any thread).
+  std::mutex irq_mu;
+  std::vector<std::pair<uint64_t, uint32_t>> irq_q;
+  std::atomic<bool> irq_pending{false};
+  Counter irq_dropped{0};
+};
+
+struct Lane {
+  Lane(Engine::Impl* e, uint32_t index, std::shared_ptr<Gateway> gw, std::unique_ptr<RequestSource> src);
+  void run() noexcept;
+  void serve_batch(size_t n);
+  void refresh() noexcept;
+  void process(size_t i);
+  void route_memory(size_t i, Slot& s, bool io);
+  void answer(Slot& s, const uint8_t* data, size_t len, uint8_t status);
+  void add_batch_item(size_t i, Slot& s, Region& r, uint32_t region_index, uint64_t off, uint32_t len, bool write);
+  void run_handler();
+  void finish_batched();
+  void housekeeping();
+  void publish(size_t n);
+  void write_records(size_t nrec);
+  void trace(size_t i, const Slot& s, uint64_t lat) noexcept;
+  uint64_t new_deferred(const Slot& s, const Request& r);
+  void build_deferred(Deferred& d, uint32_t index);
+  void poke() noexcept;
+  void wait_bell(uint32_t seen) noexcept;
+  bool want_stop() const noexcept { return cmd.load(std::memory_order_acquire) == kCmdStop; }
+
+  Engine::Impl* e;
+  uint32_t index;
+  std::shared_ptr<Gateway> gw;
+  std::shared_ptr<Var> var;
+  std::unique_ptr<RequestSource> src;
+  std::thread th;
+  // control: the commanding thread stores cmd and pokes; the lane acknowledges in `ack`
+  std::atomic<uint32_t> cmd{kCmdRun};
+  std::atomic<uint32_t> ack{kCmdRun};
+  std::atomic<uint32_t> bell{0};  // private futex: pokes while the lane is paused
+  std::string error;              // why the lane ended early (read after join)
+  // configuration snapshot (lane-private)
+  uint64_t gen = 0;
+  std::unique_ptr<uint8_t[]> cfg;
+  pci::ConfigSpace cs;
+  bool mem_en = false, io_en = false;
+  tlp::CompletionParams params;
+  uint32_t timeout_us = 50000;
+  // preallocated batch buffers
+  size_t batch;
+  std::vector<Request> reqs;
+  std::vector<Slot> slots;
+  std::vector<uint8_t> rdata;    // read data, kMaxDataPerRequest per request
+  std::vector<uint8_t> out;      // completion TLPs
+  size_t out_used = 0;
+  std::vector<uint32_t> cpl_start, cpl_len;  // completion k: out[cpl_start[k], +cpl_len[k])
+  size_t ncpl = 0;
+  std::vector<uint32_t> ends_tmp;
+  std::vector<uint32_t> rec_off, rec_len;
+  std::vector<BatchItem> items;
+  size_t nitems = 0;
+  bool items_have_write = false;
+  std::vector<Request> extra;   // deferred answers / expiries being published this round
+  std::vector<Slot> extra_slots;
+  size_t nextra = 0;
+  size_t nirq = 0;         // MSI-X message records: completions [0, nirq) of this round
+  uint64_t batch_t0 = 0;
+  // deferred reads
+  std::mutex dmu;  // blocking point: brief; complete_deferred() from other threads
+  std::vector<Deferred> dslots;
+  std::vector<uint32_t> dfree;
+  std::vector<uint32_t> dready;
+  std::atomic<bool> dready_flag{false};
+  uint64_t next_expiry = UINT64_MAX;
+  uint64_t outstanding = 0;
+  // counters
+  std::array<Counter, tlp::kKindCount> kinds{};
+  Counter batches{0}, completions{0}, ur{0}, ca{0}, unsupported_posted{0}, malformed{0},
+      unexpected{0}, messages{0}, redelivered{0}, published{0}, stale{0}, deferred{0},
+      deferred_completed{0}, deferred_expired{0}, deferred_open{0}, handler_batches{0},
+      interrupts{0}, config_writes{0};
+  std::array<Counter, kLatencyBuckets> lat{};
+  std::unique_ptr<RegionCountersA[]> rc;
+  // trace ring
+  std::unique_ptr<std::atomic<uint64_t>[]> trace_words;  // entries * 8 words
+  size_t trace_n = 0;
+  std::atomic<uint64_t> trace_head{0};
+};
+
+// ---------------------------------------------------------------- Impl
+
+Engine::Impl::Impl(std::shared_ptr<const pci::FunctionLayout> l, std::vector<std::shared_ptr<Region>> r,
+                   const EngineOptions& o, pci::FunctionState* st, pci::Function::Adopt adopt)
+    : layout(std::move(l)), regions(std::move(r)), opt(o) {
+  if (!layout) engine_error("create engine", EINVAL, "no function layout");
+  if (opt.batch == 0 || opt.batch > 1024) engine_error("create engine", EINVAL, "batch: " + std::to_string(opt.batch) + " is not 1..1024");
+  if (opt.deferred_max == 0 || opt.deferred_max > 65536)
+    engine_error("create engine", EINVAL, "deferred_max: " + std::to_string(opt.deferred_max) + " is not 1..65536");
+  if (opt.trace_entries != 0 && (opt.trace_entries & (opt.trace_entries - 1)) != 0)
+    engine_error("create engine", EINVAL, "trace_entries: " + std::to_string(opt.trace_entries) + " is not a power of two");
+  if (regions.size() > 255) engine_error("create engine", EINVAL, "more than 255 regions");
+  fn = st != nullptr ? std::make_unique<pci::Function>(layout, &sink, st, adopt)
+                     : std::make_unique<pci::Function>(layout, &sink);
+  completer.store(opt.completer_id, std::memory_order_relaxed);
+  validate_regions();
+}
+
+void Engine::Impl::validate_regions() {
+  const pci::BarTable& b = layout->bars;
+  for (size_t i = 0; i < regions.size(); ++i) {
+    const Region* r = regions[i].get();
+    if (r == nullptr) engine_error("create engine", EINVAL, "regions[" + std::to_string(i) + "] is None");
+    const std::string what = "region '" + r->name() + "'";
+    const int bar = r->bar();
+    const uint64_t size = bar == pci::kRomBar ? b.rom_size : b.size[bar];
+    const bool exists = bar == pci::kRomBar ? b.rom_size != 0 : (b.kind[bar] != pci::BarKind::none && !b.upper_half[bar]);
+    if (!exists) engine_error("create engine", EINVAL, what + ": bar " + std::to_string(bar) + " is not a BAR of this function");
+    if (r->offset() >= size || r->size() > size - r->offset())
+      engine_error("create engine", EINVAL, what + ": [" + hex(r->offset()) + ", " + hex(r->offset() + r->size()) +
+                                                ") runs past BAR " + std::to_string(bar) + " (" + std::to_string(size) + " bytes)");
+    const pci::MsixHit h = fn->msix_hit(bar, r->offset(), uint32_t(std::min<uint64_t>(r->size(), UINT32_MAX)));
+    if (h.region != pci::MsixRegion::none)
+      engine_error("create engine", EINVAL, what + ": overlaps the MSI-X table or PBA in BAR " + std::to_string(bar));
+    by_bar[bar].push_back(uint32_t(i));
+  }
+  for (auto& v : by_bar) {
+    std::sort(v.begin(), v.end(), [&](uint32_t a, uint32_t c) { return regions[a]->offset() < regions[c]->offset(); });
+    for (size_t k = 1; k < v.size(); ++k) {
+      const Region& a = *regions[v[k - 1]];
+      const Region& c = *regions[v[k]];
+      if (a.offset() + a.size() > c.offset())
+        engine_error("create engine", EINVAL, "region '" + c.name() + "' overlaps region '" + a.name() + "' in BAR " +
+                                                  std::to_string(c.bar()));
+    }
+  }
+}
+
+int Engine::Impl::find_region(int bar, uint64_t off, uint64_t len) const noexcept {
+  for (uint32_t i : by_bar[bar]) {
+    const Region& r = *regions[i];
+    if (off < r.offset()) return -1;  // sorted: nothing further can contain it
+    if (r.contains(off, len == 0 ? 1 : len)) return int(i);
+    if (off < r.offset() + r.size()) return -1;  // starts inside, runs past the end
+  }
+  return -1;
+}
+
+void Engine::Impl::Sink::deliver(uint64_t address, uint32_t data) noexcept {
+  {
+    std::lock_guard<std::mutex> g(e_->irq_mu);
+    if (e_->irq_q.size() >= 4096) {
+      bump(e_->irq_dropped);
+      return;
+    }
+    e_->irq_q.emplace_back(address, data);  // capacity reserved: no allocation
+  }
+  e_->irq_pending.store(true, std::memory_order_release);  // release: after the queue entry
+  if (!e_->lanes.empty()) e_->lanes[0]->poke();
+}
+
+void Engine::Impl::poke_all() noexcept {
+  for (auto& l : lanes) l->poke();
+}
+
+// ---------------------------------------------------------------- Lane
+
+Lane::Lane(Engine::Impl* eng, uint32_t idx, std::shared_ptr<Gateway> g, std::unique_ptr<RequestSource> s)
+    : e(eng), index(idx), gw(std::move(g)), src(std::move(s)), cfg(new uint8_t[pci::kConfigSize]()),
+      cs(&eng->layout->config, cfg.get()), batch(eng->opt.batch) {
+  var = gw->var();
+  reqs.resize(batch);
+  slots.resize(batch);
+  rdata.resize(batch * kMaxDataPerRequest);
+  const size_t extra_max = batch;  // deferred answers published per round at most
+  out.resize((batch + extra_max) * kMaxCplBytesPerRequest + 64 * 32);
+  const size_t max_cpl = (batch + extra_max) * tlp::kMaxCompletions + 64;
+  cpl_start.resize(max_cpl);
+  cpl_len.resize(max_cpl);
+  rec_off.resize(max_cpl);
+  rec_len.resize(max_cpl);
+  ends_tmp.resize(tlp::kMaxCompletions);
+  items.resize(batch);
+  extra.resize(extra_max);
+  extra_slots.resize(extra_max);
+  dslots.resize(eng->opt.deferred_max);
+  dfree.reserve(dslots.size());
+  for (size_t i = dslots.size(); i-- > 0;) dfree.push_back(uint32_t(i));
+  dready.reserve(dslots.size());
+  rc.reset(new RegionCountersA[eng->regions.size() + 1]);
+  if (eng->opt.trace_entries != 0) {
+    trace_n = eng->opt.trace_entries;
+    trace_words.reset(new std::atomic<uint64_t>[trace_n * 8]);
+    for (size_t i = 0; i < trace_n * 8; ++i) trace_words[i].store(0, std::memory_order_relaxed);
+  }
+}
+
+void Lane::poke() noexcept {
+  bell.fetch_add(1, std::memory_order_release);  // release: the command / queue entry first
+  futex_wake(bell);
+  src->wake();
+}
+
+void Lane::wait_bell(uint32_t seen) noexcept {
+  // Blocking point: paused or released; pokes (commands, deferred answers, MSI-X) wake it.
+  futex_wait(bell, seen, Deadline::after(std::chrono::milliseconds(50)));
+}
+
+void Lane::refresh() noexcept {
+  std::lock_guard<std::mutex> g(e->fn_mu);
+  gen = e->cfg_gen.load(std::memory_order_acquire);  // acquire: the writes behind the bump
+  const pci::Function& f = *e->fn;
+  std::memcpy(cfg.get(), f.config().bytes(), pci::kConfigSize);
+  mem_en = f.memory_enabled();
+  io_en = f.io_enabled();
+  params = f.completion_params(uint16_t(e->completer.load(std::memory_order_relaxed)));
+  // A gateway record must hold the completion: split payloads to what a slot carries.
+  const size_t room = gw ? gw->max_record() : 4096;
+  while (params.max_payload > 128 && params.max_payload + 16u > room) params.max_payload = uint16_t(params.max_payload / 2);
+  const pci::CompletionTimeout ct = f.completion_timeout();
+  timeout_us = ct.max_us;
+}
+
+void Lane::trace(size_t i, const Slot& s, uint64_t lat_ns) noexcept {
+  if (trace_n == 0) return;
+  TraceEntry t{};
+  t.time_ns = batch_t0;
+  t.address = s.t.address;
+  t.lane = index;
+  t.requester_id = s.t.requester_id;
+  t.tag = s.t.tag;
+  t.length_dw = s.t.length;
+  t.kind = s.status == kTraceMalformed ? kTraceMalformed : uint8_t(s.t.kind);
+  t.status = s.action == Action::posted ? kTracePosted : s.action == Action::deferred ? kTraceDeferred : s.status;
+  t.first_be = s.t.first_be;
+  t.last_be = s.t.last_be;
+  t.completions = s.ncpl;
+  t.region = uint8_t(s.region + 1);
+  t.latency_ns = lat_ns > UINT32_MAX ? UINT32_MAX : uint32_t(lat_ns);
+  if (i < batch) std::memcpy(t.header, reqs[i].tlp, std::min<size_t>(16, reqs[i].len));
+  uint64_t w[8];
+  std::memcpy(w, &t, sizeof w);
+  const uint64_t h = trace_head.load(std::memory_order_relaxed);  // only this lane writes it
+  std::atomic<uint64_t>* dst = &trace_words[(h & (trace_n - 1)) * 8];
+  for (int k = 0; k < 8; ++k) dst[k].store(w[k], std::memory_order_relaxed);  // relaxed: the head publishes
+  trace_head.store(h + 1, std::memory_order_release);  // release: the entry's words first
+}
+
+void Lane::answer(Slot& s, const uint8_t* data, size_t len, uint8_t status) {
+  s.status = status;
+  s.action = Action::answer;
+  tlp::CompletionParams p = params;
+  p.completer_id = uint16_t(e->completer.load(std::memory_order_relaxed));
+  p.status = status;
+  if (status != uint8_t(CplStatus::SC)) {
+    data = nullptr;
+    len = 0;
+    bump(status == uint8_t(CplStatus::UR) ? ur : ca);
+  }
+  size_t used = 0, count = 0;
+  tlp::Status st = tlp::build_completions(s.t, data, len, p, out.data() + out_used, out.size() - out_used, &used,
+                                          ends_tmp.data(), ends_tmp.size(), &count);
+  if (st != tlp::Status::ok) {
+    // A request that breaks a field rule the decoder let through: nothing sensible to send.
+    s.action = Action::retire_only;
+    s.ncpl = 0;
+    bump(malformed);
+    return;
+  }
+  s.cpl_first = uint32_t(ncpl);
+  s.ncpl = uint8_t(count);
+  uint32_t prev = 0;
+  for (size_t k = 0; k < count; ++k) {
+    cpl_start[ncpl] = uint32_t(out_used + prev);
+    cpl_len[ncpl] = ends_tmp[k] - prev;
+    prev = ends_tmp[k];
+    ++ncpl;
+  }
+  out_used += used;
+}
+
+void Lane::add_batch_item(size_t i, Slot& s, Region& r, uint32_t region_index, uint64_t off, uint32_t len, bool write) {
+  BatchItem& it = items[nitems];
+  it = BatchItem{};
+  it.region = &r;
+  it.region_index = region_index;
+  it.offset = off;
+  it.len = len;
+  it.first_be = s.t.first_be;
+  it.last_be = s.t.last_be;
+  it.kind = s.t.kind;
+  it.write = write;
+  it.requester_id = s.t.requester_id;
+  it.tag = s.t.tag;
+  it.data = write ? s.t.data : nullptr;
+  s.item = int32_t(nitems++);
+  if (write) items_have_write = true;
+  bump(rc[region_index].batched);
+  if (!write || s.t.kind == Kind::IOWr) {
+    // Non-posted: it may be answered from another thread, so it gets its id now.
+    it.deferred_id = new_deferred(s, reqs[i]);
+    if (it.deferred_id == 0) {
+      // No room for one more deferred request: Completer Abort now (counted as ca).
+      --nitems;
+      s.item = -1;
+      answer(s, nullptr, 0, uint8_t(CplStatus::CA));
+      return;
+    }
+  }
+  s.action = Action::deferred;  // finish_batched() decides
+}
+
+uint64_t Lane::new_deferred(const Slot& s, const Request& r) {
+  std::lock_guard<std::mutex> g(dmu);
+  if (dfree.empty()) return 0;
+  const uint32_t k = dfree.back();
+  dfree.pop_back();
+  Deferred& d = dslots[k];
+  d.state = DState::in_call;
+  ++d.gen;
+  if (d.gen == 0) d.gen = 1;
+  d.t = s.t;
+  d.t.data = nullptr;
+  d.t.data_len = 0;
+  d.req = r;
+  d.req.tlp = nullptr;
+  d.region = s.region;
+  d.taken_ns = batch_t0;
+  d.status = 0;
+  d.data.clear();
+  return (uint64_t(index) << 48) | (uint64_t(k) << 32) | d.gen;
+}
+
+void Lane::route_memory(size_t i, Slot& s, bool io) {
+  const tlp::Tlp& t = s.t;
+  const uint32_t len = uint32_t(t.length) * 4;
+  const bool write = t.kind == Kind::MWr || t.kind == Kind::IOWr;
+  const bool posted = t.kind == Kind::MWr;
+  pci::DecodeResult d = io ? pci::decode_io(e->layout->bars, cs, uint32_t(t.address), len, io_en)
+                           : pci::decode_memory(e->layout->bars, cs, t.address, len, mem_en);
+  auto unsupported = [&] {
+    if (posted) {
+      s.action = Action::posted;
+      s.status = uint8_t(CplStatus::UR);
+      bump(unsupported_posted);
+    } else {
+      answer(s, nullptr, 0, uint8_t(CplStatus::UR));
+    }
+  };
+  if (d.status != pci::Decode::hit) return unsupported();
+  const pci::MsixHit h = e->fn->msix_hit(d.bar, d.offset, len);
+  if (h.region != pci::MsixRegion::none) {
+    if (h.region == pci::MsixRegion::straddles) return unsupported();
+    uint8_t* buf = rdata.data() + i * kMaxDataPerRequest;
+    std::lock_guard<std::mutex> g(e->fn_mu);
+    if (write) {
+      e->fn->msix_write(d.bar, d.offset, t.data, len, t.first_be, t.length == 1 ? 0 : t.last_be);
+      if (posted) s.action = Action::posted;
+      else answer(s, nullptr, 0, uint8_t(CplStatus::SC));
+    } else {
+      e->fn->msix_read(d.bar, d.offset, len, buf);
+      answer(s, buf, len, uint8_t(CplStatus::SC));
+    }
+    return;
+  }
+  const int ri = e->find_region(d.bar, d.offset, len);
+  if (ri < 0) return unsupported();
+  s.region = int16_t(ri);
+  Region& r = *e->regions[size_t(ri)];
+  const uint64_t off = d.offset - r.offset();
+  RegionCountersA& c = rc[ri];
+  if (write) {
+    bump(c.writes);
+    bump(c.write_bytes, len);
+  } else {
+    bump(c.reads);
+    bump(c.read_bytes, len);
+  }
+  const bool batched = r.batched(off, len);
+  if (!batched && items_have_write) run_handler();  // a read or write must not pass a write
+  if (write) {
+    // Registers update natively first, then a write hook sees the access.
+    if (r.kind() != RegionKind::callback) r.write(off, t.data, len, t.first_be, t.length == 1 ? 0 : t.last_be);
+    if (batched) return add_batch_item(i, s, r, uint32_t(ri), off, len, true);
+    if (posted) s.action = Action::posted;
+    else answer(s, nullptr, 0, uint8_t(CplStatus::SC));
+    return;
+  }
+  if (batched) return add_batch_item(i, s, r, uint32_t(ri), off, len, false);
+  uint8_t* buf = rdata.data() + i * kMaxDataPerRequest;
+  if (!r.read(off, len, buf)) return answer(s, nullptr, 0, uint8_t(CplStatus::CA));
+  answer(s, buf, len, uint8_t(CplStatus::SC));
+}
+
+void Lane::process(size_t i) {
+  Slot& s = slots[i];
+  s = Slot{};
+  const Request& r = reqs[i];
+  if (r.flags & kRequestRedelivered) {
+    bump(redelivered);
+    if (r.flags & kRequestPublished) {
+      // The dead claimer's answer reached the host: answering again would duplicate it.
+      s.action = Action::retire_only;
+      bump(published);
+      return;
+    }
+  }
+  const tlp::Status st = tlp::decode(r.tlp, r.len, &s.t);
+  if (st != tlp::Status::ok) {
+    s.action = Action::retire_only;
+    s.status = kTraceMalformed;
+    bump(malformed);
+    return;
+  }
+  const tlp::Tlp& t = s.t;
+  bump(kinds[size_t(t.kind)]);
+  switch (t.kind) {
+    case Kind::MRd:
+    case Kind::MWr:
+      return route_memory(i, s, false);
+    case Kind::IORd:
+    case Kind::IOWr:
+      return route_memory(i, s, true);
+    case Kind::MRdLk:
+      return answer(s, nullptr, 0, uint8_t(CplStatus::UR));
+    case Kind::CfgRd0:
+    case Kind::CfgWr0: {
+      if ((t.dest_id & 7u) != 0) return answer(s, nullptr, 0, uint8_t(CplStatus::UR));
+      const auto dw = uint16_t(t.address & 0xffc);
+      if (t.kind == Kind::CfgRd0) {
+        uint32_t v;
+        {
+          std::lock_guard<std::mutex> g(e->fn_mu);
+          v = e->fn->config_read(dw);
+        }
+        uint8_t b[4] = {uint8_t(v), uint8_t(v >> 8), uint8_t(v >> 16), uint8_t(v >> 24)};
+        return answer(s, b, 4, uint8_t(CplStatus::SC));
+      }
+      uint32_t v = 0;
+      std::memcpy(&v, t.data, 4);  // payload byte 0 is the register's byte 0 (little-endian)
+      {
+        std::lock_guard<std::mutex> g(e->fn_mu);
+        e->fn->config_write(dw, v, t.first_be);
+        // §2.2.6.2: capture the Bus and Device Numbers of every Type 0 write we complete.
+        e->completer.store(uint32_t(t.dest_id & 0xfff8u), std::memory_order_relaxed);
+        e->cfg_gen.fetch_add(1, std::memory_order_release);  // release: after the write
+      }
+      bump(config_writes);
+      refresh();  // later requests of this batch see the new enables and bases
+      return answer(s, nullptr, 0, uint8_t(CplStatus::SC));
+    }
+    case Kind::CfgRd1:
+    case Kind::CfgWr1:
+      return answer(s, nullptr, 0, uint8_t(CplStatus::UR));
+    case Kind::Msg:
+    case Kind::MsgD:
+      bump(messages);
+      s.action = Action::posted;
+      return;
+    default:  // completions: the function has no request outstanding but MSI-X writes
+      bump(unexpected);
+      s.action = Action::retire_only;
+      return;
+  }
+}
+
+void Lane::run_handler() {
+  if (nitems == 0) return;
+  if (e->handler != nullptr) {
+    bump(handler_batches);
+    e->handler->run(items.data(), nitems);
+  }
+  finish_batched();
+}
+
+void Lane::finish_batched() {
+  // Items map back to their slots: walk the slots that point at an item.
+  for (size_t i = 0; i < batch; ++i) {
+    Slot& s = slots[i];
+    if (s.item < 0 || size_t(s.item) >= nitems || s.action != Action::deferred) continue;
+    BatchItem& it = items[size_t(s.item)];
+    s.item = -1;
+    if (it.deferred_id == 0) {  // a posted write: the hook ran
+      s.action = Action::posted;
+      continue;
+    }
+    const uint32_t k = uint32_t(it.deferred_id >> 32) & 0xffff;
+    Deferred& d = dslots[k];
+    std::unique_lock<std::mutex> g(dmu);
+    if (d.state == DState::ready) {  // answered during the call
+      d.state = DState::free;
+      dfree.push_back(k);
+      const uint8_t status = d.status;
+      uint8_t* buf = rdata.data() + i * kMaxDataPerRequest;
+      if (status == uint8_t(CplStatus::SC) && !d.data.empty()) std::memcpy(buf, d.data.data(), d.data.size());
+      g.unlock();
+      answer(s, buf, s.t.kind == Kind::IOWr ? 0 : size_t(s.t.length) * 4, status);
+      continue;
+    }
+    if (it.region->kind() == RegionKind::registers || it.write) {
+      // Hooked registers answer from the register file once the hooks ran; an IOWr is done.
+      d.state = DState::free;
+      dfree.push_back(k);
+      g.unlock();
+      if (it.write) {
+        answer(s, nullptr, 0, uint8_t(CplStatus::SC));
+        continue;
+      }
+      uint8_t* buf = rdata.data() + i * kMaxDataPerRequest;
+      it.region->read(it.offset, it.len, buf);
+      answer(s, buf, it.len, uint8_t(CplStatus::SC));
+      continue;
+    }
+    // Deferred: kept claimed until answered or expired.
+    d.state = DState::pending;
+    const auto* cr = static_cast<const CallbackRegion*>(it.region);
+    const uint64_t us = cr->deadline_us() != 0 ? cr->deadline_us() : timeout_us;
+    d.deadline_ns = batch_t0 + us * 1000;
+    if (d.deadline_ns < next_expiry) next_expiry = d.deadline_ns;
+    ++outstanding;
+    g.unlock();
+    bump(deferred);
+    s.deferred = k;
+  }
+  nitems = 0;
+  items_have_write = false;
+}
+
+void Lane::build_deferred(Deferred& d, uint32_t k) {
+  // Publish the answer (or the CA of an expiry) of deferred slot k with this round's batch.
+  if (nextra >= extra.size()) return;
+  Slot& s = extra_slots[nextra];
+  s = Slot{};
+  s.t = d.t;
+  s.region = d.region;
+  extra[nextra] = d.req;
+  const size_t len = d.status == uint8_t(CplStatus::SC) ? size_t(d.t.length) * 4 : 0;
+  answer(s, len != 0 ? d.data.data() : nullptr, len, d.status);
+  s.deferred = k;
+  ++nextra;
+}
+
+void Lane::housekeeping() {
+  nextra = 0;
+  // MSI-X messages (lane 0): a DWORD MWr of `data` to `address` (§7.7.2), requester = us.
+  if (index == 0 && e->irq_pending.load(std::memory_order_acquire)) {
+    std::lock_guard<std::mutex> g(e->irq_mu);
+    e->irq_pending.store(false, std::memory_order_relaxed);  // relaxed: under irq_mu
+    for (const auto& m : e->irq_q) {
+      if (out.size() - out_used < 32 || ncpl >= cpl_start.size()) break;
+      tlp::Tlp w;
+      w.kind = Kind::MWr;
+      w.length = 1;
+      w.first_be = 0xf;
+      w.requester_id = uint16_t(e->completer.load(std::memory_order_relaxed));
+      w.address = m.first;
+      uint8_t payload[4] = {uint8_t(m.second), uint8_t(m.second >> 8), uint8_t(m.second >> 16), uint8_t(m.second >> 24)};
+      w.data = payload;
+      w.data_len = 4;
+      tlp::set_format(&w);
+      size_t n = 0;
+      if (tlp::encode(w, out.data() + out_used, out.size() - out_used, &n) != tlp::Status::ok) continue;
+      cpl_start[ncpl] = uint32_t(out_used);
+      cpl_len[ncpl] = uint32_t(n);
+      ++ncpl;
+      ++nirq;
+      out_used += n;
+      bump(interrupts);
+    }
+    e->irq_q.clear();
+  }
+  if (!dready_flag.load(std::memory_order_acquire) && next_expiry == UINT64_MAX) return;
+  const uint64_t now = now_ns();
+  std::lock_guard<std::mutex> g(dmu);
+  dready_flag.store(false, std::memory_order_relaxed);  // relaxed: under dmu
+  size_t keep = 0;
+  for (size_t j = 0; j < dready.size(); ++j) {
+    const uint32_t k = dready[j];
+    if (nextra >= extra.size()) {
+      dready[keep++] = k;  // next round
+      continue;
+    }
+    build_deferred(dslots[k], k);
+    bump(deferred_completed);
+  }
+  dready.resize(keep);
+  if (keep != 0) dready_flag.store(true, std::memory_order_relaxed);
+  if (now >= next_expiry) {
+    next_expiry = UINT64_MAX;
+    for (uint32_t k = 0; k < dslots.size(); ++k) {
+      Deferred& d = dslots[k];
+      if (d.state != DState::pending) continue;
+      if (d.deadline_ns > now) {
+        next_expiry = std::min(next_expiry, d.deadline_ns);
+        continue;
+      }
+      if (nextra >= extra.size()) {
+        next_expiry = now;
+        break;
+      }
+      d.state = DState::ready;
+      d.status = uint8_t(CplStatus::CA);
+      build_deferred(d, k);
+      bump(deferred_expired);
+    }
+  }
+}
+
+void Lane::publish(size_t n) {
+  // Mark every answered request with the doorbell count its last completion reaches, in
+  // record order, before those records are written; then write them, then retire.
+  const uint64_t base = gw ? gw->published() : 0;
+  size_t nrec = 0;
+  const uint32_t page = var->page_id();
+  auto mark = [&](const Request& r, Slot& s) {
+    if (s.action != Action::answer || s.ncpl == 0) return;
+    const int rc2 = src->mark(r, page, base + nrec + s.ncpl);
+    if (rc2 != 0) {
+      bump(stale);
+      s.action = Action::retire_only;  // discarded (a new host epoch): nothing to answer
+      return;
+    }
+    for (uint32_t k = 0; k < s.ncpl; ++k) {
+      rec_off[nrec] = cpl_start[s.cpl_first + k];
+      rec_len[nrec] = cpl_len[s.cpl_first + k];
+      ++nrec;
+    }
+    s.seq = base + nrec;
+  };
+  // MSI-X messages first (they were built first and answer no request).
+  for (size_t k = 0; k < nirq; ++k) {
+    rec_off[nrec] = cpl_start[k];
+    rec_len[nrec] = cpl_len[k];
+    ++nrec;
+  }
+  for (size_t i = 0; i < nextra; ++i) mark(extra[i], extra_slots[i]);
+  for (size_t i = 0; i < n; ++i) mark(reqs[i], slots[i]);
+  write_records(nrec);
+  const uint64_t t1 = now_ns();
+  auto finish = [&](size_t i, const Request& r, Slot& s, bool is_extra) {
+    if (s.action == Action::deferred || s.action == Action::keep) {
+      if (!is_extra) trace(i, s, 0);
+      return;
+    }
+    if (s.action == Action::answer && s.ncpl != 0 && (!gw || gw->published() < s.seq))
+      return;  // not in the page (stopped while the host did not consume): stays claimed
+
+    const int rc2 = src->retire(r);
+    if (rc2 != 0) bump(stale);
+    bump(completions, s.ncpl);
+    const uint64_t lat_ns = t1 - (is_extra ? 0 : batch_t0);
+    if (!is_extra) {
+      const unsigned b = lat_ns == 0 ? 0 : unsigned(63 - __builtin_clzll(lat_ns));
+      bump(lat[std::min<unsigned>(b, kLatencyBuckets - 1)]);
+      trace(i, s, lat_ns);
+    }
+    if (is_extra && s.deferred != UINT32_MAX) {
+      std::lock_guard<std::mutex> g(dmu);
+      Deferred& d = dslots[s.deferred];
+      d.state = DState::free;
+      dfree.push_back(s.deferred);
+      --outstanding;
+    }
+  };
+  for (size_t i = 0; i < nextra; ++i) finish(batch, extra[i], extra_slots[i], true);
+  for (size_t i = 0; i < n; ++i) finish(i, reqs[i], slots[i], false);
+  deferred_open.store(outstanding, std::memory_order_relaxed);
+  out_used = 0;
+  ncpl = 0;
+  nextra = 0;
+  nirq = 0;
+}
+
+void Lane::write_records(size_t nrec) {
+  size_t done = 0;
+  while (done < nrec && gw) {
+    // Bounded waits so that a stop is noticed while the host does not consume.
+    done += gw->write_batch(out.data(), rec_off.data() + done, rec_len.data() + done, nrec - done,
+                            Deadline::after(std::chrono::milliseconds(100)));
+    if (done < nrec && (want_stop() || gw->closed())) break;
+  }
+}
+
+void Lane::serve_batch(size_t n) {
+  batch_t0 = now_ns();
+  bump(batches);
+  if (e->cfg_gen.load(std::memory_order_acquire) != gen) refresh();  // acquire: see refresh()
+  nitems = 0;
+  items_have_write = false;
+  for (size_t i = 0; i < batch; ++i) slots[i] = Slot{};  // finish_batched() walks them all
+  for (size_t i = 0; i < n; ++i) process(i);
+  run_handler();
+}
+
+void Lane::run() noexcept {
+  try {
+    refresh();
+    // A successor first takes every request a dead claimer left, before it writes to any
+    // page: the source judges "published" against the doorbells the dead claimer left.
+    for (size_t n; !want_stop() && (n = src->recover(reqs.data(), batch)) != 0;) {
+      serve_batch(n);
+      publish(n);
+    }
+    for (;;) {
+      const uint32_t c = cmd.load(std::memory_order_acquire);  // acquire: the command's data
+      if (c == kCmdStop) break;
+      if (c == kCmdRelease && gw) {
+        try {
+          gw->close(std::chrono::seconds(1));
+        } catch (const std::exception& ex) {
+          error = ex.what();  // records the host did not take: counted in the gateway's lost
+        }
+        gw.reset();
+      }
+      if (c == kCmdReattach && !gw) {
+        GatewayOptions o;
+        o.direct = true;
+        gw = Gateway::open(var, nullptr, o);
+        refresh();
+      }
+      if (c != kCmdRun) {
+        const uint32_t seen = bell.load(std::memory_order_acquire);
+        if (gw) {
+          housekeeping();
+          if (nextra != 0 || ncpl != 0) publish(0);
+        }
+        ack.store(c, std::memory_order_release);  // release: everything before is done
+        futex_wake(ack);
+        if (cmd.load(std::memory_order_acquire) == c) wait_bell(seen);
+        continue;
+      }
+      ack.store(kCmdRun, std::memory_order_release);
+      housekeeping();
+      const uint64_t now = now_ns();
+      Deadline d = Deadline::after(std::chrono::milliseconds(200));
+      if (next_expiry != UINT64_MAX)
+        d = d.earliest(Deadline::after(std::chrono::nanoseconds(next_expiry > now ? next_expiry - now : 0)));
+      size_t n = 0;
+      if (nextra == 0 && ncpl == 0 && !dready_flag.load(std::memory_order_acquire)) n = src->take(reqs.data(), batch, d);
+      else n = src->take(reqs.data(), batch, Deadline::poll());
+      if (n != 0) serve_batch(n);
+      if (n != 0 || nextra != 0 || ncpl != 0) publish(n);
+    }
+    // Stopping: answer every deferred request still open with Completer Abort (the host
+    // would otherwise wait for its completion timeout), as far as the page takes them.
+    for (int round = 0; round < 64 && outstanding != 0 && gw; ++round) {
+      {
+        std::lock_guard<std::mutex> g(dmu);
+        for (Deferred& d : dslots)
+          if (d.state == DState::pending) d.deadline_ns = 0;
+        next_expiry = 0;
+      }
+      housekeeping();
+      if (nextra == 0 && ncpl == 0) break;
+      publish(0);
+    }
+  } catch (const std::exception& ex) {
+    error = ex.what();
+  }
+  ack.store(kCmdStop, std::memory_order_release);
+  futex_wake(ack);
+}
+
+// ---------------------------------------------------------------- Engine
+
+Engine::Engine(std::shared_ptr<const pci::FunctionLayout> layout, std::vector<std::shared_ptr<Region>> regions,
+               const EngineOptions& options, pci::FunctionState* state, pci::Function::Adopt adopt)
+    : impl_(std::make_unique<Impl>(std::move(layout), std::move(regions), options, state, adopt)) {
+  impl_->irq_q.reserve(4096);
+}
+
+Engine::~Engine() { stop(); }
+
+void Engine::add_lane(std::shared_ptr<Gateway> gateway, std::unique_ptr<RequestSource> source) {
+  std::lock_guard<std::mutex> g(impl_->ctl_mu);
+  if (impl_->state.load() != kStateCreated) engine_error("add lane", EBUSY, "the engine was started");
+  if (!gateway || !source) engine_error("add lane", EINVAL, "no gateway or no request source");
+  if (!gateway->direct()) engine_error("add lane", EINVAL, "the gateway must be a direct-mode gateway (the lane writes it)");
+  if (gateway->max_record() < 128 + 16)
+    engine_error("add lane", EINVAL, "gateway records of " + std::to_string(gateway->max_record()) +
+                                         " bytes cannot hold a 128-byte completion payload (use slots of 256 bytes or more)");
+  if (impl_->lanes.size() >= 64) engine_error("add lane", EINVAL, "more than 64 lanes");
+  impl_->lanes.push_back(std::make_unique<Lane>(impl_.get(), uint32_t(impl_->lanes.size()), std::move(gateway), std::move(source)));
+}
+
+void Engine::set_batch_handler(BatchHandler* handler) noexcept { impl_->handler = handler; }
+
+void Engine::start() {
+  std::lock_guard<std::mutex> g(impl_->ctl_mu);
+  if (impl_->state.load() != kStateCreated) engine_error("start engine", EBUSY, std::string("the engine is ") + state());
+  if (impl_->lanes.empty()) engine_error("start engine", EINVAL, "no lanes (add a gateway page and a request source)");
+  for (auto& l : impl_->lanes) {
+    Lane* p = l.get();
+    p->th = std::thread([p] { p->run(); });
+  }
+  impl_->state.store(kStateRunning);
+}
+
+namespace {
+bool wait_acks(std::vector<std::unique_ptr<Lane>>& lanes, uint32_t want, Deadline deadline) {
+  for (auto& l : lanes) {
+    for (;;) {
+      const uint32_t a = l->ack.load(std::memory_order_acquire);  // acquire: the lane's work
+      if (a == want || a == kCmdStop) break;
+      // Blocking point: the lane stores ack and wakes us.
+      if (!futex_wait(l->ack, a, deadline.earliest(Deadline::after(std::chrono::milliseconds(20))))) {
+        if (deadline.expired()) return false;
+      }
+    }
+  }
+  return true;
+}
+}  // namespace
+
+bool Engine::pause(Deadline deadline) {
+  std::lock_guard<std::mutex> g(impl_->ctl_mu);
+  const int st = impl_->state.load();
+  if (st == kStatePaused) return true;
+  if (st != kStateRunning) engine_error("pause engine", EINVAL, std::string("the engine is ") + state());
+  for (auto& l : impl_->lanes) {
+    l->cmd.store(kCmdPause, std::memory_order_release);
+    l->poke();
+  }
+  if (!wait_acks(impl_->lanes, kCmdPause, deadline)) return false;
+  impl_->state.store(kStatePaused);
+  return true;
+}
+
+void Engine::resume() {
+  std::lock_guard<std::mutex> g(impl_->ctl_mu);
+  const int st = impl_->state.load();
+  if (st == kStateRunning) return;
+  if (st != kStatePaused) engine_error("resume engine", EINVAL, std::string("the engine is ") + state());
+  for (auto& l : impl_->lanes)
+    if (!l->gw) engine_error("resume engine", EINVAL, "the gateways were released: reattach_gateways() first");
+  for (auto& l : impl_->lanes) {
+    l->cmd.store(kCmdRun, std::memory_order_release);
+    l->poke();
+  }
+  impl_->state.store(kStateRunning);
+}
+
+void Engine::release_gateways(std::chrono::nanoseconds) {
+  std::lock_guard<std::mutex> g(impl_->ctl_mu);
+  if (impl_->state.load() != kStatePaused) engine_error("release gateways", EBUSY, std::string("the engine is ") + state() + ", not paused");
+  for (auto& l : impl_->lanes) {
+    l->cmd.store(kCmdRelease, std::memory_order_release);
+    l->poke();
+  }
+  wait_acks(impl_->lanes, kCmdRelease, Deadline::never());
+}
+
+void Engine::reattach_gateways() {
+  std::lock_guard<std::mutex> g(impl_->ctl_mu);
+  if (impl_->state.load() != kStatePaused) engine_error("reattach gateways", EBUSY, std::string("the engine is ") + state() + ", not paused");
+  for (auto& l : impl_->lanes) {
+    l->cmd.store(kCmdReattach, std::memory_order_release);
+    l->poke();
+  }
+  wait_acks(impl_->lanes, kCmdReattach, Deadline::never());
+  std::string err;
+  for (auto& l : impl_->lanes)
+    if (!l->gw) err = l->error.empty() ? "a lane could not reopen its gateway" : l->error;
+  for (auto& l : impl_->lanes) {
+    l->cmd.store(kCmdPause, std::memory_order_release);
+    l->poke();
+  }
+  wait_acks(impl_->lanes, kCmdPause, Deadline::never());
+  if (!err.empty()) throw Error(ErrorKind::generic, "reattach gateways", EIO, err);
+}
+
+void Engine::stop() noexcept {
+  std::lock_guard<std::mutex> g(impl_->ctl_mu);
+  if (impl_->state.load() == kStateStopped) return;
+  for (auto& l : impl_->lanes) {
+    l->cmd.store(kCmdStop, std::memory_order_release);
+    l->poke();
+  }
+  for (auto& l : impl_->lanes) {
+    if (l->th.joinable()) l->th.join();
+    if (l->gw) {
+      try {
+        l->gw->close(std::chrono::seconds(1));
+      } catch (...) {
+        // Records the host never took are counted in the gateway's stats (lost).
+      }
+    }
+  }
+  impl_->state.store(kStateStopped);
+}
+
+const char* Engine::state() const noexcept {
+  switch (impl_->state.load()) {
+    case kStateCreated: return "created";
+    case kStateRunning: return "running";
+    case kStatePaused: return "paused";
+    default: return "stopped";
+  }
+}
+
+size_t Engine::lanes() const noexcept { return impl_->lanes.size(); }
+
+int Engine::complete_deferred(uint64_t id, const uint8_t* data, size_t len) noexcept {
+  const size_t lane = size_t(id >> 48), k = size_t(id >> 32) & 0xffff;
+  if (lane >= impl_->lanes.size()) return ENOENT;
+  Lane& l = *impl_->lanes[lane];
+  if (k >= l.dslots.size()) return ENOENT;
+  bool wake = false;
+  {
+    std::lock_guard<std::mutex> g(l.dmu);
+    Deferred& d = l.dslots[k];
+    if (d.gen != uint32_t(id) || (d.state != DState::in_call && d.state != DState::pending)) return ENOENT;
+    const size_t want = d.t.kind == Kind::IOWr ? 0 : size_t(d.t.length) * 4;
+    if (len != want) return EINVAL;
+    try {
+      d.data.assign(data, data + len);
+    } catch (...) {
+      return ENOMEM;
+    }
+    d.status = uint8_t(CplStatus::SC);
+    if (d.state == DState::pending) {
+      l.dready.push_back(uint32_t(k));  // capacity reserved for every slot
+      wake = true;
+    }
+    d.state = DState::ready;
+  }
+  if (wake) {
+    l.dready_flag.store(true, std::memory_order_release);  // release: after the entry
+    l.poke();
+  }
+  return 0;
+}
+
+int Engine::fail_deferred(uint64_t id, uint8_t status) noexcept {
+  if (status != uint8_t(CplStatus::UR) && status != uint8_t(CplStatus::CA)) return EINVAL;
+  const size_t lane = size_t(id >> 48), k = size_t(id >> 32) & 0xffff;
+  if (lane >= impl_->lanes.size()) return ENOENT;
+  Lane& l = *impl_->lanes[lane];
+  if (k >= l.dslots.size()) return ENOENT;
+  bool wake = false;
+  {
+    std::lock_guard<std::mutex> g(l.dmu);
+    Deferred& d = l.dslots[k];
+    if (d.gen != uint32_t(id) || (d.state != DState::in_call && d.state != DState::pending)) return ENOENT;
+    d.status = status;
+    if (d.state == DState::pending) {
+      l.dready.push_back(uint32_t(k));
+      wake = true;
+    }
+    d.state = DState::ready;
+  }
+  if (wake) {
+    l.dready_flag.store(true, std::memory_order_release);
+    l.poke();
+  }
+  return 0;
+}
+
+EngineStats Engine::stats() const {
+  EngineStats s;
+  s.regions.resize(impl_->regions.size());
+  auto ld = [](const Counter& c) { return c.load(std::memory_order_relaxed); };
+  for (const auto& lp : impl_->lanes) {
+    const Lane& l = *lp;
+    for (size_t k = 0; k < tlp::kKindCount; ++k) s.requests[k] += ld(l.kinds[k]);
+    s.batches += ld(l.batches);
+    s.completions += ld(l.completions);
+    s.ur += ld(l.ur);
+    s.ca += ld(l.ca);
+    s.unsupported_posted += ld(l.unsupported_posted);
+    s.malformed += ld(l.malformed);
+    s.unexpected_completions += ld(l.unexpected);
+    s.messages += ld(l.messages);
+    s.redelivered += ld(l.redelivered);
+    s.already_published += ld(l.published);
+    s.stale += ld(l.stale);
+    s.deferred += ld(l.deferred);
+    s.deferred_completed += ld(l.deferred_completed);
+    s.deferred_expired += ld(l.deferred_expired);
+    s.deferred_outstanding += ld(l.deferred_open);
+    s.handler_batches += ld(l.handler_batches);
+    s.interrupts += ld(l.interrupts);
+    s.config_writes += ld(l.config_writes);
+    for (size_t b = 0; b < kLatencyBuckets; ++b) s.latency_ns_log2[b] += ld(l.lat[b]);
+    for (size_t r = 0; r < impl_->regions.size(); ++r) {
+      s.regions[r].reads += ld(l.rc[r].reads);
+      s.regions[r].writes += ld(l.rc[r].writes);
+      s.regions[r].read_bytes += ld(l.rc[r].read_bytes);
+      s.regions[r].write_bytes += ld(l.rc[r].write_bytes);
+      s.regions[r].batched += ld(l.rc[r].batched);
+    }
+  }
+  return s;
+}
+
+namespace {
+struct TraceFileHeader {
+  uint32_t magic;
+  uint16_t version;
+  uint16_t entry_bytes;
+  uint64_t entries;
+};
+static_assert(sizeof(TraceFileHeader) == 16, "the documented trace header is 16 bytes");
+}  // namespace
+
+size_t Engine::trace_dump(const std::string& path) const {
+  std::vector<TraceEntry> all;
+  for (const auto& lp : impl_->lanes) {
+    const Lane& l = *lp;
+    if (l.trace_n == 0) continue;
+    const uint64_t head = l.trace_head.load(std::memory_order_acquire);  // acquire: the entries
+    const uint64_t first = head > l.trace_n ? head - l.trace_n : 0;
+    std::vector<TraceEntry> mine;
+    for (uint64_t h = first; h < head; ++h) {
+      uint64_t w[8];
+      const std::atomic<uint64_t>* src = &l.trace_words[(h & (l.trace_n - 1)) * 8];
+      for (int k = 0; k < 8; ++k) w[k] = src[k].load(std::memory_order_relaxed);  // relaxed: checked below
+      TraceEntry t;
+      std::memcpy(&t, w, sizeof t);
+      mine.push_back(t);
+    }
+    // Seqlock-style: entries the lane overwrote while we copied are dropped.
+    const uint64_t head2 = l.trace_head.load(std::memory_order_acquire);
+    const uint64_t valid_from = head2 > l.trace_n ? head2 - l.trace_n : 0;
+    const size_t skip = valid_from > first ? size_t(std::min<uint64_t>(valid_from - first, mine.size())) : 0;
+    all.insert(all.end(), mine.begin() + long(skip), mine.end());
+  }
+  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
+  if (!fd) throw_errno("dump trace to '" + path + "'", errno_or_eio(), false, "open");
+  TraceFileHeader h{kTraceMagic, kTraceVersion, uint16_t(sizeof(TraceEntry)), all.size()};
+  auto put = [&](const void* p, size_t n) {
+    const auto* b = static_cast<const uint8_t*>(p);
+    while (n != 0) {
+      const ssize_t w = ::write(fd.get(), b, n);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        throw_errno("dump trace to '" + path + "'", errno_or_eio(), false, "write");
+      }
+      b += w;
+      n -= size_t(w);
+    }
+  };
+  put(&h, sizeof h);
+  if (!all.empty()) put(all.data(), all.size() * sizeof(TraceEntry));
+  return all.size();
+}
+
+std::vector<TraceEntry> read_trace(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) throw_errno("read trace '" + path + "'", errno_or_eio(), false, "open");
+  std::vector<uint8_t> bytes;
+  uint8_t buf[65536];
+  for (;;) {
+    const ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw_errno("read trace '" + path + "'", errno_or_eio(), false, "read");
+    }
+    if (n == 0) break;
+    bytes.insert(bytes.end(), buf, buf + n);
+  }
+  TraceFileHeader h{};
+  if (bytes.size() < sizeof h) throw Error(ErrorKind::invalid_argument, "read trace", EPROTO, "'" + path + "' is shorter than the 16-byte header");
+  std::memcpy(&h, bytes.data(), sizeof h);
+  if (h.magic != kTraceMagic) throw Error(ErrorKind::invalid_argument, "read trace", EPROTO, "'" + path + "' is not an mlx5tlp trace (bad magic)");
+  if (h.version != kTraceVersion || h.entry_bytes != sizeof(TraceEntry))
+    throw Error(ErrorKind::invalid_argument, "read trace", EPROTO,
+                "'" + path + "' is trace version " + std::to_string(h.version) + " with " + std::to_string(h.entry_bytes) +
+                    "-byte entries; this build reads version 1, 64-byte entries");
+  if (h.entries != (bytes.size() - sizeof h) / sizeof(TraceEntry) || (bytes.size() - sizeof h) % sizeof(TraceEntry) != 0)
+    throw Error(ErrorKind::invalid_argument, "read trace", EPROTO,
+                "'" + path + "' says " + std::to_string(h.entries) + " entries but holds " + std::to_string(bytes.size() - sizeof h) + " bytes after the header");
+  std::vector<TraceEntry> out(h.entries);
+  if (h.entries != 0) std::memcpy(out.data(), bytes.data() + sizeof h, h.entries * sizeof(TraceEntry));
+  return out;
+}
+
+uint32_t Engine::config_read(uint16_t dw_offset) const {
+  if (dw_offset >= pci::kConfigSize || dw_offset % 4 != 0)
+    engine_error("config read", EINVAL, "offset " + hex(dw_offset) + " is not a DW offset below 0x1000");
+  std::lock_guard<std::mutex> g(impl_->fn_mu);
+  return impl_->fn->config_read(dw_offset);
+}
+
+void Engine::config_write(uint16_t dw_offset, uint32_t value, uint8_t byte_enables) {
+  if (dw_offset >= pci::kConfigSize || dw_offset % 4 != 0)
+    engine_error("config write", EINVAL, "offset " + hex(dw_offset) + " is not a DW offset below 0x1000");
+  if (byte_enables > 0xf) engine_error("config write", EINVAL, "byte enables are 4 bits");
+  std::lock_guard<std::mutex> g(impl_->fn_mu);
+  impl_->fn->config_write(dw_offset, value, byte_enables);
+  impl_->cfg_gen.fetch_add(1, std::memory_order_release);  // release: lanes refresh after it
+}
+
+void Engine::device_write(uint16_t offset, unsigned width, uint64_t value) {
+  if ((width != 1 && width != 2 && width != 4 && width != 8) || !pci::ConfigSpace::in_range(offset, width))
+    engine_error("device write", EINVAL, "offset " + hex(offset) + " width " + std::to_string(width) + " is not inside configuration space");
+  std::lock_guard<std::mutex> g(impl_->fn_mu);
+  impl_->fn->config().device_write(offset, width, value);
+  impl_->cfg_gen.fetch_add(1, std::memory_order_release);  // release: lanes refresh after it
+}
+
+std::vector<uint8_t> Engine::config_bytes() const {
+  std::lock_guard<std::mutex> g(impl_->fn_mu);
+  const uint8_t* b = impl_->fn->config().bytes();
+  return {b, b + pci::kConfigSize};
+}
+
+pci::RaiseResult Engine::raise_msix(uint16_t vector) noexcept { return impl_->fn->raise_msix(vector); }
+bool Engine::msix_pending(uint16_t vector) const noexcept { return impl_->fn->msix_pending(vector); }
+uint16_t Engine::completer_id() const noexcept { return uint16_t(impl_->completer.load(std::memory_order_relaxed)); }
+const pci::FunctionLayout& Engine::layout() const noexcept { return *impl_->layout; }
+const std::vector<std::shared_ptr<Region>>& Engine::regions() const noexcept { return impl_->regions; }
+
+}  // namespace mlx5tlp

@@ -1,0 +1,137 @@
+// SimRequestSource: the software device's request channels as a RequestSource.
+//
+// take() claims across its channels round robin (each claim: a few atomic loads and one CAS in
+// the shared state, no system call), then, when nothing is there, polls for `spin` and then
+// blocks in mlx5tlp_sim_function_wait (a shared futex the host's push wakes).
+#include "mlx5tlp/request_source.hpp"
+
+#include <cerrno>
+#include <string>
+
+#include "mlx5tlp/error.hpp"
+#include "mlx5tlp/sim_abi.h"
+
+namespace mlx5tlp {
+
+namespace {
+
+[[noreturn]] void sim_fail(const SimSymbols& s, const char* op, int err) {
+  char why[512] = {0};
+  if (s.last_error != nullptr) s.last_error(why, sizeof why);
+  throw_errno(op, err, false, why);
+}
+
+}  // namespace
+
+SimRequestSource::SimRequestSource(std::shared_ptr<Context> ctx, uint32_t channels, size_t batch_max,
+                                   std::chrono::nanoseconds spin)
+    : ctx_(std::move(ctx)), sym_(nullptr), mask_(channels), batch_max_(batch_max), spin_(spin) {
+  if (!ctx_) throw Error(ErrorKind::invalid_argument, "open request source", EINVAL, "no context");
+  if (ctx_->backend() != Backend::sim)
+    throw Error(ErrorKind::invalid_argument, "open request source", EINVAL,
+                "the sim request source needs a software-device context, not " +
+                    std::string(to_string(ctx_->backend())) +
+                    " (how requests reach software on mlx5 hardware is not public)");
+  if (channels == 0 || channels > 0xff)
+    throw Error(ErrorKind::invalid_argument, "open request source", EINVAL,
+                "channels: mask " + std::to_string(channels) + " must name channels 0..7 (bit c: channel c)");
+  if (batch_max == 0 || batch_max > 1024)
+    throw Error(ErrorKind::invalid_argument, "open request source", EINVAL,
+                "batch_max: " + std::to_string(batch_max) + " is not 1..1024");
+  sym_ = &ctx_->lib().sym().sim;
+  ctx_->lib().need(sym_->function_claim, "mlx5tlp_sim_function_claim");
+  ctx_->lib().need(sym_->function_wait, "mlx5tlp_sim_function_wait");
+  buf_.resize(batch_max_ * kMaxRequest);
+}
+
+size_t SimRequestSource::claim_some(m5a_ibv_context* raw, Request* out, size_t n, bool recover) {
+  if (n > batch_max_) n = batch_max_;
+  size_t got = 0;
+  uint32_t idle = 0;  // channels in a row that had nothing
+  for (uint32_t c = next_channel_; got < n && idle < 8; c = (c + 1) & 7) {
+    if ((mask_ >> c & 1u) == 0) {
+      ++idle;
+      continue;
+    }
+    uint8_t* slot = buf_.data() + got * kMaxRequest;
+    m5a_sim_claim_info info{};
+    const ssize_t len = recover ? sym_->function_recover(raw, c, slot, kMaxRequest, &info)
+                                : sym_->function_claim(raw, c, slot, kMaxRequest, &info);
+    if (len < 0) sim_fail(*sym_, recover ? "recover request" : "claim request", int(-len));
+    if (len == 0) {
+      ++idle;
+      continue;
+    }
+    idle = 0;
+    Request& r = out[got++];
+    r.tlp = slot;
+    r.len = uint32_t(len);
+    r.channel = c;
+    r.claim = info.claim;
+    r.flags = 0;
+    if (info.flags & M5A_SIM_CLAIM_REDELIVERED) r.flags |= kRequestRedelivered;
+    if (info.flags & M5A_SIM_CLAIM_MARKED) r.flags |= kRequestMarked;
+    if (info.flags & M5A_SIM_CLAIM_PUBLISHED) r.flags |= kRequestPublished;
+    if (info.flags & M5A_SIM_CLAIM_PAGE_GONE) r.flags |= kRequestPageGone;
+    r.mark_page = info.page_id;
+    r.mark_seq = info.seq;
+    next_channel_ = (c + 1) & 7;  // the next take starts after the last channel served
+  }
+  return got;
+}
+
+size_t SimRequestSource::take(Request* out, size_t n, Deadline deadline) {
+  if (n == 0) return 0;
+  const auto spin_until = Deadline::after(spin_).earliest(deadline);
+  for (;;) {
+    // acquire: pairs with wake()'s release (nothing to publish; the flag is the message).
+    if (woken_.exchange(false, std::memory_order_acq_rel)) return 0;
+    {
+      Context::Use u(*ctx_);
+      const size_t got = claim_some(u.get(), out, n, false);
+      if (got != 0) return got;
+      if (!spin_until.expired()) continue;
+      if (deadline.expired()) return 0;
+      const auto left = deadline.remaining();
+      const int64_t ns = left < kWaitCap ? left.count() : std::chrono::nanoseconds(kWaitCap).count();
+      // Blocking point: a shared futex the host's push (or wake()) wakes; at most kWaitCap.
+      const int rc = sym_->function_wait(u.get(), mask_, ns);
+      if (rc != 0 && rc != ETIMEDOUT) sim_fail(*sym_, "wait for requests", rc);
+    }
+  }
+}
+
+int SimRequestSource::mark(const Request& r, uint32_t page_id, uint64_t seq) noexcept {
+  try {
+    Context::Use u(*ctx_);
+    return sym_->function_mark(u.get(), r.channel, r.claim, page_id, seq);
+  } catch (...) {
+    return EBADF;  // the context was closed
+  }
+}
+
+int SimRequestSource::retire(const Request& r) noexcept {
+  try {
+    Context::Use u(*ctx_);
+    return sym_->function_retire(u.get(), r.channel, r.claim);
+  } catch (...) {
+    return EBADF;
+  }
+}
+
+size_t SimRequestSource::recover(Request* out, size_t n) {
+  Context::Use u(*ctx_);
+  return claim_some(u.get(), out, n, true);
+}
+
+void SimRequestSource::wake() noexcept {
+  woken_.store(true, std::memory_order_release);  // release: seen by take()'s exchange
+  try {
+    Context::Use u(*ctx_);
+    sym_->function_wake(u.get());
+  } catch (...) {
+    // A closed context: take() fails on its own next call.
+  }
+}
+
+}  // namespace mlx5tlp

@@ -1,0 +1,161 @@
+"""``mlx5tlp serve --control PATH`` / ``serve --standby PATH`` / ``handover PATH``.
+
+``serve`` runs a primary (or, with ``--standby``, a standby that takes over when the primary
+dies or is told to hand over) of the default function on a software device; with ``--events``
+it prints one JSON object per event on stdout (``serving``, ``standby``, ``first-served``,
+``takeover``, ``handed-over``, ``rollback``, ``stopped``). After a planned handover the old
+primary stays as a standby (``--after standby``, the default) or exits (``--after exit``).
+``handover PATH`` asks the primary to hand over to a standby (``--action stop|status`` for the
+other operator requests). The key is read from ``--key-file`` (a private file of this user).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import signal
+import stat
+import sys
+from collections.abc import Callable
+from typing import Any, Optional
+
+from mlx5tlp.errors import InvalidArgumentError
+
+__all__ = ["add_parsers", "read_key"]
+
+Handler = Callable[[argparse.Namespace], int]
+_kept: list[Any] = []  # owned objects a handed-over primary must not free (its successor's now)
+
+
+def read_key(path: str) -> bytes:
+    """The operator key from a file that only this user can read (mode 0600 or stricter).
+
+    Raises:
+        InvalidArgumentError: unreadable, not ours, readable by others, or under 16 bytes.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InvalidArgumentError(exc.errno, f"key file {path!r}: {exc.strerror}",
+                                   "handover") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise InvalidArgumentError(
+                errno.EPERM, f"key file {path!r} must be a regular file of this user that "
+                f"nobody else can read (mode {st.st_mode & 0o7777:04o}; use chmod 600)",
+                "handover")
+        key = os.read(fd, 4096).strip()
+    finally:
+        os.close(fd)
+    if len(key) < 16:
+        raise InvalidArgumentError(errno.EINVAL, f"key file {path!r} holds {len(key)} bytes; "
+                                   "the key must be at least 16", "handover")
+    return key
+
+
+def _emitter(enabled: bool) -> Optional[Callable[[dict[str, Any]], None]]:
+    if not enabled:
+        return None
+
+    def emit(event: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+
+    return emit
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from mlx5tlp.handover import Primary, Standby
+
+    key = read_key(args.key_file)
+    events = _emitter(args.events)
+    path = args.standby or args.control
+    primary: Optional[Primary] = None
+    if args.standby is None:
+        primary = Primary.create(path, key, device=args.device, events=events)
+    signal.signal(signal.SIGTERM, lambda *_: primary.stop() if primary is not None else None)
+    while True:
+        if primary is None:
+            sb = Standby(path, key, events=events)
+            got = sb.wait()
+            if got is None:
+                sb.close()
+                break
+            primary = got
+        outcome = primary.run(max_seconds=args.max_seconds)
+        if outcome == "stopped":
+            how = primary.close()
+            if events is not None:
+                events({"event": "stopped", "pid": os.getpid(), "var": how})
+            break
+        owner = primary.owns_objects()
+        if owner:
+            _kept.append(primary.node)  # its finaliser would free what the successor serves
+        primary.close(free=False)
+        primary = None
+        if args.after == "exit":
+            if owner:
+                sys.stdout.flush()
+                os._exit(0)  # no finalisers: the successor owns the objects now
+            break
+    if _kept:
+        sys.stdout.flush()
+        os._exit(0)
+    return 0
+
+
+def _handover(args: argparse.Namespace) -> int:
+    from mlx5tlp.handover import request
+
+    print(json.dumps(request(args.path, read_key(args.key_file), args.action,
+                             timeout=args.timeout)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mlx5tlp.handover import demo
+
+    rep = demo.run(requests=args.requests, handover_every=args.handover_every,
+                   kill_every=args.kill_primary_every, seed=args.seed, window=args.window,
+                   timeout=args.timeout)
+    print(json.dumps(rep, indent=None if args.json else 2))
+    bad = rep["lost"] or rep["duplicated"] or rep["unexpected"] or any(rep["leaked"].values())
+    return 1 if bad else 0
+
+
+def add_parsers(sub: argparse._SubParsersAction, run: Callable[[Handler], Handler]) -> None:  # type: ignore[type-arg]
+    """Add ``serve`` and ``handover`` to the ``mlx5tlp`` command line."""
+    serve = sub.add_parser("serve", help="serve an emulated function as primary or standby "
+                           "(live upgrade and crash takeover, docs/handover.md)")
+    where = serve.add_mutually_exclusive_group(required=True)
+    where.add_argument("--control", metavar="PATH", help="be the primary; control socket path")
+    where.add_argument("--standby", metavar="PATH", help="be a standby of the primary at PATH")
+    serve.add_argument("--key-file", required=True, help="operator HMAC key (a 0600 file)")
+    serve.add_argument("--device", default="mlx5_sim0", help="software device (mlx5_sim0)")
+    serve.add_argument("--after", choices=["standby", "exit"], default="standby",
+                       help="after handing over: stay as a standby or exit (standby)")
+    serve.add_argument("--max-seconds", type=float, default=None,
+                       help="stop serving after this many seconds (no limit)")
+    serve.add_argument("--events", action="store_true", help="JSON event lines on stdout")
+    serve.set_defaults(func=run(_serve))
+    ho = sub.add_parser("handover", help="ask the primary at PATH to hand over (or stop/status)")
+    ho.add_argument("path", metavar="PATH")
+    ho.add_argument("--key-file", required=True, help="operator HMAC key (a 0600 file)")
+    ho.add_argument("--action", choices=["handover", "stop", "status"], default="handover")
+    ho.add_argument("--timeout", type=float, default=10.0, help="seconds (10)")
+    ho.set_defaults(func=run(_handover))
+    dm = sub.add_parser("handover-demo", help="planned handovers and killed primaries under "
+                        "load, every completion checked (docs/handover.md)")
+    dm.add_argument("--requests", type=int, default=2000, help="requests to send (2000)")
+    dm.add_argument("--handover-every", type=int, default=0, metavar="N",
+                    help="planned handover every N requests (0: none)")
+    dm.add_argument("--kill-primary-every", type=int, default=0, metavar="N",
+                    help="SIGKILL the primary at a random point of every N requests (0: none)")
+    dm.add_argument("--seed", type=int, default=1, help="seed (1)")
+    dm.add_argument("--window", type=int, default=16, help="requests in flight (16)")
+    dm.add_argument("--timeout", type=float, default=600.0, help="give up after (600 s)")
+    dm.add_argument("--json", action="store_true", help="one line of JSON")
+    dm.set_defaults(func=run(_demo))

@@ -1,0 +1,495 @@
+"""Serve an emulated PCIe function with the native engine.
+
+Declare the function (:class:`mlx5tlp.function.FunctionSpec`), say what answers each BAR
+range — :class:`MemoryRegion` (bytes in shared memory, served natively), :class:`RegisterRegion`
+(a register file, native unless a register has a Python hook), :class:`CallbackRegion` (Python,
+called in batches) — and serve it on a device with :class:`Device`::
+
+    from mlx5tlp import engine, function as fn, open_device
+
+    spec = fn.FunctionSpec(identity=fn.Identity(vendor_id=0x15B3, device_id=0x1234),
+                           bars=[fn.Bar(0, "mem32", 1 << 16)])
+    with open_device(backend="sim") as ctx, engine.Device(
+            ctx, spec, regions=[engine.MemoryRegion(0, 0, 4096)]) as dev:
+        ...  # the host sends requests; the engine answers them
+
+The engine's loop, routing rules, counters and trace format: ``docs/engine.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Union
+
+from mlx5tlp import _core
+from mlx5tlp._closing import Closing
+from mlx5tlp.context import Context
+from mlx5tlp.errors import InvalidArgumentError, InvalidHandleError
+from mlx5tlp.function.model import Function, _core_value
+from mlx5tlp.function.spec import FunctionSpec
+
+__all__ = [
+    "ACCESSES",
+    "CallbackRegion",
+    "Device",
+    "MemoryRegion",
+    "Register",
+    "RegisterRegion",
+    "Request",
+    "TraceEntry",
+    "read_trace",
+]
+
+ACCESSES = ("ro", "rw", "rw1c", "wo")
+_CHANNELS = 8
+
+
+class MemoryRegion:
+    """Bytes of a BAR served natively: reads return them, writes change them.
+
+    Args:
+        bar: BAR index (0..5; 6 = Expansion ROM).
+        offset: start within the BAR (DW aligned).
+        size: bytes (a positive multiple of 4).
+        fd: an existing memfd/regular file of at least ``size`` bytes to map (the region dups
+            it), or None for a new zeroed memfd. Either way the bytes are ``MAP_SHARED``: any
+            process that maps :attr:`fd` sees and changes what the host sees.
+        name: for errors and statistics.
+
+    Thread-safety: :meth:`read`/:meth:`write` from any thread, concurrently with the engine
+    (accesses to the same bytes race as on a device).
+    """
+
+    def __init__(self, bar: int, offset: int, size: int, *, fd: Optional[int] = None,
+                 name: str = "") -> None:
+        self.name = name or f"memory@{bar}:{offset:#x}"
+        self._core = _core.engine.MemoryRegion.create(
+            self.name, _int(bar, "bar"), _int(offset, "offset"), _int(size, "size"),
+            -1 if fd is None else _int(fd, "fd"))
+
+    @property
+    def fd(self) -> int:
+        """The memfd holding the bytes (owned by the region: dup it to keep it)."""
+        return int(self._core.fd)
+
+    @property
+    def size(self) -> int:
+        """Bytes in the region."""
+        return int(self._core.size)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """A copy of ``length`` bytes at region offset ``offset``."""
+        return bytes(self._core.read(offset, length))
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Store ``data`` at region offset ``offset`` (the device side changing its memory)."""
+        self._core.write(offset, bytes(data))
+
+
+@dataclass(frozen=True)
+class Register:
+    """One register of a :class:`RegisterRegion`.
+
+    Attributes:
+        name: its name (hooks receive it).
+        offset: region offset, aligned to ``width``.
+        width: 1, 2, 4 or 8 bytes.
+        reset: value at creation and at :meth:`RegisterRegion.reset`.
+        access: ``"ro"`` (writes ignored), ``"rw"``, ``"rw1c"`` (a 1 clears the bit), ``"wo"``
+            (reads return 0).
+        on_read: ``f(name) -> int``: the register's value for this read (stored, then read).
+        on_write: ``f(name, value)``: called after a write changed it, with the new value.
+    Hooks run on an engine thread with the GIL, batched per engine batch.
+    """
+
+    name: str
+    offset: int
+    width: int = 4
+    reset: int = 0
+    access: str = "rw"
+    on_read: Optional[Callable[[str], int]] = None
+    on_write: Optional[Callable[[str, int], None]] = None
+
+    def __post_init__(self) -> None:
+        if self.access not in ACCESSES:
+            raise InvalidArgumentError(errno.EINVAL,
+                                       f"register {self.name!r}: access: {self.access!r} "
+                                       f"is not one of {', '.join(ACCESSES)}", "define register")
+
+
+class RegisterRegion:
+    """A register file in a BAR range. Bytes no register covers read 0 and ignore writes.
+
+    Raises:
+        InvalidArgumentError: a register's width, alignment, placement or reset value is
+            invalid, or two overlap (the message names ``registers[i].<field>``).
+    """
+
+    def __init__(self, bar: int, offset: int, registers: Sequence[Register], *,
+                 size: Optional[int] = None, name: str = "") -> None:
+        regs = list(registers)
+        for i, r in enumerate(regs):
+            if not isinstance(r, Register):
+                raise TypeError(f"registers[{i}] must be a Register")
+        end = max((r.offset + r.width for r in regs), default=4)
+        self.name = name or f"registers@{bar}:{offset:#x}"
+        self.registers = tuple(regs)
+        self._by_name = {r.name: r for r in regs}
+        self._core = _core.engine.RegisterRegion(
+            self.name, _int(bar, "bar"), _int(offset, "offset"),
+            _int(size if size is not None else (end + 3) // 4 * 4, "size"),
+            [(r.name, r.offset, r.width, r.reset, r.access, r.on_read is not None,
+              r.on_write is not None) for r in regs])
+        self._index = {n: i for i, (n, _o, _w) in enumerate(self._core.names())}
+
+    def __getitem__(self, name: str) -> int:
+        """The register's current value."""
+        return int(self._core.value(self._index[name]))
+
+    def __setitem__(self, name: str, value: int) -> None:
+        """Set it from the device side (the access rules do not apply)."""
+        self._core.set_value(self._index[name], value)
+
+    def reset(self) -> None:
+        """Every register back to its reset value."""
+        self._core.reset()
+
+    def _dispatch(self, offset: int, length: int, write: bool) -> None:
+        names = self._core.names()
+        for n, o, w in names:
+            if o + w <= offset or o >= offset + length:
+                continue
+            reg = self._by_name[n]
+            if write and reg.on_write is not None:
+                reg.on_write(n, self[n])
+            elif not write and reg.on_read is not None:
+                self[n] = int(reg.on_read(n))
+
+
+class Request:
+    """One access handed to a :class:`CallbackRegion` handler.
+
+    Attributes:
+        kind: ``"MRd"``, ``"MWr"``, ``"IORd"`` or ``"IOWr"``.
+        offset: region offset (DW aligned); ``length``: bytes (a multiple of 4).
+        first_be / last_be: the TLP's byte enables.
+        data: the payload of a write, else None.
+        requester_id / tag: who asked.
+    A read (and an IOWr) is answered with :meth:`complete` (data: exactly ``length`` bytes) or
+    :meth:`fail` — in the handler or later from any thread. Unanswered when its deadline
+    passes, the engine answers Completer Abort (``stats()["deferred_expired"]``).
+    """
+
+    __slots__ = ("_engine", "_id", "data", "first_be", "kind", "last_be", "length", "offset",
+                 "requester_id", "tag")
+
+    def __init__(self, engine: Any, item: tuple[Any, ...]) -> None:
+        (_r, _w, self.offset, self.length, self.first_be, self.last_be, data, self._id,
+         self.requester_id, self.tag, self.kind) = item
+        self.data: Optional[bytes] = data
+        self._engine = engine
+
+    @property
+    def needs_answer(self) -> bool:
+        """True for reads and IOWr (non-posted); posted writes need nothing."""
+        return bool(self._id)
+
+    def complete(self, data: bytes = b"") -> None:
+        """Answer with ``data`` (``length`` bytes for a read, empty for an IOWr).
+
+        Raises:
+            InvalidHandleError: already answered, expired, or the device is closed (ENOENT).
+            InvalidArgumentError: wrong data length (EINVAL).
+        """
+        _check_answer(self._engine.complete(self._id, bytes(data)), self, len(data))
+
+    def fail(self, status: str = "CA") -> None:
+        """Answer ``"UR"`` (Unsupported Request) or ``"CA"`` (Completer Abort)."""
+        _check_answer(self._engine.fail(self._id, status), self, 0)
+
+    def __repr__(self) -> str:
+        return f"Request({self.kind} offset={self.offset:#x} length={self.length} tag={self.tag})"
+
+
+def _check_answer(rc: int, req: Request, n: int) -> None:
+    if rc == 0:
+        return
+    if rc == errno.EINVAL:
+        raise InvalidArgumentError(rc, f"{req!r}: {n} bytes of data, need "
+                                   f"{0 if req.kind == 'IOWr' else req.length}", "complete request")
+    raise InvalidHandleError(rc, f"{req!r} was already answered, expired or its device is closed",
+                             "complete request")
+
+
+class CallbackRegion:
+    """A BAR range answered by Python, in batches: ``handler(requests)`` gets a list of
+    :class:`Request` (one GIL acquisition per engine batch). It may answer reads in the call
+    (``req.complete(data)``, or return a list with bytes/None per request) or keep them and
+    answer later from any thread.
+
+    Args:
+        deadline: seconds a read may stay unanswered (None: the function's Completion Timeout
+            range maximum from Device Control 2, 50 ms by default).
+    """
+
+    def __init__(self, bar: int, offset: int, size: int,
+                 handler: Callable[[list[Request]], Optional[Sequence[Optional[bytes]]]], *,
+                 deadline: Optional[float] = None, name: str = "") -> None:
+        if not callable(handler):
+            raise TypeError("handler must be callable")
+        ok = isinstance(deadline, (int, float)) and 0 < deadline <= 4000
+        if deadline is not None and not ok:
+            raise InvalidArgumentError(errno.EINVAL,
+                                       f"deadline: {deadline!r} is not 0 < seconds <= 4000",
+                                       "define region")
+        self.name = name or f"callback@{bar}:{offset:#x}"
+        self.handler = handler
+        self._core = _core.engine.CallbackRegion(
+            self.name, _int(bar, "bar"), _int(offset, "offset"), _int(size, "size"),
+            0 if deadline is None else max(1, int(deadline * 1e6)))
+
+
+Region = Union[MemoryRegion, RegisterRegion, CallbackRegion]
+
+
+class TraceEntry(NamedTuple):
+    """One traced request (docs/engine.md, "Trace format")."""
+
+    time_ns: int
+    lane: int
+    kind: int
+    status: int
+    address: int
+    length_dw: int
+    requester_id: int
+    tag: int
+    first_be: int
+    last_be: int
+    completions: int
+    region: int
+    latency_ns: int
+    header: bytes
+
+
+def read_trace(path: Union[str, Path]) -> list[TraceEntry]:
+    """Read a trace file written by :meth:`Device.trace_dump`.
+
+    Raises:
+        Error: the file is missing, not a trace, or of another version (EPROTO).
+    """
+    return [TraceEntry(*t) for t in _core.engine.read_trace(str(path))]
+
+
+class Device(Closing):
+    """An emulated function served by the native engine on ``pages`` gateway pages.
+
+    Each page gets a lane: a native thread that is the page's one committer and takes the
+    requests of its channels (channel ``c`` goes to lane ``c % pages``) from the software
+    device's request channels. The lanes run without the GIL; hooks and callbacks get it once
+    per batch.
+
+    Args:
+        ctx: an open context of the software device (``backend="sim"``). How requests reach
+            software on mlx5 hardware is not public: there is no hardware request source.
+        spec: the function (a :class:`FunctionSpec`, or a :class:`Function` whose spec is
+            taken; the served state starts from reset, or from ``state``).
+        regions: what answers each BAR range (they must not overlap each other or MSI-X).
+        pages: gateway pages (lanes), 1..8.
+        batch: requests per take at most.
+        trace: entries of the TLP trace ring per lane (0: off; a power of two).
+        state: optional shared buffer of :data:`mlx5tlp.function.STATE_SIZE` bytes for the
+            function state (handover); ``adopt`` continues from what is in it.
+        start: start serving at once (else call :meth:`start`).
+        spin_us: how long an idle lane polls before it blocks.
+
+    Raises:
+        InvalidArgumentError: a bad spec, region, or option (named).
+        Error: no gateway page free (ENOSPC), and the errors of opening gateways.
+
+    Thread-safety: every method from any thread. ``close()`` (or leaving the ``with`` block)
+    stops the lanes, answers deferred requests Completer Abort, closes the gateways and frees
+    the pages.
+    """
+
+    def __init__(self, ctx: Context, spec: Union[FunctionSpec, Function],
+                 regions: Sequence[Region] = (),
+                 *, pages: int = 1, batch: int = 32, deferred_max: int = 1024, trace: int = 0,
+                 state: Optional[Any] = None, adopt: bool = False, start: bool = True,
+                 spin_us: float = 20.0) -> None:
+        if isinstance(spec, Function):
+            spec = spec.spec  # its declaration; the served state starts from reset (or `state`)
+        if not isinstance(spec, FunctionSpec):
+            raise TypeError(f"spec must be a FunctionSpec or Function, not {type(spec).__name__}")
+        if not isinstance(pages, int) or isinstance(pages, bool) or not 1 <= pages <= _CHANNELS:
+            raise InvalidArgumentError(errno.EINVAL, f"pages: {pages!r} is not 1..{_CHANNELS}",
+                                       "create device")
+        self.spec = spec
+        self.regions = tuple(regions)
+        for i, r in enumerate(self.regions):
+            if not isinstance(r, (MemoryRegion, RegisterRegion, CallbackRegion)):
+                raise TypeError(
+                    f"regions[{i}] must be a MemoryRegion, RegisterRegion or CallbackRegion")
+        self._ctx = ctx
+        self._lock = threading.Lock()
+        self._vars: list[Any] = []
+        self._e: Optional[Any] = None
+        engine = _core.engine.Engine(
+            _core_value(spec), [r._core for r in self.regions], _int(batch, "batch"),
+            _int(deferred_max, "deferred_max"), _int(trace, "trace"), self._dispatch, state, adopt)
+        self._e = engine
+        try:
+            for lane in range(pages):
+                var = ctx.alloc_var(tlp=True)
+                self._vars.append(var)
+                mask = sum(1 << c for c in range(_CHANNELS) if c % pages == lane)
+                engine.add_sim_lane(var._core, mask, float(spin_us))
+            if start:
+                engine.start()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def _engine(self) -> Any:
+        if self._e is None:
+            raise InvalidHandleError(errno.EBADF, "the device was closed", "device")
+        return self._e
+
+    def _dispatch(self, items: list[tuple[Any, ...]]) -> None:
+        e = self._engine
+        groups: dict[int, list[Request]] = {}
+        for it in items:
+            region = self.regions[it[0]]
+            if isinstance(region, RegisterRegion):
+                # A hook that fails: the access completes with the register file's value.
+                with contextlib.suppress(Exception):
+                    region._dispatch(it[2], it[3], bool(it[1]))
+                continue
+            groups.setdefault(it[0], []).append(Request(e, it))
+        for index, reqs in groups.items():
+            region = self.regions[index]
+            assert isinstance(region, CallbackRegion)
+            try:
+                answers = region.handler(reqs)
+            except Exception:
+                answers = None
+                for r in reqs:
+                    if r.needs_answer:
+                        e.fail(r._id, "CA")
+                continue
+            if answers is not None:
+                for r, a in zip(reqs, answers, strict=False):
+                    if a is not None and r.needs_answer:
+                        e.complete(r._id, bytes(a))
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        """Start serving (once)."""
+        self._engine.start()
+
+    def pause(self, timeout: Optional[float] = None) -> bool:
+        """Stop taking requests and finish the ones taken (their answers are in the pages);
+        deferred ones stay answerable. True when every lane is idle, False at the timeout."""
+        return bool(self._engine.pause(timeout))
+
+    def resume(self) -> None:
+        """Take requests again after :meth:`pause`."""
+        self._engine.resume()
+
+    def release_gateways(self) -> None:
+        """Paused only: close every lane's gateway, so another process may commit to the pages."""
+        self._engine.release_gateways()
+
+    def reattach_gateways(self) -> None:
+        """Paused only: open the pages' gateways again (then :meth:`resume`)."""
+        self._engine.reattach_gateways()
+
+    def stop(self) -> None:
+        """Stop the lanes (deferred requests are answered Completer Abort); idempotent."""
+        if self._e is not None:
+            self._e.stop()
+
+    @property
+    def state(self) -> str:
+        """``"created"``, ``"running"``, ``"paused"`` or ``"stopped"``."""
+        return str(self._engine.state)
+
+    @property
+    def page_ids(self) -> list[int]:
+        """The gateway pages the lanes commit to (lane order)."""
+        return [int(v.page_id) for v in self._vars]
+
+    @property
+    def completer_id(self) -> int:
+        """The Completer ID in use (Bus/Device Numbers captured from CfgWr0, §2.2.6.2)."""
+        return int(self._engine.completer_id)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``requests`` by kind, ``completions``, ``ur``, ``ca``, ``malformed``,
+        ``deferred*``, ``regions`` (per region: reads, writes, bytes, batched), and
+        ``latency_ns_log2`` (bucket b counts requests that took [2^b, 2^(b+1)) ns from take
+        to in the page)."""
+        return dict(self._engine.stats())
+
+    def trace_dump(self, path: Union[str, Path]) -> int:
+        """Write the trace rings to ``path`` (docs/engine.md format); returns the entries."""
+        return int(self._engine.trace_dump(str(path)))
+
+    # ---- the function ----
+
+    def raise_msix(self, vector: int) -> str:
+        """Signal MSI-X ``vector``: ``"sent"``, ``"pending"`` (masked: delivered on unmask),
+        ``"disabled"`` or ``"bad_vector"``. The message is an MWr the host model receives."""
+        return str(self._engine.raise_msix(_int(vector, "vector")))
+
+    def msix_pending(self, vector: int) -> bool:
+        """Whether the vector's Pending bit is set."""
+        return bool(self._engine.msix_pending(_int(vector, "vector")))
+
+    def config_read(self, offset: int, size: int = 4) -> int:
+        """Read configuration space (as the host would, without a TLP)."""
+        if size not in (1, 2, 4) or offset % size or not 0 <= offset < 4096:
+            raise InvalidArgumentError(errno.EINVAL, f"config read of {size} at {offset:#x}",
+                                       "config read")
+        v = int(self._engine.config_read(offset & ~3))
+        return (v >> (8 * (offset & 3))) & ((1 << (8 * size)) - 1)
+
+    def config_bytes(self) -> bytes:
+        """The 4096 configuration bytes."""
+        return bytes(self._engine.config_bytes())
+
+    def close(self) -> None:
+        """Stop, close the gateways and free the pages (idempotent)."""
+        with self._lock:
+            e, self._e = self._e, None
+            if e is not None:
+                e.close()
+            for v in self._vars:
+                # The context may be closed already: its objects went with it.
+                with contextlib.suppress(Exception):
+                    v.free()
+            self._vars.clear()
+
+    @property
+    def closed(self) -> bool:
+        """True once closed."""
+        return self._e is None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._e is None else self._e.state
+        return f"<mlx5tlp.engine.Device {state} pages={self.page_ids}>"
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise InvalidArgumentError(errno.EINVAL, f"{what}: {value} is negative", "engine")
+    return value
+

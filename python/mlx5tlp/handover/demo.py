@@ -1,0 +1,344 @@
+"""``mlx5tlp handover-demo``: planned handovers and SIGKILLed primaries under load, all checked.
+
+The host (this process, the software device's host model) keeps a window of requests in flight
+— memory reads of the function's memory region, configuration reads and writes of its scratch
+registers (so the shared function state must survive every change of primary) — and checks
+every completion (:class:`mlx5tlp.demo.host.Checker`: status, byte counts, lower address,
+data). Meanwhile it makes the primary hand over every ``handover_every`` requests
+(``handover.request``; the old primary stays as a standby), and SIGKILLs the primary at a random
+point of every ``kill_every`` requests (its standby takes over; a new standby is started).
+
+Measured: ``handover_pause_*``: from the old primary stopping taking requests to the successor
+answering its first one (both ``CLOCK_MONOTONIC``, reported by the processes); ``takeover_gap``:
+from just before the SIGKILL to the successor's first answer. ``lost``: requests never
+answered; ``duplicated``: answers the host model found unexpected (a second answer);
+``unexpected``: completions that failed a check. ``leaked``: contexts, gateway VARs and claims
+left on the device after every process exited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Optional
+
+from mlx5tlp import sim, tlp
+from mlx5tlp.demo.host import FUNCTION_ID, REQUESTER_ID, Checker, Pending, RequestMix
+from mlx5tlp.function import Function
+from mlx5tlp.handover.node import DEFAULT_BAR_BASE, DEFAULT_BAR_SIZE, default_spec, memory_pattern
+from mlx5tlp.handover.operator import request
+
+__all__ = ["run"]
+
+
+class _Mix(RequestMix):
+    """The demo's request mix, with configuration accesses on the default function."""
+
+    def __init__(self, seed: int, read_size: int) -> None:
+        super().__init__(seed, memory_pattern(DEFAULT_BAR_SIZE), DEFAULT_BAR_BASE,
+                         [(0, DEFAULT_BAR_SIZE)], read_size)
+        with Function(default_spec()) as f:
+            self.config_space = bytearray(f.config_bytes())
+            cap = int(f._layout["vendor_caps"][0])
+        self.scratch = list(range(cap + 4, cap + 32, 4))
+
+    def next(self, tag: int) -> Pending:
+        r = self.rng.random()
+        if r < 0.8:
+            return self._mem_read(tag)
+        if r < 0.9:
+            reg = self.rng.choice([0, 8, *self.scratch])
+            req = tlp.Tlp.cfg_read(FUNCTION_ID, reg, requester_id=REQUESTER_ID, tag=tag)
+            return Pending(req, 0, tlp.Status.SC, bytes(self.config_space[reg : reg + 4]), 4)
+        reg = self.rng.choice(self.scratch)
+        data = self.rng.randbytes(4)
+        req = tlp.Tlp.cfg_write(FUNCTION_ID, reg, data, requester_id=REQUESTER_ID, tag=tag)
+        self.config_space[reg : reg + 4] = data  # channel order = the order the function applies
+        return Pending(req, 0, tlp.Status.SC, b"", 4)
+
+
+class _Procs:
+    """`mlx5tlp serve` processes and one queue of their JSON events."""
+
+    def __init__(self, path: str, key_file: str, device: str, env: dict[str, str]) -> None:
+        self.path, self.key_file, self.device, self.env = path, key_file, device, env
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.procs: dict[int, subprocess.Popen[str]] = {}
+
+    def spawn(self, *args: str) -> int:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "mlx5tlp", "serve", *args, "--key-file", self.key_file,
+             "--device", self.device, "--events"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env)
+        self.procs[p.pid] = p
+        threading.Thread(target=self._read, args=(p,), daemon=True).start()
+        return p.pid
+
+    def _read(self, p: subprocess.Popen[str]) -> None:
+        assert p.stdout is not None
+        with p.stdout:
+            for line in p.stdout:
+                with contextlib.suppress(ValueError):
+                    self.events.put(json.loads(line))
+
+    def kill(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        p = self.procs.pop(pid, None)
+        if p is not None:
+            p.wait(30)
+
+    def close(self) -> None:
+        for pid in list(self.procs):
+            p = self.procs[pid]
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill(pid)
+        self.procs.clear()
+
+
+def _pct(values: list[float], q: float) -> Optional[float]:
+    if not values:
+        return None
+    s = sorted(values)
+    return round(s[min(len(s) - 1, int(q * len(s)))], 1)
+
+
+def run(*, requests: int = 2000, handover_every: int = 0, kill_every: int = 0, seed: int = 1,
+        window: int = 16, read_size: int = 64, timeout: float = 600.0) -> dict[str, Any]:
+    """Run the demo; returns the report (see the module docstring)."""
+    rng = random.Random(seed ^ 0x5EED)
+    work = tempfile.mkdtemp(prefix="mlx5tlp-handover-")  # 0700
+    key = os.urandom(32).hex().encode()
+    key_file = os.path.join(work, "key")
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, key)
+    os.close(fd)
+    os.mkdir(os.path.join(work, "locks"), 0o700)
+    env = dict(os.environ, MLX5TLP_LOCK_DIR=os.path.join(work, "locks"),
+               SKBUILD_EDITABLE_VERBOSE="0")
+    device = f"handover_demo_{os.getpid()}"
+    path = os.path.join(work, "ctl")
+    sim.create_device(device)
+    procs = _Procs(path, key_file, device, env)
+    report: dict[str, Any] = {}
+    try:
+        with sim.Host(device) as host:
+            report = _drive(host, procs, key, path, requests, handover_every, kill_every, rng,
+                            _Mix(seed, read_size), window, timeout)
+            report["host"] = {k: v for k, v in host.stats().items() if k != "last_error"}
+        procs.close()
+        deadline = time.monotonic() + 10
+        while True:
+            ds = sim.device_stats(device)
+            if ds["contexts"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        report["leaked"] = {k: ds[k] for k in ("contexts", "tlp_vars", "requests_claimed",
+                                                "requests_pending")}
+    finally:
+        for pid in list(procs.procs):
+            procs.kill(pid)
+        with contextlib.suppress(Exception):
+            sim.remove_device(device)
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
+           handover_every: int, kill_every: int, rng: random.Random, mix: _Mix, window: int,
+           timeout: float) -> dict[str, Any]:
+    end = time.monotonic() + timeout
+    primary = procs.spawn("--control", path)
+    standbys: set[int] = set()
+    serving: set[int] = set()
+    took_over: list[int] = []
+    first_served: dict[int, dict[str, Any]] = {}
+
+    def pump_events(block: float = 0.0) -> None:
+        try:
+            ev = procs.events.get(timeout=block) if block else procs.events.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, pid = ev.get("event"), int(ev.get("pid", 0))
+            if kind == "standby" and "primary" in ev:
+                standbys.add(pid)
+            elif kind == "serving":
+                standbys.discard(pid)
+                serving.add(pid)
+                first_served.pop(pid, None)  # a new tenure: its first answer is still to come
+            elif kind == "takeover":
+                took_over.append(pid)
+            elif kind == "first-served":
+                first_served[pid] = ev
+                due = awaiting.get(pid)
+                if due is not None and ev.get("how") == due[0]:
+                    # Resolved here, so that request gates close again at once.
+                    del awaiting[pid], first_served[pid]
+                    if due[0] == "handover":
+                        pauses.append((ev["first_ns"] - ev["t_stop"]) / 1000)
+                    else:
+                        gaps.append((ev["first_ns"] - due[1]) / 1000)
+            try:
+                ev = procs.events.get_nowait()
+            except queue.Empty:
+                return
+
+    def wait_for(cond: Any, what: str) -> None:
+        while not cond():
+            if time.monotonic() > end:
+                raise TimeoutError(f"handover demo: timed out waiting for {what}")
+            pump_events(0.01)
+            pump_host()
+
+    checker = Checker()
+    awaiting: dict[int, tuple[str, int]] = {}  # pid -> (how, t0 ns): its first answer is due
+    pauses: list[float] = []
+    gaps: list[float] = []
+    handovers = takeovers = 0
+    handover_failures: list[str] = []
+    next_handover: Optional[int] = handover_every if handover_every else None
+    next_kill: Optional[int] = rng.randrange(1, kill_every + 1) if kill_every else None
+    pending_ho: Optional[threading.Thread] = None
+    sent = 0
+    tags = list(range(256))
+    rng.shuffle(tags)
+
+    def pump_host() -> None:
+        nonlocal sent
+        # Hold new requests at a due event until it starts (it needs a ready standby).
+        limit = requests
+        if awaiting:
+            pass  # a successor's first answer is due: requests must flow
+        elif next_handover is not None and pending_ho is None:
+            limit = min(limit, next_handover)
+        if next_kill is not None and not awaiting:
+            limit = min(limit, next_kill)
+        while sent < limit and len(checker.outstanding) < window:
+            tag = tags[sent % 256]
+            if tag in checker.outstanding:
+                break
+            p = mix.next(tag)
+            if not host.send_request(p.request.encode(), p.channel):
+                break
+            checker.sent(p)
+            sent += 1
+        got = host.completion_records(timeout=0.0)
+        for c in got:
+            checker.completion(c.tlp)
+        if not got:
+            # The host shares the two cores with the processes it measures: a spinning host
+            # would steal the successor's CPU and lengthen the very pause being measured.
+            time.sleep(20e-6)
+
+    wait_for(lambda: primary in serving, "the primary")
+    procs.spawn("--standby", path)
+    wait_for(lambda: len(standbys) >= 1, "a standby")
+    ho_result: dict[str, Any] = {}
+    t_start = time.monotonic()
+
+    while (sent < requests or checker.outstanding or awaiting) and time.monotonic() < end:
+        pump_host()
+        pump_events()
+        if awaiting and sent >= requests and not checker.outstanding:
+            break  # no request left to show the successor's first answer
+        if next_handover is not None and sent >= next_handover and pending_ho is None \
+                and standbys and not awaiting:
+            ho_result.clear()
+
+            def do_handover() -> None:
+                try:
+                    ho_result.update(request(path, key, "handover", timeout=30))
+                except Exception as exc:  # reported, not fatal: a rollback is a result too
+                    ho_result["error"] = str(exc)
+
+            pending_ho = threading.Thread(target=do_handover, daemon=True)
+            pending_ho.start()
+        if pending_ho is not None and not pending_ho.is_alive():
+            succ = int(ho_result.get("successor", 0))
+            if succ:
+                awaiting[succ] = ("handover", 0)
+                ev = first_served.pop(succ, None)
+                if ev is not None and ev.get("how") == "handover":  # it answered already
+                    del awaiting[succ]
+                    pauses.append((ev["first_ns"] - ev["t_stop"]) / 1000)
+                standbys.discard(succ)
+                primary = succ
+                handovers += 1
+            else:
+                handover_failures.append(str(ho_result.get("error", "?")))
+            pending_ho = None
+            if next_handover is not None:
+                next_handover += handover_every
+        if next_kill is not None and sent >= next_kill and pending_ho is None and standbys \
+                and not awaiting:
+            t_kill = time.monotonic_ns()
+            procs.kill(primary)
+            first_served.pop(primary, None)
+            next_kill = (next_kill // kill_every + 1) * kill_every + rng.randrange(0, kill_every)
+            pump_events()
+            # The successor is whichever standby takes the lease: the first "takeover" event.
+            while True:
+                pump_host()
+                pump_events(0.001)
+                taker = took_over.pop(0) if took_over else None
+                if taker is not None or time.monotonic() > end:
+                    break
+            if taker is None:
+                break
+            awaiting[taker] = ("takeover", t_kill)
+            ev = first_served.pop(taker, None)
+            if ev is not None and ev.get("how") == "takeover":  # it answered already
+                del awaiting[taker]
+                gaps.append((ev["first_ns"] - t_kill) / 1000)
+            standbys.discard(taker)
+            primary = taker
+            takeovers += 1
+            procs.spawn("--standby", path)
+            wait_for(lambda: len(standbys) >= 1, "a new standby")
+    # Late duplicates would arrive now.
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        for c in host.completion_records(timeout=0.05):
+            checker.completion(c.tlp)
+    elapsed = time.monotonic() - t_start
+    if pending_ho is not None:
+        pending_ho.join(30)
+    try:
+        request(path, key, "stop", timeout=30)
+    except Exception as exc:
+        ho_result["stop_error"] = str(exc)
+    st = host.stats()
+    unexpected_msgs = [e for e in checker.errors if e.startswith("unexpected")]
+    return {
+        "requests": sent,
+        "verified": checker.requests_verified,
+        "seconds": round(elapsed, 3),
+        "handovers": handovers,
+        "takeovers": takeovers,
+        "handovers_rolled_back": len(handover_failures),
+        "rollback_reasons": handover_failures[:3],
+        "handover_pause_p50_us": _pct(pauses, 0.50),
+        "handover_pause_p99_us": _pct(pauses, 0.99),
+        "handover_pause_max_us": _pct(pauses, 1.0),
+        "takeover_gap_p50_us": _pct(gaps, 0.50),
+        "takeover_gap_p99_us": _pct(gaps, 0.99),
+        "takeover_gap_max_us": _pct(gaps, 1.0),
+        "lost": len(checker.outstanding),
+        "duplicated": max(int(st["unexpected"]), len(unexpected_msgs)),
+        "unexpected": len(checker.errors) - len(unexpected_msgs) + int(st["errors"]),
+        "errors": checker.errors[:5],
+        "load": list(os.getloadavg()),
+    }

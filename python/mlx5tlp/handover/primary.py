@@ -1,0 +1,366 @@
+"""The primary: holds the lease, serves the function, and hands it over on request.
+
+One thread does everything (serving and the control socket), so a handover needs no locking
+with the serving path: the loop answers up to 16 requests, then looks at the control socket
+(``select`` with a zero timeout while busy; a short blocking wait while idle — the request
+channels have no wake-up of their own). Control messages are handled between requests, so when
+the primary pauses, nothing is in flight: every request it claimed is answered and retired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from mlx5tlp.errors import Error
+from mlx5tlp.function import FunctionSpec
+from mlx5tlp.handover.errors import HandoverError, LeaseHeldError
+from mlx5tlp.handover.lease import Lease
+from mlx5tlp.handover.node import Events, Node, bind_listener, default_spec
+from mlx5tlp.handover.state import STATE_VERSION, seal_snapshot, state_summary
+from mlx5tlp.handover.wire import Wire, check_key
+from mlx5tlp.share import ProtocolError
+
+__all__ = ["Primary"]
+
+_STEP_TIMEOUT = 2.0  # a peer that does not answer a handover step within this is failed
+
+
+@dataclass
+class _Peer:
+    sock: socket.socket
+    wire: Optional[Wire] = None
+    role: str = "new"      # new -> standby (welcomed) -> ready; or operator
+    pid: int = 0
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class Primary:
+    """The serving primary of one function.
+
+    Create the first one with :meth:`create`; a :class:`~mlx5tlp.handover.Standby` becomes one
+    with ``promote()`` or ``wait()``. :meth:`run` serves until stopped (``handover.request(path,
+    key, "stop")``) or handed over; it returns ``"stopped"`` or ``"handed-over"``.
+
+    After a handover this process no longer serves; call :meth:`close` (it frees nothing: the
+    successor owns the objects now). A handed-over *owner* of the gateway VAR must leave it to
+    the successor: its finaliser would free it, so such a process ends with ``os._exit`` or
+    becomes a standby (:meth:`become_standby`).
+
+    Thread-safety: one thread (the one calling :meth:`run`).
+    """
+
+    def __init__(self, path: str, key: bytes, node: Node, lease: Lease,
+                 listener: Optional[socket.socket], *, allow_uids: Optional[Collection[int]] = None,
+                 events: Optional[Events] = None) -> None:
+        self.path = os.path.abspath(path)
+        self.key = check_key(key)
+        self.node = node
+        self.lease = lease
+        self.listener = listener
+        self.allow_uids = allow_uids
+        self.events = events
+        self.peers: list[_Peer] = []
+        self.generation = lease.generation
+        self.outcome = ""
+        self.handovers = 0
+        self.rollbacks = 0
+        self._stop = False
+        self._operator: Optional[_Peer] = None
+        self.origin: dict[str, Any] = {}  # how this primary started (t_stop / t_detect)
+        self.server = node.make_server()
+        self.server.open()
+        self.server.recover()
+        node.state.mark(self.generation, node.state.served())
+        self._emit("serving", generation=self.generation)
+
+    @classmethod
+    def create(cls, path: str, key: bytes, *, device: str = "mlx5_sim0",
+               spec: Optional[FunctionSpec] = None, memory_size: int = 64 << 10,
+               channels: tuple[int, ...] = (0,), allow_uids: Optional[Collection[int]] = None,
+               events: Optional[Events] = None) -> Primary:
+        """The first primary of a function on the software device `device`.
+
+        Raises:
+            LeaseHeldError: the function already has a primary (``EBUSY``).
+            InvalidArgumentError: the socket directory is not private to this user.
+        """
+        key = check_key(key)
+        spec = spec or default_spec()
+        lease = Lease(path + ".lease", state_version=STATE_VERSION)
+        try:
+            lease.acquire(0.0)
+            node = Node.create(device=device, spec=spec, generation=lease.generation,
+                               memory_size=memory_size, channels=channels)
+        except BaseException:
+            lease.close()
+            raise
+        try:
+            lease.digest = node.state.digest
+            node.state.adopt(lease.generation)
+            listener = bind_listener(path)
+        except BaseException:
+            node.close(free=True)
+            lease.close()
+            raise
+        return cls(path, key, node, lease, listener, allow_uids=allow_uids, events=events)
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.events is not None:
+            self.events(dict(fields, event=event, pid=os.getpid(), t_ns=time.monotonic_ns()))
+
+    # ---- the loop ----
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current step (from a signal handler too)."""
+        self._stop = True
+
+    def run(self, *, max_seconds: Optional[float] = None) -> str:
+        """Serve and answer the control socket until stopped or handed over."""
+        end = None if max_seconds is None else time.monotonic() + max_seconds
+        server = self.server
+        idle = 0
+        last_beat = time.monotonic()
+        reported = False
+        while not self._stop and not self.outcome:
+            n = server.serve(16)
+            if n:
+                idle = 0
+                if not reported:
+                    reported = True
+                    self._emit("first-served", generation=self.generation,
+                               first_ns=server.first_served_ns, **self.origin)
+                self._poll(0.0)
+                continue
+            idle += 1
+            if self.listener is None and idle < 64 and not reported:
+                continue  # a fresh successor: answer first, open the control socket after
+            self._poll(0.0 if idle < 64 else 50e-6 if idle < 4096 else 1e-3)
+            now = time.monotonic()
+            if now - last_beat > 0.5:
+                self.lease.heartbeat()
+                last_beat = now
+                if end is not None and now > end:
+                    break
+        if not self.outcome:
+            self.outcome = "stopped"
+        if self.outcome == "stopped":
+            self.node.state.mark(self.generation, self.node.state.served() + server.served)
+        return self.outcome
+
+    def _poll(self, timeout: float) -> None:
+        if self.listener is None:
+            # A successor binds the control socket only after it answered its first request
+            # (or went idle): standbys retry their connect meanwhile, the host does not wait.
+            self.listener = bind_listener(self.path)
+        rlist = [self.listener, *(p.sock for p in self.peers)]
+        try:
+            ready, _, _ = select.select(rlist, [], [], timeout)
+        except InterruptedError:
+            return
+        for s in ready:
+            if self.outcome:
+                return
+            if s is self.listener:
+                self._accept()
+            else:
+                peer = next((p for p in self.peers if p.sock is s), None)
+                if peer is not None:
+                    self._on_message(peer)
+
+    def _accept(self) -> None:
+        try:
+            assert self.listener is not None
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(True)
+        self.peers.append(_Peer(sock))
+
+    def _drop(self, peer: _Peer) -> None:
+        peer.close()
+        if peer in self.peers:
+            self.peers.remove(peer)
+        if peer is self._operator:
+            self._operator = None
+
+    def _on_message(self, peer: _Peer) -> None:
+        try:
+            if peer.wire is None:
+                # A peer that connects and stalls delays serving by at most this.
+                peer.wire, hello = Wire.server(peer.sock, self.key, allow_uids=self.allow_uids,
+                                               timeout=0.5)
+                hello.close_fds()
+                peer.pid = peer.wire.peer_pid
+                peer.role = str(hello.fields.get("role", "standby"))
+                peer.wire.send("welcome", {"generation": self.generation,
+                                           "state_version": STATE_VERSION,
+                                           "digest": self.node.state.digest,
+                                           "pid": os.getpid()})
+                return
+            msg = peer.wire.recv(timeout=_STEP_TIMEOUT)
+        except (Error, OSError) as exc:
+            if not isinstance(exc, ProtocolError):
+                self._emit("refused", peer_pid=peer.pid, error=str(exc))
+            self._drop(peer)
+            return
+        msg.close_fds()
+        kind = msg.type
+        if kind == "join" and peer.role == "standby":
+            peer.wire.send("objects", dict(self.node.describe(), generation=self.generation),
+                           payloads=[self.node.var.export(key=self.key)], fds=self.node.fds())
+        elif kind == "ready" and peer.role == "standby":
+            peer.role = "ready"
+            self._emit("standby", standby_pid=peer.pid)
+        elif kind == "handover" and peer.role == "ready":
+            self._handover(peer)
+        elif kind == "request" and peer.role == "operator":
+            self._operator_request(peer, str(msg.fields.get("action", "")))
+        else:
+            peer.wire.send("error", {"errno": errno.EPROTO,
+                                     "message": f"unexpected {kind!r} from a {peer.role}"})
+            self._drop(peer)
+
+    def _operator_request(self, op: _Peer, action: str) -> None:
+        assert op.wire is not None
+        if action == "status":
+            op.wire.send("status", self.status())
+        elif action == "stop":
+            for p in list(self.peers):
+                if p.role == "ready" and p.wire is not None:
+                    with contextlib.suppress(OSError):
+                        p.wire.send("shutdown", {"generation": self.generation})
+                    self._drop(p)
+            self._stop = True
+            op.wire.send("stopped", self.status())
+        elif action == "handover":
+            standby = next((p for p in self.peers if p.role == "ready"), None)
+            if standby is None or standby.wire is None:
+                op.wire.send("error", {"errno": errno.ENOENT,
+                                       "message": "no standby is connected and ready"})
+                return
+            self._operator = op
+            # The standby asks (protocol), the operator only tells it to.
+            standby.wire.send("go", {"generation": self.generation})
+        else:
+            op.wire.send("error", {"errno": errno.EINVAL, "message": f"unknown action {action!r}"})
+
+    def status(self) -> dict[str, Any]:
+        """What this primary did: generation, requests answered, handovers, rollbacks."""
+        s = self.server
+        return {"generation": self.generation, "pid": os.getpid(), "served": s.served,
+                "recovered": s.recovered, "retired_published": s.retired_published,
+                "handovers": self.handovers, "rollbacks": self.rollbacks,
+                "standbys": sum(p.role == "ready" for p in self.peers)}
+
+    # ---- planned handover ----
+
+    def _handover(self, peer: _Peer) -> None:
+        wire = peer.wire
+        assert wire is not None
+        state = self.node.state
+        t_stop = time.monotonic_ns()  # stop taking: nothing is in flight between requests
+        self.server.close_gateway()   # direct mode: nothing queued; releases the page lock
+        t_closed = time.monotonic_ns()
+        state.mark(self.generation, state.served() + self.server.served, paused=True)
+        self.server.served = 0
+        snapshot = seal_snapshot(state_summary(state.snapshot()), self.key, self.generation)
+        self._steps = [t_stop, t_closed]
+        committed = False
+        try:
+            wire.send("prepared", {"generation": self.generation, "t_stop": t_stop},
+                      payloads=[snapshot])
+            self._steps.append(time.monotonic_ns())
+            reply = wire.recv(timeout=_STEP_TIMEOUT)
+            self._steps.append(time.monotonic_ns())
+            reply.close_fds()
+            if reply.type != "accept":
+                raise HandoverError(errno.ECANCELED, f"the standby answered {reply.type!r}",
+                                    "handover")
+            self.lease.release(successor=peer.pid)
+            committed = True
+            wire.send("commit", {"generation": self.generation})
+            done = wire.recv(timeout=_STEP_TIMEOUT)
+            done.close_fds()
+            if done.type != "done":
+                raise HandoverError(errno.EPROTO, f"expected done, got {done.type!r}",
+                                    "handover")
+        except (Error, OSError) as exc:
+            self._drop(peer)
+            if committed:
+                # Committed but the successor vanished: take the function back, unless the
+                # successor holds the lease (then it serves and this process steps down).
+                try:
+                    self.generation = self.lease.acquire(0.5)
+                except LeaseHeldError:
+                    self._handed_over(peer.pid)
+                    return
+            self.rollbacks += 1
+            self.server.open()
+            self.server.recover()
+            state.mark(self.generation, state.served())
+            self._emit("rollback", generation=self.generation, error=str(exc),
+                       committed=committed)
+            self._tell_operator("error", {"errno": errno.ECANCELED,
+                                          "message": f"handover rolled back: {exc}"})
+            return
+        self._handed_over(peer.pid)
+
+    def _handed_over(self, successor: int) -> None:
+        self.handovers += 1
+        self.node.state.release_function()
+        self.node.server = None
+        self.outcome = "handed-over"
+        self._tell_operator("handed-over", {"generation": self.generation + 1,
+                                            "successor": successor})
+        for p in list(self.peers):
+            if p.wire is not None and p.role == "ready":
+                with contextlib.suppress(OSError):
+                    p.wire.send("moved", {"generation": self.generation})
+            self._drop(p)
+        if self.listener is not None:
+            self.listener.close()  # the path is the successor's now: do not unlink it
+        steps = getattr(self, "_steps", [])
+        self._emit("handed-over", generation=self.generation, successor=successor,
+                   steps_us=[(t - steps[0]) // 1000 for t in steps[1:]])
+
+    def _tell_operator(self, kind: str, fields: dict[str, Any]) -> None:
+        op = self._operator
+        self._operator = None
+        if op is not None and op.wire is not None:
+            with contextlib.suppress(OSError):
+                op.wire.send(kind, fields)
+
+    # ---- after ----
+
+    def close(self, *, free: Optional[bool] = None) -> Optional[str]:
+        """Release everything. `free` (default: when stopped, not handed over) destroys the
+        gateway VAR. Returns how the VAR went (see ``Node.close``). Idempotent."""
+        for p in list(self.peers):
+            self._drop(p)
+        if self.listener is not None:
+            with contextlib.suppress(OSError):
+                self.listener.close()
+        stopped = self.outcome != "handed-over"
+        if stopped:
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.exists(self.path):
+                    os.unlink(self.path)
+        how = self.node.close(free=stopped if free is None else free)
+        self.lease.close()
+        return how
+
+    def owns_objects(self) -> bool:
+        """Whether this process owns (allocated) the gateway VAR and still holds it."""
+        v = self.node.var
+        return not v.closed and not v.imported

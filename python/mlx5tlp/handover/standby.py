@@ -1,0 +1,341 @@
+"""A standby: holds everything a successor needs, detects the primary's death, takes over.
+
+Connecting (:class:`Standby`): ``hello`` (role, pid, state version) -> ``welcome`` (the
+primary's generation, state version and function digest: another version is refused here) ->
+``join`` -> ``objects`` (``SCM_RIGHTS``: the command fd, the state memfd, the memory memfd;
+payloads: the gateway VAR's keyed export envelope) -> ``ready``. The standby then holds an
+imported context (so the kernel objects outlive the primary), an imported VAR and a mapping of
+the state, and serves nothing.
+
+Death detection: the standby waits in ``poll(2)`` on two fds — the control socket (EOF when the
+primary's last fd of it closes) and a pidfd of the primary (readable once it has exited). Neither
+costs anything while the primary lives. A pidfd becomes readable after the dying process's files
+are closed, so its OFD locks (the lease, the gateway page lock) are gone by then; an EOF without
+a death (the primary closed the connection) makes the standby reconnect instead. The lease decides
+between several standbys: exactly one takes it (``F_OFD_SETLK``), the others reconnect to the
+winner. There is no heartbeat timeout: a primary that is alive but stuck is not taken over
+automatically (an operator kills it; its death then triggers the takeover).
+
+Takeover: take the lease (generation + 1), open the gateway (its page lock died with the
+primary's fds), adopt the function state, ``recover`` every dead claim before writing (see
+:mod:`mlx5tlp.handover.server`), bind the control socket, serve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+import time
+from collections.abc import Collection
+from typing import Any, Optional
+
+from mlx5tlp.errors import Error
+from mlx5tlp.function import FunctionSpec
+from mlx5tlp.handover.errors import (
+    HandoverAborted,
+    HandoverError,
+    LeaseHeldError,
+    StateMismatchError,
+)
+from mlx5tlp.handover.lease import Lease
+from mlx5tlp.handover.node import Events, Node
+from mlx5tlp.handover.primary import Primary
+from mlx5tlp.handover.state import STATE_VERSION, open_snapshot, state_summary
+from mlx5tlp.handover.wire import Wire, check_key
+from mlx5tlp.share import ProtocolError
+
+__all__ = ["Standby", "connect"]
+
+
+def connect(path: str, timeout: float = 5.0) -> socket.socket:
+    """Connect to the control socket at `path`, retrying while nobody listens (a successor may
+    be binding it) until `timeout`.
+
+    Raises:
+        HandoverError: ``ECONNREFUSED``/``ENOENT`` after the timeout.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 1e-4
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return s
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
+            s.close()
+            if time.monotonic() >= deadline:
+                raise HandoverError(exc.errno, f"no primary listens at {path!r}: "
+                                    f"{exc.strerror}", "connect") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+        except BaseException:
+            s.close()
+            raise
+
+
+class Standby:
+    """A standby of the function served at `path`.
+
+    Args:
+        path: the primary's control socket.
+        key: the operator key (HMAC), at least 16 bytes.
+        spec: the function this process would serve (default: the primary's); its digest
+            must match the primary's state.
+        state_version: the handover state version this process implements (tests pass
+            another to check refusal).
+        allow_uids: uids allowed besides our own (the primary's credentials are checked).
+        events: called with a dict per event (``standby``, ``takeover``, ...).
+
+    Raises:
+        StateMismatchError: the primary's state is of another version (``EPROTO``) or
+            another function (``EINVAL``).
+        AuthenticationError: another key, or the peer's uid is not allowed.
+        HandoverError: no primary at `path`.
+
+    Thread-safety: one thread.
+    """
+
+    def __init__(self, path: str, key: bytes, *, spec: Optional[FunctionSpec] = None,
+                 state_version: int = STATE_VERSION,
+                 allow_uids: Optional[Collection[int]] = None,
+                 events: Optional[Events] = None, timeout: float = 5.0) -> None:
+        self.path = os.path.abspath(path)
+        self.key = check_key(key)
+        self.spec = spec
+        self.state_version = state_version
+        self.allow_uids = allow_uids
+        self.events = events
+        self.timeout = timeout
+        self.lease = Lease(self.path + ".lease", state_version=state_version)
+        self.node: Optional[Node] = None
+        self.sock: Optional[socket.socket] = None
+        self.wire: Optional[Wire] = None
+        self.primary_pid = 0
+        self._pidfd = -1
+        self._lease_given = False  # the lease went to the Primary this standby became
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.events is not None:
+            self.events(dict(fields, event=event, pid=os.getpid(), t_ns=time.monotonic_ns()))
+
+    def _connect(self) -> None:
+        self.sock = connect(self.path, self.timeout)
+        self.wire, welcome = Wire.client(
+            self.sock, self.key,
+            {"role": "standby", "pid": os.getpid(), "state_version": self.state_version},
+            allow_uids=self.allow_uids, timeout=self.timeout)
+        welcome.close_fds()
+        f = welcome.fields
+        if int(f.get("state_version", -1)) != self.state_version:
+            raise StateMismatchError(
+                errno.EPROTO, f"the primary (pid {f.get('pid')}) keeps handover state version "
+                f"{f.get('state_version')}; this process implements version "
+                f"{self.state_version}: it cannot be its successor without an explicit "
+                "migration", "handover")
+        self.wire.send("join", {})
+        objs = self.wire.recv(timeout=self.timeout)
+        if objs.type != "objects":
+            objs.close_fds()
+            raise HandoverError(errno.EPROTO, f"expected objects, got {objs.type!r}", "handover")
+        fds, objs.fds = objs.fds, []
+        self.node = Node.from_message(objs.fields, fds, objs.payloads, self.key, self.spec,
+                                      self.state_version)
+        self.primary_pid = self.wire.peer_pid
+        try:
+            self._pidfd = os.pidfd_open(self.primary_pid)
+        except ProcessLookupError:
+            self._pidfd = -1  # already gone: wait() takes over at once
+        self.wire.send("ready", {})
+        self._emit("standby", primary=self.primary_pid, generation=int(f["generation"]))
+
+    def _disconnect(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+        self.sock = None
+        self.wire = None
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+        self._pidfd = -1
+        if self.node is not None:
+            self.node.close(free=False)
+            self.node = None
+
+    def _reconnect(self) -> None:
+        self._disconnect()
+        self._connect()
+
+    # ---- waiting ----
+
+    def _primary_dead(self, wait: float) -> bool:
+        if self._pidfd < 0:
+            return True
+        r, _, _ = select.select([self._pidfd], [], [], wait)
+        return bool(r)
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[Primary]:
+        """Wait until this standby must act, and act.
+
+        Returns:
+            A :class:`Primary` (serving) after a takeover or a planned handover the primary's
+            operator started (``go``); None when the primary stopped the function
+            (``shutdown``) or `timeout` passed.
+
+        Raises:
+            HandoverError: a takeover or handover step failed (this process stays standby if it
+                can; check :attr:`node`).
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            assert self.sock is not None and self.wire is not None
+            left = None if end is None else max(end - time.monotonic(), 0.0)
+            fds: list[Any] = [self.sock] + ([self._pidfd] if self._pidfd >= 0 else [])
+            if self._pidfd < 0:
+                return self.take_over()
+            r, _, _ = select.select(fds, [], [], left)
+            if not r:
+                return None
+            if self._pidfd in r:
+                return self.take_over()
+            try:
+                msg = self.wire.recv(timeout=self.timeout)
+            except (ProtocolError, ConnectionError):
+                # EOF, or a reset: a primary killed with our unread message in its buffer.
+                if self._primary_dead(0.2):
+                    return self.take_over()
+                self._reconnect()  # closed by a living primary: connect again
+                continue
+            msg.close_fds()
+            if msg.type == "go":
+                return self.promote()
+            if msg.type == "shutdown":
+                self._emit("shutdown")
+                return None
+            if msg.type == "moved":
+                self._reconnect()
+                continue
+            raise HandoverError(errno.EPROTO, f"unexpected {msg.type!r} from the primary",
+                                "handover")
+
+    # ---- crash takeover ----
+
+    def take_over(self) -> Primary:
+        """The primary is dead: become primary (see the module docstring).
+
+        Raises:
+            LeaseHeldError: another standby won (this one reconnects to it and stays standby).
+        """
+        t_detect = time.monotonic_ns()
+        node = self.node
+        assert node is not None
+        try:
+            gen = self.lease.acquire(1.0)
+        except LeaseHeldError:
+            self._reconnect()
+            raise
+        self.lease.digest = node.state.digest
+        node.state.adopt(gen)
+        self._drop_connection()
+        p = Primary(self.path, self.key, node, self.lease, None,
+                    allow_uids=self.allow_uids, events=self.events)
+        p.origin = {"how": "takeover", "t_detect": t_detect, "dead": self.primary_pid}
+        self._emit("takeover", generation=gen, recovered=p.server.recovered,
+                   retired_published=p.server.retired_published, t_detect=t_detect)
+        self.node = None
+        self._lease_given = True
+        return p
+
+    def _drop_connection(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+        self.sock = None
+        self.wire = None
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+        self._pidfd = -1
+
+    # ---- planned handover ----
+
+    def promote(self) -> Primary:
+        """Ask the primary to hand over, and become primary.
+
+        Raises:
+            HandoverAborted: a step failed before commit; the old primary resumed, this process
+                is still a standby.
+            AuthenticationError / StateMismatchError: the prepared state failed a check (this
+                process aborted; the old primary resumed).
+        """
+        wire, node = self.wire, self.node
+        assert wire is not None and node is not None
+        wire.send("handover", {})
+        prepared = wire.recv(timeout=self.timeout)
+        prepared.close_fds()
+        if prepared.type != "prepared" or len(prepared.payloads) != 1:
+            raise HandoverAborted(errno.EPROTO, f"expected prepared, got {prepared.type!r}",
+                                  "handover")
+        gen = int(prepared.fields["generation"])
+        marks = [time.monotonic_ns()]  # step times, reported with the first answer
+        opened = False
+        try:
+            rec = self.lease.read()
+            if rec is None or rec.generation != gen or rec.pid != self.primary_pid:
+                raise HandoverAborted(errno.ESTALE, f"the primary prepared generation {gen}, "
+                                      f"the lease says {rec}", "handover")
+            state = open_snapshot(prepared.payloads[0], self.key, generation=gen,
+                                  digest=node.state.digest, version=self.state_version)
+            if state != state_summary(node.state.snapshot()):
+                raise HandoverAborted(errno.ESTALE, "the shared state differs from the "
+                                      "primary's prepared snapshot", "handover")
+            marks.append(time.monotonic_ns())
+            node.state.adopt(gen)
+            marks.append(time.monotonic_ns())
+            server = node.make_server()
+            server.open()
+            opened = True
+            marks.append(time.monotonic_ns())
+            wire.send("accept", {"generation": gen})
+            commit = wire.recv(timeout=self.timeout)
+            commit.close_fds()
+            marks.append(time.monotonic_ns())
+            if commit.type != "commit":
+                raise HandoverAborted(errno.EPROTO, f"expected commit, got {commit.type!r}",
+                                      "handover")
+        except BaseException as exc:
+            if opened and node.server is not None:
+                node.server.close_gateway()
+            node.server = None
+            node.state.release_function()
+            if isinstance(exc, Error) and self.sock is not None:
+                with contextlib.suppress(OSError):
+                    wire.send("abort", {"message": str(exc)})
+            raise
+        new_gen = self.lease.acquire(1.0)
+        node.state.mark(new_gen, node.state.served())
+        marks.append(time.monotonic_ns())
+        wire.send("done", {"generation": new_gen})
+        self._drop_connection()
+        marks.append(time.monotonic_ns())
+        p = Primary(self.path, self.key, node, self.lease, None,
+                    allow_uids=self.allow_uids, events=self.events)
+        marks.append(time.monotonic_ns())
+        t_stop = int(prepared.fields["t_stop"])
+        p.origin = {"how": "handover", "t_stop": t_stop,
+                    "steps_us": [(m - t_stop) // 1000 for m in marks]}
+        self.node = None
+        self._lease_given = True
+        return p
+
+    def close(self) -> None:
+        """Disconnect and drop the imports (frees nothing). Idempotent."""
+        self._disconnect()
+        if not self._lease_given:
+            self.lease.close()

@@ -1,0 +1,144 @@
+"""Real processes for the handover tests: `mlx5tlp serve` primaries and standbys with events."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from mlx5tlp import tlp
+
+REQUESTER = 0x0000
+FUNCTION = 0x0100
+
+
+class Proc:
+    """One `mlx5tlp serve` process whose JSON event lines are collected by a thread."""
+
+    def __init__(self, rig: Rig, name: str, args: list[str]) -> None:
+        self.name = name
+        self.events: list[dict[str, Any]] = []
+        self.cond = threading.Condition()
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "mlx5tlp", "serve", *args, "--key-file", str(rig.key_file),
+             "--device", rig.device, "--events"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=rig.env)
+        self.pid = self.p.pid
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            with self.cond:
+                self.events.append(json.loads(line))
+                self.cond.notify_all()
+        with self.cond:
+            self.events.append({"event": "eof"})
+            self.cond.notify_all()
+
+    def wait_event(self, name: str, timeout: float = 30.0, after: int = 0) -> dict[str, Any]:
+        """The first event `name` at index >= `after`."""
+        end = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for e in self.events[after:]:
+                    if e["event"] == name:
+                        return e
+                    if e["event"] == "eof" and name != "eof":
+                        err = self.p.stderr.read() if self.p.stderr else ""
+                        raise AssertionError(f"{self.name} exited before {name!r}: {err}")
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{self.name}: no {name!r} event in {timeout} s: "
+                                         f"{self.events}")
+                self.cond.wait(left)
+
+    def count(self, name: str) -> int:
+        with self.cond:
+            return sum(e["event"] == name for e in self.events)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        self.p.wait(30)
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            self.kill()
+        for f in (self.p.stdout, self.p.stderr):
+            if f is not None:
+                f.close()
+
+
+class Rig:
+    """A private directory (0700) with the key file and the control socket path."""
+
+    def __init__(self, tmp: Path, device: str) -> None:
+        self.dir = tmp / "ho"
+        self.dir.mkdir(mode=0o700)
+        self.key = os.urandom(32).hex().encode()
+        self.key_file = self.dir / "key"
+        self.key_file.write_bytes(self.key)
+        self.key_file.chmod(0o600)
+        self.path = str(self.dir / "ctl")
+        self.device = device
+        locks = self.dir / "locks"
+        locks.mkdir(mode=0o700)
+        self.env = dict(os.environ, MLX5TLP_LOCK_DIR=str(locks))
+        self.procs: list[Proc] = []
+
+    def spawn(self, name: str, *args: str) -> Proc:
+        p = Proc(self, name, list(args))
+        self.procs.append(p)
+        return p
+
+    def primary(self, name: str = "P0") -> Proc:
+        p = self.spawn(name, "--control", self.path)
+        p.wait_event("serving")
+        return p
+
+    def standby(self, name: str, primary: Proc) -> Proc:
+        before = primary.count("standby")
+        s = self.spawn(name, "--standby", self.path)
+        s.wait_event("standby")
+        deadline = time.monotonic() + 30
+        while primary.count("standby") <= before:  # the primary saw it ready
+            assert time.monotonic() < deadline, "the primary never saw the standby"
+            time.sleep(0.005)
+        return s
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.close()
+
+
+def cfg_read(reg: int, tag: int) -> bytes:
+    return tlp.Tlp.cfg_read(FUNCTION, reg, requester_id=REQUESTER, tag=tag).encode()
+
+
+def cfg_write(reg: int, value: int, tag: int) -> bytes:
+    return tlp.Tlp.cfg_write(FUNCTION, reg, value.to_bytes(4, "little"),
+                             requester_id=REQUESTER, tag=tag).encode()
+
+
+def collect(host: Any, want: int, timeout: float = 30.0) -> list[tlp.Tlp]:
+    """Wait for `want` completions (and a little more, to see duplicates)."""
+    got: list[tlp.Tlp] = []
+    end = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < end:
+        got += [tlp.decode(c) for c in host.completions(timeout=0.2)]
+    got += [tlp.decode(c) for c in host.completions(timeout=0.2)]
+    return got
+
+
+def stop(rig: Rig, timeout: float = 30.0) -> Optional[dict[str, Any]]:
+    from mlx5tlp import handover
+
+    return handover.request(rig.path, rig.key, "stop", timeout=timeout)

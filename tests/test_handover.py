@@ -1,0 +1,296 @@
+"""Live upgrade and crash takeover with real processes (`mlx5tlp serve`), no mocks.
+
+Every completion is checked by the software device's host model (a second answer to a request
+is "unexpected", a missing one stays "outstanding"), and the objects are counted afterwards.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import mlx5tlp
+from handover_rig import Rig, cfg_read, cfg_write, collect, stop
+from mlx5tlp import handover, sim
+from mlx5tlp.handover.node import default_spec
+from mlx5tlp.handover.standby import connect
+from mlx5tlp.handover.wire import Wire
+from mlx5tlp.share import ProtocolError
+
+VENDOR_DEVICE = 0x7F10 << 16 | 0x15B3
+
+
+@pytest.fixture
+def rig(tmp_path: Path, device: str) -> Iterator[Rig]:
+    r = Rig(tmp_path, device)
+    yield r
+    r.close()
+
+
+def scratch_reg() -> int:
+    """A writable dword of the default function (its vendor capability's data bytes 1..28)."""
+    from mlx5tlp.function import Function
+
+    with Function(default_spec()) as f:
+        return int(f._layout["vendor_caps"][0]) + 4
+
+
+def check_clean(host: sim.Host, device: str, requests: int) -> None:
+    st = host.stats()
+    assert (st["retired"], st["outstanding"], st["unexpected"], st["errors"]) == (
+        requests, 0, 0, 0), st
+    ds = sim.device_stats(device)
+    assert (ds["requests_claimed"], ds["requests_pending"]) == (0, 0), ds
+
+
+def wait_objects_gone(device: str) -> dict[str, int]:
+    deadline = time.monotonic() + 10
+    while True:
+        ds = sim.device_stats(device)
+        if (ds["contexts"] == 0 and ds["tlp_vars"] == 0) or time.monotonic() > deadline:
+            return ds
+        time.sleep(0.02)
+
+
+def test_planned_handover_keeps_state_and_answers_everything(rig: Rig) -> None:
+    reg = scratch_reg()
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        s1 = rig.standby("S1", p0)
+        assert host.send_request(cfg_write(reg, 0xA5A5_1234, 1))
+        assert host.send_request(cfg_read(0, 2))
+        got = collect(host, 2)
+        assert len(got) == 2 and got[1].data == VENDOR_DEVICE.to_bytes(4, "little")
+        out = handover.request(rig.path, rig.key, "handover")
+        assert out["successor"] == s1.pid and out["generation"] == 2
+        # The successor continues from the shared function state: the write is still there.
+        assert host.send_request(cfg_read(reg, 3))
+        (cpl,) = collect(host, 1)
+        assert cpl.data == (0xA5A5_1234).to_bytes(4, "little")
+        assert s1.wait_event("first-served")["how"] == "handover"
+        assert p0.wait_event("handed-over")["successor"] == s1.pid
+        # The old primary stays as a standby of the new one (its own "standby" event names
+        # its primary; the earlier one, as primary, named the standby that joined).
+        deadline = time.monotonic() + 30
+        while not any(e["event"] == "standby" and e.get("primary") == s1.pid
+                      for e in list(p0.events)):
+            assert time.monotonic() < deadline, p0.events
+            time.sleep(0.01)
+        while (st := handover.request(rig.path, rig.key, "status"))["standbys"] < 1:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.01)
+        assert (st["pid"], st["generation"], st["standbys"]) == (s1.pid, 2, 1)
+        # ... and can take the function back.
+        back = handover.request(rig.path, rig.key, "handover")
+        assert (back["successor"], back["generation"]) == (p0.pid, 3)
+        assert host.send_request(cfg_read(reg, 4))
+        (cpl,) = collect(host, 1)
+        assert cpl.data == (0xA5A5_1234).to_bytes(4, "little")
+        stop(rig)
+        assert p0.p.wait(30) == 0 and s1.p.wait(30) == 0
+        check_clean(host, rig.device, 4)
+    ds = wait_objects_gone(rig.device)
+    assert (ds["contexts"], ds["tlp_vars"]) == (0, 0), ds
+
+
+def test_two_would_be_primaries_one_wins(rig: Rig) -> None:
+    p0 = rig.primary()
+    second = subprocess.run(
+        [sys.executable, "-m", "mlx5tlp", "serve", "--control", rig.path, "--key-file",
+         str(rig.key_file), "--device", rig.device], capture_output=True, text=True,
+        env=rig.env, timeout=60)
+    assert second.returncode == 1
+    assert "already has a primary" in second.stderr and f"pid {p0.pid}" in second.stderr
+    assert "generation 1" in second.stderr
+    # The lease is the kernel's: once the winner is dead, the next one gets generation 2.
+    p0.kill()
+    p1 = rig.primary("P1")
+    assert p1.wait_event("serving")["generation"] == 2
+    stop(rig)
+    assert p1.p.wait(30) == 0
+
+
+def test_crash_takeover_with_claims_in_flight_answers_each_exactly_once(rig: Rig) -> None:
+    total = 0
+    with sim.Host(rig.device) as host:
+        primary = rig.primary()
+        standby = rig.standby("S1", primary)
+        for round_ in range(3):
+            # Keep requests flowing while the primary is SIGKILLed at some point among them.
+            sent = 0
+            kill_at = 20 + round_ * 7
+            while sent < 60:
+                if host.send_request(cfg_read(0, (total + sent) % 256)):
+                    sent += 1
+                if sent == kill_at:
+                    primary.kill()
+            total += sent
+            ev = standby.wait_event("takeover")
+            assert ev["generation"] == round_ + 2
+            got = collect(host, sent)
+            assert len(got) == sent, f"round {round_}: {len(got)} of {sent}"
+            assert all(c.data == VENDOR_DEVICE.to_bytes(4, "little") for c in got)
+            check_clean(host, rig.device, total)
+            primary, standby = standby, rig.standby(f"S{round_ + 2}", standby)
+        stop(rig)
+        assert primary.p.wait(30) == 0 and standby.p.wait(30) == 0
+    ds = wait_objects_gone(rig.device)
+    assert (ds["contexts"], ds["tlp_vars"], ds["requests_claimed"]) == (0, 0, 0), ds
+
+
+def _fake_standby(rig: Rig) -> tuple[socket.socket, Wire]:
+    """A standby run by the test itself, step by step, to fail at a chosen step."""
+    sock = connect(rig.path)
+    wire, _welcome = Wire.client(sock, rig.key, {"role": "standby", "pid": os.getpid(),
+                                                  "state_version": handover.STATE_VERSION})
+    wire.send("join", {})
+    objs = wire.recv(timeout=10)
+    assert objs.type == "objects" and len(objs.fds) == 3
+    objs.close_fds()
+    wire.send("ready", {})
+    return sock, wire
+
+
+@pytest.mark.parametrize("step", ["prepared", "accept-then-abort"])
+def test_standby_failing_before_commit_rolls_back(rig: Rig, step: str) -> None:
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        sock, wire = _fake_standby(rig)
+        p0.wait_event("standby")
+        wire.send("handover", {})
+        prepared = wire.recv(timeout=10)
+        assert prepared.type == "prepared"
+        if step == "prepared":
+            sock.close()  # the standby dies before it accepts
+        else:
+            wire.send("abort", {"message": "refused by the test"})
+            sock.close()
+        ev = p0.wait_event("rollback")
+        assert ev["committed"] is False and ev["generation"] == 1
+        # The primary serves again, same generation.
+        for tag in range(10):
+            assert host.send_request(cfg_read(0, tag))
+        assert len(collect(host, 10)) == 10
+        st = handover.request(rig.path, rig.key, "status")
+        assert (st["pid"], st["generation"], st["rollbacks"]) == (p0.pid, 1, 1)
+        stop(rig)
+        check_clean(host, rig.device, 10)
+
+
+STANDBY_KILLED_MID_HANDOVER = """
+import os, signal, sys
+sys.path[:0] = [{tests!r}]
+from handover_rig import Rig
+from mlx5tlp import handover
+from mlx5tlp.handover.standby import connect
+from mlx5tlp.handover.wire import Wire
+sock = connect({path!r})
+wire, _ = Wire.client(sock, {key!r}, {{"role": "standby", "pid": os.getpid(),
+                                       "state_version": handover.STATE_VERSION}})
+wire.send("join", {{}})
+wire.recv(timeout=10).close_fds()
+wire.send("ready", {{}})
+wire.send("handover", {{}})
+assert wire.recv(timeout=10).type == "prepared"
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_standby_killed_mid_handover_primary_resumes(rig: Rig) -> None:
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        code = STANDBY_KILLED_MID_HANDOVER.format(
+            tests=str(Path(__file__).parent), path=rig.path, key=rig.key)
+        r = subprocess.run([sys.executable, "-c", code], env=rig.env, timeout=60,
+                           capture_output=True, text=True)
+        assert r.returncode == -9, r.stderr
+        assert p0.wait_event("rollback")["committed"] is False
+        for tag in range(5):
+            assert host.send_request(cfg_read(0, tag))
+        assert len(collect(host, 5)) == 5
+        stop(rig)
+        check_clean(host, rig.device, 5)
+
+
+def test_successor_of_another_state_version_refuses(rig: Rig) -> None:
+    p0 = rig.primary()
+    with pytest.raises(handover.StateMismatchError) as exc:
+        handover.Standby(rig.path, rig.key, state_version=handover.STATE_VERSION + 1)
+    assert exc.value.errno == errno.EPROTO
+    assert "version" in str(exc.value) and "migrat" in str(exc.value)
+    # Another function (spec digest) is refused too.
+    from mlx5tlp.function import Bar, FunctionSpec, Identity
+
+    other = FunctionSpec(identity=Identity(vendor_id=0x15B3, device_id=0x1, class_code=0),
+                         bars=[Bar(0, "mem32", 4096)])
+    with pytest.raises(handover.StateMismatchError) as exc2:
+        handover.Standby(rig.path, rig.key, spec=other)
+    assert exc2.value.errno == errno.EINVAL and "digest" in str(exc2.value)
+    assert p0.p.poll() is None
+    stop(rig)
+
+
+def test_bad_hmac_is_refused(rig: Rig) -> None:
+    p0 = rig.primary()
+    with pytest.raises((handover.AuthenticationError, ProtocolError)) as exc:
+        handover.Standby(rig.path, os.urandom(32))
+    if isinstance(exc.value, handover.AuthenticationError):
+        assert exc.value.errno == errno.EBADMSG and "HMAC" in str(exc.value)
+    refused = p0.wait_event("refused")
+    assert "HMAC" in refused["error"]
+    assert handover.request(rig.path, rig.key, "status")["standbys"] == 0
+    stop(rig)
+
+
+def test_peer_uid_not_allowed_is_refused(tmp_path: Path) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        b.settimeout(5)
+        client = Wire(a, b"k" * 32, is_server=False)
+        client.send("hello", {"role": "standby"})
+        with pytest.raises(handover.AuthenticationError) as exc:
+            Wire.server(b, b"k" * 32, allow_uids=[os.getuid() + 12345])
+        assert exc.value.errno == errno.EACCES and f"uid {os.getuid()}" in str(exc.value)
+
+
+def test_replayed_message_is_refused() -> None:
+    # A message recorded on one connection fails on another: it is bound to the receiver's nonce.
+    key = b"r" * 32
+    a1, b1 = socket.socketpair()
+    a2, b2 = socket.socketpair()
+    with a1, b1, a2, b2:
+        for s in (a1, b1, a2, b2):
+            s.settimeout(5)
+        c1 = Wire(a1, key, is_server=False)
+        c1.send("hello", {})
+        s1, _ = Wire.server(b1, key)
+        s1.send("welcome", {})
+        c1.recv()
+        c1.send("request", {"action": "stop"})
+        raw = b1.recv(65536)  # the signed "stop", as an eavesdropper with the socket saw it
+        c2 = Wire(a2, key, is_server=False)
+        c2.send("hello", {})
+        s2, _ = Wire.server(b2, key)
+        s2.send("welcome", {})
+        c2.recv()
+        a2.sendall(raw)  # replay it on the second connection
+        with pytest.raises(handover.AuthenticationError) as exc:
+            s2.recv()
+        assert exc.value.errno == errno.EBADMSG
+
+
+def test_lease_directory_must_be_private(tmp_path: Path) -> None:
+    d = tmp_path / "open"
+    d.mkdir()
+    d.chmod(0o777)
+    with pytest.raises(mlx5tlp.Error) as exc:
+        handover.Lease(str(d / "x.lease"))
+    assert exc.value.errno == errno.EPERM and "0700" in str(exc.value)

@@ -1,0 +1,104 @@
+"""The handover state block: shared across processes, versioned, and sealed snapshots checked."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from mlx5tlp import handover
+from mlx5tlp.function import Bar, FunctionSpec, Identity
+from mlx5tlp.handover.node import default_spec
+from mlx5tlp.handover.state import HEADER_SIZE, SharedState, open_snapshot, seal_snapshot
+
+KEY = b"s" * 32
+
+
+@pytest.fixture
+def state() -> Iterator[SharedState]:
+    st = SharedState.create(default_spec(), generation=3)
+    yield st
+    st.close()
+
+
+def scratch(st: SharedState) -> int:
+    assert st.function is not None
+    return int(st.function._layout["vendor_caps"][0]) + 4
+
+
+def test_sealed_snapshot_round_trip(state: SharedState) -> None:
+    blob = seal_snapshot(state.snapshot(), KEY, 3)
+    assert open_snapshot(blob, KEY, generation=3, digest=state.digest) == state.snapshot()
+
+
+def test_forged_snapshot_is_refused(state: SharedState) -> None:
+    blob = bytearray(seal_snapshot(state.snapshot(), KEY, 3))
+    with pytest.raises(handover.AuthenticationError) as exc:
+        open_snapshot(bytes(blob), b"x" * 32, generation=3, digest=state.digest)
+    assert exc.value.errno == errno.EBADMSG and "HMAC" in str(exc.value)
+    blob[32 + 8 + HEADER_SIZE + 100] ^= 1  # one bit of the configuration space
+    with pytest.raises(handover.AuthenticationError) as exc:
+        open_snapshot(bytes(blob), KEY, generation=3, digest=state.digest)
+    assert exc.value.errno == errno.EBADMSG
+    with pytest.raises(handover.AuthenticationError):
+        open_snapshot(bytes(blob[:50]), KEY, generation=3, digest=state.digest)
+
+
+def test_stale_snapshot_is_refused(state: SharedState) -> None:
+    old = seal_snapshot(state.snapshot(), KEY, 3)
+    with pytest.raises(handover.AuthenticationError) as exc:
+        open_snapshot(old, KEY, generation=4, digest=state.digest)  # the lease moved on
+    assert exc.value.errno == errno.ESTALE and "generation 3" in str(exc.value)
+    # A snapshot sealed for generation 4 over a header still at 3 is refused as well.
+    with pytest.raises(handover.AuthenticationError) as exc:
+        open_snapshot(seal_snapshot(state.snapshot(), KEY, 4), KEY, generation=4,
+                      digest=state.digest)
+    assert exc.value.errno == errno.ESTALE
+
+
+def test_snapshot_of_another_version_or_function_is_refused(state: SharedState) -> None:
+    blob = seal_snapshot(state.snapshot(), KEY, 3)
+    with pytest.raises(handover.StateMismatchError) as exc:
+        open_snapshot(blob, KEY, generation=3, digest=state.digest, version=2)
+    assert exc.value.errno == errno.EPROTO and "migrate" in str(exc.value)
+    with pytest.raises(handover.StateMismatchError) as exc:
+        open_snapshot(blob, KEY, generation=3, digest=state.digest ^ 1)
+    assert exc.value.errno == errno.EINVAL and "digest" in str(exc.value)
+
+
+def test_attach_refuses_another_function(state: SharedState) -> None:
+    other = FunctionSpec(identity=Identity(vendor_id=1, device_id=2, class_code=0),
+                         bars=[Bar(0, "mem32", 4096)])
+    with pytest.raises(handover.StateMismatchError) as exc:
+        SharedState.attach(os.dup(state.fd), other)
+    assert exc.value.errno == errno.EINVAL
+
+
+ADOPT = """
+import os, sys
+from mlx5tlp.handover.node import default_spec
+from mlx5tlp.handover.state import SharedState
+st = SharedState.attach(int(sys.argv[1]), default_spec())
+f = st.adopt(4)
+print(hex(f.config_read(int(sys.argv[2]), 4)))
+f.config_write(int(sys.argv[2]), 0x0BADF00D, 4)
+st.close()
+"""
+
+
+def test_another_process_continues_from_the_shared_state(state: SharedState) -> None:
+    assert state.function is not None
+    reg = scratch(state)
+    state.function.config_write(reg, 0x12345678, 4)
+    out = subprocess.run([sys.executable, "-c", ADOPT, str(state.fd), str(reg)],
+                         pass_fds=(state.fd,), capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, SKBUILD_EDITABLE_VERBOSE="0"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "0x12345678"
+    # ... and what the successor wrote is here, with its generation in the header.
+    assert state.function.config_read(reg, 4) == 0x0BADF00D
+    assert state.header()[0] == 4
