@@ -645,6 +645,16 @@ class BulkCompletions:
         return [decode(self.record(k)) for k in range(len(self))]
 
 
+def _is_buffer(obj: object) -> bool:
+    # A buffer such as array('I') is one request buffer (refused by the core unless its items
+    # are bytes), never a sequence of requests whose items are ints.
+    try:
+        memoryview(obj).release()  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
+
+
 def build_completions(
     requests: Union[Buffer, Sequence[Union[Buffer, Tlp]]],
     data: Buffer = b"",
@@ -674,8 +684,8 @@ def build_completions(
             ``statuses`` has the wrong length, or a parameter is bad. Problems with a single
             request do not raise: they are reported in :attr:`BulkCompletions.errors`.
     """
-    if isinstance(requests, (bytes, bytearray, memoryview)):
-        reqs: Buffer = requests
+    if isinstance(requests, (bytes, bytearray, memoryview)) or _is_buffer(requests):
+        reqs: Any = requests  # the core checks it (contiguous, byte items)
     else:
         reqs = b"".join(r.encode() if isinstance(r, Tlp) else bytes(r) for r in requests)
     st: Optional[bytes] = None
