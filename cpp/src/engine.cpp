@@ -1010,24 +1010,23 @@ const char* Engine::state() const noexcept {
 
 size_t Engine::lanes() const noexcept { return impl_->lanes.size(); }
 
-int Engine::complete_deferred(uint64_t id, const uint8_t* data, size_t len) noexcept {
+namespace {
+// The one path that answers a deferred request: find it by `id` (lane, slot, generation),
+// let `answer` fill it under the lane's lock (a non-zero errno refuses and changes nothing),
+// mark it ready and, if the lane already parked it as pending, queue it and wake the lane.
+template <typename Answer>
+int finish_deferred(std::vector<std::unique_ptr<Lane>>& lanes, uint64_t id,
+                    Answer&& answer) noexcept {
   const size_t lane = size_t(id >> 48), k = size_t(id >> 32) & 0xffff;
-  if (lane >= impl_->lanes.size()) return ENOENT;
-  Lane& l = *impl_->lanes[lane];
+  if (lane >= lanes.size()) return ENOENT;
+  Lane& l = *lanes[lane];
   if (k >= l.dslots.size()) return ENOENT;
   bool wake = false;
   {
     std::lock_guard<std::mutex> g(l.dmu);
     Deferred& d = l.dslots[k];
     if (d.gen != uint32_t(id) || (d.state != DState::in_call && d.state != DState::pending)) return ENOENT;
-    const size_t want = d.t.kind == Kind::IOWr ? 0 : size_t(d.t.length) * 4;
-    if (len != want) return EINVAL;
-    try {
-      d.data.assign(data, data + len);
-    } catch (...) {
-      return ENOMEM;
-    }
-    d.status = uint8_t(CplStatus::SC);
+    if (const int err = answer(d)) return err;
     if (d.state == DState::pending) {
       l.dready.push_back(uint32_t(k));  // capacity reserved for every slot
       wake = true;
@@ -1040,30 +1039,28 @@ int Engine::complete_deferred(uint64_t id, const uint8_t* data, size_t len) noex
   }
   return 0;
 }
+}  // namespace
+
+int Engine::complete_deferred(uint64_t id, const uint8_t* data, size_t len) noexcept {
+  return finish_deferred(impl_->lanes, id, [&](Deferred& d) noexcept -> int {
+    const size_t want = d.t.kind == Kind::IOWr ? 0 : size_t(d.t.length) * 4;
+    if (len != want) return EINVAL;
+    try {
+      d.data.assign(data, data + len);
+    } catch (...) {
+      return ENOMEM;
+    }
+    d.status = uint8_t(CplStatus::SC);
+    return 0;
+  });
+}
 
 int Engine::fail_deferred(uint64_t id, uint8_t status) noexcept {
   if (status != uint8_t(CplStatus::UR) && status != uint8_t(CplStatus::CA)) return EINVAL;
-  const size_t lane = size_t(id >> 48), k = size_t(id >> 32) & 0xffff;
-  if (lane >= impl_->lanes.size()) return ENOENT;
-  Lane& l = *impl_->lanes[lane];
-  if (k >= l.dslots.size()) return ENOENT;
-  bool wake = false;
-  {
-    std::lock_guard<std::mutex> g(l.dmu);
-    Deferred& d = l.dslots[k];
-    if (d.gen != uint32_t(id) || (d.state != DState::in_call && d.state != DState::pending)) return ENOENT;
+  return finish_deferred(impl_->lanes, id, [&](Deferred& d) noexcept -> int {
     d.status = status;
-    if (d.state == DState::pending) {
-      l.dready.push_back(uint32_t(k));
-      wake = true;
-    }
-    d.state = DState::ready;
-  }
-  if (wake) {
-    l.dready_flag.store(true, std::memory_order_release);
-    l.poke();
-  }
-  return 0;
+    return 0;
+  });
 }
 
 EngineStats Engine::stats() const {

@@ -200,6 +200,7 @@ void check_bulk(const uint8_t* reqs, size_t len, const CompletionParams& p, bool
   o.offsets_cap = offsets.size();
   o.request_first = first.data();
   o.errors = errors.data();
+  o.requests_cap = errors.size();
   const Status s = bulk_build(reqs, len, data.empty() ? nullptr : data.data(), data.size(), st,
                               per_request ? statuses.size() : 0, p, &o);
   FUZZ_CHECK(s != Status::output_too_small, "bulk_measure's sizes were too small");

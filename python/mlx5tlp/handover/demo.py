@@ -222,8 +222,10 @@ def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
         limit = requests
         if awaiting:
             pass  # a successor's first answer is due: requests must flow
-        elif next_handover is not None and pending_ho is None:
-            limit = min(limit, next_handover)
+        elif next_handover is not None:
+            # While a handover is in flight the old primary keeps serving, but no further
+            # than the next due point: each interval of requests gets its own handover.
+            limit = min(limit, next_handover + (handover_every if pending_ho else 0))
         if next_kill is not None and not awaiting:
             limit = min(limit, next_kill)
         while sent < limit and len(checker.outstanding) < window:
@@ -249,7 +251,8 @@ def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
     ho_result: dict[str, Any] = {}
     t_start = time.monotonic()
 
-    while (sent < requests or checker.outstanding or awaiting) and time.monotonic() < end:
+    while (sent < requests or checker.outstanding or awaiting or pending_ho is not None) \
+            and time.monotonic() < end:
         pump_host()
         pump_events()
         if awaiting and sent >= requests and not checker.outstanding:
