@@ -74,10 +74,12 @@ class ConfigOverTlp:
                     raise Error(errno.ETIMEDOUT, f"{what}: no completion within "
                                 f"{self.config_timeout} s (is the function served?)",
                                 "config request")
-                for rec in self._collect(min(left, 0.05)):
+                got = self._collect(min(left, 0.05))
+                for i, rec in enumerate(got):
                     c = tlp.decode(rec.tlp)
                     if (c.kind in ("Cpl", "CplD") and c.tag == tag
                             and c.requester_id == self.requester_id):
+                        others += got[i + 1:]  # collected with it: not ours either
                         return c
                     others.append(rec)
         finally:
