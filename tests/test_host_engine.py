@@ -270,7 +270,9 @@ def test_load_generator_checks_the_engine_memory_region(
     mem = regions[0]
     assert isinstance(mem, engine.MemoryRegion)
     mem.write(0, bytes((i * 13 + 5) & 0xFF for i in range(0x1000)))
-    with engine.Device(ctx, README_SPEC, regions) as dev:
+    # spin_us=0: the lane blocks in mlx5tlp_sim_function_wait whenever it finds nothing, so
+    # every request depends on the generator's wake-up (a lost one costs the 50 ms wait cap).
+    with engine.Device(ctx, README_SPEC, regions, spin_us=0) as dev:
         e = host.enumerate()
         bar0 = e.bar(0)
         assert bar0 is not None
@@ -281,7 +283,16 @@ def test_load_generator_checks_the_engine_memory_region(
                         window=16, completer_id=dev.completer_id, max_payload=128 << mps,
                         timeout=10.0)
         assert res.ok, (res.errors_by_kind, res.first_errors)
-        assert res.sent == 2000 and res.writes > 0 and res.completions > res.reads
-        # The generator's image (its writes applied) is what the region now holds.
+        # The mix is honoured: 1 op in 6 is a write (writes that meet an outstanding read
+        # wait for it instead of being replaced).
+        assert res.sent == 2000 and 250 <= res.writes <= 420 and res.completions > res.reads
+        # Window 1 against a lane that blocks at once: 300 reads, each woken by its push. Lost
+        # wake-ups would take 300 x 50 ms = 15 s; woken, it takes milliseconds. 5 s is far from
+        # both, so the bound holds on a loaded machine yet fails without wake-ups.
+        res1 = host.load([sim.LoadRange(bar0.address, mem.read(0, 0x1000))], count=300,
+                         window=1, completer_id=dev.completer_id, max_payload=128 << mps)
+        assert res1.ok and res1.elapsed_s < 5.0, res1
+        # The engine saw exactly what the generator sent.
         st = dev.stats()
-        assert st["requests"]["MRd"] == res.reads and st["requests"]["MWr"] == res.writes
+        assert st["requests"]["MRd"] == res.reads + res1.reads
+        assert st["requests"]["MWr"] == res.writes

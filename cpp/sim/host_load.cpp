@@ -100,8 +100,11 @@ class Run {
     t0_ = now_ns();
     int64_t last_scan = t0_, last_activity = t0_;
     unsigned idle = 0;
-    bool have_next = false;
-    LoadOp next;
+    // A write over bytes an outstanding read covers waits ("parked", at most one) while later
+    // requests go ahead; it is sent as soon as those reads are done. Every op picked is sent
+    // (unless the run ends first), so the mix is the one asked for.
+    bool have_next = false, have_parked = false;
+    LoadOp next, parked;
     for (;;) {
       int64_t now = now_ns();
       bool progress = false;
@@ -110,19 +113,31 @@ class Run {
         if (!more(now, period)) break;
         const int64_t due = due_ns(period);
         if (period > 0 && due > now) break;
+        if (have_parked && !covered_by_read(parked)) {
+          if (!send(parked, due)) break;  // the channel is full: back-pressure
+          have_parked = false;
+          progress = true;
+          continue;
+        }
         if (!have_next) {
           next = pick_op(job_, rng_);
           have_next = true;
         }
         if (next.kind == M5A_SIM_LOAD_WRITE && covered_by_read(next)) {
-          next = pick_op(job_, rng_);  // another address; if that collides too, wait a round
-          if (next.kind == M5A_SIM_LOAD_WRITE && covered_by_read(next)) break;
+          if (have_parked) break;  // a second one: wait for the reads to finish
+          parked = next;
+          have_parked = true;
+          have_next = false;
+          continue;
         }
         if (next.kind == M5A_SIM_LOAD_READ && free_.empty()) break;  // the window is full
         if (!send(next, due)) break;  // the channel is full: back-pressure
         have_next = false;
         progress = true;
       }
+      // One wake-up check for the round's requests (a fence and a load; a futex wake only
+      // when a function blocks waiting for requests).
+      if (progress) request_pushed(*h_.dev->st());
       uint64_t bad = 0;
       const uint32_t n = host_take(h_, buf_.data(), kBatch, recs_, &bad);
       if (bad != 0) add_error(M5A_SIM_LOAD_ERR_RECORD, bad, "%s", h_.check.stats.last_error);
