@@ -95,8 +95,15 @@ def test_planned_handover_keeps_state_and_answers_everything(rig: Rig) -> None:
         assert host.send_request(cfg_read(reg, 4))
         (cpl,) = collect(host, 1)
         assert cpl.data == (0xA5A5_1234).to_bytes(4, "little")
+        # S1 re-joins as a standby of P0; stop once it holds its imports (a standby still
+        # joining when the function stops finds the VAR freed and exits 1).
+        while not any(e["event"] == "standby" and e.get("primary") == p0.pid
+                      for e in list(s1.events)):
+            assert time.monotonic() < deadline, s1.events
+            time.sleep(0.01)
         stop(rig)
-        assert p0.p.wait(30) == 0 and s1.p.wait(30) == 0
+        for proc in (p0, s1):
+            assert proc.p.wait(30) == 0, (proc.name, proc.p.stderr.read() if proc.p.stderr else "")
         check_clean(host, rig.device, 4)
     ds = wait_objects_gone(rig.device)
     assert (ds["contexts"], ds["tlp_vars"]) == (0, 0), ds

@@ -283,7 +283,7 @@ class EngineNode:
 
     def build_device(self) -> engine.Device:
         """This process's engine on the shared state, regions and VARs (not started)."""
-        return engine.Device(self.ctx, self.spec, self._successor_regions(), vars=self.vars,
+        return engine.Device(self.ctx, self.spec, self._successor_regions(), gateway_vars=self.vars,
                              state=self.state, adopt=True, start=False)
 
     def _successor_regions(self) -> list[engine.Region]:
