@@ -22,6 +22,14 @@ namespace mlx5tlp::bind {
 
 namespace {
 
+bool interpreter_finalizing() noexcept {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
 // Calls the façade's dispatch(list of items) with the GIL. Items are tuples
 // (region_index, write, offset, length, first_be, last_be, data or None, deferred_id,
 //  requester_id, tag, kind); the façade answers through Engine.complete / fail.
@@ -33,7 +41,10 @@ class PyHandler final : public BatchHandler {
     dispatch_ = py::object();
   }
   void run(BatchItem* items, size_t n) noexcept override {
-    if (!Py_IsInitialized()) return;  // interpreter gone: the items stay deferred until expiry
+    // Interpreter gone or going: the items stay deferred until expiry or stop (then CA).
+    // Taking the GIL once finalization began makes CPython end this thread with
+    // pthread_exit, whose forced unwind cannot cross this noexcept function (abort).
+    if (!Py_IsInitialized() || interpreter_finalizing()) return;
     py::gil_scoped_acquire g;
     try {
       py::list l(n);
@@ -102,10 +113,7 @@ class PyEngine {
     engine_->set_batch_handler(&handler_);
   }
   ~PyEngine() {
-    {
-      py::gil_scoped_release r;
-      engine_.reset();
-    }
+    close();
     release_view();
   }
   PyEngine(const PyEngine&) = delete;
@@ -117,6 +125,9 @@ class PyEngine {
   void close() {
     {
       py::gil_scoped_release r;
+      // Stop first: a lane in the handler still answers through e() while it finishes (reset()
+      // clears the pointer before the destructor joins the lanes).
+      if (engine_) engine_->stop();
       engine_.reset();
     }
     release_view();  // the state buffer's owner may be closed after this (handover)
@@ -224,7 +235,7 @@ void bind_engine(py::module_& root) {
         std::vector<RegisterSpec> v;
         for (size_t i = 0; i < regs.size(); ++i) {
           auto t = regs[i].cast<py::tuple>();
-          if (t.size() != 7) throw py::value_error("register tuples are (name, offset, width, reset, access, read_hook, write_hook)");
+          if (t.size() != 8) throw py::value_error("register tuples are (name, offset, width, reset, access, read_hook, write_hook, reserved)");
           RegisterSpec r;
           r.name = t[0].cast<std::string>();
           r.offset = t[1].cast<uint32_t>();
@@ -239,6 +250,7 @@ void bind_engine(py::module_& root) {
                            "region '" + name + "': registers[" + std::to_string(i) + "].access: '" + a + "' is not ro, rw, rw1c or wo");
           r.read_hook = t[5].cast<bool>();
           r.write_hook = t[6].cast<bool>();
+          r.reserved = t[7].cast<uint64_t>();
           v.push_back(std::move(r));
         }
         return std::make_shared<RegisterRegion>(name, bar, offset, size, std::move(v), fd);

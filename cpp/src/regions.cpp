@@ -136,6 +136,10 @@ RegisterRegion::RegisterRegion(std::string name, int bar, uint64_t offset, uint6
       region_error(this->name(), f + ".offset: " + hex(r.offset) + " + width runs past the region's " + std::to_string(size) + " bytes");
     if (r.width < 8 && (r.reset >> (8 * r.width)) != 0)
       region_error(this->name(), f + ".reset: " + hex(r.reset) + " does not fit " + std::to_string(r.width) + " bytes");
+    if (r.width < 8 && (r.reserved >> (8 * r.width)) != 0)
+      region_error(this->name(), f + ".reserved: " + hex(r.reserved) + " does not fit " + std::to_string(r.width) + " bytes");
+    if ((r.reset & r.reserved) != 0)
+      region_error(this->name(), f + ".reset: " + hex(r.reset) + " sets reserved bits " + hex(r.reset & r.reserved));
   }
   std::vector<size_t> order(regs_.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
@@ -260,8 +264,8 @@ void RegisterRegion::write(uint64_t off, const uint8_t* data, uint32_t len, uint
     if (i < 0) continue;  // writes to unassigned bytes are dropped
     const RegisterSpec& r = regs_[size_t(i)];
     const unsigned shift = 8 * unsigned(off + k - r.offset);
-    const uint64_t mask = uint64_t(0xff) << shift;
-    const uint64_t v = uint64_t(data[k]) << shift;
+    const uint64_t mask = (uint64_t(0xff) << shift) & ~r.reserved;
+    const uint64_t v = (uint64_t(data[k]) << shift) & mask;
     uint64_t& cur = values_[size_t(i)];
     switch (r.access) {
       case RegAccess::ro: break;

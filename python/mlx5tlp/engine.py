@@ -18,10 +18,15 @@ The engine's loop, routing rules, counters and trace format: ``docs/engine.md``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
+import os
+import sys
 import threading
 import traceback
+import warnings
+import weakref
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +58,9 @@ __all__ = [
 
 ACCESSES = ("ro", "rw", "rw1c", "wo")
 _CHANNELS = 8
+#: Seconds :func:`_close_at_exit` gives an open device's lanes to stop at interpreter exit.
+EXIT_TIMEOUT = 5.0
+_open_devices: weakref.WeakSet[Device] = weakref.WeakSet()
 
 
 class MemoryRegion:
@@ -108,6 +116,8 @@ class Register:
         reset: value at creation and at :meth:`RegisterRegion.reset`.
         access: ``"ro"`` (writes ignored), ``"rw"``, ``"rw1c"`` (a 1 clears the bit), ``"wo"``
             (reads return 0).
+        reserved: a mask of reserved bits: they read 0 and host writes leave them alone
+            (RsvdP/RsvdZ on the device side, PCIe Base §7.4); ``reset`` must not set them.
         on_read: ``f(name) -> int``: the register's value for this read (stored, then read).
         on_write: ``f(name, value)``: called after a write changed it, with the new value.
     Hooks run on an engine thread with the GIL, batched per engine batch.
@@ -120,6 +130,7 @@ class Register:
     access: str = "rw"
     on_read: Optional[Callable[[str], int]] = None
     on_write: Optional[Callable[[str, int], None]] = None
+    reserved: int = 0
 
     def __post_init__(self) -> None:
         if self.access not in ACCESSES:
@@ -154,7 +165,7 @@ class RegisterRegion:
             self.name, _int(bar, "bar"), _int(offset, "offset"),
             _int(size if size is not None else (end + 3) // 4 * 4, "size"),
             [(r.name, r.offset, r.width, r.reset, r.access, r.on_read is not None,
-              r.on_write is not None) for r in regs],
+              r.on_write is not None, r.reserved) for r in regs],
             -1 if fd is None else _int(fd, "fd"))
         self._index = {n: i for i, (n, _o, _w) in enumerate(self._core.names())}
 
@@ -186,7 +197,7 @@ class RegisterRegion:
             if write and reg.on_write is not None:
                 reg.on_write(n, self[n])
             elif not write and reg.on_read is not None:
-                self[n] = int(reg.on_read(n))
+                self[n] = int(reg.on_read(n)) & ~reg.reserved  # reserved bits read 0
 
 
 class Request:
@@ -414,6 +425,7 @@ class Device(Closing):
         except BaseException:
             self.close()
             raise
+        _open_devices.add(self)
 
     @property
     def _engine(self) -> Any:
@@ -603,9 +615,10 @@ class Device(Closing):
     def close(self) -> None:
         """Stop, close the gateways and free the pages (idempotent)."""
         with self._lock:
-            e, self._e = self._e, None
+            e = self._e
             if e is not None:
-                e.close()
+                e.close()  # lanes in a handler still answer through self._e meanwhile
+            self._e = None
             for v in self._vars if self._owns_vars else ():
                 # The context may be closed already: its objects went with it.
                 with contextlib.suppress(Exception):
@@ -623,6 +636,47 @@ class Device(Closing):
     def __repr__(self) -> str:
         state = "closed" if self._e is None else self._e.state
         return f"<mlx5tlp.engine.Device {state} pages={self.page_ids}>"
+
+
+def _close_at_exit() -> None:
+    """Close every device still open when the interpreter exits.
+
+    Runs from :mod:`atexit`, before the interpreter finalizes: lanes that call Python (hooks,
+    callbacks) must stop while Python still runs them. Deferred requests still open are
+    answered Completer Abort, with a :class:`RuntimeWarning` saying how many; a device with
+    nothing dropped gets a :class:`ResourceWarning` (hidden by default). A device whose lanes
+    do not stop within :data:`EXIT_TIMEOUT` seconds (a handler that never returns) gets a
+    warning and the process ends at once with ``os._exit(1)``, rather than hanging or
+    aborting in finalization.
+    """
+    for dev in list(_open_devices):
+        if dev.closed:
+            continue
+        name = repr(dev)
+        try:
+            open_deferred = int(dev._engine.stats()["deferred_outstanding"])
+        except Exception:
+            open_deferred = 0
+        closer = threading.Thread(target=dev.close, name="mlx5tlp-exit-close", daemon=True)
+        closer.start()
+        closer.join(EXIT_TIMEOUT)
+        if closer.is_alive():
+            warnings.warn(f"{name} left open at interpreter exit did not stop within "
+                          f"{EXIT_TIMEOUT} s (a hook or callback handler is blocked); "
+                          "ending the process", RuntimeWarning, stacklevel=1)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        if open_deferred:
+            warnings.warn(f"{name} left open at interpreter exit: closed it; {open_deferred} "
+                          "deferred requests were answered Completer Abort", RuntimeWarning,
+                          stacklevel=1)
+        else:
+            warnings.warn(f"{name} left open at interpreter exit: closed it", ResourceWarning,
+                          stacklevel=1)
+
+
+atexit.register(_close_at_exit)
 
 
 def _lane_masks(pages: int, channels: Optional[Sequence[Sequence[int]]]) -> list[int]:

@@ -113,6 +113,7 @@ struct RegisterSpec {
   uint8_t width = 4;    // bytes: 1, 2, 4 or 8
   uint64_t reset = 0;
   RegAccess access = RegAccess::rw;
+  uint64_t reserved = 0;    // bits that read 0 and ignore host writes (RsvdP/RsvdZ, §7.4)
   bool read_hook = false;   // reads go to the BatchHandler (which returns the value)
   bool write_hook = false;  // writes go to the BatchHandler (after the register is updated)
 };
