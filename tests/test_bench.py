@@ -16,7 +16,7 @@ from mlx5tlp import bench
 # The C++ programs' keys may be null, but only with a reason (program not built/installed).
 CPP_KEYS = ("lockfree_vs_mutex_2p", "direct_vs_raw_store", "ring_contended_records_per_s",
             "idle_gateways_cpu_percent", "latency_p50_us", "latency_p99_us")
-PY_KEYS = ("bulk_vs_naive_python", "post_call_us")
+PY_KEYS = ("bulk_vs_naive_python", "post_call_us", "export_import_us")
 WORKLOADS = ("4", "64", "256", "4096", "mixed")
 
 
