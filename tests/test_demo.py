@@ -47,7 +47,9 @@ def test_demo_verifies_every_completion(device: str) -> None:
     assert rep["model"]["errors"] == 0 and rep["model"]["outstanding"] == 0
     assert rep["model"]["status_ur"] > 0  # the unsupported requests were answered with UR
     assert rep["leaked_objects"] == 0
-    assert sum(w["served"] for w in rep["workers_report"]) == 600
+    # The engine's workers also served the host's set-up writes (BAR 0, MPS, RCB, Command).
+    assert rep["engine"] == "native" and rep["setup_requests"] == 2 * 4
+    assert sum(w["served"] for w in rep["workers_report"]) == 600 + rep["setup_requests"]
     _no_objects(device)
 
 
@@ -267,3 +269,47 @@ def test_progress_bar_draws_its_final_frame(device: str) -> None:
     last = frames[-1].strip()
     assert last.startswith("[#########################] 100% 700/700 "), frames[-3:]
     assert last.endswith("errors 0")
+
+
+# -- the two engines -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_python_baseline_engine_still_verifies(device: str) -> None:
+    out = _demo("--device", device, "--requests", "400", "--engine", "python", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rep = json.loads(out.stdout)
+    assert rep["engine"] == "python" and rep["setup_requests"] == 0
+    assert rep["requests_verified"] == 400 and rep["errors"] == 0
+    assert rep["model"]["completions"] == rep["completions_verified"]
+    assert sum(w["served"] for w in rep["workers_report"]) == 400
+    assert all("engine" not in w for w in rep["workers_report"])  # Python per TLP
+    _no_objects(device)
+
+
+@pytest.mark.slow
+def test_native_engine_serves_from_its_function_model(device: str) -> None:
+    # --max-payload 512 on a 1 KiB-slot device and --rcb 128: the host programs Device
+    # Control MPS (§7.5.3.4) and Link Control RCB (§7.5.3.7); the workers' engines count
+    # what they answered, and configuration reads are checked against the host's own copy.
+    name = f"big{os.getpid()}"
+    sim.create_device(name, slot_size=1024)
+    try:
+        out = _demo("--device", name, "--requests", "600", "--max-payload", "512",
+                    "--rcb", "128", "--read-size", "2048", "--json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        rep = json.loads(out.stdout)
+        assert rep["errors"] == 0 and rep["requests_verified"] == 600
+        assert rep["completion_payload"] == 512
+        engines = [w["engine"] for w in rep["workers_report"]]
+        assert sum(e["requests"]["CfgRd0"] for e in engines) > 0
+        assert sum(e["ur"] for e in engines) == rep["model"]["status_ur"]  # the IORds
+        assert sum(e["completions"] for e in engines) == rep["model"]["completions"]
+        assert rep["latency_p50_us"] is not None and rep["throughput_rps"] > 0
+    finally:
+        sim.remove_device(name)
+
+
+def test_unknown_engine_is_refused() -> None:
+    out = _demo("--engine", "rust", timeout=60)
+    assert out.returncode == 2 and "argument --engine: invalid choice: 'rust'" in out.stderr
+    with pytest.raises(OptionError, match="--engine"):
+        run(Options(engine="rust"))

@@ -40,6 +40,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         requests=args.requests, workers=args.workers, read_size=args.read_size, seed=args.seed,
         device=args.device, max_payload=args.max_payload, rcb=args.rcb, window=args.window,
         timeout=args.timeout, json=args.json, kill_worker_after=args.kill_worker_after,
+        engine=args.engine,
     )
     try:
         report, code = run(opts)
@@ -133,6 +134,9 @@ def _add_demo(sub: argparse._SubParsersAction, func: Command) -> None:  # type: 
     demo.add_argument("--json", action="store_true", help="one JSON object, no progress")
     demo.add_argument("--kill-worker-after", type=_int_in(1, None), default=None, metavar="N",
                       help="fault injection: SIGKILL worker 0 after N requests, 1..--requests")
+    demo.add_argument("--engine", choices=["native", "python"], default="native",
+                      help="who answers in the workers: the native engine (mlx5tlp.engine."
+                      "Device) or the Python-per-TLP baseline (native)")
     demo.set_defaults(func=func, parser=demo)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from mlx5tlp.context import Context
 from mlx5tlp.errors import InvalidArgumentError, InvalidHandleError
 from mlx5tlp.function.model import Function, _core_value
 from mlx5tlp.function.spec import FunctionSpec
+from mlx5tlp.var import Var
 
 __all__ = [
     "ACCESSES",
@@ -306,6 +308,14 @@ class Device(Closing):
             function state (handover); ``adopt`` continues from what is in it.
         start: start serving at once (else call :meth:`start`).
         spin_us: how long an idle lane polls before it blocks.
+        gateway_vars: TLP gateway VARs to serve on (one lane each; ``pages`` is then their
+            number), e.g. imported from the process that allocated them. They stay the
+            caller's: the device never frees them (free or unimport them after
+            :meth:`close`). None: the device allocates ``pages`` VARs of ``ctx`` and frees
+            them at :meth:`close`.
+        channels: the request channels of each lane (a sequence per lane, every channel in
+            at most one lane), e.g. ``[[3]]`` for one lane serving channel 3. None: channel
+            ``c`` goes to lane ``c % pages``.
 
     Raises:
         InvalidArgumentError: a bad spec, region, or option (named).
@@ -320,14 +330,23 @@ class Device(Closing):
                  regions: Sequence[Region] = (),
                  *, pages: int = 1, batch: int = 32, deferred_max: int = 1024, trace: int = 0,
                  state: Optional[Any] = None, adopt: bool = False, start: bool = True,
-                 spin_us: float = 20.0) -> None:
+                 spin_us: float = 20.0, gateway_vars: Optional[Sequence[Var]] = None,
+                 channels: Optional[Sequence[Sequence[int]]] = None) -> None:
         if isinstance(spec, Function):
             spec = spec.spec  # its declaration; the served state starts from reset (or `state`)
         if not isinstance(spec, FunctionSpec):
             raise TypeError(f"spec must be a FunctionSpec or Function, not {type(spec).__name__}")
+        given = None if gateway_vars is None else list(gateway_vars)
+        if given is not None:
+            for i, v in enumerate(given):
+                if not isinstance(v, Var):
+                    raise TypeError(f"gateway_vars[{i}] must be a mlx5tlp.Var, "
+                                    f"not {type(v).__name__}")
+            pages = len(given)
         if not isinstance(pages, int) or isinstance(pages, bool) or not 1 <= pages <= _CHANNELS:
             raise InvalidArgumentError(errno.EINVAL, f"pages: {pages!r} is not 1..{_CHANNELS}",
                                        "create device")
+        masks = _lane_masks(pages, channels)
         self.spec = spec
         self.regions = tuple(regions)
         for i, r in enumerate(self.regions):
@@ -336,7 +355,11 @@ class Device(Closing):
                     f"regions[{i}] must be a MemoryRegion, RegisterRegion or CallbackRegion")
         self._ctx = ctx
         self._lock = threading.Lock()
+        self._err_lock = threading.Lock()
+        self._hook_errors = 0
+        self._last_hook_error: Optional[str] = None
         self._vars: list[Any] = []
+        self._owns_vars = given is None
         self._e: Optional[Any] = None
         engine = _core.engine.Engine(
             _core_value(spec), [r._core for r in self.regions], _int(batch, "batch"),
@@ -344,10 +367,9 @@ class Device(Closing):
         self._e = engine
         try:
             for lane in range(pages):
-                var = ctx.alloc_var(tlp=True)
+                var = ctx.alloc_var(tlp=True) if given is None else given[lane]
                 self._vars.append(var)
-                mask = sum(1 << c for c in range(_CHANNELS) if c % pages == lane)
-                engine.add_sim_lane(var._core, mask, float(spin_us))
+                engine.add_sim_lane(var._core, masks[lane], float(spin_us))
             if start:
                 engine.start()
         except BaseException:
@@ -360,15 +382,27 @@ class Device(Closing):
             raise InvalidHandleError(errno.EBADF, "the device was closed", "device")
         return self._e
 
+    def _hook_failed(self, where: str) -> None:
+        # Called in an except block. Not self._lock: close() holds that while lanes finish.
+        with self._err_lock:
+            self._hook_errors += 1
+            self._last_hook_error = f"{where}:\n{traceback.format_exc()}"
+
     def _dispatch(self, items: list[tuple[Any, ...]]) -> None:
         e = self._engine
         groups: dict[int, list[Request]] = {}
         for it in items:
             region = self.regions[it[0]]
             if isinstance(region, RegisterRegion):
-                # A hook that fails: the access completes with the register file's value.
-                with contextlib.suppress(Exception):
+                try:
                     region._dispatch(it[2], it[3], bool(it[1]))
+                except Exception:
+                    # The access failed: a non-posted one is answered Completer Abort
+                    # (§2.3.1: the completer could not complete it); a posted write has no
+                    # completion, so the count and the traceback are all that tell.
+                    self._hook_failed(f"{region.name} {it[10]} at {it[2]:#x}")
+                    if it[7]:
+                        e.fail(it[7], "CA")
                 continue
             groups.setdefault(it[0], []).append(Request(e, it))
         for index, reqs in groups.items():
@@ -377,10 +411,10 @@ class Device(Closing):
             try:
                 answers = region.handler(reqs)
             except Exception:
-                answers = None
+                self._hook_failed(f"{region.name} handler ({len(reqs)} requests)")
                 for r in reqs:
                     if r.needs_answer:
-                        e.fail(r._id, "CA")
+                        e.fail(r._id, "CA")  # already answered ones are left as they are
                 continue
             if answers is not None:
                 for r, a in zip(reqs, answers, strict=False):
@@ -432,10 +466,20 @@ class Device(Closing):
 
     def stats(self) -> dict[str, Any]:
         """Counters: ``requests`` by kind, ``completions``, ``ur``, ``ca``, ``malformed``,
-        ``deferred*``, ``regions`` (per region: reads, writes, bytes, batched), and
+        ``deferred*``, ``regions`` (per region: reads, writes, bytes, batched),
         ``latency_ns_log2`` (bucket b counts requests that took [2^b, 2^(b+1)) ns from take
-        to in the page)."""
-        return dict(self._engine.stats())
+        to in the page), and ``hook_errors`` (register hooks and callback handlers that
+        raised; see :attr:`last_hook_error`)."""
+        out = dict(self._engine.stats())
+        out["hook_errors"] = self._hook_errors
+        return out
+
+    @property
+    def last_hook_error(self) -> Optional[str]:
+        """The last exception a register hook or callback handler raised: where, and its
+        formatted traceback (None if none did). The accesses it failed were answered
+        Completer Abort (non-posted) or dropped (posted writes); serving goes on."""
+        return self._last_hook_error
 
     def trace_dump(self, path: Union[str, Path]) -> int:
         """Write the trace rings to ``path`` (docs/engine.md format); returns the entries."""
@@ -470,7 +514,7 @@ class Device(Closing):
             e, self._e = self._e, None
             if e is not None:
                 e.close()
-            for v in self._vars:
+            for v in self._vars if self._owns_vars else ():
                 # The context may be closed already: its objects went with it.
                 with contextlib.suppress(Exception):
                     v.free()
@@ -484,6 +528,34 @@ class Device(Closing):
     def __repr__(self) -> str:
         state = "closed" if self._e is None else self._e.state
         return f"<mlx5tlp.engine.Device {state} pages={self.page_ids}>"
+
+
+def _lane_masks(pages: int, channels: Optional[Sequence[Sequence[int]]]) -> list[int]:
+    """Each lane's channel bit mask: the default spread, or the given sets (checked)."""
+    if channels is None:
+        return [sum(1 << c for c in range(_CHANNELS) if c % pages == lane)
+                for lane in range(pages)]
+    if isinstance(channels, (str, bytes)) or len(channels) != pages:
+        raise InvalidArgumentError(errno.EINVAL, f"channels: need one channel set per lane "
+                                   f"({pages}), got {channels!r}", "create device")
+    masks: list[int] = []
+    seen = 0
+    for lane, chans in enumerate(channels):
+        mask = 0
+        for c in chans:
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < _CHANNELS:
+                raise InvalidArgumentError(errno.EINVAL, f"channels[{lane}]: {c!r} is not a "
+                                           f"channel 0..{_CHANNELS - 1}", "create device")
+            if seen >> c & 1:
+                raise InvalidArgumentError(errno.EINVAL, f"channels[{lane}]: channel {c} is "
+                                           "already served by another lane", "create device")
+            mask |= 1 << c
+            seen |= 1 << c
+        if not mask:
+            raise InvalidArgumentError(errno.EINVAL, f"channels[{lane}]: no channel",
+                                       "create device")
+        masks.append(mask)
+    return masks
 
 
 def _int(value: Any, what: str) -> int:

@@ -5,10 +5,16 @@
   workers can map the same bytes), creates a DEVX object standing for the emulated function,
   exports everything and hands the context fd plus the envelopes to each worker over a UNIX
   socket (SCM_RIGHTS).
-* Each **worker** (``endpoint.serve``) imports them, maps its gateway and answers the requests
-  for its share of the BAR through the lock-free doorbell loop.
+* Each **worker** imports them and serves its request channel on its gateway page. By default
+  (``--engine native``, ``native.serve``) the native engine answers (:class:`mlx5tlp.engine.
+  Device`: memory reads from the BAR memfd, configuration requests from the compiled function
+  model, UR for the rest), without Python per TLP; the host first programs each worker's
+  function from reset (BAR 0, Max_Payload_Size, RCB, Memory Space Enable) with configuration
+  writes. ``--engine python`` (``endpoint.serve``) is the Python-per-TLP baseline: it decodes
+  and answers each request in Python through the lock-free doorbell loop.
 * The **host** (the device model, driven from this process) sends a seeded mix of requests and
-  checks every completion (data against the BAR, byte counts, lower addresses, tags, status).
+  checks every completion (data against the BAR, byte counts, lower addresses, tags, status,
+  configuration reads against a model of the function).
 
 Teardown: workers unimport, the control process frees, and the device model confirms that no
 device object of the run is left.
@@ -33,12 +39,22 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import mlx5tlp
-from mlx5tlp import share, sim
-from mlx5tlp.demo import endpoint
-from mlx5tlp.demo.host import Checker, RequestMix
+from mlx5tlp import share, sim, tlp
+from mlx5tlp.demo import endpoint, native
+from mlx5tlp.demo.host import (
+    FUNCTION_ID,
+    REQUESTER_ID,
+    Checker,
+    ConfigModel,
+    LegacyConfig,
+    Pending,
+    RequestMix,
+)
 from mlx5tlp.demo.progress import Progress
 
-__all__ = ["OptionError", "Options", "completion_payload", "run", "shares"]
+__all__ = ["ENGINES", "OptionError", "Options", "completion_payload", "run", "shares"]
+
+ENGINES = ("native", "python")  # who answers in the workers: the engine, or Python per TLP
 
 BAR_BASE = 0xF000_0000
 TAGS = 1024  # 10-bit tags
@@ -66,6 +82,7 @@ class Options:
     timeout: float = 120.0
     json: bool = False
     kill_worker_after: Optional[int] = None  # fault injection: SIGKILL worker 0 after N requests
+    engine: str = "native"  # "native": mlx5tlp.engine.Device; "python": the per-TLP baseline
 
 
 def shares(bar_size: int, workers: int) -> list[tuple[int, int]]:
@@ -127,7 +144,8 @@ def _run(opts: Options, stop: threading.Event) -> tuple[dict[str, Any], int]:
 
         raise mlx5tlp.DeviceNotFoundError(19, unknown_device_message(opts.device), "demo")
     baseline = sim.device_stats(opts.device)
-    report: dict[str, Any] = {"device": opts.device, "workers": opts.workers, "seed": opts.seed,
+    report: dict[str, Any] = {"device": opts.device, "engine": opts.engine,
+                              "workers": opts.workers, "seed": opts.seed,
                               "max_payload": opts.max_payload}
     with mlx5tlp.open_device(opts.device, backend="sim") as ctx:
         caps = ctx.query_tlp_caps()
@@ -177,10 +195,11 @@ def _run_with(
         function = ctx.create_devx_obj(bytes([0x0A, 0, 0, 0, 0, 0, 0, 0x7F]) + bytes(8), 16)
         parts = shares(opts.bar_size, opts.workers)
         mp = multiprocessing.get_context("spawn")
+        target = native.serve if opts.engine == "native" else endpoint.serve
         for i, var in enumerate(vars_):
             parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             socks.append(parent)
-            p = mp.Process(target=endpoint.serve, args=(child,), name=f"mlx5tlp-worker-{i}")
+            p = mp.Process(target=target, args=(child,), name=f"mlx5tlp-worker-{i}")
             p.start()
             procs.append(p)
             child.close()
@@ -199,9 +218,20 @@ def _run_with(
         if not opts.json:
             print(f"{opts.workers} workers ready on {opts.device}; sending {opts.requests} "
                   "requests", file=sys.stderr, flush=True)
-        mix = RequestMix(opts.seed, bar, BAR_BASE, parts, opts.read_size)
+        config: ConfigModel = LegacyConfig()
+        setup: list[tuple[int, int, bytes]] = []
+        if opts.engine == "native":
+            spec_config = native.SpecConfig(native.demo_spec(len(bar)))
+            writes = native.setup_requests(spec_config, BAR_BASE, opts.max_payload, opts.rcb)
+            # Every worker's function gets the same writes on its own channel.
+            setup = [(w, reg, data) for w in range(opts.workers) for reg, data in writes]
+            config = spec_config
+        mix = RequestMix(opts.seed, bar, BAR_BASE, parts, opts.read_size, config)
         with sim.Host(opts.device) as host:
+            done = _setup(host, setup, procs)
             result = _drive(host, mix, opts, procs, stop)
+            result["setup_requests"] = len(setup)
+            result["completions_verified"] += done
             # Stop the workers while the host still consumes: a worker's gateway drains what it
             # queued before it closes (an interrupted run leaves completions in flight).
             result["workers_report"] = _stop_workers(procs, socks, host)
@@ -226,10 +256,46 @@ def _run_with(
     return result
 
 
+def _setup(host: sim.Host, writes: list[tuple[int, int, bytes]], procs: list[Any]) -> int:
+    """Sends the configuration writes ``(channel, register, data)`` that enable each worker's
+    function, one at a time in order, and checks each completion (SC, byte count 4).
+
+    Returns:
+        The completions verified.
+
+    Raises:
+        Error: a completion is wrong or missing, or a worker died.
+    """
+    checker = Checker()
+    for i, (channel, reg, data) in enumerate(writes):
+        req = tlp.Tlp.cfg_write(FUNCTION_ID, reg, data, requester_id=REQUESTER_ID,
+                                tag=i % TAGS)
+        p = Pending(req, channel, tlp.Status.SC, b"", 4)
+        deadline = time.perf_counter() + 30
+        while not host.send_request(p.request.encode(), channel=p.channel):
+            if time.perf_counter() > deadline:
+                raise mlx5tlp.Error(None, f"set-up: channel {p.channel} stayed full", "demo")
+        checker.sent(p)
+        while checker.outstanding and not checker.errors:
+            for rec in host.completion_records(timeout=0.01):
+                checker.completion(rec.tlp)
+            dead = [q.name for q in procs if q.exitcode is not None]
+            if dead or time.perf_counter() > deadline:
+                raise mlx5tlp.Error(None, f"set-up: no completion for configuration write "
+                                    f"{i} ({', '.join(dead) or 'timed out'})", "demo")
+        if checker.errors:
+            raise mlx5tlp.Error(None, f"set-up: {checker.errors[0]}", "demo")
+    return checker.completions_verified
+
+
 def _discard_requests(ctx: mlx5tlp.Context, workers: int) -> int:
-    """Takes (and drops) every request still queued on the run's channels; how many."""
+    """Takes (and drops) every request still queued on the run's channels — claims a dead
+    worker left included; how many."""
     n = 0
     for channel in range(workers):
+        for claim in sim.recover_requests(ctx, channel):
+            sim.retire_request(ctx, claim)
+            n += 1
         while sim.take_request(ctx, channel) is not None:
             n += 1
     return n
@@ -363,8 +429,11 @@ def _validate(o: Options) -> None:
         (o.kill_worker_after is None
          or (is_int(o.kill_worker_after) and 1 <= o.kill_worker_after <= o.requests),
          f"--kill-worker-after must be 1..--requests ({o.requests}), not {o.kill_worker_after}"),
+        (o.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}, not {o.engine!r}"),
         (is_int(o.bar_size) and o.bar_size >= 4096 * o.workers and o.bar_size % 4096 == 0,
          f"bar_size must be a multiple of 4096 of at least 4096 per worker, not {o.bar_size}"),
+        (o.engine != "native" or not o.bar_size & (o.bar_size - 1),
+         f"bar_size must be a power of two for a BAR (PCIe Base 7.5.1.2.1), not {o.bar_size}"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Protocol
 
 from mlx5tlp import tlp
 from mlx5tlp.demo.endpoint import WRITABLE, initial_config_space
 
-__all__ = ["Checker", "Pending", "RequestMix"]
+__all__ = ["Checker", "ConfigModel", "LegacyConfig", "Pending", "RequestMix"]
 
 REQUESTER_ID = 0x0000  # the root port
 FUNCTION_ID = 0x0100   # bus 1, device 0, function 0
@@ -29,35 +29,68 @@ class Pending:
     got: bytearray = field(default_factory=bytearray)
 
 
+class ConfigModel(Protocol):
+    """What the host knows of the function's configuration space: which DWs the mix reads
+    and writes, and what a read returns after the writes so far (applied in channel order)."""
+
+    reads: list[int]
+    writes: list[int]
+
+    def read(self, reg: int) -> bytes:
+        """The 4 bytes a Configuration Read of DW ``reg`` must return now."""
+        ...
+
+    def write(self, reg: int, data: bytes) -> None:
+        """Apply a Configuration Write of the full DW ``reg``."""
+        ...
+
+
+class LegacyConfig:
+    """The Python-per-TLP worker's configuration space (``endpoint.Function``): a minimal
+    header, and a scratch area at 40h..7Fh that is the only writable part."""
+
+    def __init__(self) -> None:
+        self.space = initial_config_space()
+        self.reads = [0x0, 0x8, *range(0x40, 0x80, 4)]
+        self.writes = list(range(0x40, 0x80, 4))
+
+    def read(self, reg: int) -> bytes:
+        return bytes(self.space[reg : reg + 4])
+
+    def write(self, reg: int, data: bytes) -> None:
+        for i in range(4):
+            if reg + i in WRITABLE:
+                self.space[reg + i] = data[i]
+
+
 class RequestMix:
     """Generates requests: memory reads over the BAR (split per worker share), config reads and
     writes of function 0, and IO reads the function does not support (answered with UR)."""
 
     def __init__(self, seed: int, bar: bytes, base: int, shares: list[tuple[int, int]],
-                 read_size: int) -> None:
-        """`shares`: each worker's ``[lo, hi)`` part of the BAR (worker i serves channel i)."""
+                 read_size: int, config: Optional[ConfigModel] = None) -> None:
+        """`shares`: each worker's ``[lo, hi)`` part of the BAR (worker i serves channel i);
+        `config`: the model of worker 0's configuration space (configuration requests go to
+        channel 0), by default the Python worker's."""
         self.rng = random.Random(seed)
         self.bar, self.base, self.shares = bar, base, shares
         self.workers = len(shares)
         self.read_size = read_size
-        self.config_space = initial_config_space()  # the host's model of what reads return
+        self.config: ConfigModel = LegacyConfig() if config is None else config
 
     def next(self, tag: int) -> Pending:
         r = self.rng.random()
         if r < 0.80:
             return self._mem_read(tag)
         if r < 0.90:
-            reg = self.rng.choice([0x0, 0x8, *range(0x40, 0x80, 4)])
+            reg = self.rng.choice(self.config.reads)
             req = tlp.Tlp.cfg_read(FUNCTION_ID, reg, requester_id=REQUESTER_ID, tag=tag)
-            expect = bytes(self.config_space[reg : reg + 4])
-            return Pending(req, 0, tlp.Status.SC, expect, 4)
+            return Pending(req, 0, tlp.Status.SC, self.config.read(reg), 4)
         if r < 0.95:
-            reg = self.rng.randrange(0x40, 0x80, 4)
+            reg = self.rng.choice(self.config.writes)
             data = self.rng.randbytes(4)
             req = tlp.Tlp.cfg_write(FUNCTION_ID, reg, data, requester_id=REQUESTER_ID, tag=tag)
-            for i in range(4):  # the function applies writes in channel order
-                if reg + i in WRITABLE:
-                    self.config_space[reg + i] = data[i]
+            self.config.write(reg, data)  # the function applies writes in channel order
             return Pending(req, 0, tlp.Status.SC, b"", 4)
         req = tlp.Tlp.io_read(self.rng.randrange(0, 0x1000, 4), requester_id=REQUESTER_ID,
                               tag=tag)
