@@ -123,7 +123,7 @@ void MemoryRegion::write(uint64_t off, const uint8_t* data, uint32_t len, uint8_
 // ---------------------------------------------------------------- registers
 
 RegisterRegion::RegisterRegion(std::string name, int bar, uint64_t offset, uint64_t size,
-                               std::vector<RegisterSpec> registers)
+                               std::vector<RegisterSpec> registers, int fd)
     : Region(RegionKind::registers, std::move(name), bar, offset, size), regs_(std::move(registers)) {
   for (size_t i = 0; i < regs_.size(); ++i) {
     const RegisterSpec& r = regs_[i];
@@ -136,6 +136,10 @@ RegisterRegion::RegisterRegion(std::string name, int bar, uint64_t offset, uint6
       region_error(this->name(), f + ".offset: " + hex(r.offset) + " + width runs past the region's " + std::to_string(size) + " bytes");
     if (r.width < 8 && (r.reset >> (8 * r.width)) != 0)
       region_error(this->name(), f + ".reset: " + hex(r.reset) + " does not fit " + std::to_string(r.width) + " bytes");
+    if (r.width < 8 && (r.reserved >> (8 * r.width)) != 0)
+      region_error(this->name(), f + ".reserved: " + hex(r.reserved) + " does not fit " + std::to_string(r.width) + " bytes");
+    if ((r.reset & r.reserved) != 0)
+      region_error(this->name(), f + ".reset: " + hex(r.reset) + " sets reserved bits " + hex(r.reset & r.reserved));
   }
   std::vector<size_t> order(regs_.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
@@ -151,8 +155,36 @@ RegisterRegion::RegisterRegion(std::string name, int bar, uint64_t offset, uint6
   sorted.reserve(regs_.size());
   for (size_t i : order) sorted.push_back(regs_[i]);
   regs_ = std::move(sorted);
-  values_.resize(regs_.size());
-  reset();
+  const size_t need = std::max<size_t>(regs_.size(), 1) * sizeof(uint64_t);
+  const std::string what = "register file of region '" + this->name() + "'";
+  if (fd < 0) {
+    fd_ = UniqueFd(::memfd_create(("mlx5tlp-registers-" + this->name()).c_str(), MFD_CLOEXEC));
+    if (!fd_) throw_errno("create " + what, errno_or_eio(), false, "memfd_create");
+    if (::ftruncate(fd_.get(), off_t(need)) != 0) throw_errno("create " + what, errno_or_eio(), false, "ftruncate");
+  } else {
+    struct stat st{};
+    if (::fstat(fd, &st) != 0) throw_errno("adopt " + what, errno_or_eio(), false, "fstat");
+    if (!S_ISREG(st.st_mode) || uint64_t(st.st_size) < need)
+      region_error(this->name(), "register file fd " + std::to_string(fd) + " is not a memfd of at least " +
+                                     std::to_string(need) + " bytes (8 per register)");
+    fd_ = UniqueFd(::fcntl(fd, F_DUPFD_CLOEXEC, 3));
+    if (!fd_) throw_errno("adopt " + what, errno_or_eio(), false, "dup");
+  }
+  void* p = ::mmap(nullptr, need, PROT_READ | PROT_WRITE, MAP_SHARED, fd_.get(), 0);
+  if (p == MAP_FAILED) throw_errno("map " + what, errno_or_eio(), false, "mmap");
+  values_ = static_cast<uint64_t*>(p);
+  map_len_ = need;
+  if (fd < 0) {
+    reset();
+    return;
+  }
+  // Adopted: keep the predecessor's values; a value wider than its register reads as its width.
+  for (size_t i = 0; i < regs_.size(); ++i)
+    if (regs_[i].width < 8) values_[i] &= (uint64_t(1) << (8 * regs_[i].width)) - 1;
+}
+
+RegisterRegion::~RegisterRegion() {
+  if (values_ != nullptr) ::munmap(values_, map_len_);
 }
 
 int RegisterRegion::find(uint64_t off) const noexcept {
@@ -170,12 +202,12 @@ int RegisterRegion::find(uint64_t off) const noexcept {
 
 uint64_t RegisterRegion::value(size_t index) const noexcept {
   std::lock_guard<std::mutex> g(mu_);
-  return index < values_.size() ? values_[index] : 0;
+  return index < regs_.size() ? values_[index] : 0;
 }
 
 void RegisterRegion::set_value(size_t index, uint64_t v) noexcept {
   std::lock_guard<std::mutex> g(mu_);
-  if (index >= values_.size()) return;
+  if (index >= regs_.size()) return;
   const unsigned w = regs_[index].width;
   values_[index] = w == 8 ? v : v & ((uint64_t(1) << (8 * w)) - 1);
 }
@@ -232,8 +264,8 @@ void RegisterRegion::write(uint64_t off, const uint8_t* data, uint32_t len, uint
     if (i < 0) continue;  // writes to unassigned bytes are dropped
     const RegisterSpec& r = regs_[size_t(i)];
     const unsigned shift = 8 * unsigned(off + k - r.offset);
-    const uint64_t mask = uint64_t(0xff) << shift;
-    const uint64_t v = uint64_t(data[k]) << shift;
+    const uint64_t mask = (uint64_t(0xff) << shift) & ~r.reserved;
+    const uint64_t v = (uint64_t(data[k]) << shift) & mask;
     uint64_t& cur = values_[size_t(i)];
     switch (r.access) {
       case RegAccess::ro: break;

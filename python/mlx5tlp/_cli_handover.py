@@ -1,12 +1,16 @@
-"""``mlx5tlp serve --control PATH`` / ``serve --standby PATH`` / ``handover PATH``.
+"""``mlx5tlp serve SPEC`` / ``serve --control PATH`` / ``serve --standby PATH`` /
+``handover PATH``.
 
-``serve`` runs a primary (or, with ``--standby``, a standby that takes over when the primary
-dies or is told to hand over) of the default function on a software device; with ``--events``
-it prints one JSON object per event on stdout (``serving``, ``standby``, ``first-served``,
-``takeover``, ``handed-over``, ``rollback``, ``stopped``). After a planned handover the old
-primary stays as a standby (``--after standby``, the default) or exits (``--after exit``).
-``handover PATH`` asks the primary to hand over to a standby (``--action stop|status`` for the
-other operator requests). The key is read from ``--key-file`` (a private file of this user).
+``serve SPEC`` serves the function a spec file declares (``mlx5tlp.served``,
+docs/spec-format.md) until SIGINT/SIGTERM, printing ``serving`` and ``stopped`` JSON event
+lines. ``serve --control`` runs a primary (or, with ``--standby``, a standby that takes over
+when the primary dies or is told to hand over) of the default function on a software
+device; with ``--events`` it prints one JSON object per event on stdout (``serving``,
+``standby``, ``first-served``, ``takeover``, ``handed-over``, ``rollback``, ``stopped``).
+After a planned handover the old primary stays as a standby (``--after standby``, the
+default) or exits (``--after exit``). ``handover PATH`` asks the primary to hand over to a
+standby (``--action stop|status`` for the other operator requests). The key is read from
+``--key-file`` (a private file of this user).
 """
 
 from __future__ import annotations
@@ -67,15 +71,39 @@ def _emitter(enabled: bool) -> Optional[Callable[[dict[str, Any]], None]]:
     return emit
 
 
+def _serve_spec(args: argparse.Namespace) -> int:
+    from mlx5tlp import served
+
+    spec = served.load(args.spec)
+    # `serve SPEC` always reports its events: a host program waits for "serving".
+    served.serve(spec, device=args.device, pages=args.pages, batch=args.batch,
+                 max_seconds=args.max_seconds, emit=_emitter(True))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from mlx5tlp.handover import Primary, Standby
 
+    which = [n for n, v in (("SPEC", args.spec), ("--control", args.control),
+                            ("--standby", args.standby)) if v is not None]
+    if len(which) != 1:
+        args.parser.error("give one of SPEC (serve a function spec file), --control PATH or "
+                          f"--standby PATH, not {' and '.join(which) or 'none'}")
+    if args.spec is not None:
+        if args.key_file is not None or args.after != "standby":
+            args.parser.error("--key-file and --after are for --control/--standby only")
+        return _serve_spec(args)
+    if args.pages != 1 or args.batch != 32:
+        args.parser.error("--pages and --batch are for serve SPEC only")
+    if args.key_file is None:
+        args.parser.error("--control/--standby need --key-file")
     key = read_key(args.key_file)
     events = _emitter(args.events)
     path = args.standby or args.control
     primary: Optional[Primary] = None
     if args.standby is None:
-        primary = Primary.create(path, key, device=args.device, events=events)
+        primary = Primary.create(path, key, device=args.device, events=events,
+                                 engine=args.engine)
     signal.signal(signal.SIGTERM, lambda *_: primary.stop() if primary is not None else None)
     while True:
         if primary is None:
@@ -120,7 +148,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     rep = demo.run(requests=args.requests, handover_every=args.handover_every,
                    kill_every=args.kill_primary_every, seed=args.seed, window=args.window,
-                   timeout=args.timeout)
+                   timeout=args.timeout, engine=args.engine)
     print(json.dumps(rep, indent=None if args.json else 2))
     bad = rep["lost"] or rep["duplicated"] or rep["unexpected"] or any(rep["leaked"].values())
     return 1 if bad else 0
@@ -128,19 +156,35 @@ def _demo(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction, run: Callable[[Handler], Handler]) -> None:  # type: ignore[type-arg]
     """Add ``serve`` and ``handover`` to the ``mlx5tlp`` command line."""
-    serve = sub.add_parser("serve", help="serve an emulated function as primary or standby "
-                           "(live upgrade and crash takeover, docs/handover.md)")
-    where = serve.add_mutually_exclusive_group(required=True)
+    from mlx5tlp.cli import _int_in, _positive_seconds  # cli imports this module lazily
+    serve = sub.add_parser(
+        "serve", help="serve an emulated function from a spec file until stopped "
+        "(docs/spec-format.md), or as primary or standby (live upgrade and crash takeover, "
+        "docs/handover.md)",
+        description="serve SPEC: run the function a spec file declares (identity, BARs, "
+        "capabilities, regions) on a software device until SIGINT/SIGTERM, printing JSON "
+        "event lines (serving, stopped). --control/--standby: the handover primary/standby.")
+    serve.add_argument("spec", nargs="?", metavar="SPEC",
+                       help="function spec file with a regions section (.toml or .json)")
+    where = serve.add_mutually_exclusive_group()
     where.add_argument("--control", metavar="PATH", help="be the primary; control socket path")
     where.add_argument("--standby", metavar="PATH", help="be a standby of the primary at PATH")
-    serve.add_argument("--key-file", required=True, help="operator HMAC key (a 0600 file)")
+    serve.add_argument("--key-file", help="operator HMAC key (a 0600 file; --control/--standby)")
+    serve.add_argument("--pages", type=_int_in(1, 8), default=1,
+                       help="SPEC: gateway pages (engine lanes), 1..8 (1)")
+    serve.add_argument("--batch", type=_int_in(1, 1024), default=32,
+                       help="SPEC: requests per engine batch at most, 1..1024 (32)")
     serve.add_argument("--device", default="mlx5_sim0", help="software device (mlx5_sim0)")
     serve.add_argument("--after", choices=["standby", "exit"], default="standby",
                        help="after handing over: stay as a standby or exit (standby)")
-    serve.add_argument("--max-seconds", type=float, default=None,
+    serve.add_argument("--max-seconds", type=_positive_seconds, default=None,
                        help="stop serving after this many seconds (no limit)")
-    serve.add_argument("--events", action="store_true", help="JSON event lines on stdout")
-    serve.set_defaults(func=run(_serve))
+    serve.add_argument("--events", action="store_true",
+                       help="JSON event lines on stdout (always on with SPEC)")
+    serve.add_argument("--engine", choices=["native", "python"], default="native",
+                       help="who answers the requests as primary: the native engine's lanes, or "
+                       "a Python loop (native; a standby follows its primary's)")
+    serve.set_defaults(func=run(_serve), parser=serve)
     ho = sub.add_parser("handover", help="ask the primary at PATH to hand over (or stop/status)")
     ho.add_argument("path", metavar="PATH")
     ho.add_argument("--key-file", required=True, help="operator HMAC key (a 0600 file)")
@@ -158,4 +202,6 @@ def add_parsers(sub: argparse._SubParsersAction, run: Callable[[Handler], Handle
     dm.add_argument("--window", type=int, default=16, help="requests in flight (16)")
     dm.add_argument("--timeout", type=float, default=600.0, help="give up after (600 s)")
     dm.add_argument("--json", action="store_true", help="one line of JSON")
+    dm.add_argument("--engine", choices=["native", "python"], default="native",
+                    help="who serves in each primary (native)")
     dm.set_defaults(func=run(_demo))

@@ -1,0 +1,464 @@
+"""A served function: a function spec file with a ``regions`` section, and ``mlx5tlp serve``.
+
+The spec file is the function format of ``docs/function.md`` (JSON, or TOML by the ``.toml``
+suffix) plus an array ``regions`` saying what answers each BAR range — ``memory`` (bytes,
+optionally in a shared file, served natively), ``registers`` (a register file, with optional
+Python hooks) and ``callback`` (a Python function called in batches). ``docs/spec-format.md``
+documents every key; ``examples/serve/`` holds a complete example::
+
+    from mlx5tlp import served
+    spec = served.load("examples/serve/nic.toml")   # every field checked, named on error
+    with open_device(backend="sim") as ctx, spec.device(ctx) as dev:
+        ...                                          # any host program talks to it
+
+Errors: :class:`mlx5tlp.InvalidArgumentError` (EINVAL) whose message starts with the file and
+names the key and the bad value, e.g. ``nic.toml: regions[1].registers[0].access: 'rx' is not
+one of ro, rw, rw1c, w1c, wo``.
+
+Thread-safety: a :class:`ServedSpec` is immutable; :meth:`ServedSpec.device` creates new
+regions (and imports hook modules) on each call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import importlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from mlx5tlp import engine
+from mlx5tlp.context import Context
+from mlx5tlp.errors import InvalidArgumentError
+from mlx5tlp.function.model import Function
+from mlx5tlp.function.spec import FunctionSpec, _toml_loads
+
+__all__ = [
+    "CallbackSpec",
+    "MemorySpec",
+    "RegisterFileSpec",
+    "RegisterSpec",
+    "ServedSpec",
+    "load",
+    "serve",
+]
+
+_ACCESS_ALIASES = {"w1c": "rw1c"}  # the name PCI specs' tables use for RW1C
+_ACCESS_NAMES = (*engine.ACCESSES, *_ACCESS_ALIASES)
+_BARS = 7  # 0..5 and 6 = the Expansion ROM
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """A ``memory`` region: ``size`` bytes at ``offset`` of BAR ``bar``, served natively.
+
+    ``contents`` (bytes at the region's start) over ``fill`` (every other byte); ``shared``:
+    a file backing the bytes (created, or grown, to ``size``), which other processes map.
+    With ``shared`` and neither ``fill`` nor ``contents`` given, the file's bytes are kept.
+    """
+
+    bar: int
+    offset: int
+    size: int
+    fill: Optional[int] = None
+    contents: bytes = b""
+    shared: Optional[str] = None
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class RegisterSpec:
+    """One register of a ``registers`` region; hooks are ``"module:function"`` names."""
+
+    name: str
+    offset: int
+    width: int = 4
+    reset: int = 0
+    access: str = "rw"
+    reserved: int = 0
+    on_read: Optional[str] = None
+    on_write: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RegisterFileSpec:
+    """A ``registers`` region: a register file at ``offset`` of BAR ``bar``."""
+
+    bar: int
+    offset: int
+    registers: tuple[RegisterSpec, ...]
+    size: Optional[int] = None
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class CallbackSpec:
+    """A ``callback`` region: ``handler`` (``"module:function"``) answers it in batches."""
+
+    bar: int
+    offset: int
+    size: int
+    handler: str
+    deadline: Optional[float] = None
+    name: str = ""
+
+
+RegionSpec = Union[MemorySpec, RegisterFileSpec, CallbackSpec]
+
+
+@dataclass(frozen=True)
+class ServedSpec:
+    """A function and its regions, as read from ``path`` by :func:`load`."""
+
+    function: FunctionSpec
+    regions: tuple[RegionSpec, ...]
+    path: str
+
+    def regions_for_engine(self) -> list[engine.Region]:
+        """New engine regions for this spec: memory filled, hook modules imported.
+
+        Returns:
+            The regions, in file order (the caller owns them: a memory region's memfd closes
+            with it).
+
+        Raises:
+            InvalidArgumentError: a hook cannot be imported, a shared file cannot be opened,
+                or a region is refused by the engine (the message names the region's key).
+        """
+        out: list[engine.Region] = []
+        for i, r in enumerate(self.regions):
+            where = f"regions[{i}]"
+            name = r.name or where
+            try:
+                if isinstance(r, MemorySpec):
+                    out.append(self._memory(r, where, name))
+                elif isinstance(r, RegisterFileSpec):
+                    regs = [engine.Register(
+                        x.name, x.offset, x.width, x.reset, x.access,
+                        _hook(self, x.on_read, f"{where}.registers[{k}].on_read"),
+                        _hook(self, x.on_write, f"{where}.registers[{k}].on_write"), x.reserved)
+                        for k, x in enumerate(r.registers)]
+                    out.append(engine.RegisterRegion(r.bar, r.offset, regs, size=r.size,
+                                                     name=name))
+                else:
+                    out.append(engine.CallbackRegion(
+                        r.bar, r.offset, r.size, _hook(self, r.handler, f"{where}.handler"),
+                        deadline=r.deadline, name=name))
+            except InvalidArgumentError as exc:
+                if str(exc).startswith(self.path):
+                    raise
+                raise self._error(f"{where}: {exc}") from None
+        return out
+
+    def device(self, ctx: Context, **options: Any) -> engine.Device:
+        """An :class:`mlx5tlp.engine.Device` serving this spec on ``ctx`` (``options`` as for
+        it: ``pages``, ``batch``, ``trace``, ...). The caller closes it.
+
+        Raises:
+            InvalidArgumentError: as :meth:`regions_for_engine`, or the engine refused a region
+                (placement, overlap), prefixed with the spec file.
+        """
+        regions = self.regions_for_engine()
+        try:
+            return engine.Device(ctx, self.function, regions, **options)
+        except InvalidArgumentError as exc:
+            raise self._error(str(exc)) from None
+
+    def _memory(self, r: MemorySpec, where: str, name: str) -> engine.MemoryRegion:
+        fd: Optional[int] = None
+        if r.shared is not None:
+            try:
+                fd = os.open(r.shared, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                if os.fstat(fd).st_size < r.size:
+                    os.ftruncate(fd, r.size)
+            except OSError as exc:
+                if fd is not None:
+                    os.close(fd)
+                raise self._error(f"{where}.shared: {r.shared!r}: {exc.strerror}",
+                                  exc.errno or errno.EINVAL) from None
+        try:
+            region = engine.MemoryRegion(r.bar, r.offset, r.size, fd=fd, name=name)
+        finally:
+            if fd is not None:
+                os.close(fd)  # the region holds its own descriptor
+        if r.fill is not None or r.contents or r.shared is None:
+            data = bytearray([r.fill or 0]) * r.size
+            data[: len(r.contents)] = r.contents
+            region.write(0, bytes(data))
+        return region
+
+    def _error(self, message: str, err: int = errno.EINVAL) -> InvalidArgumentError:
+        return InvalidArgumentError(err, f"{self.path}: {message}", "load spec")
+
+
+def load(path: Union[str, Path]) -> ServedSpec:
+    """Read a served-function spec file (TOML by the ``.toml`` suffix, else JSON).
+
+    Every field is checked here, the function compiled once (so its rules — BAR sizes,
+    capability placement, MSI-X — are checked too); hooks are imported later, by
+    :meth:`ServedSpec.regions_for_engine`.
+
+    Raises:
+        InvalidArgumentError: unreadable file, bad syntax, an unknown or missing key or a bad
+            value; the message starts with the path and names the key and value.
+        NotSupportedError: a TOML file without a TOML parser (Python < 3.11, no ``tomli``).
+    """
+    p = Path(path)
+    where = str(p)
+
+    def bad(message: str, err: int = errno.EINVAL) -> InvalidArgumentError:
+        return InvalidArgumentError(err, f"{where}: {message}", "load spec")
+
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise bad(exc.strerror or str(exc), exc.errno or errno.EINVAL) from None
+    except UnicodeDecodeError as exc:
+        raise bad(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        data: Any = _toml_loads(text) if p.suffix == ".toml" else json.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError
+        raise bad(f"not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise bad("the top level must be a table/object")
+    data = dict(data)
+    raw_regions = data.pop("regions", [])
+    try:
+        function = FunctionSpec.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise bad(str(exc)) from None
+    try:
+        Function(function).close()  # the function's own rules, checked now
+    except InvalidArgumentError as exc:
+        raise bad(_strip_operation(str(exc))) from None
+    if not isinstance(raw_regions, list):
+        raise bad(f"regions: must be an array of tables, not {_show(raw_regions)}")
+    regions = tuple(_region(r, f"regions[{i}]", bad) for i, r in enumerate(raw_regions))
+    return ServedSpec(function, regions, where)
+
+
+# ---- parsing one region ----------------------------------------------------------------------
+
+Bad = Callable[[str], InvalidArgumentError]
+
+
+def _region(data: Any, where: str, bad: Bad) -> RegionSpec:
+    if not isinstance(data, Mapping):
+        raise bad(f"{where}: must be a table/object, not {_show(data)}")
+    kinds: dict[str, type] = {"memory": MemorySpec, "registers": RegisterFileSpec,
+                              "callback": CallbackSpec}
+    kind = data.get("kind")
+    if kind not in kinds:
+        raise bad(f"{where}.kind: {_show(kind)} is not one of {', '.join(kinds)}")
+    fields = {k: v for k, v in data.items() if k != "kind"}
+    cls = kinds[kind]
+    kw = _fields(cls, fields, where, bad, skip=("registers",))
+    _check_place(kw, where, bad)
+    if cls is MemorySpec:
+        _check_memory(kw, where, bad)
+    elif cls is RegisterFileSpec:
+        regs = fields.get("registers")
+        if not isinstance(regs, list) or not regs:
+            raise bad(f"{where}.registers: must be a non-empty array of tables, not "
+                      f"{_show(regs)}")
+        kw["registers"] = tuple(_register(x, f"{where}.registers[{k}]", bad)
+                                for k, x in enumerate(regs))
+    else:
+        _check_hook_name(kw["handler"], f"{where}.handler", bad)
+        d = kw.get("deadline")
+        if d is not None and not (math.isfinite(d) and 0 < d <= 4000):
+            raise bad(f"{where}.deadline: {d!r} is not 0 < seconds <= 4000")
+    return cls(**kw)  # type: ignore[no-any-return]
+
+
+def _register(data: Any, where: str, bad: Bad) -> RegisterSpec:
+    if not isinstance(data, Mapping):
+        raise bad(f"{where}: must be a table/object, not {_show(data)}")
+    kw = _fields(RegisterSpec, dict(data), where, bad)
+    if kw.get("width", 4) not in (1, 2, 4, 8):
+        raise bad(f"{where}.width: {kw['width']!r} is not 1, 2, 4 or 8")
+    access = kw.get("access", "rw")
+    if access not in _ACCESS_NAMES:
+        raise bad(f"{where}.access: {access!r} is not one of {', '.join(_ACCESS_NAMES)}")
+    kw["access"] = _ACCESS_ALIASES.get(access, access)
+    if not kw["name"]:
+        raise bad(f"{where}.name: must not be empty")
+    for hook in ("on_read", "on_write"):
+        if kw.get(hook) is not None:
+            _check_hook_name(kw[hook], f"{where}.{hook}", bad)
+    return RegisterSpec(**kw)
+
+
+def _fields(cls: type, data: dict[str, Any], where: str, bad: Bad,
+            skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Typed values for the dataclass ``cls`` from ``data``: unknown, missing and mistyped
+    keys are refused by name (integers may be ``"0x..."`` strings, for JSON)."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+    allowed = ([] if cls is RegisterSpec else ["kind"]) + [f.name for f in
+                                                           dataclasses.fields(cls)]
+    kw: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in skip:
+            continue
+        if key not in fields:
+            raise bad(f"{where}.{key}: unknown key (expected one of {', '.join(allowed)})")
+        kw[key] = _typed(fields[key], value, f"{where}.{key}", bad)
+    for name, f in fields.items():
+        if name not in kw and f.default is dataclasses.MISSING:
+            raise bad(f"{where}.{name}: missing")
+    return kw
+
+
+def _typed(f: dataclasses.Field[Any], value: Any, where: str, bad: Bad) -> Any:
+    kind = str(f.type)
+    if "str" in kind:
+        if not isinstance(value, str):
+            raise bad(f"{where}: {_show(value)} is not a string")
+        return value
+    if "bytes" in kind:
+        if not isinstance(value, str):
+            raise bad(f"{where}: {_show(value)} is not a hex string")
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            raise bad(f"{where}: {_show(value)} is not hex") from None
+    if "float" in kind:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(f"{where}: {_show(value)} is not a number of seconds")
+        return float(value)
+    if isinstance(value, str) and value.lower().startswith("0x"):
+        try:
+            value = int(value, 16)
+        except ValueError:
+            raise bad(f"{where}: {_show(value)} is not a hex number") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad(f"{where}: {_show(value)} is not an integer")
+    if value < 0:
+        raise bad(f"{where}: {value} is negative")
+    return value
+
+
+def _check_place(kw: dict[str, Any], where: str, bad: Bad) -> None:
+    if not 0 <= kw["bar"] < _BARS:
+        raise bad(f"{where}.bar: {kw['bar']} is not a BAR index 0..5 (6: the Expansion ROM)")
+    if kw["offset"] % 4:
+        raise bad(f"{where}.offset: {kw['offset']:#x} is not DW (4-byte) aligned")
+    size = kw.get("size")
+    if size is not None and (size == 0 or size % 4):
+        raise bad(f"{where}.size: {size} is not a positive multiple of 4")
+
+
+def _check_memory(kw: dict[str, Any], where: str, bad: Bad) -> None:
+    fill = kw.get("fill")
+    if fill is not None and fill > 0xFF:
+        raise bad(f"{where}.fill: {fill} is not a byte 0..255")
+    contents = kw.get("contents", b"")
+    if len(contents) > kw["size"]:
+        raise bad(f"{where}.contents: {len(contents)} bytes do not fit the region's "
+                  f"{kw['size']}")
+    if kw.get("shared") == "":
+        raise bad(f"{where}.shared: must be a file path")
+
+
+def _check_hook_name(name: str, where: str, bad: Bad) -> None:
+    module, sep, attr = name.partition(":")
+    if not sep or not module or not attr:
+        raise bad(f"{where}: {name!r} is not 'module:function'")
+
+
+def _hook(spec: ServedSpec, name: Optional[str], where: str) -> Any:
+    """The callable ``module:function`` names; the spec file's directory is searched first."""
+    if name is None:
+        return None
+    module_name, _, attr = name.partition(":")
+    base = str(Path(spec.path).resolve().parent)
+    if base not in sys.path:
+        sys.path.insert(0, base)  # hook modules may sit next to the spec (examples/serve/)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise spec._error(f"{where}: cannot import module {module_name!r}: "
+                          f"{type(exc).__name__}: {exc}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise spec._error(f"{where}: {name!r}: module {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise spec._error(f"{where}: {name!r} is not callable")
+    return obj
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _strip_operation(message: str) -> str:
+    # "define function failed: Invalid argument (errno 22): bars[0].size: ..." -> the rule.
+    marker = "): "
+    return message.split(marker, 1)[1] if marker in message else message
+
+
+# ---- mlx5tlp serve SPEC ----------------------------------------------------------------------
+
+def serve(spec: ServedSpec, *, device: str, pages: int = 1, batch: int = 32,
+          max_seconds: Optional[float] = None,
+          emit: Optional[Callable[[dict[str, Any]], None]] = None,
+          stop: Optional[threading.Event] = None) -> dict[str, Any]:
+    """Serve ``spec`` on the software device ``device`` until ``stop`` is set, SIGINT or
+    SIGTERM arrives (main thread only), or ``max_seconds`` pass; then close everything.
+
+    ``emit`` receives a ``serving`` event once the device answers (pid, device, gateway
+    pages, regions with their BAR placement) and a ``stopped`` event with the final counters.
+
+    Returns:
+        The ``stopped`` event.
+
+    Raises:
+        InvalidArgumentError: the spec's hooks or regions are refused (named).
+        Error: the device cannot be opened, or has no free gateway page.
+    """
+    from mlx5tlp import open_device
+
+    stop = stop if stop is not None else threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda _s, _f: stop.set())
+    try:
+        with open_device(device, backend="sim") as ctx:
+            dev = spec.device(ctx, pages=pages, batch=batch)
+            try:
+                event = {"event": "serving", "pid": os.getpid(), "device": device,
+                         "pages": dev.page_ids, "spec": spec.path,
+                         "regions": [{"name": r.name, "kind": r._core.kind,
+                                      "bar": r._core.bar, "offset": r._core.offset,
+                                      "size": r._core.size} for r in dev.regions]}
+                if emit is not None:
+                    emit(event)
+                stop.wait(max_seconds)
+                open_deferred = dev.stats()["deferred_outstanding"]
+                dev.stop()  # deferred requests still open: answered Completer Abort
+                final = dev.stats()
+                last_error = dev.last_hook_error
+            finally:
+                dev.close()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    out = {"event": "stopped", "pid": os.getpid(),
+           "requests": sum(final["requests"].values()), "completions": final["completions"],
+           "ur": final["ur"], "ca": final["ca"], "hook_errors": final["hook_errors"],
+           "deferred_answered_ca_at_stop": open_deferred, "last_hook_error": last_error}
+    if emit is not None:
+        emit(out)
+    return out
+
