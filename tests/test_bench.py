@@ -59,7 +59,7 @@ def _check_shape(rep: dict[str, object]) -> None:
         if value is None:
             assert isinstance(reasons.get(key), str) and reasons[key], key
         else:
-            assert _is_number(value) and value > 0, (key, value)
+            assert _is_number(value) and float(value) > 0, (key, value)  # type: ignore[arg-type]
     if rep["function_rps"] is not None:
         by = rep["function_by_workload"]
         assert isinstance(by, dict) and set(by) == set(WORKLOADS)
