@@ -1,4 +1,5 @@
-"""Real processes for the handover tests: `mlx5tlp serve` primaries and standbys with events."""
+"""Real processes for the handover tests: `mlx5tlp serve` primaries and standbys with events
+(served by the native engine or the Python loop: `--engine`)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class Proc:
         self.cond = threading.Condition()
         self.p = subprocess.Popen(
             [sys.executable, "-m", "mlx5tlp", "serve", *args, "--key-file", str(rig.key_file),
-             "--device", rig.device, "--events"],
+             "--device", rig.device, "--events", "--engine", rig.engine],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=rig.env)
         self.pid = self.p.pid
         threading.Thread(target=self._read, daemon=True).start()
@@ -80,7 +81,8 @@ class Proc:
 class Rig:
     """A private directory (0700) with the key file and the control socket path."""
 
-    def __init__(self, tmp: Path, device: str) -> None:
+    def __init__(self, tmp: Path, device: str, engine: str = "native") -> None:
+        self.engine = engine  # who serves in a primary: "native" (the engine) or "python"
         self.dir = tmp / "ho"
         self.dir.mkdir(mode=0o700)
         self.key = os.urandom(32).hex().encode()

@@ -70,10 +70,11 @@ class PyHandler final : public BatchHandler {
 
 class PyEngine {
  public:
-  PyEngine(const py::dict& spec, std::vector<std::shared_ptr<Region>> regions, const EngineOptions& o,
-           py::object dispatch, const py::object& state, bool adopt)
+  PyEngine(const py::dict& spec, std::vector<std::shared_ptr<Region>> regions, EngineOptions o,
+           py::object dispatch, const py::object& state, bool adopt, const py::object& completer)
       : handler_(std::move(dispatch)) {
     auto layout = pci::compile(spec_from_dict(spec));
+
     pci::FunctionState* st = nullptr;
     if (!state.is_none()) {
       if (PyObject_GetBuffer(state.ptr(), &view_, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
@@ -83,12 +84,24 @@ class PyEngine {
       have_view_ = true;
       if (size_t(view_.len) != pci::Function::state_size() ||
           reinterpret_cast<uintptr_t>(view_.buf) % alignof(pci::FunctionState) != 0) {
-        PyBuffer_Release(&view_);
-        have_view_ = false;
+        release_view();
         throw Error(ErrorKind::invalid_argument, "create engine", EINVAL,
                     "state: need an 8-byte aligned buffer of " + std::to_string(pci::Function::state_size()) + " bytes");
       }
       st = static_cast<pci::FunctionState*>(view_.buf);
+    }
+    if (!completer.is_none()) {
+      if (PyObject_GetBuffer(completer.ptr(), &cview_, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
+        PyErr_Clear();
+        release_view();
+        throw py::type_error("completer must be a writable, contiguous buffer of 4 bytes");
+      }
+      have_cview_ = true;
+      if (cview_.len != 4 || reinterpret_cast<uintptr_t>(cview_.buf) % alignof(std::atomic<uint32_t>) != 0) {
+        release_view();
+        throw Error(ErrorKind::invalid_argument, "create engine", EINVAL, "completer: need a 4-byte aligned buffer of 4 bytes");
+      }
+      o.completer_word = static_cast<std::atomic<uint32_t>*>(cview_.buf);
     }
     try {
       engine_ = std::make_unique<Engine>(layout, std::move(regions), o, st,
@@ -110,21 +123,28 @@ class PyEngine {
     return *engine_;
   }
   void close() {
-    py::gil_scoped_release r;
-    // Stop first: a lane in the handler still answers through e() while it finishes (reset()
-    // clears the pointer before the destructor joins the lanes).
-    if (engine_) engine_->stop();
-    engine_.reset();
+    {
+      py::gil_scoped_release r;
+      // Stop first: a lane in the handler still answers through e() while it finishes (reset()
+      // clears the pointer before the destructor joins the lanes).
+      if (engine_) engine_->stop();
+      engine_.reset();
+    }
+    release_view();  // the state buffer's owner may be closed after this (handover)
   }
 
  private:
   void release_view() {
     if (have_view_) PyBuffer_Release(&view_);
     have_view_ = false;
+    if (have_cview_) PyBuffer_Release(&cview_);
+    have_cview_ = false;
   }
   PyHandler handler_;
   Py_buffer view_{};
   bool have_view_ = false;
+  Py_buffer cview_{};  // the shared Completer ID word (handover), or none
+  bool have_cview_ = false;
   std::unique_ptr<Engine> engine_;
 };
 
@@ -211,7 +231,7 @@ void bind_engine(py::module_& root) {
       }, py::arg("offset"), py::arg("data"));
 
   py::class_<RegisterRegion, Region, std::shared_ptr<RegisterRegion>>(m, "RegisterRegion")
-      .def(py::init([](const std::string& name, int bar, uint64_t offset, uint64_t size, const py::list& regs) {
+      .def(py::init([](const std::string& name, int bar, uint64_t offset, uint64_t size, const py::list& regs, int fd) {
         std::vector<RegisterSpec> v;
         for (size_t i = 0; i < regs.size(); ++i) {
           auto t = regs[i].cast<py::tuple>();
@@ -233,8 +253,9 @@ void bind_engine(py::module_& root) {
           r.reserved = t[7].cast<uint64_t>();
           v.push_back(std::move(r));
         }
-        return std::make_shared<RegisterRegion>(name, bar, offset, size, std::move(v));
-      }), py::arg("name"), py::arg("bar"), py::arg("offset"), py::arg("size"), py::arg("registers"))
+        return std::make_shared<RegisterRegion>(name, bar, offset, size, std::move(v), fd);
+      }), py::arg("name"), py::arg("bar"), py::arg("offset"), py::arg("size"), py::arg("registers"), py::arg("fd") = -1)
+      .def_property_readonly("fd", &RegisterRegion::fd)
       .def("find", [](const RegisterRegion& r, uint64_t off) { return r.find(off); }, py::arg("offset"))
       .def("value", [](const RegisterRegion& r, size_t i) { return r.value(i); }, py::arg("index"))
       .def("set_value", [](RegisterRegion& r, size_t i, uint64_t v) { r.set_value(i, v); }, py::arg("index"), py::arg("value"))
@@ -253,14 +274,15 @@ void bind_engine(py::module_& root) {
 
   py::class_<PyEngine>(m, "Engine")
       .def(py::init([](const py::dict& spec, std::vector<std::shared_ptr<Region>> regions, size_t batch,
-                       size_t deferred_max, size_t trace_entries, py::object dispatch, const py::object& state, bool adopt) {
+                       size_t deferred_max, size_t trace_entries, py::object dispatch, const py::object& state, bool adopt,
+                       const py::object& completer) {
         EngineOptions o;
         o.batch = batch;
         o.deferred_max = deferred_max;
         o.trace_entries = trace_entries;
-        return std::make_unique<PyEngine>(spec, std::move(regions), o, std::move(dispatch), state, adopt);
+        return std::make_unique<PyEngine>(spec, std::move(regions), o, std::move(dispatch), state, adopt, completer);
       }), py::arg("spec"), py::arg("regions"), py::arg("batch"), py::arg("deferred_max"), py::arg("trace_entries"),
-         py::arg("dispatch"), py::arg("state"), py::arg("adopt"))
+         py::arg("dispatch"), py::arg("state"), py::arg("adopt"), py::arg("completer") = py::none())
       .def("add_sim_lane", [](PyEngine& p, std::shared_ptr<Var> var, uint32_t channels, double spin_us) {
         Engine& e = p.e();
         auto ctx = var->context();
@@ -280,6 +302,13 @@ void bind_engine(py::module_& root) {
         return e.pause(d);
       }, py::arg("timeout"))
       .def("resume", [](PyEngine& p) { p.e().resume(); })
+      .def("drain_deferred", [](PyEngine& p, const py::object& timeout) {
+        const Deadline d = to_deadline(timeout);
+        Engine& e = p.e();
+        py::gil_scoped_release r;
+        return e.drain_deferred(d);
+      }, py::arg("timeout"))
+      .def_property_readonly("first_answer_ns", [](PyEngine& p) { return p.e().first_answer_ns(); })
       .def("stop", [](PyEngine& p) {
         Engine& e = p.e();
         py::gil_scoped_release r;

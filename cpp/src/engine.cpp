@@ -185,6 +185,8 @@ struct Lane {
   std::atomic<bool> dready_flag{false};
   uint64_t next_expiry = UINT64_MAX;
   uint64_t outstanding = 0;
+  std::atomic<uint32_t> open_word{0};    // futex: outstanding (saturated), for drain_deferred()
+  std::atomic<uint64_t> first_answer{0};  // CLOCK_MONOTONIC of the first answer since a (re)start
   // counters
   std::array<Counter, tlp::kKindCount> kinds{};
   Counter batches{0}, completions{0}, ur{0}, ca{0}, unsupported_posted{0}, malformed{0},
@@ -213,7 +215,12 @@ Engine::Impl::Impl(std::shared_ptr<const pci::FunctionLayout> l, std::vector<std
   if (regions.size() > 255) engine_error("create engine", EINVAL, "more than 255 regions");
   fn = st != nullptr ? std::make_unique<pci::Function>(layout, &sink, st, adopt)
                      : std::make_unique<pci::Function>(layout, &sink);
-  completer.store(opt.completer_id, std::memory_order_relaxed);
+  uint32_t cid = opt.completer_id;
+  if (opt.completer_word != nullptr) {
+    const uint32_t w = opt.completer_word->load(std::memory_order_relaxed);  // a predecessor's
+    if (w != 0) cid = (w - 1) & 0xfff8u;
+  }
+  completer.store(cid, std::memory_order_relaxed);
   validate_regions();
 }
 
@@ -569,6 +576,8 @@ void Lane::process(size_t i) {
         e->fn->config_write(dw, v, t.first_be);
         // §2.2.6.2: capture the Bus and Device Numbers of every Type 0 write we complete.
         e->completer.store(uint32_t(t.dest_id & 0xfff8u), std::memory_order_relaxed);
+        if (e->opt.completer_word != nullptr)  // relaxed: read by a successor after we stopped
+          e->opt.completer_word->store(uint32_t(t.dest_id & 0xfff8u) + 1, std::memory_order_relaxed);
         e->cfg_gen.fetch_add(1, std::memory_order_release);  // release: after the write
       }
       bump(config_writes);
@@ -774,6 +783,7 @@ void Lane::publish(size_t n) {
     const int rc2 = src->retire(r);
     if (rc2 != 0) bump(stale);
     bump(completions, s.ncpl);
+    if (first_answer.load(std::memory_order_relaxed) == 0) first_answer.store(t1, std::memory_order_relaxed);
     const uint64_t lat_ns = t1 - (is_extra ? 0 : batch_t0);
     if (!is_extra) {
       const unsigned b = lat_ns == 0 ? 0 : unsigned(63 - __builtin_clzll(lat_ns));
@@ -791,6 +801,11 @@ void Lane::publish(size_t n) {
   for (size_t i = 0; i < nextra; ++i) finish(batch, extra[i], extra_slots[i], true);
   for (size_t i = 0; i < n; ++i) finish(i, reqs[i], slots[i], false);
   deferred_open.store(outstanding, std::memory_order_relaxed);
+  const auto open32 = uint32_t(std::min<uint64_t>(outstanding, UINT32_MAX));
+  if (open_word.load(std::memory_order_relaxed) != open32) {
+    open_word.store(open32, std::memory_order_release);  // release: the answers are published
+    futex_wake(open_word);
+  }
   out_used = 0;
   ncpl = 0;
   nextra = 0;
@@ -916,6 +931,7 @@ void Engine::start() {
   if (impl_->state.load() != kStateCreated) engine_error("start engine", EBUSY, std::string("the engine is ") + state());
   if (impl_->lanes.empty()) engine_error("start engine", EINVAL, "no lanes (add a gateway page and a request source)");
   for (auto& l : impl_->lanes) {
+    l->first_answer.store(0, std::memory_order_relaxed);
     Lane* p = l.get();
     p->th = std::thread([p] { p->run(); });
   }
@@ -960,10 +976,38 @@ void Engine::resume() {
   for (auto& l : impl_->lanes)
     if (!l->gw) engine_error("resume engine", EINVAL, "the gateways were released: reattach_gateways() first");
   for (auto& l : impl_->lanes) {
+    l->first_answer.store(0, std::memory_order_relaxed);  // relaxed: the command publishes it
     l->cmd.store(kCmdRun, std::memory_order_release);
     l->poke();
   }
   impl_->state.store(kStateRunning);
+}
+
+bool Engine::drain_deferred(Deadline deadline) {
+  std::lock_guard<std::mutex> g(impl_->ctl_mu);
+  if (impl_->state.load() != kStatePaused) engine_error("drain deferred requests", EBUSY, std::string("the engine is ") + state() + ", not paused");
+  for (auto& l : impl_->lanes) {
+    for (;;) {
+      const uint32_t v = l->open_word.load(std::memory_order_acquire);  // acquire: their answers
+      if (v == 0) break;
+      if (!l->gw) return false;  // released: nothing can be published any more
+      l->poke();  // a paused lane publishes answers and expiries when woken
+      // Blocking point: the lane stores open_word and wakes us; bounded so expiries are seen.
+      if (!futex_wait(l->open_word, v, deadline.earliest(Deadline::after(std::chrono::milliseconds(5)))) &&
+          deadline.expired())
+        return false;
+    }
+  }
+  return true;
+}
+
+uint64_t Engine::first_answer_ns() const noexcept {
+  uint64_t best = 0;
+  for (const auto& l : impl_->lanes) {
+    const uint64_t t = l->first_answer.load(std::memory_order_relaxed);
+    if (t != 0 && (best == 0 || t < best)) best = t;
+  }
+  return best;
 }
 
 void Engine::release_gateways(std::chrono::nanoseconds) {
@@ -984,6 +1028,7 @@ void Engine::reattach_gateways() {
     l->poke();
   }
   wait_acks(impl_->lanes, kCmdReattach, Deadline::never());
+  for (auto& l : impl_->lanes) l->first_answer.store(0, std::memory_order_relaxed);
   std::string err;
   for (auto& l : impl_->lanes)
     if (!l->gw) err = l->error.empty() ? "a lane could not reopen its gateway" : l->error;

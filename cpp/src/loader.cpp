@@ -252,6 +252,7 @@ std::shared_ptr<const Library> Library::open(Backend backend, const std::string&
     resolve(verbs, s.sim.host_send, "mlx5tlp_sim_host_send", node);
     resolve(verbs, s.sim.host_poll, "mlx5tlp_sim_host_poll", node);
     resolve(verbs, s.sim.host_stats, "mlx5tlp_sim_host_stats", node);
+    resolve(verbs, s.sim.host_load, "mlx5tlp_sim_host_load", node);
     resolve(verbs, s.sim.function_poll, "mlx5tlp_sim_function_poll", node);
     resolve(verbs, s.sim.inject_fault, "mlx5tlp_sim_inject_fault", node);
     resolve(verbs, s.sim.reset_device, "mlx5tlp_sim_reset_device", node);

@@ -123,7 +123,7 @@ void MemoryRegion::write(uint64_t off, const uint8_t* data, uint32_t len, uint8_
 // ---------------------------------------------------------------- registers
 
 RegisterRegion::RegisterRegion(std::string name, int bar, uint64_t offset, uint64_t size,
-                               std::vector<RegisterSpec> registers)
+                               std::vector<RegisterSpec> registers, int fd)
     : Region(RegionKind::registers, std::move(name), bar, offset, size), regs_(std::move(registers)) {
   for (size_t i = 0; i < regs_.size(); ++i) {
     const RegisterSpec& r = regs_[i];
@@ -155,8 +155,36 @@ RegisterRegion::RegisterRegion(std::string name, int bar, uint64_t offset, uint6
   sorted.reserve(regs_.size());
   for (size_t i : order) sorted.push_back(regs_[i]);
   regs_ = std::move(sorted);
-  values_.resize(regs_.size());
-  reset();
+  const size_t need = std::max<size_t>(regs_.size(), 1) * sizeof(uint64_t);
+  const std::string what = "register file of region '" + this->name() + "'";
+  if (fd < 0) {
+    fd_ = UniqueFd(::memfd_create(("mlx5tlp-registers-" + this->name()).c_str(), MFD_CLOEXEC));
+    if (!fd_) throw_errno("create " + what, errno_or_eio(), false, "memfd_create");
+    if (::ftruncate(fd_.get(), off_t(need)) != 0) throw_errno("create " + what, errno_or_eio(), false, "ftruncate");
+  } else {
+    struct stat st{};
+    if (::fstat(fd, &st) != 0) throw_errno("adopt " + what, errno_or_eio(), false, "fstat");
+    if (!S_ISREG(st.st_mode) || uint64_t(st.st_size) < need)
+      region_error(this->name(), "register file fd " + std::to_string(fd) + " is not a memfd of at least " +
+                                     std::to_string(need) + " bytes (8 per register)");
+    fd_ = UniqueFd(::fcntl(fd, F_DUPFD_CLOEXEC, 3));
+    if (!fd_) throw_errno("adopt " + what, errno_or_eio(), false, "dup");
+  }
+  void* p = ::mmap(nullptr, need, PROT_READ | PROT_WRITE, MAP_SHARED, fd_.get(), 0);
+  if (p == MAP_FAILED) throw_errno("map " + what, errno_or_eio(), false, "mmap");
+  values_ = static_cast<uint64_t*>(p);
+  map_len_ = need;
+  if (fd < 0) {
+    reset();
+    return;
+  }
+  // Adopted: keep the predecessor's values; a value wider than its register reads as its width.
+  for (size_t i = 0; i < regs_.size(); ++i)
+    if (regs_[i].width < 8) values_[i] &= (uint64_t(1) << (8 * regs_[i].width)) - 1;
+}
+
+RegisterRegion::~RegisterRegion() {
+  if (values_ != nullptr) ::munmap(values_, map_len_);
 }
 
 int RegisterRegion::find(uint64_t off) const noexcept {
@@ -174,12 +202,12 @@ int RegisterRegion::find(uint64_t off) const noexcept {
 
 uint64_t RegisterRegion::value(size_t index) const noexcept {
   std::lock_guard<std::mutex> g(mu_);
-  return index < values_.size() ? values_[index] : 0;
+  return index < regs_.size() ? values_[index] : 0;
 }
 
 void RegisterRegion::set_value(size_t index, uint64_t v) noexcept {
   std::lock_guard<std::mutex> g(mu_);
-  if (index >= values_.size()) return;
+  if (index >= regs_.size()) return;
   const unsigned w = regs_[index].width;
   values_[index] = w == 8 ? v : v & ((uint64_t(1) << (8 * w)) - 1);
 }

@@ -102,7 +102,8 @@ def _serve(args: argparse.Namespace) -> int:
     path = args.standby or args.control
     primary: Optional[Primary] = None
     if args.standby is None:
-        primary = Primary.create(path, key, device=args.device, events=events)
+        primary = Primary.create(path, key, device=args.device, events=events,
+                                 engine=args.engine)
     signal.signal(signal.SIGTERM, lambda *_: primary.stop() if primary is not None else None)
     while True:
         if primary is None:
@@ -147,7 +148,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     rep = demo.run(requests=args.requests, handover_every=args.handover_every,
                    kill_every=args.kill_primary_every, seed=args.seed, window=args.window,
-                   timeout=args.timeout)
+                   timeout=args.timeout, engine=args.engine)
     print(json.dumps(rep, indent=None if args.json else 2))
     bad = rep["lost"] or rep["duplicated"] or rep["unexpected"] or any(rep["leaked"].values())
     return 1 if bad else 0
@@ -180,6 +181,9 @@ def add_parsers(sub: argparse._SubParsersAction, run: Callable[[Handler], Handle
                        help="stop serving after this many seconds (no limit)")
     serve.add_argument("--events", action="store_true",
                        help="JSON event lines on stdout (always on with SPEC)")
+    serve.add_argument("--engine", choices=["native", "python"], default="native",
+                       help="who answers the requests as primary: the native engine's lanes, or "
+                       "a Python loop (native; a standby follows its primary's)")
     serve.set_defaults(func=run(_serve), parser=serve)
     ho = sub.add_parser("handover", help="ask the primary at PATH to hand over (or stop/status)")
     ho.add_argument("path", metavar="PATH")
@@ -198,4 +202,6 @@ def add_parsers(sub: argparse._SubParsersAction, run: Callable[[Handler], Handle
     dm.add_argument("--window", type=int, default=16, help="requests in flight (16)")
     dm.add_argument("--timeout", type=float, default=600.0, help="give up after (600 s)")
     dm.add_argument("--json", action="store_true", help="one line of JSON")
+    dm.add_argument("--engine", choices=["native", "python"], default="native",
+                    help="who serves in each primary (native)")
     dm.set_defaults(func=run(_demo))

@@ -45,6 +45,14 @@ TARGETS: dict[str, tuple[str, float]] = {
     "post_call_us": ("<=", 1.0),
     "ring_contended_records_per_s": (">=", 20e6),
     "idle_gateways_cpu_percent": ("<=", 1.0),
+    # The emulated function end to end (host and function in separate processes, issue 12):
+    # 64-byte reads of a native memory region, the Python-per-TLP path in the same run.
+    "function_rps": (">=", 1e6),
+    "function_vs_python": (">=", 30.0),
+    "function_cpu_us_per_request": ("<=", 2.0),
+    "function_window1_latency_p50_us": ("<=", 30.0),
+    "function_window1_latency_p99_us": ("<=", 500.0),
+    "callback_rps": (">=", 200e3),
 }
 
 # The headline keys every report has (a number, or null with a reason).
@@ -58,8 +66,23 @@ HEADLINE_KEYS = (
     "latency_p50_us",
     "latency_p99_us",
 )
+# The function benchmark's keys (null with a reason when it could not run).
+FUNCTION_KEYS = (
+    "function_rps",
+    "function_cpu_us_per_request",
+    "function_latency_p50_us",
+    "function_latency_p99_us",
+    "function_latency_p999_us",
+    "function_vs_python",
+    "function_window1_latency_p50_us",
+    "function_window1_latency_p99_us",
+    "function_window1_latency_p999_us",
+    "callback_rps",
+)
 
 RECORD_BYTES = 32
+# The function benchmark's parameters (mlx5tlp._bench_host), for the method text.
+_BENCH_MPS, _BENCH_WINDOW, _BENCH_RATE = 256, 128, 50_000.0
 RAW_SLOT = 64  # "raw_tlp:64": one 32-byte record per 64-byte slot, 1024 slots in a 64 KiB page
 # A 32-byte record: a CplD header (3 DWs, wire order) and 5 DWs of payload.
 RECORD_FORMAT = ">IIIIQQ"
@@ -182,8 +205,10 @@ def _run_program(
 
 # ------------------------------------------------------------------ the Python measurements
 @contextmanager
-def _private_device() -> Iterator[str]:
-    """A software device in a private directory (64 KiB gateway pages), removed afterwards."""
+def _private_device(slot_size: int = 64) -> Iterator[str]:
+    """A software device in a private directory (64 KiB gateway pages), removed afterwards.
+
+    Processes started meanwhile inherit the directory (``$MLX5TLP_SIM_DIR``)."""
     from mlx5tlp import sim
 
     old = os.environ.get("MLX5TLP_SIM_DIR")
@@ -191,7 +216,8 @@ def _private_device() -> Iterator[str]:
     os.environ["MLX5TLP_SIM_DIR"] = tmp
     name = f"bench{os.getpid()}"
     try:
-        sim.create_device(name, gw_pages=4, gw_log_stride=4, virtio_pages=0, slot_size=64)
+        sim.create_device(name, gw_pages=4, gw_log_stride=4, virtio_pages=0,
+                          slot_size=slot_size)
         try:
             yield name
         finally:
@@ -401,7 +427,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     sz = _sizes(quick)
     t_start = time.perf_counter()
-    rep: dict[str, Any] = dict.fromkeys(HEADLINE_KEYS)
+    rep: dict[str, Any] = dict.fromkeys(HEADLINE_KEYS + FUNCTION_KEYS)
     reasons: dict[str, str] = {}
     details: dict[str, Any] = {}
     programs: dict[str, Optional[str]] = {}
@@ -486,6 +512,23 @@ def run(quick: bool = False) -> dict[str, Any]:
                     "idle_gateways_cpu_percent", "latency_p50_us", "latency_p99_us"):
             reasons[key] = why_gw or "bench_gateway failed"
 
+    # -- the emulated function end to end: host and function in separate processes --
+    # 512-byte slots: a 256-byte completion payload (MPS 256) and its header fit one slot.
+    try:
+        from mlx5tlp import _bench_host
+
+        with _private_device(slot_size=512) as dev:
+            fmeas = _bench_host.measure(dev, quick)
+    except (mlx5tlp.Error, RuntimeError, OSError) as exc:
+        for key in FUNCTION_KEYS:
+            reasons[key] = f"function benchmark failed: {exc}"
+    else:
+        rep.update(_bench_host.headline(fmeas))
+        for key in FUNCTION_KEYS:
+            loads[key] = _bench_host.load_of(fmeas, key)
+        rep["function_by_workload"] = _bench_host.by_workload(fmeas)
+        details["function"] = fmeas
+
     rep["targets"] = _check_targets(rep, loads)
     rep["load_average"] = {"start": list(load_start), "end": list(os.getloadavg())}
     rep["reasons"] = reasons
@@ -523,6 +566,23 @@ def run(quick: bool = False) -> dict[str, Any]:
             "bench_gateway: the default gateway (ring_slots=1024, batch_max=64) into raw_tlp:64, "
             "2 C++ producers post_batch(32, no deadline), 2 busy-loop threads competing for the "
             "CPUs meanwhile; released -> flush() returned; median of the runs"
+        ),
+        "function": (
+            "host = this process: sim.Host's native load generator (one thread, GIL released, "
+            "every completion checked in C++); function = a separate process "
+            "(python -m mlx5tlp._bench_function): engine.Device with a 64 KiB MemoryRegion in "
+            "BAR 0 (one lane), the same range as a CallbackRegion (callback_rps), or the "
+            "Python-per-TLP worker (take_request per TLP, one tlp.build_completions + "
+            "post_batch per batch of up to 64). Enumerated through CfgWr0/CfgRd0 TLPs, "
+            f"MPS {_BENCH_MPS}, RCB 64. function_rps / callback_rps / python_rps: 64-byte reads, "
+            f"window {_BENCH_WINDOW}, as fast as the window allows; cpu_us_per_request: "
+            "generator thread CPU + function process CPU (/proc/PID/stat utime+stime) per "
+            "request. function_latency_*: from each read's scheduled send time at a fixed "
+            f"offered load of {_BENCH_RATE:g} requests/s (open loop, window 512). window1: one "
+            "read outstanding, send to last completion. function_by_workload: the same for "
+            "4/64/256/4096-byte reads and a mix (64 B 50%, 4 B 20%, 256 B 15%, 4 KiB 5%, 64 B "
+            "writes 10%). Median of the runs after one warm-up; details.function has each run "
+            "with its 1-minute load average."
         ),
         "idle_gateways_cpu_percent": (
             "bench_gateway: getrusage(RUSAGE_SELF) user+system CPU over wall time while 4 "
@@ -563,6 +623,15 @@ def print_table(rep: dict[str, Any], file: Any = None) -> None:
         ("post_call_us", " us"),
         ("latency_p50_us", " us"),
         ("latency_p99_us", " us"),
+        ("function_rps", " req/s"),
+        ("function_vs_python", ""),
+        ("function_cpu_us_per_request", " us"),
+        ("function_latency_p50_us", " us"),
+        ("function_latency_p99_us", " us"),
+        ("function_latency_p999_us", " us"),
+        ("function_window1_latency_p50_us", " us"),
+        ("function_window1_latency_p99_us", " us"),
+        ("callback_rps", " req/s"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, unit in rows:

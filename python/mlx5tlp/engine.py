@@ -27,10 +27,10 @@ import threading
 import traceback
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 from mlx5tlp import _core
 from mlx5tlp._closing import Closing
@@ -38,7 +38,11 @@ from mlx5tlp.context import Context
 from mlx5tlp.errors import InvalidArgumentError, InvalidHandleError
 from mlx5tlp.function.model import Function, _core_value
 from mlx5tlp.function.spec import FunctionSpec
+from mlx5tlp.handover.state import SharedState
 from mlx5tlp.var import Var
+
+if TYPE_CHECKING:
+    from mlx5tlp.handover.primary import Primary
 
 __all__ = [
     "ACCESSES",
@@ -138,13 +142,17 @@ class Register:
 class RegisterRegion:
     """A register file in a BAR range. Bytes no register covers read 0 and ignore writes.
 
+    The values live in a memfd (:attr:`fd`), so that they outlive the process for a successor;
+    ``fd``: continue from an existing one (each value masked to its register's width) instead
+    of starting at the reset values.
+
     Raises:
         InvalidArgumentError: a register's width, alignment, placement or reset value is
             invalid, or two overlap (the message names ``registers[i].<field>``).
     """
 
     def __init__(self, bar: int, offset: int, registers: Sequence[Register], *,
-                 size: Optional[int] = None, name: str = "") -> None:
+                 size: Optional[int] = None, name: str = "", fd: Optional[int] = None) -> None:
         regs = list(registers)
         for i, r in enumerate(regs):
             if not isinstance(r, Register):
@@ -157,8 +165,16 @@ class RegisterRegion:
             self.name, _int(bar, "bar"), _int(offset, "offset"),
             _int(size if size is not None else (end + 3) // 4 * 4, "size"),
             [(r.name, r.offset, r.width, r.reset, r.access, r.on_read is not None,
-              r.on_write is not None, r.reserved) for r in regs])
+              r.on_write is not None, r.reserved) for r in regs],
+            -1 if fd is None else _int(fd, "fd"))
         self._index = {n: i for i, (n, _o, _w) in enumerate(self._core.names())}
+
+    @property
+    def fd(self) -> int:
+        """The memfd holding the values (one little-endian u64 per register, in offset order;
+        owned by the region: dup it to keep it). A successor passes it as ``fd`` to continue
+        from these values (docs/handover.md)."""
+        return int(self._core.fd)
 
     def __getitem__(self, name: str) -> int:
         """The register's current value."""
@@ -316,7 +332,8 @@ class Device(Closing):
         batch: requests per take at most.
         trace: entries of the TLP trace ring per lane (0: off; a power of two).
         state: optional shared buffer of :data:`mlx5tlp.function.STATE_SIZE` bytes for the
-            function state (handover); ``adopt`` continues from what is in it.
+            function state, or a handover :class:`~mlx5tlp.handover.SharedState` (its function
+            state and its Completer ID word); ``adopt`` continues from what is in it.
         start: start serving at once (else call :meth:`start`).
         spin_us: how long an idle lane polls before it blocks.
         gateway_vars: TLP gateway VARs to serve on (one lane each; ``pages`` is then their
@@ -327,6 +344,9 @@ class Device(Closing):
         channels: the request channels of each lane (a sequence per lane, every channel in
             at most one lane), e.g. ``[[3]]`` for one lane serving channel 3. None: channel
             ``c`` goes to lane ``c % pages``.
+        handover: keep the function state in a handover state block (a memfd,
+            :class:`mlx5tlp.handover.SharedState`) so that :meth:`serve` can hand the function
+            to a successor process; ``state`` must then be None.
 
     Raises:
         InvalidArgumentError: a bad spec, region, or option (named).
@@ -342,7 +362,8 @@ class Device(Closing):
                  *, pages: int = 1, batch: int = 32, deferred_max: int = 1024, trace: int = 0,
                  state: Optional[Any] = None, adopt: bool = False, start: bool = True,
                  spin_us: float = 20.0, gateway_vars: Optional[Sequence[Var]] = None,
-                 channels: Optional[Sequence[Sequence[int]]] = None) -> None:
+                 channels: Optional[Sequence[Sequence[int]]] = None,
+                 handover: bool = False) -> None:
         if isinstance(spec, Function):
             spec = spec.spec  # its declaration; the served state starts from reset (or `state`)
         if not isinstance(spec, FunctionSpec):
@@ -372,9 +393,27 @@ class Device(Closing):
         self._vars: list[Any] = []
         self._owns_vars = given is None
         self._e: Optional[Any] = None
-        engine = _core.engine.Engine(
-            _core_value(spec), [r._core for r in self.regions], _int(batch, "batch"),
-            _int(deferred_max, "deferred_max"), _int(trace, "trace"), self._dispatch, state, adopt)
+        self.shared: Optional[SharedState] = None
+        if handover:
+            if state is not None:
+                raise InvalidArgumentError(errno.EINVAL, "state: a handover device keeps its "
+                                           "own state block; pass one or the other",
+                                           "create device")
+            self.shared = SharedState.create(spec, 0, channels=(1 << _CHANNELS) - 1)
+            state, adopt = self.shared, True  # initialised by create()
+        completer: Optional[memoryview] = None
+        if isinstance(state, SharedState):
+            completer = state.completer_view()
+            state = state.function_view()
+        try:
+            engine = _core.engine.Engine(
+                _core_value(spec), [r._core for r in self.regions], _int(batch, "batch"),
+                _int(deferred_max, "deferred_max"), _int(trace, "trace"), self._dispatch, state,
+                adopt, completer)
+        except BaseException:
+            if self.shared is not None:
+                self.shared.close()
+            raise
         self._e = engine
         try:
             for lane in range(pages):
@@ -456,6 +495,59 @@ class Device(Closing):
         """Paused only: open the pages' gateways again (then :meth:`resume`)."""
         self._engine.reattach_gateways()
 
+    def drain_deferred(self, timeout: Optional[float] = None) -> bool:
+        """Paused only: wait until every deferred request is answered (by its region, or
+        Completer Abort at its deadline) and published. True when none is open, False at the
+        timeout. A planned handover does this before :meth:`release_gateways`: the claims of a
+        living process cannot move to its successor.
+
+        Raises:
+            InvalidArgumentError: the device is not paused (EBUSY).
+        """
+        return bool(self._engine.drain_deferred(timeout))
+
+    @property
+    def first_answer_ns(self) -> int:
+        """``CLOCK_MONOTONIC`` ns of the first request answered since the last start, resume or
+        reattach (0: none yet)."""
+        return int(self._engine.first_answer_ns)
+
+    @property
+    def vars(self) -> list[Var]:
+        """The gateway VARs the lanes commit to (lane order)."""
+        return list(self._vars)
+
+    def serve(self, control: str, key: bytes, *,
+              events: Optional[Callable[[dict[str, Any]], None]] = None,
+              allow_uids: Optional[Collection[int]] = None) -> Primary:
+        """Become the primary of this function at the control socket ``control``: returns a
+        :class:`mlx5tlp.handover.Primary` (call ``run()``) that keeps the engine serving and
+        hands the function to a standby (``handover.Standby(control, key)``) on request:
+        pause, finish deferred requests, release the gateways, commit; or resumes (rollback).
+
+        The device must have been created with ``handover=True``. Ownership: the VARs this
+        device allocated move to the primary (a successor serves them after a handover; the
+        process that finally stops the function frees them) — close the primary, not the
+        device. docs/handover.md.
+
+        Raises:
+            InvalidArgumentError: not a ``handover=True`` device, or the socket directory is
+                not private.
+            LeaseHeldError: the function already has a primary (EBUSY).
+        """
+        from mlx5tlp.handover.engine_node import serve_device
+
+        if self.shared is None:
+            raise InvalidArgumentError(errno.EINVAL, "serve(control=...) needs a device created "
+                                       "with handover=True (its state must be shareable)",
+                                       "serve")
+        return serve_device(self, control, key, events=events, allow_uids=allow_uids)
+
+    def _give_vars(self) -> list[Var]:
+        """The VARs, now the caller's: close() will not free them (handover ownership)."""
+        self._owns_vars = False
+        return list(self._vars)
+
     def stop(self) -> None:
         """Stop the lanes (deferred requests are answered Completer Abort); idempotent."""
         if self._e is not None:
@@ -532,6 +624,9 @@ class Device(Closing):
                 with contextlib.suppress(Exception):
                     v.free()
             self._vars.clear()
+            if self.shared is not None:
+                self.shared.close()
+                self.shared = None
 
     @property
     def closed(self) -> bool:

@@ -96,6 +96,10 @@ struct EngineOptions {
   size_t deferred_max = 1024;     // deferred requests per lane at most (more: answered CA)
   size_t trace_entries = 0;       // TLP trace ring per lane (0: no trace); a power of two
   uint16_t completer_id = 0;      // until the first CfgWr0 gives the Bus/Device Numbers
+  // Optional, in caller (shared) memory: the captured Completer ID + 1 (0: none captured yet),
+  // stored at every capture and read at construction, so that a successor process answers
+  // with the Bus/Device Numbers its predecessor captured (§2.2.6.2; docs/handover.md).
+  std::atomic<uint32_t>* completer_word = nullptr;
 };
 
 // What one lane (or, summed, the engine) did. Counters only grow.
@@ -175,6 +179,16 @@ class Engine {
   // open new direct gateways on the same VARs. Error(invalid_argument, EBUSY) otherwise.
   void release_gateways(std::chrono::nanoseconds drain_timeout);
   void reattach_gateways();
+  // Paused only: wait until no deferred request is open — each answered by its region
+  // (complete_deferred / fail_deferred from any thread) or, at its deadline, Completer Abort,
+  // and published. A planned handover calls it before release_gateways(): a living process's
+  // claims cannot move to a successor, so what it deferred must be finished here. True once
+  // none is open, false at the deadline (still paused). Error(invalid_argument, EBUSY) if not
+  // paused.
+  bool drain_deferred(Deadline deadline);
+  // CLOCK_MONOTONIC ns of the first request answered (in the page and retired) since the last
+  // start() / resume() / reattach_gateways(), the earliest over the lanes; 0: none yet.
+  uint64_t first_answer_ns() const noexcept;
   const char* state() const noexcept;  // "created", "running", "paused", "stopped"
 
   // Deferred reads (BatchItem::deferred_id): answer with data (exactly the read's len bytes)

@@ -64,7 +64,8 @@ struct StateHeader {
   uint64_t served;          // requests answered by all primaries
   uint32_t channels;        // bit mask of request channels served
   uint32_t flags;           // bit 0: paused by a planned handover
-  uint8_t reserved[16];
+  uint32_t completer;       // the engine's captured Completer ID + 1 (0: none yet; §2.2.6.2)
+  uint8_t reserved[12];
 };
 static_assert(sizeof(StateHeader) == 64, "state header version 1 is 64 bytes");
 static_assert(offsetof(StateHeader, function_state_size) == 24 &&

@@ -122,8 +122,17 @@ class RegisterRegion final : public Region {
  public:
   // Validates the registers (width, alignment, inside the region, no overlaps): throws
   // Error(invalid_argument) naming "registers[i].<field>".
+  // The values live in a memfd (MAP_SHARED), so that they survive this process for a
+  // successor (docs/handover.md): value k (registers in offset order) is a little-endian u64
+  // at byte 8k. `fd` < 0: a new memfd, every register at its reset value; else an existing
+  // memfd of at least 8 * registers bytes (dup()ed) whose values are kept (each masked to its
+  // register's width) — a successor adopting its predecessor's register file.
   RegisterRegion(std::string name, int bar, uint64_t offset, uint64_t size,
-                 std::vector<RegisterSpec> registers);
+                 std::vector<RegisterSpec> registers, int fd = -1);
+  ~RegisterRegion() override;
+  RegisterRegion(const RegisterRegion&) = delete;
+  RegisterRegion& operator=(const RegisterRegion&) = delete;
+  int fd() const noexcept { return fd_.get(); }  // the values' memfd (owned by the region)
 
   const std::vector<RegisterSpec>& registers() const noexcept { return regs_; }
   // Index of the register at region-relative `off`, or -1.
@@ -143,7 +152,9 @@ class RegisterRegion final : public Region {
 
  private:
   std::vector<RegisterSpec> regs_;      // sorted by offset
-  std::vector<uint64_t> values_;
+  UniqueFd fd_;
+  uint64_t* values_ = nullptr;  // MAP_SHARED on fd_: one u64 per register
+  size_t map_len_ = 0;
   mutable std::mutex mu_;  // blocking point: brief, never held while calling out
 };
 

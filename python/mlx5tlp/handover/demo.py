@@ -70,15 +70,17 @@ class _Mix(RequestMix):
 class _Procs:
     """`mlx5tlp serve` processes and one queue of their JSON events."""
 
-    def __init__(self, path: str, key_file: str, device: str, env: dict[str, str]) -> None:
+    def __init__(self, path: str, key_file: str, device: str, env: dict[str, str],
+                 engine: str) -> None:
         self.path, self.key_file, self.device, self.env = path, key_file, device, env
+        self.engine = engine
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.procs: dict[int, subprocess.Popen[str]] = {}
 
     def spawn(self, *args: str) -> int:
         p = subprocess.Popen(
             [sys.executable, "-m", "mlx5tlp", "serve", *args, "--key-file", self.key_file,
-             "--device", self.device, "--events"],
+             "--device", self.device, "--events", "--engine", self.engine],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env)
         self.procs[p.pid] = p
         threading.Thread(target=self._read, args=(p,), daemon=True).start()
@@ -116,8 +118,10 @@ def _pct(values: list[float], q: float) -> Optional[float]:
 
 
 def run(*, requests: int = 2000, handover_every: int = 0, kill_every: int = 0, seed: int = 1,
-        window: int = 16, read_size: int = 64, timeout: float = 600.0) -> dict[str, Any]:
-    """Run the demo; returns the report (see the module docstring)."""
+        window: int = 16, read_size: int = 64, timeout: float = 600.0,
+        engine: str = "native") -> dict[str, Any]:
+    """Run the demo; returns the report (see the module docstring). `engine`: who serves in
+    each primary, ``"native"`` (the engine's lanes) or ``"python"``."""
     rng = random.Random(seed ^ 0x5EED)
     work = tempfile.mkdtemp(prefix="mlx5tlp-handover-")  # 0700
     key = os.urandom(32).hex().encode()
@@ -131,13 +135,14 @@ def run(*, requests: int = 2000, handover_every: int = 0, kill_every: int = 0, s
     device = f"handover_demo_{os.getpid()}"
     path = os.path.join(work, "ctl")
     sim.create_device(device)
-    procs = _Procs(path, key_file, device, env)
+    procs = _Procs(path, key_file, device, env, engine)
     report: dict[str, Any] = {}
     try:
         with sim.Host(device) as host:
             report = _drive(host, procs, key, path, requests, handover_every, kill_every, rng,
                             _Mix(seed, read_size), window, timeout)
             report["host"] = {k: v for k, v in host.stats().items() if k != "last_error"}
+            report["engine"] = engine
         procs.close()
         deadline = time.monotonic() + 10
         while True:
@@ -213,13 +218,14 @@ def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
     next_kill: Optional[int] = rng.randrange(1, kill_every + 1) if kill_every else None
     pending_ho: Optional[threading.Thread] = None
     sent = 0
+    enumerated = False
     tags = list(range(256))
     rng.shuffle(tags)
 
     def pump_host() -> None:
         nonlocal sent
         # Hold new requests at a due event until it starts (it needs a ready standby).
-        limit = requests
+        limit = requests if enumerated else sent
         if awaiting:
             pass  # a successor's first answer is due: requests must flow
         elif next_handover is not None:
@@ -246,6 +252,19 @@ def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
             time.sleep(20e-6)
 
     wait_for(lambda: primary in serving, "the primary")
+    # Enumeration, as a host does: BAR 0 at its base, then Memory Space Enable (PCIe Base
+    # 6.x §7.5.1.1.3: memory requests to a function with it clear are Unsupported Requests).
+    # Both live in the shared configuration space, so every successor decodes the same BAR.
+    for reg, value in ((0x10, DEFAULT_BAR_BASE), (0x04, 0x0006)):
+        tag = tags[sent % 256]
+        req = tlp.Tlp.cfg_write(FUNCTION_ID, reg, value.to_bytes(4, "little"),
+                                requester_id=REQUESTER_ID, tag=tag)
+        while not host.send_request(req.encode()):
+            pump_host()
+        checker.sent(Pending(req, 0, tlp.Status.SC, b"", 4))
+        sent += 1
+    wait_for(lambda: not checker.outstanding, "the enumeration writes")
+    enumerated = True
     procs.spawn("--standby", path)
     wait_for(lambda: len(standbys) >= 1, "a standby")
     ho_result: dict[str, Any] = {}

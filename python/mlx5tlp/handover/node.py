@@ -126,6 +126,18 @@ class Node:
         """The fds a standby needs: command fd, state memfd, memory memfd."""
         return [self.ctx.cmd_fd, self.state.fd, self.memory_fd]
 
+    def exports(self, key: bytes) -> list[bytes]:
+        """The gateway VAR's keyed export envelope (sent with the objects)."""
+        return [self.var.export(key=key)]
+
+    def owns_objects(self) -> bool:
+        """Whether this process allocated the gateway VAR and still holds it."""
+        return not self.var.closed and not self.var.imported
+
+    def adopt(self, generation: int) -> None:
+        """Continue from the shared function state as `generation` (the Python model)."""
+        self.state.adopt(generation)
+
     @classmethod
     def from_message(cls, fields: dict[str, Any], fds: list[int], envelopes: list[bytes],
                      key: bytes, spec: Optional[FunctionSpec], state_version: int) -> Node:

@@ -17,9 +17,9 @@ import socket
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-from mlx5tlp.errors import Error
+from mlx5tlp.errors import Error, InvalidArgumentError
 from mlx5tlp.function import FunctionSpec
 from mlx5tlp.handover.errors import HandoverError, LeaseHeldError
 from mlx5tlp.handover.lease import Lease
@@ -27,6 +27,10 @@ from mlx5tlp.handover.node import Events, Node, bind_listener, default_spec
 from mlx5tlp.handover.state import STATE_VERSION, seal_snapshot, state_summary
 from mlx5tlp.handover.wire import Wire, check_key
 from mlx5tlp.share import ProtocolError
+
+if TYPE_CHECKING:
+    from mlx5tlp.handover.engine_node import EngineNode, EngineServer
+    from mlx5tlp.handover.server import Server
 
 __all__ = ["Primary"]
 
@@ -60,7 +64,7 @@ class Primary:
     Thread-safety: one thread (the one calling :meth:`run`).
     """
 
-    def __init__(self, path: str, key: bytes, node: Node, lease: Lease,
+    def __init__(self, path: str, key: bytes, node: Union[Node, EngineNode], lease: Lease,
                  listener: Optional[socket.socket], *, allow_uids: Optional[Collection[int]] = None,
                  events: Optional[Events] = None) -> None:
         self.path = os.path.abspath(path)
@@ -78,7 +82,7 @@ class Primary:
         self._stop = False
         self._operator: Optional[_Peer] = None
         self.origin: dict[str, Any] = {}  # how this primary started (t_stop / t_detect)
-        self.server = node.make_server()
+        self.server: Union[Server, EngineServer] = node.make_server()
         self.server.open()
         self.server.recover()
         node.state.mark(self.generation, node.state.served())
@@ -88,8 +92,12 @@ class Primary:
     def create(cls, path: str, key: bytes, *, device: str = "mlx5_sim0",
                spec: Optional[FunctionSpec] = None, memory_size: int = 64 << 10,
                channels: tuple[int, ...] = (0,), allow_uids: Optional[Collection[int]] = None,
-               events: Optional[Events] = None) -> Primary:
+               events: Optional[Events] = None, engine: str = "python") -> Primary:
         """The first primary of a function on the software device `device`.
+
+        `engine`: ``"python"`` (this thread answers every request: claim, answer, retire) or
+        ``"native"`` (the engine's lanes serve one memory region of `memory_size` bytes at
+        BAR 0 and the configuration space; ``channels`` is then every channel).
 
         Raises:
             LeaseHeldError: the function already has a primary (``EBUSY``).
@@ -97,6 +105,16 @@ class Primary:
         """
         key = check_key(key)
         spec = spec or default_spec()
+        if engine == "native":
+            from mlx5tlp.handover.engine_node import create_primary
+
+            p: Primary = create_primary(path, key, device=device, spec=spec,
+                                        memory_size=memory_size, events=events,
+                                        allow_uids=allow_uids)
+            return p
+        if engine != "python":
+            raise InvalidArgumentError(errno.EINVAL, f"engine: {engine!r} is not 'python' or "
+                                       "'native'", "serve")
         lease = Lease(path + ".lease", state_version=STATE_VERSION)
         try:
             lease.acquire(0.0)
@@ -132,7 +150,23 @@ class Primary:
         idle = 0
         last_beat = time.monotonic()
         reported = False
+        native = getattr(server, "native", False)
         while not self._stop and not self.outcome:
+            if native:
+                # The engine's lanes serve; this thread answers the control socket (and looks
+                # for the first answer of this tenure, reported once).
+                if not reported and server.first_served_ns:
+                    reported = True
+                    self._emit("first-served", generation=self.generation,
+                               first_ns=server.first_served_ns, **self.origin)
+                self._poll(200e-6 if not reported else 0.05)
+                now = time.monotonic()
+                if now - last_beat > 0.5:
+                    self.lease.heartbeat()
+                    last_beat = now
+                    if end is not None and now > end:
+                        break
+                continue
             n = server.serve(16)
             if n:
                 idle = 0
@@ -218,7 +252,7 @@ class Primary:
         kind = msg.type
         if kind == "join" and peer.role == "standby":
             peer.wire.send("objects", dict(self.node.describe(), generation=self.generation),
-                           payloads=[self.node.var.export(key=self.key)], fds=self.node.fds())
+                           payloads=self.node.exports(self.key), fds=self.node.fds())
         elif kind == "ready" and peer.role == "standby":
             peer.role = "ready"
             self._emit("standby", standby_pid=peer.pid)
@@ -270,12 +304,23 @@ class Primary:
         assert wire is not None
         state = self.node.state
         t_stop = time.monotonic_ns()  # stop taking: nothing is in flight between requests
-        self.server.close_gateway()   # direct mode: nothing queued; releases the page lock
+        try:
+            # Python server: nothing queued (direct mode), the page lock goes. Engine: pause,
+            # finish deferred requests, release the gateways (engine_node.EngineServer).
+            self.server.close_gateway()
+        except (Error, OSError) as exc:
+            self.rollbacks += 1
+            self._emit("rollback", generation=self.generation, error=str(exc), committed=False)
+            self._tell_operator("error", {"errno": errno.ECANCELED,
+                                          "message": f"handover rolled back: {exc}"})
+            with contextlib.suppress(Error, OSError):
+                wire.send("abort", {"message": str(exc)})
+            return
         t_closed = time.monotonic_ns()
         state.mark(self.generation, state.served() + self.server.served, paused=True)
         self.server.served = 0
         snapshot = seal_snapshot(state_summary(state.snapshot()), self.key, self.generation)
-        self._steps = [t_stop, t_closed]
+        self._steps = [t_stop, *getattr(self.server, "steps_ns", [])[1:], t_closed]
         committed = False
         try:
             wire.send("prepared", {"generation": self.generation, "t_stop": t_stop},
@@ -361,6 +406,5 @@ class Primary:
         return how
 
     def owns_objects(self) -> bool:
-        """Whether this process owns (allocated) the gateway VAR and still holds it."""
-        v = self.node.var
-        return not v.closed and not v.imported
+        """Whether this process owns (allocated) a gateway VAR and still holds it."""
+        return bool(self.node.owns_objects())

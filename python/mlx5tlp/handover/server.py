@@ -41,6 +41,7 @@ from mlx5tlp.var import Var
 __all__ = ["Responder", "Server"]
 
 _DOORBELL = struct.Struct("<Q")
+HOST_STALL_LIMIT = 30.0  # seconds a completion may wait for room in the page
 
 
 class Responder:
@@ -181,11 +182,18 @@ class Server:
             assert self.gw is not None and self.page is not None, "open() first"
             seq = _DOORBELL.unpack_from(self.page, 0)[0] + len(cpls)
             sim.mark_answered(self.ctx, claim, self.var.page_id, seq)
-            if self.gw.write_batch([c.encode() for c in cpls], 5.0) != len(cpls):
-                # The host stopped consuming: leave the claim (marked, unpublished) to be
-                # redelivered rather than retire a request whose answer is not out.
-                raise Error(errno.ETIMEDOUT, "the device took no completion for 5 s",
-                            "write_batch")
+            recs = [c.encode() for c in cpls]
+            done = 0
+            give_up = time.monotonic() + HOST_STALL_LIMIT
+            while done < len(recs):
+                # A full page waits for the host to consume (15 records of 256 bytes in 4 KiB):
+                # a host busy elsewhere for a while is no reason for a successor to die.
+                done += self.gw.write_batch(recs[done:], 0.5)
+                if done < len(recs) and time.monotonic() > give_up:
+                    # The host stopped consuming: leave the claim (marked, unpublished) to be
+                    # redelivered rather than retire a request whose answer is not out.
+                    raise Error(errno.ETIMEDOUT, f"the device took no completion for "
+                                f"{HOST_STALL_LIMIT:.0f} s", "write_batch")
         sim.retire_request(self.ctx, claim)
         self.served += 1
         if not self.first_served_ns:

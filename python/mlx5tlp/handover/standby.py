@@ -29,8 +29,8 @@ import os
 import select
 import socket
 import time
-from collections.abc import Collection
-from typing import Any, Optional
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from mlx5tlp.errors import Error
 from mlx5tlp.function import FunctionSpec
@@ -46,6 +46,10 @@ from mlx5tlp.handover.primary import Primary
 from mlx5tlp.handover.state import STATE_VERSION, open_snapshot, state_summary
 from mlx5tlp.handover.wire import Wire, check_key
 from mlx5tlp.share import ProtocolError
+
+if TYPE_CHECKING:
+    from mlx5tlp.engine import Region
+    from mlx5tlp.handover.engine_node import EngineNode
 
 __all__ = ["Standby", "connect"]
 
@@ -87,6 +91,11 @@ class Standby:
         state_version: the handover state version this process implements (tests pass
             another to check refusal).
         allow_uids: uids allowed besides our own (the primary's credentials are checked).
+        regions: for a primary served by the native engine (``Device.serve``): this
+            process's region declarations, checked against the primary's (kind, BAR, offset,
+            size, registers); memory and register regions continue from the primary's shared
+            memfds, callback regions use these handlers. None: rebuilt from the primary's
+            layout (memory and register regions only, no hooks).
         events: called with a dict per event (``standby``, ``takeover``, ...).
 
     Raises:
@@ -101,7 +110,8 @@ class Standby:
     def __init__(self, path: str, key: bytes, *, spec: Optional[FunctionSpec] = None,
                  state_version: int = STATE_VERSION,
                  allow_uids: Optional[Collection[int]] = None,
-                 events: Optional[Events] = None, timeout: float = 5.0) -> None:
+                 events: Optional[Events] = None, timeout: float = 5.0,
+                 regions: Optional[Sequence[Region]] = None) -> None:
         self.path = os.path.abspath(path)
         self.key = check_key(key)
         self.spec = spec
@@ -109,8 +119,9 @@ class Standby:
         self.allow_uids = allow_uids
         self.events = events
         self.timeout = timeout
+        self.regions = regions
         self.lease = Lease(self.path + ".lease", state_version=state_version)
-        self.node: Optional[Node] = None
+        self.node: Optional[Union[Node, EngineNode]] = None
         self.sock: Optional[socket.socket] = None
         self.wire: Optional[Wire] = None
         self.primary_pid = 0
@@ -146,8 +157,14 @@ class Standby:
             objs.close_fds()
             raise HandoverError(errno.EPROTO, f"expected objects, got {objs.type!r}", "handover")
         fds, objs.fds = objs.fds, []
-        self.node = Node.from_message(objs.fields, fds, objs.payloads, self.key, self.spec,
-                                      self.state_version)
+        if "engine" in objs.fields:
+            from mlx5tlp.handover.engine_node import EngineNode
+
+            self.node = EngineNode.from_message(objs.fields, fds, objs.payloads, self.key,
+                                                self.spec, self.state_version, self.regions)
+        else:
+            self.node = Node.from_message(objs.fields, fds, objs.payloads, self.key, self.spec,
+                                          self.state_version)
         self.primary_pid = self.wire.peer_pid
         try:
             self._pidfd = os.pidfd_open(self.primary_pid)
@@ -242,7 +259,7 @@ class Standby:
             self._reconnect()
             raise
         self.lease.digest = node.state.digest
-        node.state.adopt(gen)
+        node.adopt(gen)
         self._drop_connection()
         p = Primary(self.path, self.key, node, self.lease, None,
                     allow_uids=self.allow_uids, events=self.events)
@@ -296,7 +313,7 @@ class Standby:
                 raise HandoverAborted(errno.ESTALE, "the shared state differs from the "
                                       "primary's prepared snapshot", "handover")
             marks.append(time.monotonic_ns())
-            node.state.adopt(gen)
+            node.adopt(gen)
             marks.append(time.monotonic_ns())
             server = node.make_server()
             server.open()

@@ -15,7 +15,10 @@ offset  size    field
 32      8       requests answered (all primaries)
 40      4       request channels served (bit mask)
 44      4       flags: bit 0 = paused by a planned handover (not a crash)
-48      16      reserved, 0
+48      4       the engine's captured Completer ID + 1 (0: none yet; written by the engine
+                at every CfgWr0 it completes, PCIe Base 6.x §2.2.6.2, so a successor
+                answers with the Bus/Device Numbers its predecessor captured)
+52      12      reserved, 0
 64      ...     the function model's ``FunctionState`` (``Function(spec, state=..., adopt=)``)
 ======  ======  ==========================================================================
 
@@ -61,7 +64,8 @@ __all__ = [
 STATE_MAGIC = b"M5HS"
 STATE_VERSION = 1
 HEADER_SIZE = 64
-_HEADER = struct.Struct("<4sHHQQIIQII16x")
+_HEADER = struct.Struct("<4sHHQQIIQII16x")  # the completer word (48) is left as it is
+_COMPLETER = slice(48, 52)
 assert _HEADER.size == HEADER_SIZE
 _SNAP_LABEL = b"mlx5tlp-handover-state-1"
 _MAC = 32
@@ -108,6 +112,7 @@ class SharedState(Closing):
         self.digest = digest
         self.map = mmap.mmap(fd, _size(), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._view: Optional[memoryview] = None
+        self._cview: Optional[memoryview] = None
         self.function: Optional[Function] = None
 
     @classmethod
@@ -158,9 +163,11 @@ class SharedState(Closing):
 
     def _set(self, generation: int, served: int, flags: int) -> None:
         _gen, _served, chans, _flags, _fver = self.header()
-        self.map[:HEADER_SIZE] = _HEADER.pack(STATE_MAGIC, STATE_VERSION, HEADER_SIZE,
-                                              generation, self.digest, FUNCTION_STATE_SIZE,
-                                              FUNCTION_STATE_VERSION, served, chans, flags)
+        raw = _HEADER.pack(STATE_MAGIC, STATE_VERSION, HEADER_SIZE, generation, self.digest,
+                           FUNCTION_STATE_SIZE, FUNCTION_STATE_VERSION, served, chans, flags)
+        # Around the completer word: a serving engine may store it at any time.
+        self.map[: _COMPLETER.start] = raw[: _COMPLETER.start]
+        self.map[_COMPLETER.stop : HEADER_SIZE] = raw[_COMPLETER.stop :]
 
     def mark(self, generation: int, served: int, *, paused: bool = False) -> None:
         """Record the writer's generation, the answered count and whether it paused cleanly."""
@@ -176,15 +183,29 @@ class SharedState(Closing):
         """
         _gen, served, _chans, _flags, _fver = self.header()
         if self.function is None:
-            self._view = memoryview(self.map)[HEADER_SIZE : HEADER_SIZE + FUNCTION_STATE_SIZE]
-            try:
-                self.function = Function(self.spec, state=self._view, adopt=True)
-            except BaseException:
-                self._view.release()
-                self._view = None
-                raise
+            self.function = Function(self.spec, state=self.function_view(), adopt=True)
         self._set(generation, served, 0)
         return self.function
+
+    def function_view(self) -> memoryview:
+        """The function state bytes (:data:`mlx5tlp.function.STATE_SIZE`, 8-byte aligned) for a
+        native function model (the engine) to serve from; valid until :meth:`close`."""
+        if self._view is None:
+            self._view = memoryview(self.map)[HEADER_SIZE : HEADER_SIZE + FUNCTION_STATE_SIZE]
+        return self._view
+
+    def completer_view(self) -> memoryview:
+        """The 4-byte word where the engine keeps the captured Completer ID + 1 (header
+        offset 48): shared, so that a successor answers as its predecessor did."""
+        if self._cview is None:
+            self._cview = memoryview(self.map)[_COMPLETER]
+        return self._cview
+
+    def claim(self, generation: int) -> None:
+        """Record our generation, checking the header, without a Python function model (the
+        engine adopts the state itself, with the same checks)."""
+        _gen, served, _chans, _flags, _fver = self.header()
+        self._set(generation, served, 0)
 
     def served(self) -> int:
         """Requests answered so far, by every primary."""
@@ -200,12 +221,19 @@ class SharedState(Closing):
             self.function.close()
             self.function = None
         if self._view is not None:
-            self._view.release()
-            self._view = None
+            try:
+                self._view.release()
+                self._view = None
+            except BufferError:
+                pass  # a native model (the engine) still serves from it: released at close()
 
     def close(self) -> None:
         """Unmap and close the memfd (idempotent); the state lives on in other processes."""
         self.release_function()
+        for v in (self._view, self._cview):
+            if v is not None:
+                v.release()
+        self._view = self._cview = None
         if not self.map.closed:
             self.map.close()
         if self.fd >= 0:

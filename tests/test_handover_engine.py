@@ -1,0 +1,276 @@
+"""Handover of a function served by the native engine (``engine.Device.serve``), no mocks.
+
+The primary is a child process serving a function with a memory region, a register file and
+a callback region whose handler defers its reads; the test process is the host (every
+completion checked by the software device's host model) and the standby. What must survive a
+planned handover: configuration space (BAR, Command: the successor still decodes the BAR), the
+memory region's bytes, the register file's values, and every deferred read (answered exactly
+once, by the predecessor, before it releases its pages: docs/handover.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from handover_rig import REQUESTER, collect
+from mlx5tlp import engine, handover, sim, tlp
+from mlx5tlp.function import Bar, FunctionSpec, Identity
+
+FUNCTION = 0x0100
+BAR_BASE = 0xE000_0000
+
+PRIMARY = r"""
+import json, sys, threading, time
+from mlx5tlp import engine, open_device
+sys.path[:0] = [{tests!r}]
+from test_handover_engine import regions, spec
+
+def emit(ev):
+    sys.stdout.write(json.dumps(ev) + "\n")
+    sys.stdout.flush()
+
+def later(reqs):
+    # Defers every read; answers them {delay} s later from another thread.
+    emit({{"event": "deferred", "n": len(reqs)}})
+    def answer():
+        time.sleep({delay})
+        for r in reqs:
+            if r.needs_answer:
+                r.complete(b"P" * r.length)
+    threading.Thread(target=answer, daemon=True).start()
+
+ctx = open_device({device!r}, backend="sim")
+dev = engine.Device(ctx, spec(), regions(later), handover=True)
+p = dev.serve({path!r}, {key!r}, events=emit)
+emit({{"event": "outcome", "outcome": p.run(max_seconds=120)}})
+sys.stdout.flush()
+import os
+os._exit(0)  # a handed-over owner frees nothing: its successor serves the objects
+"""
+
+
+def spec() -> FunctionSpec:
+    """The function both processes declare."""
+    return FunctionSpec(identity=Identity(vendor_id=0x15B3, device_id=0x7F20, class_code=0x028000),
+                        bars=[Bar(0, "mem32", 1 << 16)])
+
+
+def regions(handler: Any) -> list[engine.Region]:
+    """Memory at BAR 0 [0, 4 KiB), registers at 0x1000, a callback region at 0x2000 whose
+    reads may stay deferred up to 5 s."""
+    return [engine.MemoryRegion(0, 0, 0x1000, name="mem"),
+            engine.RegisterRegion(0, 0x1000, [engine.Register("ctrl", 0, reset=1),
+                                              engine.Register("status", 4, reset=0xF0,
+                                                              access="rw1c")], name="regs"),
+            engine.CallbackRegion(0, 0x2000, 0x1000, handler, deadline=5.0, name="cb")]
+
+
+def successor_handler(reqs: list[engine.Request]) -> list[Optional[bytes]]:
+    return [b"S" * r.length if r.needs_answer else None for r in reqs]
+
+
+class Child:
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env)
+        self.events: list[dict[str, Any]] = []
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            with self.cond:
+                self.events.append(json.loads(line))
+                self.cond.notify_all()
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(30)
+        for f in (self.p.stdout, self.p.stderr):
+            if f is not None:
+                f.close()
+
+    def wait_event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        end = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for e in self.events:
+                    if e["event"] == name:
+                        return e
+                if self.p.poll() is not None and not any(e["event"] == name
+                                                          for e in self.events):
+                    err = self.p.stderr.read() if self.p.stderr else ""
+                    raise AssertionError(f"primary exited before {name!r}: {err}")
+                left = end - time.monotonic()
+                assert left > 0, f"no {name!r} in {timeout} s: {self.events}"
+                self.cond.wait(min(left, 0.2))
+
+
+@pytest.fixture
+def setup(tmp_path: Path, device: str) -> Iterator[tuple[str, bytes, dict[str, str]]]:
+    d = tmp_path / "ho"
+    d.mkdir(mode=0o700)
+    locks = d / "locks"
+    locks.mkdir(mode=0o700)
+    env = dict(os.environ, MLX5TLP_LOCK_DIR=str(locks))
+    os.environ["MLX5TLP_LOCK_DIR"] = str(locks)  # the standby in this process too
+    yield str(d / "ctl"), os.urandom(32).hex().encode(), env
+    os.environ.pop("MLX5TLP_LOCK_DIR", None)
+    for c in _children:
+        c.close()
+    _children.clear()
+
+
+_children: list[Child] = []
+
+
+def start_primary(setup: tuple[str, bytes, dict[str, str]], device: str,
+                  delay: float = 0.3) -> Child:
+    path, key, env = setup
+    code = PRIMARY.format(tests=str(Path(__file__).parent), device=device, path=path, key=key,
+                          delay=delay)
+    c = Child([sys.executable, "-c", code], env)
+    _children.append(c)
+    c.wait_event("serving")
+    return c
+
+
+def cfg_write(reg: int, value: int, tag: int) -> bytes:
+    return tlp.Tlp.cfg_write(FUNCTION, reg, value.to_bytes(4, "little"), requester_id=REQUESTER,
+                             tag=tag).encode()
+
+
+def mem_read(off: int, n: int, tag: int) -> bytes:
+    return tlp.Tlp.mem_read(BAR_BASE + off, n // 4, requester_id=REQUESTER, tag=tag).encode()
+
+
+def mem_write(off: int, data: bytes, tag: int) -> bytes:
+    return tlp.Tlp.mem_write(BAR_BASE + off, data, requester_id=REQUESTER, tag=tag).encode()
+
+
+def enumerate_function(host: sim.Host) -> None:
+    # BAR 0, then Memory Space Enable (PCIe Base 6.x §7.5.1.1.3; without it: UR).
+    assert host.send_request(cfg_write(0x10, BAR_BASE, 1))
+    assert host.send_request(cfg_write(0x04, 0x0006, 2))
+    got = collect(host, 2)
+    assert [c.status for c in got] == [tlp.Status.SC, tlp.Status.SC]
+
+
+def read(host: sim.Host, off: int, n: int, tag: int) -> bytes:
+    assert host.send_request(mem_read(off, n, tag))
+    (cpl,) = collect(host, 1)
+    assert cpl.status == tlp.Status.SC, cpl
+    return bytes(cpl.data)
+
+
+def test_engine_primary_hands_over_state_registers_and_deferred_reads(
+        setup: tuple[str, bytes, dict[str, str]], device: str) -> None:
+    path, key, _env = setup
+    with sim.Host(device) as host:
+        primary = start_primary(setup, device)
+        enumerate_function(host)
+        assert host.send_request(mem_write(0x40, b"\x11\x22\x33\x44", 3))  # memory region
+        assert host.send_request(mem_write(0x1000, (0xABCD).to_bytes(4, "little"), 4))  # ctrl
+        assert host.send_request(mem_write(0x1004, (0x30).to_bytes(4, "little"), 5))  # rw1c
+        assert read(host, 0x40, 4, 6) == b"\x11\x22\x33\x44"
+        sb = handover.Standby(path, key, spec=spec(), regions=regions(successor_handler))
+        try:
+            # Deferred reads in the primary's callback region, answered 300 ms later: the
+            # handover must finish them before the primary gives its page away.
+            for tag in range(10, 14):
+                assert host.send_request(mem_read(0x2000 + 4 * tag, 8, tag))
+            # Taken by the primary's lanes (perhaps over several batches), not answered yet.
+            end = time.monotonic() + 30
+            while sum(e.get("n", 0) for e in list(primary.events)
+                      if e["event"] == "deferred") < 4:
+                assert time.monotonic() < end, primary.events
+                time.sleep(0.005)
+            new = sb.promote()
+        except BaseException:
+            sb.close()
+            raise
+        try:
+            got = collect(host, 4)
+            assert sorted(c.tag for c in got) == [10, 11, 12, 13], got
+            assert all(bytes(c.data) == b"P" * 8 for c in got), got
+            ev = primary.wait_event("handed-over")
+            assert ev["successor"] == os.getpid()
+            # The successor: same BAR decode (shared config space), memory, registers.
+            assert read(host, 0x40, 4, 20) == b"\x11\x22\x33\x44"
+            assert read(host, 0x1000, 4, 21) == (0xABCD).to_bytes(4, "little")
+            assert read(host, 0x1004, 4, 22) == (0xC0).to_bytes(4, "little")  # 0xF0 & ~0x30
+            assert read(host, 0x2000, 8, 23) == b"S" * 8  # the successor's handler
+            assert primary.wait_event("outcome")["outcome"] == "handed-over"
+            assert primary.p.wait(30) == 0
+            st = host.stats()
+            assert (st["outstanding"], st["unexpected"], st["errors"]) == (0, 0, 0), st
+            assert new.status()["generation"] == 2
+        finally:
+            new.stop()
+            new.close()
+            sb.close()
+    ds = sim.device_stats(device)
+    assert (ds["requests_claimed"], ds["requests_pending"]) == (0, 0), ds
+
+
+def test_engine_successor_with_other_regions_is_refused(
+        setup: tuple[str, bytes, dict[str, str]], device: str) -> None:
+    path, key, _env = setup
+    primary = start_primary(setup, device)
+    other = regions(successor_handler)
+    other[0] = engine.MemoryRegion(0, 0, 0x800, name="mem")  # half the primary's region
+    with pytest.raises(handover.StateMismatchError) as exc:
+        handover.Standby(path, key, spec=spec(), regions=other)
+    assert exc.value.errno == errno.EINVAL and "regions[0]" in str(exc.value)
+    assert "size" in str(exc.value)
+    # Without the callback handler the standby cannot serve the primary's callback region.
+    sb = handover.Standby(path, key, spec=spec())
+    with pytest.raises(handover.StateMismatchError) as exc2:
+        sb.promote()
+    assert "callback region 'cb'" in str(exc2.value)
+    sb.close()
+    assert primary.wait_event("rollback")["committed"] is False
+    handover.request(path, key, "stop")
+    assert primary.wait_event("outcome")["outcome"] == "stopped"
+    assert primary.p.wait(30) == 0
+
+
+def test_engine_takeover_after_sigkill_keeps_registers(
+        setup: tuple[str, bytes, dict[str, str]], device: str) -> None:
+    path, key, _env = setup
+    with sim.Host(device) as host:
+        primary = start_primary(setup, device)
+        enumerate_function(host)
+        assert host.send_request(mem_write(0x1000, (0x5A5A).to_bytes(4, "little"), 3))
+        assert read(host, 0x1000, 4, 4) == (0x5A5A).to_bytes(4, "little")
+        sb = handover.Standby(path, key, spec=spec(), regions=regions(successor_handler))
+        primary.p.kill()
+        primary.p.wait(30)
+        new = sb.wait(timeout=30)
+        assert new is not None
+        try:
+            # Register values live in a memfd: they survive the crash.
+            assert read(host, 0x1000, 4, 5) == (0x5A5A).to_bytes(4, "little")
+            assert read(host, 0x2000, 4, 6) == b"SSSS"
+            assert new.status()["generation"] == 2
+            st = host.stats()
+            assert (st["outstanding"], st["unexpected"], st["errors"]) == (0, 0, 0), st
+        finally:
+            new.stop()
+            new.close()
+            sb.close()
+    ds = sim.device_stats(device)
+    assert (ds["requests_claimed"], ds["contexts"], ds["tlp_vars"]) == (0, 0, 0), ds
