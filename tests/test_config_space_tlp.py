@@ -1,9 +1,9 @@
 """Configuration-space rules checked against the native engine through TLPs, as a host sees them.
 
 tests/test_config_space.py checks the compiled model directly; here every access is a CfgRd0 /
-CfgWr0 / MRd / MWr / IORd TLP sent by ``sim.Host`` to an ``engine.Device``, and every
-completion is checked by the host model. Rules: PCIe Base Specification 6.x (5.0 numbering
-of chapter 7 is the same) —
+CfgWr0 (``sim.Host.config_read/write``) or MRd / MWr / IORd TLP sent by ``sim.Host`` to an
+``engine.Device``, and every completion is checked by the host model. Rules: PCIe Base
+Specification 6.x (5.0 numbering of chapter 7 is the same) —
 
 * §7.5.1.1.3 Command register, Table 7-4 (RW enables, hardwired bits); Memory/I/O Space
   Enable clear: memory/I/O requests are Unsupported Requests;
@@ -29,8 +29,6 @@ from mlx5tlp import engine, sim, tlp
 from mlx5tlp import function as fn
 from test_engine import Bus
 
-FUNCTION = 0x0100  # bus 1, device 0, function 0
-
 
 def make_spec() -> fn.FunctionSpec:
     return fn.FunctionSpec(
@@ -48,27 +46,6 @@ def make_spec() -> fn.FunctionSpec:
     )
 
 
-class TlpConfig:
-    """``ConfigAccess`` over CfgRd0/CfgWr0 TLPs (one DW each, First DW BE for narrower
-    accesses, §2.2.7), every completion checked: SC, byte count 4, lower address 0."""
-
-    def __init__(self, bus: Bus) -> None:
-        self.bus = bus
-
-    def config_read(self, offset: int, size: int = 4) -> int:
-        dw = self.bus.cfg_read(offset & ~3, dest=FUNCTION)
-        return (dw >> (8 * (offset & 3))) & ((1 << (8 * size)) - 1)
-
-    def config_write(self, offset: int, value: int, size: int = 4) -> None:
-        shift = offset & 3
-        be = ((1 << size) - 1) << shift
-        data = (value << (8 * shift)).to_bytes(4, "little")
-        self.bus.send(tlp.Tlp.cfg_write(FUNCTION, offset & ~3, data, first_be=be,
-                                        tag=self.bus.next_tag()))
-        (c,) = self.bus.collect(1)
-        assert c.status == tlp.Status.SC and c.byte_count == 4 and not c.data
-
-
 @pytest.fixture
 def host(device: str) -> Any:
     with sim.Host(device) as h:
@@ -82,8 +59,7 @@ def served(ctx: mlx5tlp.Context, host: sim.Host) -> Any:
     io = engine.MemoryRegion(3, 0, 0x100, name="io")
     io.write(0, b"\x5a" * 0x100)
     with engine.Device(ctx, make_spec(), [mem, io]) as dev:
-        bus = Bus(host)
-        yield dev, bus, TlpConfig(bus)
+        yield dev, Bus(host), host  # sim.Host reaches configuration space by CfgRd0/CfgWr0
     assert host.stats()["errors"] == 0, host.stats()["last_error"]
 
 
@@ -167,8 +143,7 @@ def test_completer_abort_sets_signaled_target_abort(ctx: mlx5tlp.Context, host: 
     # or Non-Posted Request as a Completer Abort error"; RW1C.
     cb = engine.CallbackRegion(0, 0, 0x1000, lambda reqs: [r.fail("CA") for r in reqs])
     with engine.Device(ctx, make_spec(), [cb]) as dev:
-        bus = Bus(host)
-        cfg = TlpConfig(bus)
+        bus, cfg = Bus(host), host
         e = fn.enumerate_function(cfg)
         bar0 = e.bar(0).address  # type: ignore[union-attr]
         assert cfg.config_read(0x06, 2) & 0x0800 == 0
