@@ -138,3 +138,56 @@ def test_mutation_of_offsets_during_post_batch(ctx: mlx5tlp.Context) -> None:
         with contextlib.suppress(mlx5tlp.ResourceExhaustedError):
             gw.close()  # nobody consumes here: what was queued may be dropped
     var.free()
+
+
+# ---- one unambiguous batch type (issue 10 B3) ----
+
+
+def test_records_pair_is_never_read_as_two_records(ctx: mlx5tlp.Context) -> None:
+    # (buffer, memoryview(offsets)) used to be taken as a sequence of two records: the
+    # buffer, then the offsets' bytes written to the page as a second "completion".
+    var = ctx.alloc_var(tlp=True)
+    buf = bytes(range(40)) * 2
+    offs = array.array("I", [0, 40, 80])
+    with var.gateway(direct=True) as gw:
+        for pair in ((buf, memoryview(offs)), (buf, offs), [buf, memoryview(offs)]):
+            for call in (gw.write_batch, gw.post_batch):
+                with pytest.raises(TypeError, match=r"mlx5tlp\.Records\(buffer, offsets\)"):
+                    call(pair)
+        assert gw.write_batch(mlx5tlp.Records(buf, memoryview(offs)), 5.0) == 2
+        assert gw.stats()["written"] == 2
+    var.free()
+
+
+def test_records_checks_its_parts() -> None:
+    offs = array.array("I", [0, 4])
+    for bad in (5, "text", array.array("I", [1, 2])):
+        with pytest.raises(TypeError, match=r"Records\.buffer"):
+            mlx5tlp.Records(bad, offs)
+    for bad_offs in (None, array.array("H", [0, 4]), bytes(8), array.array("Q", [0, 4])):
+        with pytest.raises(TypeError, match=r"Records\.offsets"):
+            mlx5tlp.Records(b"abcd", bad_offs)
+    r = mlx5tlp.Records.join([b"ab", bytearray(b"cde"), memoryview(b"f")])
+    assert len(r) == 3 and bytes(r.record(1)) == b"cde" and list(r.offsets) == [0, 2, 5, 6]
+    # The bulk builder's result is a Records.
+    out = tlp.build_completions(REQ, bytes(16), completer_id=1)
+    assert isinstance(out, mlx5tlp.Records) and len(out) == 1
+
+
+def test_batches_of_other_shapes_are_refused(ctx: mlx5tlp.Context) -> None:
+    var = ctx.alloc_var(tlp=True)
+    with var.gateway() as gw:
+        # A bare buffer is not a sequence of records (bytes iterates as ints: each int used to
+        # become that many zero bytes).
+        for bad in (bytes(40), bytearray(40), memoryview(bytes(40)), "records", 7):
+            with pytest.raises(TypeError, match="a batch is"):
+                gw.post_batch(bad)  # type: ignore[arg-type]
+        for bad_item in (array.array("I", [1, 2]), memoryview(bytes(8))[::2], 3):
+            with pytest.raises(TypeError, match=r"records\[1\]"):
+                gw.post_batch([bytes(40), bad_item])  # type: ignore[list-item]
+        # The old duck type (an object with .buffer and .offsets) is not a batch either.
+        duck = type("Duck", (), {"buffer": bytes(40), "offsets": array.array("I", [0, 40])})()
+        with pytest.raises(TypeError, match="a batch is"):
+            gw.post_batch(duck)
+        assert gw.stats()["posted"] == 0
+    var.free()

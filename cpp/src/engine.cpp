@@ -13,6 +13,7 @@
 
 #include "mlx5tlp/error.hpp"
 #include "mlx5tlp/futex.hpp"
+#include "mlx5tlp/spawn.hpp"
 #include "mlx5tlp/tlp_completion.hpp"
 #include "mlx5tlp/unique_fd.hpp"
 
@@ -926,14 +927,40 @@ void Engine::add_lane(std::shared_ptr<Gateway> gateway, std::unique_ptr<RequestS
 
 void Engine::set_batch_handler(BatchHandler* handler) noexcept { impl_->handler = handler; }
 
+// Under ctl_mu. A lane that was never started has no thread to join.
+static void stop_locked(Engine::Impl& impl) noexcept {
+  for (auto& l : impl.lanes) {
+    l->cmd.store(kCmdStop, std::memory_order_release);
+    l->poke();
+  }
+  for (auto& l : impl.lanes) {
+    if (l->th.joinable()) l->th.join();
+    if (l->gw) {
+      try {
+        l->gw->close(std::chrono::seconds(1));
+      } catch (...) {
+        // Records the host never took are counted in the gateway's stats (lost).
+      }
+    }
+  }
+  impl.state.store(kStateStopped);
+}
+
 void Engine::start() {
   std::lock_guard<std::mutex> g(impl_->ctl_mu);
   if (impl_->state.load() != kStateCreated) engine_error("start engine", EBUSY, std::string("the engine is ") + state());
   if (impl_->lanes.empty()) engine_error("start engine", EINVAL, "no lanes (add a gateway page and a request source)");
-  for (auto& l : impl_->lanes) {
-    l->first_answer.store(0, std::memory_order_relaxed);
-    Lane* p = l.get();
-    p->th = std::thread([p] { p->run(); });
+  for (size_t i = 0; i < impl_->lanes.size(); ++i) {
+    Lane* p = impl_->lanes[i].get();
+    p->first_answer.store(0, std::memory_order_relaxed);
+    try {
+      p->th = spawn("start engine", [p] { p->run(); });
+    } catch (const Error&) {
+      // The lanes already running are stopped and joined, never left behind a failed start:
+      // the engine ends stopped, its gateways closed, as after stop().
+      stop_locked(*impl_);
+      throw;
+    }
   }
   impl_->state.store(kStateRunning);
 }
@@ -1043,21 +1070,7 @@ void Engine::reattach_gateways() {
 void Engine::stop() noexcept {
   std::lock_guard<std::mutex> g(impl_->ctl_mu);
   if (impl_->state.load() == kStateStopped) return;
-  for (auto& l : impl_->lanes) {
-    l->cmd.store(kCmdStop, std::memory_order_release);
-    l->poke();
-  }
-  for (auto& l : impl_->lanes) {
-    if (l->th.joinable()) l->th.join();
-    if (l->gw) {
-      try {
-        l->gw->close(std::chrono::seconds(1));
-      } catch (...) {
-        // Records the host never took are counted in the gateway's stats (lost).
-      }
-    }
-  }
-  impl_->state.store(kStateStopped);
+  stop_locked(*impl_);
 }
 
 const char* Engine::state() const noexcept {
