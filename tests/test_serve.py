@@ -274,3 +274,33 @@ def test_max_seconds_ends_serving(device: str) -> None:
     events = [json.loads(x)["event"] for x in out.stdout.splitlines()]
     assert events == ["serving", "stopped"]
     assert time.monotonic() - start < 30
+
+
+def test_a_handler_that_never_returns_cannot_hold_the_command(device: str, host: sim.Host,
+                                                              tmp_path: Path) -> None:
+    (tmp_path / "stuck.py").write_text("import time\n\n\ndef handle(reqs):\n"
+                                       "    time.sleep(3600)\n")
+    path = _spec_with(tmp_path, [{"kind": "callback", "bar": 0, "offset": 0, "size": 64,
+                                  "handler": "stuck:handle"}])
+    server = Server(path, device)
+    try:
+        bus = Bus(host)
+        bus.cfg_write(0x10, BAR2)
+        bus.cfg_write(0x04, 0x2)
+        bus.send(tlp.Tlp.mem_read(BAR2, 1, tag=bus.next_tag()))
+        time.sleep(0.2)  # the lane is in the handler now
+        start = time.monotonic()
+        code, _stopped, err = server.stop(timeout=60)
+        took = time.monotonic() - start
+    finally:
+        server.kill()
+    assert code == 1
+    assert "did not stop within 5.0 s (a hook or handler does not return); ending the " \
+        "process" in err
+    assert took < 30
+    assert "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while sim.device_stats(device)["contexts"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ds = sim.device_stats(device)  # the dead server's objects were reclaimed
+    assert (ds["contexts"], ds["tlp_vars"]) == (0, 0), ds

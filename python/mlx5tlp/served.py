@@ -396,6 +396,13 @@ def _hook(spec: ServedSpec, name: Optional[str], where: str) -> Any:
     return obj
 
 
+def _give_up(why: str) -> None:
+    # Nothing more can be freed from Python: the process ends, the device reclaims the rest.
+    sys.stderr.write(f"mlx5tlp serve: {why}; ending the process\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -430,9 +437,16 @@ def serve(spec: ServedSpec, *, device: str, pages: int = 1, batch: int = 32,
 
     stop = stop if stop is not None else threading.Event()
     previous: dict[signal.Signals, Any] = {}
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        stop.set()
+        for sig in signals:  # a second signal ends the process at once
+            signal.signal(sig, signal.SIG_DFL)
+
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda _s, _f: stop.set())
+        for sig in signals:
+            previous[sig] = signal.signal(sig, on_signal)
     try:
         with open_device(device, backend="sim") as ctx:
             dev = spec.device(ctx, pages=pages, batch=batch)
@@ -446,11 +460,18 @@ def serve(spec: ServedSpec, *, device: str, pages: int = 1, batch: int = 32,
                     emit(event)
                 stop.wait(max_seconds)
                 open_deferred = dev.stats()["deferred_outstanding"]
-                dev.stop()  # deferred requests still open: answered Completer Abort
+                # Stop the lanes (deferred requests still open: answered Completer Abort)
+                # within a bound: a hook that never returns must not hold the command.
+                stopper = threading.Thread(target=dev.stop, daemon=True)
+                stopper.start()
+                stopper.join(engine.EXIT_TIMEOUT)
+                if stopper.is_alive():
+                    _give_up(f"the lanes did not stop within {engine.EXIT_TIMEOUT} s "
+                             "(a hook or handler does not return)")
                 final = dev.stats()
                 last_error = dev.last_hook_error
             finally:
-                dev.close()
+                dev.close()  # stopped: closing only frees the gateways and pages
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
