@@ -10,6 +10,8 @@ ignored), RW1C fields as in §7.4's register attribute table.
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import signal
 import subprocess
 import sys
@@ -102,6 +104,15 @@ def test_the_example_spec_serves_a_host_until_stopped(device: str, host: sim.Hos
         assert data == b"mlx5tlp\x00" + b"\xa5" * 8
         _write(bus, BAR0 + 0x100, 0xDEADBEEF)
         assert _word(bus, BAR0 + 0x100) == 0xDEADBEEF
+        # ... and the same bytes through the server's memfd, mapped here
+        fd = os.open(ev["regions"][0]["memfd"], os.O_RDWR)
+        try:
+            with mmap.mmap(fd, 0x4000) as shared:
+                assert shared[0x100:0x104] == (0xDEADBEEF).to_bytes(4, "little")
+                shared[0x200:0x204] = b"\x01\x02\x03\x04"  # the device side changes it
+                assert _word(bus, BAR0 + 0x200) == 0x04030201
+        finally:
+            os.close(fd)
         # registers: ro, rw with reserved bits, w1c, a write hook counted by a read hook
         regs = BAR0 + 0x4000
         _write(bus, regs + 0x0, 0)

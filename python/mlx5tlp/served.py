@@ -396,6 +396,15 @@ def _hook(spec: ServedSpec, name: Optional[str], where: str) -> Any:
     return obj
 
 
+def _describe(r: engine.Region) -> dict[str, Any]:
+    out = {"name": r.name, "kind": r._core.kind, "bar": r._core.bar, "offset": r._core.offset,
+           "size": r._core.size}
+    if isinstance(r, engine.MemoryRegion):
+        # Another process of this user opens it (then mmap MAP_SHARED) to share the bytes.
+        out["memfd"] = f"/proc/{os.getpid()}/fd/{r.fd}"
+    return out
+
+
 def _give_up(why: str) -> None:
     # Nothing more can be freed from Python: the process ends, the device reclaims the rest.
     sys.stderr.write(f"mlx5tlp serve: {why}; ending the process\n")
@@ -453,9 +462,7 @@ def serve(spec: ServedSpec, *, device: str, pages: int = 1, batch: int = 32,
             try:
                 event = {"event": "serving", "pid": os.getpid(), "device": device,
                          "pages": dev.page_ids, "spec": spec.path,
-                         "regions": [{"name": r.name, "kind": r._core.kind,
-                                      "bar": r._core.bar, "offset": r._core.offset,
-                                      "size": r._core.size} for r in dev.regions]}
+                         "regions": [_describe(r) for r in dev.regions]}
                 if emit is not None:
                     emit(event)
                 stop.wait(max_seconds)
