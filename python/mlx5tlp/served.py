@@ -155,7 +155,7 @@ class ServedSpec:
             except InvalidArgumentError as exc:
                 if str(exc).startswith(self.path):
                     raise
-                raise self._error(f"{where}: {exc}") from None
+                raise self._error(f"{where}: {_strip_operation(str(exc))}") from None
         return out
 
     def device(self, ctx: Context, **options: Any) -> engine.Device:
@@ -170,7 +170,7 @@ class ServedSpec:
         try:
             return engine.Device(ctx, self.function, regions, **options)
         except InvalidArgumentError as exc:
-            raise self._error(str(exc)) from None
+            raise self._error(_strip_operation(str(exc))) from None
 
     def _memory(self, r: MemorySpec, where: str, name: str) -> engine.MemoryRegion:
         fd: Optional[int] = None
