@@ -13,6 +13,8 @@ Specification 6.x (5.0 numbering of chapter 7 is the same) —
 * §7.5.1.2.1 BAR sizing (all 1s reads back the size mask with the RO type bits; 64-bit pairs),
   §7.5.1.2.4 Expansion ROM BAR;
 * §7.5.1.1.11 Capabilities Pointer and the linked list (§7.5.1.1, §7.6.3 extended list at 100h);
+* §5.3.1 / §7.5.2.2 power states (memory requests outside D0 are URs; an unsupported state
+  written is discarded);
 * §7.7.2 MSI-X table and PBA in BAR space (reset: every vector masked; PBA read-only; aligned
   DW/QW accesses), §6.1.4.5 (a masked vector's Pending bit).
 """
@@ -215,3 +217,29 @@ def test_msix_table_and_pba_through_tlps(served: Any) -> None:
     assert (w.kind, w.address, w.data) == ("MWr", 0xFEE0_1000, (0xBEEF).to_bytes(4, "little"))
     c = _request(bus, tlp.Tlp.mem_read(pba, 2, tag=bus.next_tag()))
     assert c.data == bytes(8)
+
+
+def test_power_state_and_absent_functions(served: Any) -> None:
+    dev, bus, cfg = served
+    e = fn.enumerate_function(cfg)
+    bar0 = e.bar(0).address  # type: ignore[union-attr]
+    pm = fn.Function(make_spec()).capability_offset("power_management")
+    # §5.3.1: in D1/D2/D3hot only Configuration and Message Requests are accepted; memory
+    # requests are Unsupported Requests. PMCSR PowerState (§7.5.2.2) is RW.
+    cfg.config_write(pm + 4, 0x3, 2)  # D3hot
+    assert cfg.config_read(pm + 4, 2) & 0x3 == 0x3
+    c = _request(bus, tlp.Tlp.mem_read(bar0, 1, tag=bus.next_tag()))
+    assert c.status == tlp.Status.UR
+    # D1 is not declared: "the data is discarded and no state change occurs" (§7.5.2.2).
+    cfg.config_write(pm + 4, 0x1, 2)
+    assert cfg.config_read(pm + 4, 2) & 0x3 == 0x3
+    cfg.config_write(pm + 4, 0x0, 2)  # back to D0; No_Soft_Reset set: configuration kept
+    assert cfg.config_read(0x04, 2) & 0x2 == 0x2
+    c = _request(bus, tlp.Tlp.mem_read(bar0, 1, tag=bus.next_tag()))
+    assert c.status == tlp.Status.SC and c.data == bytes(range(4))
+    # A single-Function device: a Type 0 request to Function 1..7 is an Unsupported Request.
+    for function in (1, 7):
+        c = _request(bus, tlp.Tlp.cfg_read(0x0100 | function, 0, tag=bus.next_tag()))
+        assert c.status == tlp.Status.UR and not c.data
+    assert cfg.config_read(0x00) == 0x1234_15B3  # Function 0 answers
+    assert dev.stats()["requests"]["CfgRd0"] >= 3
