@@ -24,6 +24,7 @@ import pytest
 
 import mlx5tlp
 from mlx5tlp import served, sim, tlp
+from mlx5tlp.function import load as fn_load
 from test_engine import Bus, _read_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,6 +224,13 @@ def test_bad_spec_fields_are_named_with_the_file(tmp_path: Path, regions: Any,
     with pytest.raises(mlx5tlp.InvalidArgumentError) as info:
         served.load(path)
     assert f"{path}: {message}" in str(info.value)
+
+
+def test_the_function_loader_points_to_the_served_loader() -> None:
+    with pytest.raises(ValueError, match=r"regions: .*mlx5tlp.served.load\(\)"):
+        fn_load(EXAMPLE)
+    spec = served.load(EXAMPLE)
+    assert spec.function.identity.device_id == 0x1234 and len(spec.regions) == 3
 
 
 def test_bad_syntax_and_missing_files_are_named(tmp_path: Path) -> None:
