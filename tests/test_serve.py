@@ -278,6 +278,8 @@ def test_cli_bad_spec_is_one_line_and_options_are_checked(device: str, tmp_path:
     assert out.stderr == f"mlx5tlp serve: {path}: regions[0].fill: 300 is not a byte 0..255\n"
     out = run(str(EXAMPLE), "--control", str(tmp_path / "sock"))
     assert out.returncode == 2 and "not SPEC and --control" in out.stderr
+    out = run(str(EXAMPLE), "--engine", "python")
+    assert out.returncode == 2 and "--engine are for --control/--standby only" in out.stderr
     out = run(str(EXAMPLE), "--pages", "9")
     assert out.returncode == 2 and "argument --pages: must be an integer in 1..8" in out.stderr
     out = run("--control", str(tmp_path / "sock"))
