@@ -294,5 +294,5 @@ def test_load_generator_checks_the_engine_memory_region(
         assert res1.ok and res1.elapsed_s < 5.0, res1
         # The engine saw exactly what the generator sent.
         st = dev.stats()
-        assert st["requests"]["MRd"] == res.reads + res1.reads
+        assert st["requests"]["MRd"] == res.reads + res.flush_reads + res1.reads
         assert st["requests"]["MWr"] == res.writes
