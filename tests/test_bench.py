@@ -16,7 +16,7 @@ from mlx5tlp import bench
 # The C++ programs' keys may be null, but only with a reason (program not built/installed).
 CPP_KEYS = ("lockfree_vs_mutex_2p", "direct_vs_raw_store", "ring_contended_records_per_s",
             "idle_gateways_cpu_percent", "latency_p50_us", "latency_p99_us")
-PY_KEYS = ("bulk_vs_naive_python", "post_call_us")
+PY_KEYS = ("bulk_vs_naive_python", "post_call_us", "export_import_us")
 WORKLOADS = ("4", "64", "256", "4096", "mixed")
 
 
@@ -59,7 +59,7 @@ def _check_shape(rep: dict[str, object]) -> None:
         if value is None:
             assert isinstance(reasons.get(key), str) and reasons[key], key
         else:
-            assert _is_number(value) and value > 0, (key, value)
+            assert _is_number(value) and float(value) > 0, (key, value)  # type: ignore[arg-type]
     if rep["function_rps"] is not None:
         by = rep["function_by_workload"]
         assert isinstance(by, dict) and set(by) == set(WORKLOADS)

@@ -21,6 +21,7 @@ import pytest
 
 import mlx5tlp
 from mlx5tlp import sim, tlp
+from mlx5tlp.gateway import Gateway
 from mlx5tlp.sim import LoadOp, LoadRange
 
 BASE = 0xE000_0000  # the function's BAR address
@@ -33,7 +34,7 @@ Mangle = Callable[[int, tlp.Tlp, list[tlp.Tlp]], list[tlp.Tlp]]
 class PyFunction(threading.Thread):
     """A memory BAR answered per TLP in Python; ``mangle`` may break the nth read's answer."""
 
-    def __init__(self, ctx: mlx5tlp.Context, gw: mlx5tlp.Gateway, mem: bytearray, *,
+    def __init__(self, ctx: mlx5tlp.Context, gw: Gateway, mem: bytearray, *,
                  mangle: Mangle | None = None, max_payload: int = 128,
                  drop_writes: bool = False) -> None:
         super().__init__(daemon=True)
@@ -110,11 +111,15 @@ MIX = (LoadOp("read", 4), LoadOp("read", 64), LoadOp("read", 256), LoadOp("read"
        LoadOp("write", 64))
 
 
-def test_clean_run_checks_everything(bench: Runner) -> None:
+def test_clean_run_checks_everything(bench: Runner, device: str) -> None:
     res, fn = bench(ops=MIX, count=400)
+    assert sim.device_stats(device)["requests_pending"] == 0  # no write left behind
     assert res.errors == 0, res.first_errors
     assert res.sent == 400 and res.reads + res.writes == 400 and res.writes > 0
-    assert res.completed == res.reads == fn.reads
+    assert res.completed == res.reads
+    # One flushing read per channel that carried writes (after its last one): the function
+    # answered those too, so every write had reached it when load() returned.
+    assert 1 <= res.flush_reads <= 8 and fn.reads == res.reads + res.flush_reads
     # 256-byte reads at MPS 128 come back in 2+ completions: more records than reads.
     assert res.completions > res.reads
     assert res.bytes_read > 0 and res.ok
@@ -274,3 +279,27 @@ def test_argument_errors(device: str) -> None:
         assert e.value.errno == errno.EBUSY
     with pytest.raises(mlx5tlp.InvalidHandleError):
         host.load(r, count=1)
+
+
+def test_close_is_refused_while_a_load_runs(device: str) -> None:
+    # Nobody serves: the reads time out after 0.3 s, the run lasts about 0.5 s. Meanwhile the
+    # host's memory is in use without the GIL, so close() must refuse instead of freeing it.
+    host = sim.Host(device)
+    out: list[sim.LoadResult] = []
+    t = threading.Thread(target=lambda: out.append(host.load(
+        [LoadRange(BASE, bytes(4096))], count=None, duration=0.2, rate=200.0, window=64,
+        timeout=0.3)))
+    t.start()
+    deadline = time.monotonic() + 10
+    while sim.device_stats(device)["requests_pending"] == 0:  # the run has started
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.001)
+    with pytest.raises(mlx5tlp.Error, match="still running") as e:
+        host.close()
+    assert e.value.errno == errno.EBUSY
+    t.join(30)
+    (res,) = out
+    assert res.sent == 40 and res.errors_by_kind["timeout"] == 40 and res.completed == 0
+    host.close()
+    with pytest.raises(mlx5tlp.InvalidHandleError):
+        host.load([LoadRange(BASE, bytes(4096))], count=1)

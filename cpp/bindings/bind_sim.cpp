@@ -192,6 +192,7 @@ py::dict run_load(Host& h, const std::vector<std::tuple<uint32_t, uint32_t, uint
   d["sent"] = r.sent;
   d["reads"] = r.reads;
   d["writes"] = r.writes;
+  d["flush_reads"] = r.flush_reads;
   d["completed"] = r.completed;
   d["completions"] = r.completions;
   d["interrupts"] = r.interrupts;

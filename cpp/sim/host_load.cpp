@@ -63,6 +63,7 @@ void cpu_relax() {
 struct Read {
   bool live = false;
   bool failed = false;
+  bool flush = false;  // a flushing read (not part of the mix: not in latency or completed)
   uint32_t range = 0;
   uint64_t next = 0;       // bus address of the next byte to be returned
   uint32_t remaining = 0;  // bytes still to be returned
@@ -147,11 +148,12 @@ class Run {
         progress = true;
         last_activity = now;
       }
-      if (!open && live_ == 0) break;
+      if (!open && flush()) progress = true;
+      if (!open && live_ == 0 && !unflushed()) break;
       if (now - last_scan >= kScanNs) {
         last_scan = now;
         expire(now);
-        if (!open && live_ == 0) break;
+        if (!open && live_ == 0 && !unflushed()) break;
       }
       if (progress) {
         idle = 0;
@@ -181,6 +183,31 @@ class Run {
   // cannot wake the model), so the host polls: it spins briefly, then yields the CPU (the
   // function, often on the same CPUs, may need it). With nothing outstanding and the next send
   // far off, it sleeps until shortly before the send is due.
+  // Posted writes have no completion: the run ends with one 4-byte read behind the last write
+  // of each channel that carried writes, at that write's address (a read does not pass an
+  // earlier posted write on its path, PCIe Base 2.4.1), so when the run returns every write it
+  // sent has reached the function. Checked like any read; counted in flush_reads only.
+  bool flush() {
+    bool sent = false;
+    for (uint32_t c = 0; c < kChannels; ++c) {
+      if (!has_unflushed_[c] || free_.empty()) continue;
+      LoadOp r = unflushed_[c];
+      r.kind = M5A_SIM_LOAD_READ;
+      r.size = 4;
+      if (!send(r, now_ns(), int(c))) continue;  // the channel is full: next round
+      has_unflushed_[c] = false;
+      sent = true;
+    }
+    if (sent) request_pushed(*h_.dev->st());
+    return sent;
+  }
+  bool unflushed() const {
+    if (free_.empty() && live_ == 0) return false;  // every tag lost to timeouts: give up
+    for (bool u : has_unflushed_)
+      if (u) return true;
+    return false;
+  }
+
   // When the next request is due (open loop: request i at t0 + i / rate).
   int64_t due_ns(double period) const { return t0_ + int64_t(double(out_.sent) * period); }
 
@@ -233,7 +260,8 @@ class Run {
     return uint32_t(((op.address >> 12) * 0x9E3779B97F4A7C15ull) >> 40) % s_.channels;
   }
 
-  bool send(const LoadOp& op, int64_t due) {
+  // Sends `op` (on channel `force` if not negative): false when the channel is full.
+  bool send(const LoadOp& op, int64_t due, int force = -1) {
     const bool write = op.kind == M5A_SIM_LOAD_WRITE;
     const uint32_t tag = write ? 0 : free_.back();
     LoadRange& r = job_.ranges[op.range];
@@ -243,25 +271,31 @@ class Run {
         std::memcpy(&wdata_[i], &v, op.size - i < 8 ? op.size - i : 8);
       }
     const size_t len = encode_request(tlp_, op, s_.requester_id, tag, wdata_.data());
-    uint32_t ch = channel_for(op);
+    uint32_t ch = force >= 0 ? uint32_t(force) : channel_for(op);
     int rc = channel_push(h_.dev->st()->chan[ch], tlp_, len);
-    for (uint32_t k = 1; rc == EAGAIN && !job_.has_writes && k < s_.channels; ++k) {
+    for (uint32_t k = 1; rc == EAGAIN && force < 0 && !job_.has_writes && k < s_.channels; ++k) {
       ch = rr_++ % s_.channels;  // reads only: any channel will do
       rc = channel_push(h_.dev->st()->chan[ch], tlp_, len);
     }
     if (rc != 0) return false;
     const int64_t sent = now_ns();
-    if (s_.rate > 0 && sent - due > kLateNs) ++out_.late;
-    ++out_.sent;
+    const bool flush = force >= 0;
+    if (!flush) {
+      if (s_.rate > 0 && sent - due > kLateNs) ++out_.late;
+      ++out_.sent;
+    }
     if (write) {
       ++out_.writes;
       std::memcpy(&r.image[op.address - r.address], wdata_.data(), op.size);
+      unflushed_[ch] = op;
+      has_unflushed_[ch] = true;
       return true;
     }
-    ++out_.reads;
+    if (flush) ++out_.flush_reads;
+    else ++out_.reads;
     free_.pop_back();
     Read& rd = reads_[tag];
-    rd = Read{true, false, op.range, op.address, op.size, op.address, op.size, sent,
+    rd = Read{true, false, flush, op.range, op.address, op.size, op.address, op.size, sent,
               s_.rate > 0 ? due : sent};
     count_readers(rd, +1);
     ++live_;
@@ -272,7 +306,7 @@ class Run {
   // that arrives late is reported as unexpected instead of being taken for a new read's.
   void retire(uint32_t tag, int64_t now, bool reuse = true) {
     Read& rd = reads_[tag];
-    if (!rd.failed) {
+    if (!rd.failed && !rd.flush) {
       ++out_.completed;
       lat_.add(uint64_t(now - rd.sent));
       sched_.add(uint64_t(now - rd.sched));
@@ -320,6 +354,8 @@ class Run {
   TakenRecord recs_[kBatch];
   uint8_t tlp_[16 + 4096];
   uint32_t slot_size_ = 0, rr_ = 0, live_ = 0;
+  LoadOp unflushed_[kChannels];  // per channel: its last write not yet followed by a read
+  bool has_unflushed_[kChannels] = {};
   int64_t t0_ = 0;
   LatencyHistogram lat_, sched_;
 };

@@ -127,6 +127,7 @@ struct Lane {
   void process(size_t i);
   void route_memory(size_t i, Slot& s, bool io);
   void answer(Slot& s, const uint8_t* data, size_t len, uint8_t status);
+  void log_error(uint8_t status) noexcept;
   void add_batch_item(size_t i, Slot& s, Region& r, uint32_t region_index, uint64_t off, uint32_t len, bool write);
   void run_handler();
   void finish_batched();
@@ -374,6 +375,7 @@ void Lane::answer(Slot& s, const uint8_t* data, size_t len, uint8_t status) {
     data = nullptr;
     len = 0;
     bump(status == uint8_t(CplStatus::UR) ? ur : ca);
+    log_error(status);
   }
   size_t used = 0, count = 0;
   tlp::Status st = tlp::build_completions(s.t, data, len, p, out.data() + out_used, out.size() - out_used, &used,
@@ -395,6 +397,19 @@ void Lane::answer(Slot& s, const uint8_t* data, size_t len, uint8_t status) {
     ++ncpl;
   }
   out_used += used;
+}
+
+void Lane::log_error(uint8_t status) noexcept {
+  // The function's own error logging in configuration space (device-side writes, RW1C for
+  // the host): §7.5.1.1.4 "Signaled Target Abort – This bit is Set when a Function completes
+  // a Posted or Non-Posted Request as a Completer Abort error"; §7.5.3.5 "Unsupported Request
+  // Detected – This bit indicates that the Function received an Unsupported Request", logged
+  // regardless of the reporting enables. Errors are rare: the function's mutex is fine here.
+  std::lock_guard<std::mutex> g(e->fn_mu);
+  pci::ConfigSpace& c = e->fn->config();
+  if (status == uint8_t(CplStatus::CA)) c.device_set_bits(0x06, 2, 1u << 11);
+  else if (status == uint8_t(CplStatus::UR) && e->layout->pcie != 0)
+    c.device_set_bits(uint16_t(e->layout->pcie + 0x0a), 2, 1u << 3);
 }
 
 void Lane::add_batch_item(size_t i, Slot& s, Region& r, uint32_t region_index, uint64_t off, uint32_t len, bool write) {
@@ -461,6 +476,7 @@ void Lane::route_memory(size_t i, Slot& s, bool io) {
       s.action = Action::posted;
       s.status = uint8_t(CplStatus::UR);
       bump(unsupported_posted);
+      log_error(uint8_t(CplStatus::UR));
     } else {
       answer(s, nullptr, 0, uint8_t(CplStatus::UR));
     }

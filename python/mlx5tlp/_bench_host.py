@@ -12,6 +12,7 @@ threads) over the run, divided by the requests sent.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -25,6 +26,7 @@ from typing import Any, Optional
 
 from mlx5tlp import sim, tlp
 from mlx5tlp._bench_function import MEMORY, pattern
+from mlx5tlp.errors import Error
 from mlx5tlp.sim import LoadOp, LoadRange, LoadResult
 
 __all__ = ["FIXED_RATE", "WINDOW", "WORKLOADS", "by_workload", "headline", "load_of", "measure"]
@@ -43,6 +45,11 @@ WORKLOADS: dict[str, tuple[LoadOp, ...]] = {
               LoadOp("read", 256, weight=15), LoadOp("read", 4096, weight=5),
               LoadOp("write", 64, weight=10)),
 }
+
+
+def _failed(what: str) -> Error:
+    """A check of the benchmark failed: one error model, an mlx5tlp.Error."""
+    return Error(errno.EIO, f"function benchmark: {what}", "bench")
 
 
 @dataclass(frozen=True)
@@ -74,11 +81,11 @@ class Function:
         try:
             line = self._line(60.0)
             if line.strip() != "ready":
-                raise RuntimeError(f"{kind} function did not start: {line!r} {self._stderr()}")
+                raise _failed(f"{kind} function did not start: {line!r} {self._stderr()}")
             host.config_timeout = 10.0
             e = host.enumerate()
             if e.problems:
-                raise RuntimeError(f"{kind} function enumerated with problems: {e.problems}")
+                raise _failed(f"{kind} function enumerated with problems: {e.problems}")
             bar = e.bar(0)
             pcie = e.capability(0x10)
             assert bar is not None and pcie is not None
@@ -94,7 +101,7 @@ class Function:
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
-            raise RuntimeError(f"{self.kind} function: no answer within {timeout} s")
+            raise _failed(f"{self.kind} function: no answer within {timeout} s")
         return self.proc.stdout.readline()
 
     def _stderr(self) -> str:
@@ -115,9 +122,9 @@ class Function:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise RuntimeError(f"{self.kind} function did not stop") from None
+            raise _failed(f"{self.kind} function did not stop") from None
         if self.proc.returncode != 0:
-            raise RuntimeError(f"{self.kind} function exited {self.proc.returncode}: {err[-500:]}")
+            raise _failed(f"{self.kind} function exited {self.proc.returncode}: {err[-500:]}")
         last = out.strip().splitlines()[-1]
         return dict(json.loads(last))
 
@@ -128,21 +135,21 @@ def read_back(host: sim.Host, base: int) -> bytes:
     for k in range(MEMORY // 4096):
         tag = k & 0xFF
         if not host.send_request(tlp.Tlp.mem_read(base + 4096 * k, 1024, tag=tag).encode()):
-            raise RuntimeError("request channel 0 is full")
+            raise _failed("request channel 0 is full")
         got = 0
         deadline = time.monotonic() + 10
         while got < 4096:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"read back of {base + 4096 * k:#x} unanswered")
+                raise _failed(f"read back of {base + 4096 * k:#x} unanswered")
             for rec in host.completion_records(0.05):
                 c = tlp.decode(rec.tlp)
                 if c.kind != "CplD" or c.tag != tag:
-                    raise RuntimeError(f"read back got {c}")
+                    raise _failed(f"read back got {c}")
                 out += c.data
                 got += len(c.data)
     st = host.stats()
     if st["errors"]:
-        raise RuntimeError(f"read back: {st['last_error']}")
+        raise _failed(f"read back: {st['last_error']}")
     return bytes(out)
 
 
@@ -154,7 +161,7 @@ def _one(host: sim.Host, f: Function, ops: tuple[LoadOp, ...], expected: bytes,
                     max_payload=MAX_PAYLOAD, rcb=64, timeout=5.0, **kw)
     fn_cpu = f.cpu_s() - c0
     if not res.ok:
-        raise RuntimeError(f"{f.kind} function: {res.errors} completion errors "
+        raise _failed(f"{f.kind} function: {res.errors} completion errors "
                            f"{ {k: v for k, v in res.errors_by_kind.items() if v} }: "
                            f"{'; '.join(res.first_errors)}")
     return res, {
@@ -209,7 +216,12 @@ def _served(kind: str, device: str, body: Callable[[sim.Host, Function], dict[st
 
 
 def measure(device: str, quick: bool) -> dict[str, Any]:
-    """Every function figure; raises RuntimeError (with the reason) when a check fails."""
+    """Every function figure.
+
+    Raises:
+        Error: ``EIO`` (the reason in the message) when a completion check or the function
+            process failed; the software device's errors as they come.
+    """
     p = plan(quick)
 
     def engine(host: sim.Host, f: Function) -> dict[str, Any]:

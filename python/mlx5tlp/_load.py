@@ -74,6 +74,9 @@ class LoadResult:
 
     Attributes:
         sent, reads, writes: requests sent (reads + writes).
+        flush_reads: 4-byte reads the run added after the last write of each channel (not in
+            ``sent``): when :meth:`Host.load` returns, every write it sent has reached the
+            function (a read does not pass an earlier posted write, PCIe Base 2.4.1).
         completed: reads answered completely and correctly.
         completions: completion records collected.
         interrupts: Memory Write records the function wrote meanwhile (MSI-X messages, PCIe
@@ -96,6 +99,7 @@ class LoadResult:
     sent: int
     reads: int
     writes: int
+    flush_reads: int
     completed: int
     completions: int
     interrupts: int
@@ -126,6 +130,7 @@ class LoadResult:
         sched = [x / 1000.0 for x in d["sched_latency_ns"]]
         return cls(
             sent=int(d["sent"]), reads=int(d["reads"]), writes=int(d["writes"]),
+            flush_reads=int(d["flush_reads"]),
             completed=int(d["completed"]), completions=int(d["completions"]),
             interrupts=int(d["interrupts"]),
             bytes_read=int(d["bytes_read"]), errors=int(d["errors"]),

@@ -44,6 +44,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "lockfree_vs_mutex_2p": (">=", 2.0),
     "direct_vs_raw_store": (">=", 0.5),
     "post_call_us": ("<=", 1.0),
+    "export_import_us": ("<=", 10.0),
     "ring_contended_records_per_s": (">=", 20e6),
     "idle_gateways_cpu_percent": ("<=", 1.0),
     # The emulated function end to end (host and function in separate processes, issue 12):
@@ -62,6 +63,7 @@ HEADLINE_KEYS = (
     "lockfree_vs_mutex_2p",
     "direct_vs_raw_store",
     "post_call_us",
+    "export_import_us",
     "ring_contended_records_per_s",
     "idle_gateways_cpu_percent",
     "latency_p50_us",
@@ -358,6 +360,41 @@ def _post_call(ctx: Any, sz: _Sizes) -> dict[str, Any]:
     }
 
 
+def _export_import(ctx: Any, sz: _Sizes) -> dict[str, Any]:
+    """Median microseconds of a TLP gateway VAR's export + import round trip: ``var.export()``
+    and ``ictx.import_var(blob)`` into a second context sharing the command fd (what a worker
+    process does with a blob it was sent), each pair timed alone; the unimport after each is
+    not timed (``export_import_unimport_us`` includes it)."""
+    from mlx5tlp import Context
+
+    n = sz.post_calls // 20
+    var = ctx.alloc_var(tlp=True)
+    try:
+        with Context.import_fd(ctx.cmd_fd) as ictx:
+
+            def once() -> tuple[float, float]:
+                pair = total = 0
+                for _ in range(n):
+                    t0 = time.perf_counter_ns()
+                    imp = ictx.import_var(var.export())
+                    t1 = time.perf_counter_ns()
+                    imp.unimport()
+                    pair += t1 - t0
+                    total += time.perf_counter_ns() - t0
+                return pair / n / 1e3, total / n / 1e3
+
+            once()  # warm-up
+            runs = [once() for _ in range(sz.runs)]
+    finally:
+        var.free()
+    return {
+        "export_import_us": statistics.median(r[0] for r in runs),
+        "export_import_unimport_us": statistics.median(r[1] for r in runs),
+        "export_import_runs_us": [r[0] for r in runs],
+        "export_import_round_trips": n,
+    }
+
+
 # ------------------------------------------------------------------ the report
 def _git_commit() -> Optional[str]:
     import mlx5tlp
@@ -447,12 +484,14 @@ def run(quick: bool = False) -> dict[str, Any]:
     load_start = os.getloadavg()
     # -- Python: bulk vs naive, post() call cost --
     loads["bulk_vs_naive_python"] = loads["post_call_us"] = os.getloadavg()[0]
+    loads["export_import_us"] = loads["post_call_us"]
     try:
         with _private_device() as dev, mlx5tlp.open_device(dev, backend="sim") as ctx:
             bulk = _bulk_vs_naive(ctx, sz)
             post = _post_call(ctx, sz)
+            xi = _export_import(ctx, sz)
     except OSError as exc:  # mlx5tlp.Error included
-        for key in ("bulk_vs_naive_python", "post_call_us"):
+        for key in ("bulk_vs_naive_python", "post_call_us", "export_import_us"):
             reasons[key] = f"python measurement failed: {exc}"
     else:
         rep["bulk_vs_naive_python"] = bulk["bulk_vs_naive_python"]
@@ -460,7 +499,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         rep["naive_records_per_s"] = bulk["naive_records_per_s"]
         rep["bulk_big_ring_records_per_s"] = bulk["bulk_big_ring_records_per_s"]
         rep["post_call_us"] = post["post_call_us"]
-        details["python"] = {**bulk, **post}
+        rep["export_import_us"] = xi["export_import_us"]
+        rep["export_import_unimport_us"] = xi["export_import_unimport_us"]
+        details["python"] = {**bulk, **post, **xi}
 
     # -- C++ programs (private sim directory; the package's sim library) --
     env = dict(os.environ)
@@ -529,7 +570,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
         with _private_device(slot_size=512) as dev:
             fmeas = _bench_host.measure(dev, quick)
-    except (mlx5tlp.Error, RuntimeError, OSError) as exc:
+    except OSError as exc:  # mlx5tlp.Error included
         for key in FUNCTION_KEYS:
             reasons[key] = f"function benchmark failed: {exc}"
     else:
@@ -561,6 +602,12 @@ def run(quick: bool = False) -> dict[str, Any]:
         "post_call_us": (
             f"{sz.post_calls} calls of gw.post(record, timeout=0) per run (raw_tlp:{RAW_SLOT}, "
             "ring_slots=65536: never full; flush between runs, untimed), loop overhead included"
+        ),
+        "export_import_us": (
+            f"{sz.post_calls // 20} round trips per run: ictx.import_var(var.export()) of a TLP "
+            "VAR into a second context imported from the first one's command fd, each timed "
+            "alone (perf_counter_ns); the unimport after each untimed "
+            "(export_import_unimport_us: included)"
         ),
         "lockfree_vs_mutex_2p": (
             "bench_ring row placement=pinned, mode=single, producers=2: lock-free ring over the "
@@ -631,6 +678,7 @@ def print_table(rep: dict[str, Any], file: Any = None) -> None:
         ("lockfree_vs_mutex_2p", ""),
         ("direct_vs_raw_store", ""),
         ("post_call_us", " us"),
+        ("export_import_us", " us"),
         ("latency_p50_us", " us"),
         ("latency_p99_us", " us"),
         ("function_rps", " req/s"),

@@ -197,6 +197,8 @@ struct m5a_sim_load_result {
 	uint32_t nfirst;        /* entries of first_errors used */
 	uint64_t sent;          /* requests sent (reads + writes) */
 	uint64_t reads, writes;
+	uint64_t flush_reads;   /* 4-byte reads after each channel's last write (not in sent):
+				   when the run returns, every write it sent has been applied */
 	uint64_t completed;     /* reads fully and correctly answered */
 	uint64_t completions;   /* completion records collected */
 	uint64_t interrupts;    /* Memory Write records (MSI-X messages): not completions */
