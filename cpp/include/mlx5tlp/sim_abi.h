@@ -238,6 +238,17 @@ typedef int (*m5a_sim_inject_fault_fn)(const char *device, const char *op, int e
  * completions, clear injected faults, reclaim every object (contexts must all be closed and no
  * device model attached: else EBUSY). `out` (may be NULL) receives what was discarded. */
 typedef int (*m5a_sim_reset_device_fn)(const char *name, struct m5a_sim_reset_result *out);
+/* The object identity an import cannot get from rdma-core (upstream's *_import asks the kernel
+ * nothing): does `imported` (what mlx5dv_var_import / _devx_umem_import / _devx_obj_import
+ * returned on `ctx`; kind 1 VAR, 2 UMEM, 3 DEVX object) still name the object it was exported
+ * from? The kernel hands out the lowest free handle, so a stale buffer's handle may name a newer
+ * object. 0: the live object at that handle has the recorded identity (VAR: page, length and
+ * mmap offset; UMEM: umem_id; DEVX: object id and type). ENOENT: nothing has that handle.
+ * ESTALE: the handle names another object (of the kind: other identity; or of another kind),
+ * or (VAR) nothing, while the recorded mmap offset is a live page: a rewritten buffer.
+ * EINVAL: bad arguments. A VAR page freed and allocated again with the same handle is the same
+ * identity: not detectable. */
+typedef int (*m5a_sim_import_check_fn)(struct m5a_ibv_context *ctx, int kind, const void *imported);
 /* Why the calling thread's last failing software-device call failed (path, field, limit):
  * copies it NUL-terminated into buf (truncated to len) and returns its full length. */
 typedef size_t (*m5a_sim_last_error_fn)(char *buf, size_t len);
@@ -319,6 +330,7 @@ struct SimSymbols {
 	m5a_sim_last_error_fn last_error = nullptr;
 	m5a_sim_function_wait_fn function_wait = nullptr;
 	m5a_sim_function_wake_fn function_wake = nullptr;
+	m5a_sim_import_check_fn import_check = nullptr;
 };
 }  // namespace mlx5tlp
 #endif
