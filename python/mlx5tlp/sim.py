@@ -423,7 +423,9 @@ class Host(ConfigOverTlp, Closing):
         Args:
             ranges: where to send requests and what they must read back.
             ops: the request mix.
-            window: outstanding reads, 1..512 (above 256, 10-bit tags).
+            window: outstanding reads, 1..512 (tags 0..window-1: above 32 they need the
+                function's Extended Tag Field support, above 256 its 10-Bit Tag Completer
+                support).
             rate: offered requests/s; 0 for as fast as the window allows.
             count: requests to send. duration: seconds to send for. At least one is needed.
             timeout: seconds after which an unanswered read is an error.
