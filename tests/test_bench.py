@@ -16,7 +16,8 @@ from mlx5tlp import bench
 # The C++ programs' keys may be null, but only with a reason (program not built/installed).
 CPP_KEYS = ("lockfree_vs_mutex_2p", "direct_vs_raw_store", "ring_contended_records_per_s",
             "idle_gateways_cpu_percent", "latency_p50_us", "latency_p99_us")
-PY_KEYS = ("bulk_vs_naive_python", "post_call_us")
+PY_KEYS = ("bulk_vs_naive_python", "post_call_us", "export_import_us")
+WORKLOADS = ("4", "64", "256", "4096", "mixed")
 
 
 def _bench(**env: str) -> dict[str, object]:
@@ -52,6 +53,22 @@ def _check_shape(rep: dict[str, object]) -> None:
         else:
             assert _is_number(value), (key, value)
             assert key not in reasons
+    # The function benchmark: numbers, or every key null with the reason.
+    for key in bench.FUNCTION_KEYS:
+        value = rep[key]
+        if value is None:
+            assert isinstance(reasons.get(key), str) and reasons[key], key
+        else:
+            assert _is_number(value) and float(value) > 0, (key, value)  # type: ignore[arg-type]
+    if rep["function_rps"] is not None:
+        by = rep["function_by_workload"]
+        assert isinstance(by, dict) and set(by) == set(WORKLOADS)
+        for row in by.values():
+            assert all(_is_number(row[k]) for k in ("rps", "cpu_us_per_request",
+                                                    "latency_p99_us", "load_average_1min"))
+        assert _is_number(rep["python_rps"])
+        assert math.isclose(rep["function_vs_python"],  # type: ignore[arg-type]
+                            rep["function_rps"] / rep["python_rps"])  # type: ignore[operator]
     machine = rep["machine"]
     assert isinstance(machine, dict)
     assert {"arch", "cpus", "python", "compiler", "commit"} <= set(machine)
@@ -99,17 +116,23 @@ def _fake_report(quick: bool, **values: float | None) -> dict[str, object]:
 
 
 def test_exit_status_names_missed_targets(capsys: pytest.CaptureFixture[str]) -> None:
+    met = {"function_rps": 2e6, "function_vs_python": 40.0, "callback_rps": 3e5}
     ok = _fake_report(False, bulk_vs_naive_python=25.0, lockfree_vs_mutex_2p=3.0,
                       post_call_us=0.5, ring_contended_records_per_s=3e7,
-                      idle_gateways_cpu_percent=0.1)
+                      idle_gateways_cpu_percent=0.1, **met)
     assert bench.exit_status(ok) == 0
     bad = _fake_report(False, bulk_vs_naive_python=5.3, lockfree_vs_mutex_2p=None,
                        post_call_us=0.5, ring_contended_records_per_s=3e7,
-                       idle_gateways_cpu_percent=0.1)
+                       idle_gateways_cpu_percent=0.1, **met)
     assert bench.exit_status(bad) == 1
     err = capsys.readouterr().err
     assert "bulk_vs_naive_python: 5.3 (target >= 20" in err
     assert "lockfree_vs_mutex_2p: bench_ring not found" in err
     assert "post_call_us" not in err
+    slow = _fake_report(False, bulk_vs_naive_python=25.0, lockfree_vs_mutex_2p=3.0,
+                        post_call_us=0.5, ring_contended_records_per_s=3e7,
+                        idle_gateways_cpu_percent=0.1, **{**met, "function_rps": 7e5})
+    assert bench.exit_status(slow) == 1
+    assert "function_rps: 7e+05 (target >= 1e+06" in capsys.readouterr().err
     # --quick is a smoke run: it reports, it does not fail.
     assert bench.exit_status(_fake_report(True, bulk_vs_naive_python=5.3)) == 0

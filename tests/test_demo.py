@@ -282,6 +282,7 @@ def test_python_baseline_engine_still_verifies(device: str) -> None:
     assert rep["model"]["completions"] == rep["completions_verified"]
     assert sum(w["served"] for w in rep["workers_report"]) == 400
     assert all("engine" not in w for w in rep["workers_report"])  # Python per TLP
+    assert rep["engine_latency_p50_us"] is None  # no native histogram to report
     _no_objects(device)
 
 
@@ -304,6 +305,12 @@ def test_native_engine_serves_from_its_function_model(device: str) -> None:
         assert sum(e["ur"] for e in engines) == rep["model"]["status_ur"]  # the IORds
         assert sum(e["completions"] for e in engines) == rep["model"]["completions"]
         assert rep["latency_p50_us"] is not None and rep["throughput_rps"] > 0
+        # The engines' own take -> page latency (log2 buckets) is below the host's round trip.
+        p50, p99 = rep["engine_latency_p50_us"], rep["engine_latency_p99_us"]
+        assert p50 is not None and p99 is not None and 0 < p50 <= p99
+        assert p50 <= 2 * rep["latency_p50_us"]
+        assert sum(sum(e["latency_ns_log2"]) for e in engines) == sum(
+            sum(e["requests"].values()) for e in engines)
     finally:
         sim.remove_device(name)
 

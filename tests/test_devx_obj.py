@@ -95,16 +95,16 @@ def test_destroy_while_imported(ctx: mlx5tlp.Context) -> None:
         assert imp.closed
 
 
-def test_import_of_a_destroyed_object_fails_on_first_use(ctx: mlx5tlp.Context) -> None:
+def test_import_of_a_destroyed_object_is_refused(ctx: mlx5tlp.Context) -> None:
     obj = ctx.create_devx_obj(create_cmd(), 16)
     blob = obj.export()
     obj.free()
     with mlx5tlp.Context.import_fd(ctx.cmd_fd) as ictx:
-        imp = ictx.import_devx_obj(blob)  # import asks the kernel nothing
+        # rdma-core's import asks the kernel nothing; the software device's identity check
+        # finds no object with the envelope's handle.
         with pytest.raises(mlx5tlp.InvalidHandleError) as info:
-            imp.query(QUERY, 32)
+            ictx.import_devx_obj(blob)
         assert info.value.errno == errno.ENOENT
-        imp.unimport()
 
 
 def test_general_cmd_query_hca_cap(ctx: mlx5tlp.Context) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import struct
@@ -320,12 +321,13 @@ def test_mutated_blobs(
         got = mlx5tlp.import_blob(ctx, blob, key=key)
     except mlx5tlp.ExportFormatError:
         return
-    except mlx5tlp.InvalidHandleError:
-        # Only a well-formed VAR envelope whose page cannot be mapped gets this far.
+    except mlx5tlp.InvalidHandleError as exc:
+        # Only a well-formed envelope gets this far: a VAR whose page cannot be mapped, or an
+        # object whose handle names nothing or another object (the identity check).
         env = open_envelope(
-            blob, expected_kind=Kind.VAR, raw_size=ctx.export_size, device=ctx.identity, key=key
+            blob, expected_kind=None, raw_size=ctx.export_size, device=ctx.identity, key=key
         )
-        assert env.kind == Kind.VAR
+        assert env.kind == Kind.VAR or exc.errno in (errno.ENOENT, errno.ESTALE), exc
         return
     # Accepted: a genuine envelope, or one whose CRC an edit recomputed (the CRC detects
     # corruption, not forgery: only a key does that).
@@ -376,11 +378,22 @@ def test_forged_raw_buffers_with_valid_crc(
     forged = fix_crc(bytes(blob))
     try:
         got = mlx5tlp.import_blob(ctx, forged)
+    except mlx5tlp.ExportFormatError as exc:  # a VAR length that is not whole pages
+        assert peek_kind(forged) == Kind.VAR and "whole number" in str(exc), exc
+        return
     except mlx5tlp.InvalidHandleError as exc:
-        assert peek_kind(forged) == Kind.VAR
-        assert exc.operation == "mlx5dv_var_import"
+        kind = peek_kind(forged)
+        assert exc.operation == _IMPORT_OPERATION[kind]
+        # A VAR's mapping is refused (EINVAL), or the identity check refuses a handle that
+        # names nothing (ENOENT) or another object than the buffer records (ESTALE).
+        assert exc.errno in ((errno.EINVAL, errno.ESTALE) if kind == Kind.VAR
+                             else (errno.ENOENT, errno.ESTALE)), exc
         return
     _use_and_close(got)
+
+
+_IMPORT_OPERATION = {Kind.VAR: "mlx5dv_var_import", Kind.UMEM: "mlx5dv_devx_umem_import",
+                     Kind.DEVX_OBJ: "mlx5dv_devx_obj_import"}
 
 
 _POOLS: dict[str, list[bytes]] = {}
@@ -409,3 +422,119 @@ def _pool(ctx: mlx5tlp.Context) -> list[bytes]:
         freed.free()
         _POOLS[ctx.name] = pool
     return pool
+
+
+# ---- stale handles and forged raw buffers (issue 10 A5, D6) ----
+# The raw export buffers have rdma-core's layouts (providers/mlx5/mlx5.h, as in
+# cpp/sim/dv_common.hpp): VAR {u32 handle, u32 page_id, u32 length, u32 pad, i64 mmap_off},
+# UMEM {u32 handle, u32 umem_id}, DEVX object {u32 handle, u32 type, u32 object_id, ...}.
+_VAR_FIELDS = {"handle": 0, "page_id": 4, "length": 8}
+
+
+def _rewrite_raw(blob: bytes, offset: int, value: int) -> bytes:
+    """`blob` with the u32 at `offset` of its raw buffer set to `value`, CRC recomputed."""
+    info = describe(blob)
+    data = bytearray(blob)
+    start = len(data) - 4 - info["raw_size"]
+    struct.pack_into("<I", data, start + offset, value)
+    return fix_crc(bytes(data))
+
+
+def _raw_u32(blob: bytes, offset: int) -> int:
+    info = describe(blob)
+    return int(struct.unpack_from("<I", bytes.fromhex(info["raw_hex"]), offset)[0])
+
+
+def test_stale_envelopes_naming_newer_objects_are_refused(ctx: mlx5tlp.Context) -> None:
+    # The kernel (and the software device) hand out the lowest free handle of a context, so an
+    # envelope of a freed object names whatever took its handle: refused at import (ESTALE)
+    # instead of acting on the newer object.
+    with mlx5tlp.Context.import_fd(ctx.cmd_fd) as ictx:
+        old = ctx.reg_umem(mlx5tlp.alloc_umem_buffer(4096))
+        stale = old.export()
+        old.free()
+        newer = ctx.reg_umem(mlx5tlp.alloc_umem_buffer(4096))
+        assert _raw_u32(newer.export(), 0) == _raw_u32(stale, 0)  # the same handle number
+        with pytest.raises(mlx5tlp.InvalidHandleError, match="names another UMEM") as info:
+            ictx.import_umem(stale)
+        assert info.value.errno == errno.ESTALE
+        imp = ictx.import_umem(newer.export())  # the live one imports
+        assert imp.umem_id == newer.umem_id
+        imp.close()
+        newer.free()
+
+        obj = ctx.create_devx_obj(CREATE_OBJ, 16)
+        stale = obj.export()
+        obj.free()
+        newer_obj = ctx.create_devx_obj(CREATE_OBJ, 16)
+        assert _raw_u32(newer_obj.export(), 0) == _raw_u32(stale, 0)
+        with pytest.raises(mlx5tlp.InvalidHandleError, match="names another DEVX object") as info:
+            ictx.import_devx_obj(stale)
+        assert info.value.errno == errno.ESTALE
+        newer_obj.free()
+
+        # A VAR's handle taken by a UMEM, its page by a new VAR: the mapping alone would pass.
+        var = ctx.alloc_var(tlp=True)
+        stale = var.export()
+        var.free()
+        taker = ctx.reg_umem(mlx5tlp.alloc_umem_buffer(4096))
+        again = ctx.alloc_var(tlp=True)
+        assert again.mmap_off == _raw_u32(stale, 16) and again.probe()
+        with pytest.raises(mlx5tlp.InvalidHandleError) as info:
+            ictx.import_var(stale)
+        assert info.value.errno == errno.ESTALE
+        assert sim.device_stats(ctx.name)["tlp_vars"] == 1  # nothing was freed or leaked
+        again.free()
+        taker.free()
+
+
+@pytest.mark.parametrize("field", sorted(_VAR_FIELDS))
+def test_forged_var_keeping_the_mmap_offset_is_refused(ctx: mlx5tlp.Context, field: str) -> None:
+    # A CRC-valid unkeyed envelope whose handle, page id or length was rewritten but whose
+    # mmap offset still names a live page: the mapping check alone would accept it.
+    var = ctx.alloc_var(tlp=True)
+    other = ctx.alloc_var(tlp=True)
+    blob = var.export()
+    value = {"handle": _raw_u32(blob, 0) + 7, "page_id": other.page_id,
+             "length": var.length * 2}[field]
+    forged = _rewrite_raw(blob, _VAR_FIELDS[field], value)
+    with mlx5tlp.Context.import_fd(ctx.cmd_fd) as ictx:
+        with pytest.raises(mlx5tlp.InvalidHandleError) as info:
+            ictx.import_var(forged)
+        assert info.value.errno == errno.ESTALE
+        genuine = ictx.import_var(blob)
+        assert genuine.probe()
+        genuine.close()
+    var.free()
+    other.free()
+
+
+def test_forged_var_length_must_be_whole_pages(ctx: mlx5tlp.Context) -> None:
+    var = ctx.alloc_var(tlp=True)
+    with mlx5tlp.Context.import_fd(ctx.cmd_fd) as ictx:
+        for bad in (0, 100, var.length + 1):
+            with pytest.raises(mlx5tlp.ExportFormatError, match="whole number"):
+                ictx.import_var(_rewrite_raw(var.export(), _VAR_FIELDS["length"], bad))
+    assert sim.device_stats(ctx.name)["tlp_vars"] == 1
+    var.free()
+
+
+def test_forged_umem_and_devx_ids_are_refused(ctx: mlx5tlp.Context) -> None:
+    umem = ctx.reg_umem(mlx5tlp.alloc_umem_buffer(4096))
+    second = ctx.reg_umem(mlx5tlp.alloc_umem_buffer(4096))
+    obj = ctx.create_devx_obj(CREATE_OBJ, 16)
+    with mlx5tlp.Context.import_fd(ctx.cmd_fd) as ictx:
+        # Another id under the same handle, and another live UMEM's handle under this id.
+        for forged in (_rewrite_raw(umem.export(), 4, umem.umem_id + 100),
+                       _rewrite_raw(umem.export(), 0, _raw_u32(second.export(), 0))):
+            with pytest.raises(mlx5tlp.InvalidHandleError) as info:
+                ictx.import_umem(forged)
+            assert info.value.errno == errno.ESTALE
+        with pytest.raises(mlx5tlp.InvalidHandleError) as info:
+            ictx.import_devx_obj(_rewrite_raw(obj.export(), 8, _raw_u32(obj.export(), 8) + 1))
+        assert info.value.errno == errno.ESTALE
+        with pytest.raises(mlx5tlp.InvalidHandleError) as info:  # the type too
+            ictx.import_devx_obj(_rewrite_raw(obj.export(), 4, 0x0B00))
+        assert info.value.errno == errno.ESTALE
+    for o in (umem, second, obj):
+        o.free()

@@ -160,8 +160,8 @@ def test_post_batch_list_and_bulk(ctx: mlx5tlp.Context, host: sim.Host) -> None:
                                      max_payload=128)
         assert bulk.errors == bytes(len(second))
         assert gw.post_batch(bulk) == len(bulk)
-        # 3) and a (buffer, offsets) pair of it, for an empty tail check
-        assert gw.post_batch((bulk.buffer, bulk.offsets[:1])) == 0
+        # 3) and an explicit Records of it, for an empty tail check
+        assert gw.post_batch(mlx5tlp.Records(bulk.buffer, bulk.offsets[:1])) == 0
         assert gw.flush(5.0)
         _check_completions(host, second, data[4:], var.page_id)
         st = gw.stats()
@@ -201,9 +201,9 @@ def test_argument_errors(ctx: mlx5tlp.Context) -> None:
         with pytest.raises(ValueError):
             gw.post(record(0, 0), timeout=-1)
         with pytest.raises(ValueError):
-            gw.post_batch((b"abcd", array.array("I", [0, 9])))  # offsets beyond the buffer
+            gw.post_batch(mlx5tlp.Records(b"abcd", array.array("I", [0, 9])))  # beyond the buffer
         with pytest.raises(TypeError, match="offsets"):
-            gw.post_batch((b"abcd", array.array("H", [0, 4])))  # offsets must be uint32
+            mlx5tlp.Records(b"abcd", array.array("H", [0, 4]))  # offsets must be uint32
     var.free()
     virtio.free()
 

@@ -10,6 +10,8 @@ ignored), RW1C fields as in §7.4's register attribute table.
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import signal
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import pytest
 
 import mlx5tlp
 from mlx5tlp import served, sim, tlp
+from mlx5tlp.function import load as fn_load
 from test_engine import Bus, _read_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +105,15 @@ def test_the_example_spec_serves_a_host_until_stopped(device: str, host: sim.Hos
         assert data == b"mlx5tlp\x00" + b"\xa5" * 8
         _write(bus, BAR0 + 0x100, 0xDEADBEEF)
         assert _word(bus, BAR0 + 0x100) == 0xDEADBEEF
+        # ... and the same bytes through the server's memfd, mapped here
+        fd = os.open(ev["regions"][0]["memfd"], os.O_RDWR)
+        try:
+            with mmap.mmap(fd, 0x4000) as shared:
+                assert shared[0x100:0x104] == (0xDEADBEEF).to_bytes(4, "little")
+                shared[0x200:0x204] = b"\x01\x02\x03\x04"  # the device side changes it
+                assert _word(bus, BAR0 + 0x200) == 0x04030201
+        finally:
+            os.close(fd)
         # registers: ro, rw with reserved bits, w1c, a write hook counted by a read hook
         regs = BAR0 + 0x4000
         _write(bus, regs + 0x0, 0)
@@ -214,6 +226,13 @@ def test_bad_spec_fields_are_named_with_the_file(tmp_path: Path, regions: Any,
     assert f"{path}: {message}" in str(info.value)
 
 
+def test_the_function_loader_points_to_the_served_loader() -> None:
+    with pytest.raises(ValueError, match=r"regions: .*mlx5tlp.served.load\(\)"):
+        fn_load(EXAMPLE)
+    spec = served.load(EXAMPLE)
+    assert spec.function.identity.device_id == 0x1234 and len(spec.regions) == 3
+
+
 def test_bad_syntax_and_missing_files_are_named(tmp_path: Path) -> None:
     bad = tmp_path / "x.toml"
     bad.write_text("[identity\nvendor_id = 1\n")
@@ -259,6 +278,8 @@ def test_cli_bad_spec_is_one_line_and_options_are_checked(device: str, tmp_path:
     assert out.stderr == f"mlx5tlp serve: {path}: regions[0].fill: 300 is not a byte 0..255\n"
     out = run(str(EXAMPLE), "--control", str(tmp_path / "sock"))
     assert out.returncode == 2 and "not SPEC and --control" in out.stderr
+    out = run(str(EXAMPLE), "--engine", "python")
+    assert out.returncode == 2 and "--engine are for --control/--standby only" in out.stderr
     out = run(str(EXAMPLE), "--pages", "9")
     assert out.returncode == 2 and "argument --pages: must be an integer in 1..8" in out.stderr
     out = run("--control", str(tmp_path / "sock"))
@@ -274,3 +295,33 @@ def test_max_seconds_ends_serving(device: str) -> None:
     events = [json.loads(x)["event"] for x in out.stdout.splitlines()]
     assert events == ["serving", "stopped"]
     assert time.monotonic() - start < 30
+
+
+def test_a_handler_that_never_returns_cannot_hold_the_command(device: str, host: sim.Host,
+                                                              tmp_path: Path) -> None:
+    (tmp_path / "stuck.py").write_text("import time\n\n\ndef handle(reqs):\n"
+                                       "    time.sleep(3600)\n")
+    path = _spec_with(tmp_path, [{"kind": "callback", "bar": 0, "offset": 0, "size": 64,
+                                  "handler": "stuck:handle"}])
+    server = Server(path, device)
+    try:
+        bus = Bus(host)
+        bus.cfg_write(0x10, BAR2)
+        bus.cfg_write(0x04, 0x2)
+        bus.send(tlp.Tlp.mem_read(BAR2, 1, tag=bus.next_tag()))
+        time.sleep(0.2)  # the lane is in the handler now
+        start = time.monotonic()
+        code, _stopped, err = server.stop(timeout=60)
+        took = time.monotonic() - start
+    finally:
+        server.kill()
+    assert code == 1
+    assert "did not stop within 5.0 s (a hook or handler does not return); ending the " \
+        "process" in err
+    assert took < 30
+    assert "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while sim.device_stats(device)["contexts"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ds = sim.device_stats(device)  # the dead server's objects were reclaimed
+    assert (ds["contexts"], ds["tlp_vars"]) == (0, 0), ds

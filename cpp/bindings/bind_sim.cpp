@@ -5,6 +5,10 @@
 
 #include <cerrno>
 #include <chrono>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <tuple>
 #include <thread>
 #include <vector>
 
@@ -59,6 +63,11 @@ class Host {
   Host& operator=(const Host&) = delete;
 
   void close() {
+    // A call running without the GIL (poll, load) still uses the model: closing it under that
+    // call would free what it is using.
+    if (busy_ != 0)
+      throw Error(ErrorKind::generic, "close device model", EBUSY,
+                  "a poll or load call on it is still running in another thread");
     if (h_ != nullptr) sim().host_close(h_);
     h_ = nullptr;
   }
@@ -67,8 +76,23 @@ class Host {
     return h_;
   }
 
+  // Held (with the GIL) around a call that releases the GIL: close() refuses meanwhile.
+  class Busy {
+   public:
+    explicit Busy(Host& h) : h_(h), raw_(h.get()) { ++h_.busy_; }
+    ~Busy() { --h_.busy_; }
+    Busy(const Busy&) = delete;
+    Busy& operator=(const Busy&) = delete;
+    m5a_sim_host* get() const noexcept { return raw_; }
+
+   private:
+    Host& h_;
+    m5a_sim_host* raw_;
+  };
+
  private:
   m5a_sim_host* h_ = nullptr;
+  int busy_ = 0;  // changed with the GIL held only
 };
 
 // Waiting for completions when none is there: the writer rings doorbells with no way to wake
@@ -105,6 +129,91 @@ class IdleWait {
   static constexpr unsigned kSpin = 2000, kYield = 200, kMaxSleepUs = 200;
   unsigned n_ = 0, sleep_us_ = 1;
 };
+
+const char* const kLoadErrorNames[M5A_SIM_LOAD_ERR_KINDS] = {
+    "data", "byte_count", "lower_address", "tag", "completer", "status", "format", "split",
+    "timeout", "record"};
+
+// Host.load: the native load generator. `ops`: (kind, size, align, weight) tuples; `ranges`:
+// (address, buffer) pairs whose contents are copied when the run starts. Runs with the GIL
+// released (the buffers stay exported, so they cannot be resized meanwhile).
+py::dict run_load(Host& h, const std::vector<std::tuple<uint32_t, uint32_t, uint32_t, uint32_t>>& ops,
+                  const std::vector<std::pair<uint64_t, py::object>>& ranges, uint32_t window,
+                  double rate, uint64_t count, uint64_t duration_ns, uint64_t timeout_ns,
+                  uint32_t channels, uint16_t requester_id, int32_t completer_id,
+                  uint32_t max_payload, uint32_t rcb, uint64_t seed) {
+  m5a_sim_load_spec spec{};
+  spec.struct_size = sizeof spec;
+  if (ops.size() > M5A_SIM_LOAD_MAX_OPS)
+    throw Error(ErrorKind::invalid_argument, "load", EINVAL,
+                "at most " + std::to_string(M5A_SIM_LOAD_MAX_OPS) + " ops");
+  if (ranges.size() > M5A_SIM_LOAD_MAX_RANGES)
+    throw Error(ErrorKind::invalid_argument, "load", EINVAL,
+                "at most " + std::to_string(M5A_SIM_LOAD_MAX_RANGES) + " ranges");
+  spec.nops = uint32_t(ops.size());
+  for (size_t i = 0; i < ops.size(); ++i) {
+    auto [kind, size, align, weight] = ops[i];
+    spec.ops[i] = m5a_sim_load_op{kind, size, align, weight};
+  }
+  // Pinned while the run starts (the generator copies them first); only their sizes bound
+  // anything, and a pinned buffer cannot be resized.
+  std::vector<std::unique_ptr<BufferView>> views;
+  std::vector<m5a_sim_load_range> rs;
+  for (const auto& [address, buf] : ranges) {
+    views.push_back(std::make_unique<BufferView>(buf, "a range's expected contents"));
+    const BufferView& v = *views.back();
+    rs.push_back(m5a_sim_load_range{address, uint64_t(v.size()), v.data()});
+  }
+  spec.nranges = uint32_t(rs.size());
+  spec.ranges = rs.data();
+  spec.window = window;
+  spec.rate = rate;
+  spec.count = count;
+  spec.duration_ns = duration_ns;
+  spec.timeout_ns = timeout_ns;
+  spec.channels = channels;
+  spec.requester_id = requester_id;
+  spec.check_completer = completer_id >= 0;
+  spec.completer_id = uint16_t(completer_id >= 0 ? completer_id : 0);
+  spec.max_payload = max_payload;
+  spec.rcb = rcb;
+  spec.seed = seed;
+  m5a_sim_load_result r{};
+  r.struct_size = sizeof r;
+  const auto fn = Library::get(Backend::sim)->need(sim().host_load, "mlx5tlp_sim_host_load");
+  const Host::Busy busy(h);
+  int rc;
+  {
+    py::gil_scoped_release release;
+    rc = fn(busy.get(), &spec, &r);
+  }
+  check("run load", rc);
+  py::dict d;
+  d["sent"] = r.sent;
+  d["reads"] = r.reads;
+  d["writes"] = r.writes;
+  d["flush_reads"] = r.flush_reads;
+  d["completed"] = r.completed;
+  d["completions"] = r.completions;
+  d["interrupts"] = r.interrupts;
+  d["bytes_read"] = r.bytes_read;
+  d["errors"] = r.errors;
+  py::dict kinds;
+  for (int k = 0; k < M5A_SIM_LOAD_ERR_KINDS; ++k) kinds[kLoadErrorNames[k]] = r.errors_by_kind[k];
+  d["errors_by_kind"] = kinds;
+  py::list first;
+  for (uint32_t i = 0; i < r.nfirst && i < M5A_SIM_LOAD_FIRST_ERRORS; ++i)
+    first.append(std::string(r.first_errors[i], strnlen(r.first_errors[i], sizeof r.first_errors[i])));
+  d["first_errors"] = first;
+  d["late"] = r.late;
+  d["elapsed_ns"] = r.elapsed_ns;
+  d["cpu_ns"] = r.cpu_ns;
+  d["achieved_rps"] = r.achieved_rps;
+  d["latency_ns"] = py::make_tuple(r.lat_min_ns, r.lat_p50_ns, r.lat_p90_ns, r.lat_p99_ns,
+                                   r.lat_p999_ns, r.lat_max_ns, r.lat_mean_ns);
+  d["sched_latency_ns"] = py::make_tuple(r.sched_p50_ns, r.sched_p99_ns, r.sched_p999_ns, r.sched_max_ns);
+  return d;
+}
 
 py::dict device_config_dict(const m5a_sim_device_config& c) {
   py::dict cfg;
@@ -255,7 +364,8 @@ void bind_sim(py::module_& root) {
       .def("poll", [](Host& h, size_t max, double timeout) {
         // Collects up to `max` completions, waiting up to `timeout` seconds for the first one.
         const Deadline deadline = Deadline::in_seconds(timeout);
-        m5a_sim_host* raw = h.get();
+        const Host::Busy busy(h);
+        m5a_sim_host* raw = busy.get();
         py::list out;
         std::vector<std::tuple<uint32_t, uint64_t, std::string>> got;
         int err = 0;
@@ -284,6 +394,10 @@ void bind_sim(py::module_& root) {
         for (auto& [page, seq, data] : got) out.append(py::make_tuple(page, seq, py::bytes(data)));
         return out;
       }, py::arg("max"), py::arg("timeout"))
+      .def("load", &run_load, py::arg("ops"), py::arg("ranges"), py::arg("window"),
+           py::arg("rate"), py::arg("count"), py::arg("duration_ns"), py::arg("timeout_ns"),
+           py::arg("channels"), py::arg("requester_id"), py::arg("completer_id"),
+           py::arg("max_payload"), py::arg("rcb"), py::arg("seed"))
       .def("stats", [](Host& h) {
         m5a_sim_host_stats s{};
         check("device model stats", sim().host_stats(h.get(), &s));

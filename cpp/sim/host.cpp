@@ -23,27 +23,9 @@
 
 #include "channel.hpp"
 #include "device_map.hpp"
-#include "host_check.hpp"
+#include "host.hpp"
 
 using namespace mlx5tlp::sim;
-
-struct m5a_sim_host {
-  std::shared_ptr<DeviceMap> dev;
-  mlx5tlp::UniqueFd lock_fd;  // our OFD of bar: holds the host lock byte
-  uint32_t next_page = 0;
-  uint64_t gen[kMaxGwPages] = {};       // allocation generation our consumed[] belongs to
-  uint64_t consumed[kMaxGwPages] = {};  // records consumed (private: the page's copy is hostile)
-  uint64_t bad_doorbell[kMaxGwPages];  // the last backward doorbell counted, per page (~0: none)
-
-  m5a_sim_host() {
-    for (auto& b : bad_doorbell) b = ~uint64_t(0);
-  }
-  Checker check;
-
-  ~m5a_sim_host() {
-    if (lock_fd) close_in_child(lock_fd.get(), false);
-  }
-};
 
 namespace {
 
@@ -166,80 +148,149 @@ M5A_EXPORT int mlx5tlp_sim_host_send(m5a_sim_host* host, uint32_t channel, const
   return rc;
 }
 
+namespace {
+
+// What a page offers the model: records [consumed, consumed + n) with every bound applied to
+// the hostile doorbell (n is 0 for nothing, or for garbage, which is counted here).
+struct Offer {
+  uint32_t owner;
+  uint64_t gen;
+  uint64_t consumed;
+  uint64_t produced;
+  uint64_t n;
+};
+
+Offer page_offer(m5a_sim_host& h, uint32_t page, uint64_t* bad) {
+  DeviceMap& d = *h.dev;
+  GwPage& g = d.st()->gw[page];
+  Offer o{};
+  // acquire: pairs with the allocation's release; the page's header and generation are set.
+  o.owner = g.owner.load(std::memory_order_acquire);
+  if (o.owner == 0) return o;
+  // acquire: a new allocation's consumed (0) and scrubbed page are visible with its generation.
+  o.gen = g.gen.load(std::memory_order_acquire);
+  if (o.gen != h.gen[page]) {
+    h.gen[page] = o.gen;
+    h.bad_doorbell[page] = ~uint64_t(0);
+    h.consumed[page] = g.consumed.load(std::memory_order_acquire);  // acquire: 0 for a new one
+  }
+  o.produced = load_doorbell(d, page);
+  o.consumed = h.consumed[page];
+  if (o.produced == o.consumed) {
+    if (o.owner == kPageDraining) finish_drain(d, page);
+    return o;
+  }
+  if (o.produced < o.consumed) {
+    // The doorbell only grows: a writer never moves it back (a page reallocation starts a new
+    // generation instead). A lower value is garbage or a torn store: count it once and do not
+    // read the page's old records again. If it stays there (seen again on the next poll), a
+    // writer restarted lower: continue from it.
+    if (h.bad_doorbell[page] != o.produced) {
+      h.bad_doorbell[page] = o.produced;
+      ++h.check.stats.bad_records;
+      ++*bad;
+      h.check.fail("page %u: doorbell %u went back below consumer %u", page, uint32_t(o.produced),
+                   uint32_t(o.consumed));
+    } else {
+      publish_consumed(h, page, o.produced);
+    }
+    return o;
+  }
+  h.bad_doorbell[page] = ~uint64_t(0);
+  if (o.produced - o.consumed > d.gw_slot_count()) {
+    ++h.check.stats.bad_records;
+    ++*bad;
+    h.check.fail("page %u: doorbell %u is more than a ring ahead of consumer %u", page,
+                 uint32_t(o.produced), uint32_t(o.consumed));
+    publish_consumed(h, page, o.produced);  // those records are lost: continue from the doorbell
+    return o;
+  }
+  o.n = o.produced - o.consumed;
+  return o;
+}
+
+// The slot holding record `seq` (private geometry: inside the page whatever its header says),
+// and its length read once (the page may change under us); 0 if impossible (counted).
+const uint8_t* record_slot(m5a_sim_host& h, uint32_t page, uint64_t seq, uint32_t* len,
+                           uint64_t* bad) {
+  DeviceMap& d = *h.dev;
+  const uint32_t slot_size = d.cfg().gw_slot_size;
+  const uint8_t* slot = d.gw_page(page) + gw::kSlots + size_t(seq % d.gw_slot_count()) * slot_size;
+  std::memcpy(len, slot, 4);
+  if (*len > slot_size - gw::kSlotHeader || *len == 0) {
+    ++h.check.stats.bad_records;
+    ++*bad;
+    h.check.fail("page %u: record %u has impossible length %u", page, uint32_t(seq), *len);
+    *len = 0;
+  }
+  return slot + gw::kSlotHeader;
+}
+
+}  // namespace
+
 M5A_EXPORT ssize_t mlx5tlp_sim_host_poll(m5a_sim_host* host, void* buf, size_t len,
                                          m5a_sim_completion* info) {
   if (host == nullptr || buf == nullptr) return -EINVAL;
   m5a_sim_host& h = *host;
   DeviceMap& d = *h.dev;
   const uint32_t pages = d.cfg().gw_pages;
-  const uint32_t count = d.gw_slot_count();
-  const uint32_t slot_size = d.cfg().gw_slot_size;
+  uint64_t bad = 0;
   for (uint32_t n = 0; n < pages; ++n) {
     const uint32_t page = (h.next_page + n) % pages;
-    GwPage& g = d.st()->gw[page];
-    // acquire: pairs with the allocation's release; the page's header and generation are set.
-    const uint32_t owner = g.owner.load(std::memory_order_acquire);
-    if (owner == 0) continue;
-    // acquire: a new allocation's consumed (0) and scrubbed page are visible with its generation.
-    const uint64_t gen = g.gen.load(std::memory_order_acquire);
-    if (gen != h.gen[page]) {
-      h.gen[page] = gen;
-      h.bad_doorbell[page] = ~uint64_t(0);
-      h.consumed[page] = g.consumed.load(std::memory_order_acquire);  // acquire: 0 for a new one
-    }
-    const uint64_t produced = load_doorbell(d, page);
-    const uint64_t consumed = h.consumed[page];
-    if (produced == consumed) {
-      if (owner == kPageDraining) finish_drain(d, page);
-      continue;
-    }
-    if (produced < consumed) {
-      // The doorbell only grows: a writer never moves it back (a page reallocation starts a new
-      // generation instead). A lower value is garbage or a torn store: count it once and do not
-      // read the page's old records again. If it stays there (seen again on the next poll), a
-      // writer restarted lower: continue from it.
-      if (h.bad_doorbell[page] != produced) {
-        h.bad_doorbell[page] = produced;
-        ++h.check.stats.bad_records;
-        h.check.fail("page %u: doorbell %u went back below consumer %u", page, uint32_t(produced),
-                     uint32_t(consumed));
-      } else {
-        publish_consumed(h, page, produced);
-      }
-      continue;
-    }
-    h.bad_doorbell[page] = ~uint64_t(0);
-    if (produced - consumed > count) {
-      ++h.check.stats.bad_records;
-      h.check.fail("page %u: doorbell %u is more than a ring ahead of consumer %u", page,
-                   uint32_t(produced), uint32_t(consumed));
-      publish_consumed(h, page, produced);  // those records are lost: continue from the doorbell
-      continue;
-    }
-    // Private geometry: the slot is inside the page whatever the page header says.
-    const uint8_t* slot = d.gw_page(page) + gw::kSlots + size_t(consumed % count) * slot_size;
+    const Offer o = page_offer(h, page, &bad);
+    if (o.n == 0) continue;
     uint32_t rec_len;
-    std::memcpy(&rec_len, slot, 4);  // read once: the page may change under us
-    if (rec_len > slot_size - gw::kSlotHeader || rec_len == 0) {
-      ++h.check.stats.bad_records;
-      h.check.fail("page %u: record %u has impossible length %u", page, uint32_t(consumed), rec_len);
-      publish_consumed(h, page, consumed + 1);
+    const uint8_t* rec = record_slot(h, page, o.consumed, &rec_len, &bad);
+    if (rec_len == 0) {
+      publish_consumed(h, page, o.consumed + 1);
       continue;
     }
     if (rec_len > len) return -ENOBUFS;
-    std::memcpy(buf, slot + gw::kSlotHeader, rec_len);
+    std::memcpy(buf, rec, rec_len);
     // acquire: if the page was freed and reallocated while we copied, what we copied is not
     // this allocation's record: drop the copy and look again next time.
-    if (g.gen.load(std::memory_order_acquire) != gen) continue;
-    publish_consumed(h, page, consumed + 1);
-    if (info != nullptr) *info = m5a_sim_completion{page, rec_len, consumed};
+    if (d.st()->gw[page].gen.load(std::memory_order_acquire) != o.gen) continue;
+    publish_consumed(h, page, o.consumed + 1);
+    if (info != nullptr) *info = m5a_sim_completion{page, rec_len, o.consumed};
     h.next_page = page + 1;  // round robin keeps one busy page from starving the others
     h.check.check_completion(static_cast<const uint8_t*>(buf), rec_len);
-    if (owner == kPageDraining && consumed + 1 == produced) finish_drain(d, page);
+    if (o.owner == kPageDraining && o.consumed + 1 == o.produced) finish_drain(d, page);
     return ssize_t(rec_len);
   }
   return 0;
 }
+
+namespace mlx5tlp::sim {
+
+uint32_t host_take(m5a_sim_host& h, uint8_t* buf, uint32_t max, TakenRecord* out, uint64_t* bad) {
+  DeviceMap& d = *h.dev;
+  const uint32_t pages = d.cfg().gw_pages;
+  const uint32_t slot_size = d.cfg().gw_slot_size;
+  for (uint32_t n = 0; n < pages; ++n) {
+    const uint32_t page = (h.next_page + n) % pages;
+    const Offer o = page_offer(h, page, bad);
+    if (o.n == 0) continue;
+    const uint32_t want = o.n < max ? uint32_t(o.n) : max;
+    uint32_t got = 0;
+    for (uint32_t i = 0; i < want; ++i) {
+      uint32_t rec_len;
+      const uint8_t* rec = record_slot(h, page, o.consumed + i, &rec_len, bad);
+      if (rec_len == 0) continue;  // skipped (counted); its credit is returned with the batch
+      uint8_t* dst = buf + size_t(got) * slot_size;
+      std::memcpy(dst, rec, rec_len);
+      out[got++] = TakenRecord{page, rec_len, o.consumed + i, dst};
+    }
+    // acquire: as in mlx5tlp_sim_host_poll, a reallocation while we copied voids the copies.
+    if (d.st()->gw[page].gen.load(std::memory_order_acquire) != o.gen) continue;
+    publish_consumed(h, page, o.consumed + want);  // one credit store (and wake check) per batch
+    h.next_page = page + 1;
+    if (o.owner == kPageDraining && o.consumed + want == o.produced) finish_drain(d, page);
+    if (got != 0) return got;
+  }
+  return 0;
+}
+
+}  // namespace mlx5tlp::sim
 
 M5A_EXPORT int mlx5tlp_sim_host_stats(m5a_sim_host* host, m5a_sim_host_stats* out) {
   if (host == nullptr || out == nullptr) return EINVAL;

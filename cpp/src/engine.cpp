@@ -13,6 +13,7 @@
 
 #include "mlx5tlp/error.hpp"
 #include "mlx5tlp/futex.hpp"
+#include "mlx5tlp/spawn.hpp"
 #include "mlx5tlp/tlp_completion.hpp"
 #include "mlx5tlp/unique_fd.hpp"
 
@@ -127,6 +128,7 @@ struct Lane {
   void process(size_t i);
   void route_memory(size_t i, Slot& s, bool io);
   void answer(Slot& s, const uint8_t* data, size_t len, uint8_t status);
+  void log_error(uint8_t status) noexcept;
   void add_batch_item(size_t i, Slot& s, Region& r, uint32_t region_index, uint64_t off, uint32_t len, bool write);
   void run_handler();
   void finish_batched();
@@ -379,6 +381,7 @@ void Lane::answer(Slot& s, const uint8_t* data, size_t len, uint8_t status) {
     data = nullptr;
     len = 0;
     bump(status == uint8_t(CplStatus::UR) ? ur : ca);
+    log_error(status);
   }
   size_t used = 0, count = 0;
   tlp::Status st = tlp::build_completions(s.t, data, len, p, out.data() + out_used, out.size() - out_used, &used,
@@ -400,6 +403,19 @@ void Lane::answer(Slot& s, const uint8_t* data, size_t len, uint8_t status) {
     ++ncpl;
   }
   out_used += used;
+}
+
+void Lane::log_error(uint8_t status) noexcept {
+  // The function's own error logging in configuration space (device-side writes, RW1C for
+  // the host): §7.5.1.1.4 "Signaled Target Abort – This bit is Set when a Function completes
+  // a Posted or Non-Posted Request as a Completer Abort error"; §7.5.3.5 "Unsupported Request
+  // Detected – This bit indicates that the Function received an Unsupported Request", logged
+  // regardless of the reporting enables. Errors are rare: the function's mutex is fine here.
+  std::lock_guard<std::mutex> g(e->fn_mu);
+  pci::ConfigSpace& c = e->fn->config();
+  if (status == uint8_t(CplStatus::CA)) c.device_set_bits(0x06, 2, 1u << 11);
+  else if (status == uint8_t(CplStatus::UR) && e->layout->pcie != 0)
+    c.device_set_bits(uint16_t(e->layout->pcie + 0x0a), 2, 1u << 3);
 }
 
 void Lane::add_batch_item(size_t i, Slot& s, Region& r, uint32_t region_index, uint64_t off, uint32_t len, bool write) {
@@ -466,6 +482,7 @@ void Lane::route_memory(size_t i, Slot& s, bool io) {
       s.action = Action::posted;
       s.status = uint8_t(CplStatus::UR);
       bump(unsupported_posted);
+      log_error(uint8_t(CplStatus::UR));
     } else {
       answer(s, nullptr, 0, uint8_t(CplStatus::UR));
     }
@@ -961,6 +978,25 @@ void Engine::adopt_state(pci::FunctionState* st, std::atomic<uint32_t>* complete
 
 void Engine::set_batch_handler(BatchHandler* handler) noexcept { impl_->handler = handler; }
 
+// Under ctl_mu. A lane that was never started has no thread to join.
+static void stop_locked(Engine::Impl& impl) noexcept {
+  for (auto& l : impl.lanes) {
+    l->cmd.store(kCmdStop, std::memory_order_release);
+    l->poke();
+  }
+  for (auto& l : impl.lanes) {
+    if (l->th.joinable()) l->th.join();
+    if (l->gw) {
+      try {
+        l->gw->close(std::chrono::seconds(1));
+      } catch (...) {
+        // Records the host never took are counted in the gateway's stats (lost).
+      }
+    }
+  }
+  impl.state.store(kStateStopped);
+}
+
 void Engine::start() {
   std::lock_guard<std::mutex> g(impl_->ctl_mu);
   if (impl_->state.load() != kStateCreated) engine_error("start engine", EBUSY, std::string("the engine is ") + state());
@@ -972,10 +1008,17 @@ void Engine::start() {
     const uint32_t w = impl_->opt.completer_word->load(std::memory_order_relaxed);
     if (w != 0) impl_->completer.store((w - 1) & 0xfff8u, std::memory_order_relaxed);
   }
-  for (auto& l : impl_->lanes) {
-    l->first_answer.store(0, std::memory_order_relaxed);
-    Lane* p = l.get();
-    p->th = std::thread([p] { p->run(); });
+  for (size_t i = 0; i < impl_->lanes.size(); ++i) {
+    Lane* p = impl_->lanes[i].get();
+    p->first_answer.store(0, std::memory_order_relaxed);
+    try {
+      p->th = spawn("start engine", [p] { p->run(); });
+    } catch (const Error&) {
+      // The lanes already running are stopped and joined, never left behind a failed start:
+      // the engine ends stopped, its gateways closed, as after stop().
+      stop_locked(*impl_);
+      throw;
+    }
   }
   impl_->state.store(kStateRunning);
 }
@@ -1085,21 +1128,7 @@ void Engine::reattach_gateways() {
 void Engine::stop() noexcept {
   std::lock_guard<std::mutex> g(impl_->ctl_mu);
   if (impl_->state.load() == kStateStopped) return;
-  for (auto& l : impl_->lanes) {
-    l->cmd.store(kCmdStop, std::memory_order_release);
-    l->poke();
-  }
-  for (auto& l : impl_->lanes) {
-    if (l->th.joinable()) l->th.join();
-    if (l->gw) {
-      try {
-        l->gw->close(std::chrono::seconds(1));
-      } catch (...) {
-        // Records the host never took are counted in the gateway's stats (lost).
-      }
-    }
-  }
-  impl_->state.store(kStateStopped);
+  stop_locked(*impl_);
 }
 
 const char* Engine::state() const noexcept {

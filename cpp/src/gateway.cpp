@@ -9,6 +9,7 @@
 
 #include "mlx5tlp/error.hpp"
 #include "mlx5tlp/futex.hpp"
+#include "mlx5tlp/spawn.hpp"
 
 namespace mlx5tlp {
 
@@ -82,7 +83,8 @@ std::shared_ptr<Gateway> Gateway::open(std::shared_ptr<Var> var,
   PageLock lock = lock_page(*var);
   layout->attach(static_cast<uint8_t*>(m.data()), m.size());
   std::shared_ptr<Gateway> gw(new Gateway(std::move(m), std::move(layout), options, std::move(lock), prot));
-  if (!gw->direct_) gw->writer_ = std::make_unique<std::thread>([g = gw.get()] { g->run(); });
+  if (!gw->direct_)
+    gw->writer_ = std::make_unique<std::thread>(spawn("open gateway", [g = gw.get()] { g->run(); }));
   {
     // Under a Use, as every child: a close() in progress refuses it (and ~Gateway undoes it).
     const std::shared_ptr<Context>& ctx = gw->var()->context();

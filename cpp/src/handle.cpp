@@ -17,6 +17,18 @@ std::shared_lock<std::shared_mutex> Handle::use(const char* operation) const {
 
 namespace detail {
 
+void stale_import(ObjectKind kind, const char* function, int err) {
+  const char* what = kind == ObjectKind::var ? "VAR" : kind == ObjectKind::umem ? "UMEM" : "DEVX object";
+  throw Error(ErrorKind::invalid_handle, function, err,
+              err == ESTALE
+                  ? std::string("the envelope's handle now names another ") + what +
+                        " than the one exported (the kernel reuses the lowest free handle): its "
+                        "exporter freed that one; refused before any use"
+                  : std::string("no ") + what + " of this context has the envelope's handle: its "
+                        "exporter freed it, or this context does not share the exporter's "
+                        "objects (import the exporter's command fd with Context.import_fd)");
+}
+
 void check_export_size(const Context& ctx, ObjectKind kind, const char* function, size_t len) {
   const uint32_t want = ctx.export_size(kind);
   if (len == want) return;

@@ -252,6 +252,7 @@ std::shared_ptr<const Library> Library::open(Backend backend, const std::string&
     resolve(verbs, s.sim.host_send, "mlx5tlp_sim_host_send", node);
     resolve(verbs, s.sim.host_poll, "mlx5tlp_sim_host_poll", node);
     resolve(verbs, s.sim.host_stats, "mlx5tlp_sim_host_stats", node);
+    resolve(verbs, s.sim.host_load, "mlx5tlp_sim_host_load", node);
     resolve(verbs, s.sim.function_poll, "mlx5tlp_sim_function_poll", node);
     resolve(verbs, s.sim.inject_fault, "mlx5tlp_sim_inject_fault", node);
     resolve(verbs, s.sim.reset_device, "mlx5tlp_sim_reset_device", node);
@@ -259,6 +260,7 @@ std::shared_ptr<const Library> Library::open(Backend backend, const std::string&
     resolve(verbs, s.sim.function_recover, "mlx5tlp_sim_function_recover", node);
     resolve(verbs, s.sim.function_mark, "mlx5tlp_sim_function_mark", node);
     resolve(verbs, s.sim.function_retire, "mlx5tlp_sim_function_retire", node);
+    resolve(verbs, s.sim.import_check, "mlx5tlp_sim_import_check", node);
     resolve(verbs, s.sim.last_error, "mlx5tlp_sim_last_error", node);
     resolve(verbs, s.sim.function_wait, "mlx5tlp_sim_function_wait", node);
     resolve(verbs, s.sim.function_wake, "mlx5tlp_sim_function_wake", node);

@@ -1,6 +1,7 @@
 #include "mlx5tlp/var.hpp"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cerrno>
 
@@ -99,9 +100,23 @@ std::shared_ptr<Var> Var::alloc(std::shared_ptr<Context> ctx, bool tlp) {
 std::shared_ptr<Var> Var::import(std::shared_ptr<Context> ctx, const uint8_t* raw, size_t len,
                                  bool tlp) {
   const Library& lib = ctx->lib();
-  return detail::import_raw(ctx, ObjectKind::var, "mlx5dv_var_import",
-                            lib.need(lib.sym().mlx5dv_var_import, "mlx5dv_var_import"), raw, len,
-                            [&](m5a_mlx5dv_var* v) { return std::shared_ptr<Var>(new Var(ctx, v, true, tlp)); });
+  auto unimport = lib.need(lib.sym().mlx5dv_var_unimport, "mlx5dv_var_unimport");
+  return detail::import_raw(
+      ctx, ObjectKind::var, "mlx5dv_var_import",
+      lib.need(lib.sym().mlx5dv_var_import, "mlx5dv_var_import"), raw, len,
+      [&](m5a_mlx5dv_var* v) {
+        // The kernel maps a VAR in whole pages (a VMA is page-granular): another length came
+        // from a rewritten buffer and would map a range other than the page's entry.
+        const long page = sysconf(_SC_PAGESIZE);
+        if (v->length == 0 || (page > 0 && v->length % uint32_t(page) != 0)) {
+          const uint32_t bad = v->length;
+          unimport(v);
+          throw Error(ErrorKind::export_format, "mlx5dv_var_import", EINVAL,
+                      "VAR length " + std::to_string(bad) + " is not a whole number of " +
+                          std::to_string(page) + "-byte pages (a rewritten export buffer)");
+        }
+        return std::shared_ptr<Var>(new Var(ctx, v, true, tlp));
+      });
 }
 
 std::vector<uint8_t> Var::export_raw() const {

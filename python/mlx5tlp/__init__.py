@@ -28,10 +28,14 @@ from mlx5tlp.errors import (
     InvalidArgumentError,
     InvalidHandleError,
     LibraryNotFoundError,
+    NotInstalledError,
     NotSupportedError,
+    PermissionDeniedError,
     ResourceExhaustedError,
+    TimedOutError,
 )
 from mlx5tlp.native import cmake_dir
+from mlx5tlp.records import Records
 from mlx5tlp.umem import (
     ACCESS_LOCAL_WRITE,
     ACCESS_REMOTE_READ,
@@ -56,9 +60,13 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidHandleError",
     "LibraryNotFoundError",
+    "NotInstalledError",
     "NotSupportedError",
+    "PermissionDeniedError",
     "RdmaInfo",
+    "Records",
     "ResourceExhaustedError",
+    "TimedOutError",
     "TlpCaps",
     "Umem",
     "Var",

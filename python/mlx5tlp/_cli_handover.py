@@ -90,8 +90,9 @@ def _serve(args: argparse.Namespace) -> int:
         args.parser.error("give one of SPEC (serve a function spec file), --control PATH or "
                           f"--standby PATH, not {' and '.join(which) or 'none'}")
     if args.spec is not None:
-        if args.key_file is not None or args.after != "standby":
-            args.parser.error("--key-file and --after are for --control/--standby only")
+        if args.key_file is not None or args.after != "standby" or args.engine != "native":
+            args.parser.error("--key-file, --after and --engine are for --control/--standby "
+                              "only (SPEC is served by the native engine)")
         return _serve_spec(args)
     if args.pages != 1 or args.batch != 32:
         args.parser.error("--pages and --batch are for serve SPEC only")

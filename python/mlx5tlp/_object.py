@@ -113,8 +113,13 @@ def import_blob(ctx: Context, blob: BytesLike, *, key: Optional[bytes] = None) -
     HMAC) runs before rdma-core sees the raw buffer.
 
     Raises:
-        ExportFormatError: the envelope failed a check (the message says which).
-        InvalidHandleError: a VAR whose owner already freed it (its mapping is refused).
+        ExportFormatError: the envelope failed a check (the message says which), or a VAR's
+            length is not a whole number of pages.
+        InvalidHandleError: a VAR whose owner already freed it (its mapping is refused,
+            ``EINVAL``). On the software device also: the envelope's handle names no object
+            (``ENOENT``) or another object than the one exported (``ESTALE``: the kernel
+            reuses the lowest free handle). rdma-core cannot tell these for a UMEM or DEVX
+            object (docs/export-format.md, "What the envelope proves").
     """
     from mlx5tlp.devx_obj import DevxObj
     from mlx5tlp.umem import Umem

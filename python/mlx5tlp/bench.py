@@ -15,6 +15,7 @@ Ratios are "higher is better".
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -43,8 +44,17 @@ TARGETS: dict[str, tuple[str, float]] = {
     "lockfree_vs_mutex_2p": (">=", 2.0),
     "direct_vs_raw_store": (">=", 0.5),
     "post_call_us": ("<=", 1.0),
+    "export_import_us": ("<=", 10.0),
     "ring_contended_records_per_s": (">=", 20e6),
     "idle_gateways_cpu_percent": ("<=", 1.0),
+    # The emulated function end to end (host and function in separate processes, issue 12):
+    # 64-byte reads of a native memory region, the Python-per-TLP path in the same run.
+    "function_rps": (">=", 1e6),
+    "function_vs_python": (">=", 30.0),
+    "function_cpu_us_per_request": ("<=", 2.0),
+    "function_window1_latency_p50_us": ("<=", 30.0),
+    "function_window1_latency_p99_us": ("<=", 500.0),
+    "callback_rps": (">=", 200e3),
 }
 
 # The headline keys every report has (a number, or null with a reason).
@@ -53,13 +63,29 @@ HEADLINE_KEYS = (
     "lockfree_vs_mutex_2p",
     "direct_vs_raw_store",
     "post_call_us",
+    "export_import_us",
     "ring_contended_records_per_s",
     "idle_gateways_cpu_percent",
     "latency_p50_us",
     "latency_p99_us",
 )
+# The function benchmark's keys (null with a reason when it could not run).
+FUNCTION_KEYS = (
+    "function_rps",
+    "function_cpu_us_per_request",
+    "function_latency_p50_us",
+    "function_latency_p99_us",
+    "function_latency_p999_us",
+    "function_vs_python",
+    "function_window1_latency_p50_us",
+    "function_window1_latency_p99_us",
+    "function_window1_latency_p999_us",
+    "callback_rps",
+)
 
 RECORD_BYTES = 32
+# The function benchmark's parameters (mlx5tlp._bench_host), for the method text.
+_BENCH_MPS, _BENCH_WINDOW, _BENCH_RATE = 256, 128, 50_000.0
 RAW_SLOT = 64  # "raw_tlp:64": one 32-byte record per 64-byte slot, 1024 slots in a 64 KiB page
 # A 32-byte record: a CplD header (3 DWs, wire order) and 5 DWs of payload.
 RECORD_FORMAT = ">IIIIQQ"
@@ -181,9 +207,18 @@ def _run_program(
 
 
 # ------------------------------------------------------------------ the Python measurements
+def _check_failed(what: str) -> Exception:
+    """A benchmark's own check of what it measured failed (one error model: an mlx5tlp.Error)."""
+    from mlx5tlp.errors import Error
+
+    return Error(errno.EIO, f"benchmark check failed: {what}", "bench")
+
+
 @contextmanager
-def _private_device() -> Iterator[str]:
-    """A software device in a private directory (64 KiB gateway pages), removed afterwards."""
+def _private_device(slot_size: int = 64) -> Iterator[str]:
+    """A software device in a private directory (64 KiB gateway pages), removed afterwards.
+
+    Processes started meanwhile inherit the directory (``$MLX5TLP_SIM_DIR``)."""
     from mlx5tlp import sim
 
     old = os.environ.get("MLX5TLP_SIM_DIR")
@@ -191,7 +226,8 @@ def _private_device() -> Iterator[str]:
     os.environ["MLX5TLP_SIM_DIR"] = tmp
     name = f"bench{os.getpid()}"
     try:
-        sim.create_device(name, gw_pages=4, gw_log_stride=4, virtio_pages=0, slot_size=64)
+        sim.create_device(name, gw_pages=4, gw_log_stride=4, virtio_pages=0,
+                          slot_size=slot_size)
         try:
             yield name
         finally:
@@ -260,16 +296,16 @@ def _bulk_vs_naive(ctx: Any, sz: _Sizes) -> dict[str, Any]:
             _naive_completions(mv, slots, reqs, data, 8)
             for k in range(8):
                 if bytes(mv[k * RAW_SLOT : k * RAW_SLOT + RECORD_BYTES]) != bytes(probe.record(k)):
-                    raise RuntimeError(f"naive and bulk completions differ at record {k}")
+                    raise _check_failed(f"naive and bulk completions differ at record {k}")
             for label, ring in (("bulk", 1024), ("bulk_big_ring", n)):
                 with var.gateway(f"raw_tlp:{RAW_SLOT}", ring_slots=ring) as gw:
 
                     def bulk(gw: Any = gw) -> None:
                         cpl = tlp.build_completions(reqs, data, completer_id=COMPLETER_ID)
                         if gw.post_batch(cpl, timeout=None) != n:
-                            raise RuntimeError("post_batch queued fewer records than given")
+                            raise _check_failed("post_batch queued fewer records than given")
                         if not gw.flush(timeout=30.0):
-                            raise RuntimeError("flush timed out")
+                            raise _check_failed("flush timed out")
 
                     out[f"{label}_load"] = os.getloadavg()[0]
                     rate, runs = _median_rate(n, sz.runs, bulk)
@@ -277,7 +313,9 @@ def _bulk_vs_naive(ctx: Any, sz: _Sizes) -> dict[str, Any]:
                     out[f"{label}_runs"] = runs
                     stats = gw.stats()
                     if stats["written"] != stats["posted"]:
-                        raise RuntimeError(f"gateway wrote {stats['written']} of {stats['posted']}")
+                        raise _check_failed(
+                            f"gateway wrote {stats['written']} of {stats['posted']}"
+                        )
             out["naive_load"] = os.getloadavg()[0]
             out["naive_records_per_s"], out["naive_runs"] = _median_rate(
                 n, sz.runs, lambda: _naive_completions(mv, slots, reqs, data, n)
@@ -319,6 +357,41 @@ def _post_call(ctx: Any, sz: _Sizes) -> dict[str, Any]:
         "post_call_us": statistics.median(per_call),
         "post_call_runs_us": per_call,
         "post_refused": refused,
+    }
+
+
+def _export_import(ctx: Any, sz: _Sizes) -> dict[str, Any]:
+    """Median microseconds of a TLP gateway VAR's export + import round trip: ``var.export()``
+    and ``ictx.import_var(blob)`` into a second context sharing the command fd (what a worker
+    process does with a blob it was sent), each pair timed alone; the unimport after each is
+    not timed (``export_import_unimport_us`` includes it)."""
+    from mlx5tlp import Context
+
+    n = sz.post_calls // 20
+    var = ctx.alloc_var(tlp=True)
+    try:
+        with Context.import_fd(ctx.cmd_fd) as ictx:
+
+            def once() -> tuple[float, float]:
+                pair = total = 0
+                for _ in range(n):
+                    t0 = time.perf_counter_ns()
+                    imp = ictx.import_var(var.export())
+                    t1 = time.perf_counter_ns()
+                    imp.unimport()
+                    pair += t1 - t0
+                    total += time.perf_counter_ns() - t0
+                return pair / n / 1e3, total / n / 1e3
+
+            once()  # warm-up
+            runs = [once() for _ in range(sz.runs)]
+    finally:
+        var.free()
+    return {
+        "export_import_us": statistics.median(r[0] for r in runs),
+        "export_import_unimport_us": statistics.median(r[1] for r in runs),
+        "export_import_runs_us": [r[0] for r in runs],
+        "export_import_round_trips": n,
     }
 
 
@@ -401,7 +474,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     sz = _sizes(quick)
     t_start = time.perf_counter()
-    rep: dict[str, Any] = dict.fromkeys(HEADLINE_KEYS)
+    rep: dict[str, Any] = dict.fromkeys(HEADLINE_KEYS + FUNCTION_KEYS)
     reasons: dict[str, str] = {}
     details: dict[str, Any] = {}
     programs: dict[str, Optional[str]] = {}
@@ -411,12 +484,14 @@ def run(quick: bool = False) -> dict[str, Any]:
     load_start = os.getloadavg()
     # -- Python: bulk vs naive, post() call cost --
     loads["bulk_vs_naive_python"] = loads["post_call_us"] = os.getloadavg()[0]
+    loads["export_import_us"] = loads["post_call_us"]
     try:
         with _private_device() as dev, mlx5tlp.open_device(dev, backend="sim") as ctx:
             bulk = _bulk_vs_naive(ctx, sz)
             post = _post_call(ctx, sz)
-    except (mlx5tlp.Error, RuntimeError, OSError) as exc:
-        for key in ("bulk_vs_naive_python", "post_call_us"):
+            xi = _export_import(ctx, sz)
+    except OSError as exc:  # mlx5tlp.Error included
+        for key in ("bulk_vs_naive_python", "post_call_us", "export_import_us"):
             reasons[key] = f"python measurement failed: {exc}"
     else:
         rep["bulk_vs_naive_python"] = bulk["bulk_vs_naive_python"]
@@ -424,7 +499,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         rep["naive_records_per_s"] = bulk["naive_records_per_s"]
         rep["bulk_big_ring_records_per_s"] = bulk["bulk_big_ring_records_per_s"]
         rep["post_call_us"] = post["post_call_us"]
-        details["python"] = {**bulk, **post}
+        rep["export_import_us"] = xi["export_import_us"]
+        rep["export_import_unimport_us"] = xi["export_import_unimport_us"]
+        details["python"] = {**bulk, **post, **xi}
 
     # -- C++ programs (private sim directory; the package's sim library) --
     env = dict(os.environ)
@@ -486,6 +563,23 @@ def run(quick: bool = False) -> dict[str, Any]:
                     "idle_gateways_cpu_percent", "latency_p50_us", "latency_p99_us"):
             reasons[key] = why_gw or "bench_gateway failed"
 
+    # -- the emulated function end to end: host and function in separate processes --
+    # 512-byte slots: a 256-byte completion payload (MPS 256) and its header fit one slot.
+    try:
+        from mlx5tlp import _bench_host
+
+        with _private_device(slot_size=512) as dev:
+            fmeas = _bench_host.measure(dev, quick)
+    except OSError as exc:  # mlx5tlp.Error included
+        for key in FUNCTION_KEYS:
+            reasons[key] = f"function benchmark failed: {exc}"
+    else:
+        rep.update(_bench_host.headline(fmeas))
+        for key in FUNCTION_KEYS:
+            loads[key] = _bench_host.load_of(fmeas, key)
+        rep["function_by_workload"] = _bench_host.by_workload(fmeas)
+        details["function"] = fmeas
+
     rep["targets"] = _check_targets(rep, loads)
     rep["load_average"] = {"start": list(load_start), "end": list(os.getloadavg())}
     rep["reasons"] = reasons
@@ -509,6 +603,12 @@ def run(quick: bool = False) -> dict[str, Any]:
             f"{sz.post_calls} calls of gw.post(record, timeout=0) per run (raw_tlp:{RAW_SLOT}, "
             "ring_slots=65536: never full; flush between runs, untimed), loop overhead included"
         ),
+        "export_import_us": (
+            f"{sz.post_calls // 20} round trips per run: ictx.import_var(var.export()) of a TLP "
+            "VAR into a second context imported from the first one's command fd, each timed "
+            "alone (perf_counter_ns); the unimport after each untimed "
+            "(export_import_unimport_us: included)"
+        ),
         "lockfree_vs_mutex_2p": (
             "bench_ring row placement=pinned, mode=single, producers=2: lock-free ring over the "
             "same ring under one mutex, records/s; bench_ring's own median"
@@ -523,6 +623,23 @@ def run(quick: bool = False) -> dict[str, Any]:
             "bench_gateway: the default gateway (ring_slots=1024, batch_max=64) into raw_tlp:64, "
             "2 C++ producers post_batch(32, no deadline), 2 busy-loop threads competing for the "
             "CPUs meanwhile; released -> flush() returned; median of the runs"
+        ),
+        "function": (
+            "host = this process: sim.Host's native load generator (one thread, GIL released, "
+            "every completion checked in C++); function = a separate process "
+            "(python -m mlx5tlp._bench_function): engine.Device with a 64 KiB MemoryRegion in "
+            "BAR 0 (one lane), the same range as a CallbackRegion (callback_rps), or the "
+            "Python-per-TLP worker (take_request per TLP, one tlp.build_completions + "
+            "post_batch per batch of up to 64). Enumerated through CfgWr0/CfgRd0 TLPs, "
+            f"MPS {_BENCH_MPS}, RCB 64. function_rps / callback_rps / python_rps: 64-byte reads, "
+            f"window {_BENCH_WINDOW}, as fast as the window allows; cpu_us_per_request: "
+            "generator thread CPU + function process CPU (/proc/PID/stat utime+stime) per "
+            "request. function_latency_*: from each read's scheduled send time at a fixed "
+            f"offered load of {_BENCH_RATE:g} requests/s (open loop, window 512). window1: one "
+            "read outstanding, send to last completion. function_by_workload: the same for "
+            "4/64/256/4096-byte reads and a mix (64 B 50%, 4 B 20%, 256 B 15%, 4 KiB 5%, 64 B "
+            "writes 10%). Median of the runs after one warm-up; details.function has each run "
+            "with its 1-minute load average."
         ),
         "idle_gateways_cpu_percent": (
             "bench_gateway: getrusage(RUSAGE_SELF) user+system CPU over wall time while 4 "
@@ -561,8 +678,18 @@ def print_table(rep: dict[str, Any], file: Any = None) -> None:
         ("lockfree_vs_mutex_2p", ""),
         ("direct_vs_raw_store", ""),
         ("post_call_us", " us"),
+        ("export_import_us", " us"),
         ("latency_p50_us", " us"),
         ("latency_p99_us", " us"),
+        ("function_rps", " req/s"),
+        ("function_vs_python", ""),
+        ("function_cpu_us_per_request", " us"),
+        ("function_latency_p50_us", " us"),
+        ("function_latency_p99_us", " us"),
+        ("function_latency_p999_us", " us"),
+        ("function_window1_latency_p50_us", " us"),
+        ("function_window1_latency_p99_us", " us"),
+        ("callback_rps", " req/s"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, unit in rows:

@@ -53,6 +53,7 @@ __all__ = [
     "RegisterRegion",
     "Request",
     "TraceEntry",
+    "close_within",
     "read_trace",
 ]
 
@@ -656,6 +657,20 @@ class Device(Closing):
         return f"<mlx5tlp.engine.Device {state} pages={self.page_ids}>"
 
 
+def close_within(dev: Device, timeout: float) -> bool:
+    """Close ``dev``, waiting at most ``timeout`` seconds for its lanes to stop.
+
+    Returns:
+        True when closed; False when a lane is still busy (a hook or callback handler that
+        does not return): the close goes on in a daemon thread, and the caller decides (e.g.
+        end the process).
+    """
+    closer = threading.Thread(target=dev.close, name="mlx5tlp-close", daemon=True)
+    closer.start()
+    closer.join(timeout)
+    return not closer.is_alive()
+
+
 def _close_at_exit() -> None:
     """Close every device still open when the interpreter exits.
 
@@ -675,10 +690,7 @@ def _close_at_exit() -> None:
             open_deferred = int(dev._engine.stats()["deferred_outstanding"])
         except Exception:
             open_deferred = 0
-        closer = threading.Thread(target=dev.close, name="mlx5tlp-exit-close", daemon=True)
-        closer.start()
-        closer.join(EXIT_TIMEOUT)
-        if closer.is_alive():
+        if not close_within(dev, EXIT_TIMEOUT):
             warnings.warn(f"{name} left open at interpreter exit did not stop within "
                           f"{EXIT_TIMEOUT} s (a hook or callback handler is blocked); "
                           "ending the process", RuntimeWarning, stacklevel=1)

@@ -19,7 +19,17 @@ ExportFormatError           an export envelope failed a check (never passed to r
 DevxCommandError            firmware rejected a DEVX command (EREMOTEIO); has
                             ``status`` and ``syndrome`` from the command outbox
 InvalidArgumentError        the core refused a value (e.g. an unknown backend name)
+TimedOutError               a wait of our own ended at its timeout (ETIMEDOUT); also a
+                            built-in ``TimeoutError``
+PermissionDeniedError       a peer or file is not allowed (EPERM/EACCES); also a built-in
+                            ``PermissionError``
+NotInstalledError           a file of the installed package is missing (a development tree);
+                            also a built-in ``FileNotFoundError``
 ==========================  ==============================================================
+
+No other exception leaves the library for a failure: C++ exceptions that reach a binding
+(``std::bad_alloc``, ``std::system_error`` from a thread that cannot start, ...) are mapped onto
+these classes too (``ResourceExhaustedError`` for ENOMEM/EAGAIN), never ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -32,8 +42,11 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidHandleError",
     "LibraryNotFoundError",
+    "NotInstalledError",
     "NotSupportedError",
+    "PermissionDeniedError",
     "ResourceExhaustedError",
+    "TimedOutError",
 ]
 
 
@@ -100,3 +113,15 @@ class DevxCommandError(Error):
 
 class InvalidArgumentError(Error, ValueError):
     """The core refused an argument value."""
+
+
+class TimedOutError(Error, TimeoutError):
+    """A wait of the library's own ended at its timeout (``errno`` ``ETIMEDOUT``)."""
+
+
+class PermissionDeniedError(Error, PermissionError):
+    """A peer, user or file is not allowed to do what was asked (``EPERM`` / ``EACCES``)."""
+
+
+class NotInstalledError(Error, FileNotFoundError):
+    """A file of the installed package (C++ headers, static core, software device) is missing."""

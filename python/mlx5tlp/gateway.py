@@ -25,22 +25,32 @@ reported. At interpreter exit, gateways still open are closed with a drain limit
 
 from __future__ import annotations
 
-import array
 import atexit
+import errno
 import math
 import warnings
 import weakref
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from mlx5tlp import _core
 from mlx5tlp._closing import Closing
-from mlx5tlp.errors import Error, ResourceExhaustedError
+from mlx5tlp.errors import Error, InvalidArgumentError, ResourceExhaustedError
+from mlx5tlp.records import Batch, Records, as_batch
 
 if TYPE_CHECKING:
     from mlx5tlp.var import Var
 
-__all__ = ["EXIT_DRAIN_TIMEOUT", "Gateway", "Records", "RecordsDroppedWarning"]
+__all__ = [
+    "EXIT_DRAIN_TIMEOUT",
+    "MAX_RING_SLOTS",
+    "Batch",
+    "Gateway",
+    "Records",
+    "RecordsDroppedWarning",
+]
+
+MAX_RING_SLOTS = 1 << 30
+"""The largest ``ring_slots`` a loop-mode gateway takes (the ring's capacity limit)."""
 
 EXIT_DRAIN_TIMEOUT = 1.0
 """Seconds a gateway still open at interpreter exit gives the device to take its records."""
@@ -51,28 +61,6 @@ class RecordsDroppedWarning(RuntimeWarning):
 
 
 BytesLike = Union[bytes, bytearray, memoryview]
-# A batch: a sequence of records, or an object with ``buffer`` and ``offsets`` (n + 1 uint32
-# offsets, as built by mlx5tlp.tlp.build_completions), or a (buffer, offsets) pair.
-Records = Union[Sequence[BytesLike], Any, tuple[BytesLike, "array.array[int]"]]
-
-
-def _as_batch(records: Records) -> tuple[BytesLike, Any]:
-    if hasattr(records, "buffer") and hasattr(records, "offsets"):
-        return records.buffer, records.offsets
-    if (
-        isinstance(records, tuple)
-        and len(records) == 2
-        and isinstance(records[0], (bytes, bytearray, memoryview))
-        and not isinstance(records[1], (bytes, bytearray, memoryview))
-    ):
-        return records[0], records[1]
-    parts = [bytes(r) for r in records]
-    offsets = array.array("I", [0])
-    total = 0
-    for p in parts:
-        total += len(p)
-        offsets.append(total)
-    return b"".join(parts), offsets
 
 
 class Gateway(Closing):
@@ -149,8 +137,13 @@ class Gateway(Closing):
         """
         return bool(self._core.post(record, timeout))
 
-    def post_batch(self, records: Records, timeout: Optional[float] = None) -> int:
+    def post_batch(self, records: Batch, timeout: Optional[float] = None) -> int:
         """Queue many records (reserving ring slots in bulk); returns how many were queued.
+
+        `records` is a :class:`~mlx5tlp.Records` (e.g. what ``tlp.build_completions``
+        returns) or a sequence of bytes-like records; a bare ``(buffer, offsets)`` pair is
+        refused with a ``TypeError`` naming :class:`~mlx5tlp.Records` (it would read as two
+        records).
 
         Fewer than all when the ring stayed full for `timeout` (the timeout bounds the whole
         call), or when the gateway was closed while the call waited: the rest were not queued
@@ -158,23 +151,28 @@ class Gateway(Closing):
 
         Raises:
             InvalidHandleError: the gateway is closed (or was closed before anything was queued).
+            InvalidArgumentError: a record is empty or longer than :attr:`max_record`, or the
+                offsets are out of order or beyond the buffer (nothing is queued).
+            TypeError: `records` is neither a :class:`~mlx5tlp.Records` nor a sequence of
+                bytes-like records.
         """
-        data, offsets = _as_batch(records)
+        data, offsets = as_batch(records)
         return int(self._core.post_batch(data, offsets, timeout))
 
     def write(self, record: BytesLike, timeout: Optional[float] = None) -> bool:
         """Direct mode: write one record now (waiting up to `timeout` for a device credit)."""
         return bool(self._core.write(record, timeout))
 
-    def write_batch(self, records: Records, timeout: Optional[float] = None, *,
+    def write_batch(self, records: Batch, timeout: Optional[float] = None, *,
                     whole: bool = False) -> int:
         """Direct mode: write many records, one doorbell per batch; returns how many.
 
-        ``whole``: under one doorbell or not at all (it waits for credits for all of them;
-        more records than the page holds are split, unavoidably) — e.g. every completion of
-        one request, so that a crash leaves it published entirely or not (docs/handover.md).
+        `records` as for :meth:`post_batch`. ``whole``: under one doorbell or not at all (it
+        waits for credits for all of them; more records than the page holds are split,
+        unavoidably) — e.g. every completion of one request, so that a crash leaves it
+        published entirely or not (docs/handover.md).
         """
-        data, offsets = _as_batch(records)
+        data, offsets = as_batch(records)
         return int(self._core.write_batch(data, offsets, timeout, whole))
 
     def flush(self, timeout: Optional[float] = None) -> bool:
@@ -255,8 +253,16 @@ def open_gateway(
     """See :meth:`mlx5tlp.Var.gateway`."""
     if layout is not None and not isinstance(layout, str):
         raise TypeError("layout must be a layout name such as 'sim' or 'raw_tlp:512'")
-    if not isinstance(ring_slots, int) or ring_slots < 2 or ring_slots & (ring_slots - 1):
-        raise ValueError(f"ring_slots must be a power of two >= 2, not {ring_slots!r}")
+    if (
+        not isinstance(ring_slots, int)
+        or not 2 <= ring_slots <= MAX_RING_SLOTS
+        or ring_slots & (ring_slots - 1)
+    ):
+        raise InvalidArgumentError(
+            errno.EINVAL,
+            f"ring_slots must be a power of two in [2, 2**30], not {ring_slots!r}",
+            "open gateway",
+        )
     if not isinstance(batch_max, int) or batch_max < 1:
         raise ValueError(f"batch_max must be >= 1, not {batch_max!r}")
     core = _core.Gateway.open(

@@ -18,15 +18,18 @@ so that a C++ program can use it with::
 An editable install (``pip install -e .``) keeps the Python code in the source tree and puts
 these files in site-packages: they are found through the installed distribution's file list
 (its ``RECORD``). A development tree (``PYTHONPATH=python``) has none of these but the software
-device: the functions here raise :class:`FileNotFoundError` saying so instead of returning a
-path that does not exist.
+device: the functions here raise :class:`~mlx5tlp.NotInstalledError` (a
+``FileNotFoundError``) saying so instead of returning a path that does not exist.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 from pathlib import Path
 from typing import Optional
+
+from mlx5tlp.errors import NotInstalledError
 
 __all__ = ["cmake_dir", "include_dir", "sim_library"]
 
@@ -38,11 +41,13 @@ def _installed(path: Path, what: str) -> Path:
         found = _from_distribution(path.relative_to(_PACKAGE_DIR))
         if found is not None:
             return found
-        raise FileNotFoundError(
+        raise NotInstalledError(
+            errno.ENOENT,
             f"{what} not found at {path}: mlx5tlp at {_PACKAGE_DIR} is not an installed "
             "package (an in-place development tree?); install it (pip install mlx5tlp, or "
             "pip install . from a source checkout) to get the C++ headers, the static core "
-            "and the CMake package"
+            "and the CMake package",
+            "find " + what,
         )
     return path
 
@@ -67,7 +72,7 @@ def cmake_dir() -> str:
     """The directory of the installed CMake package (``mlx5tlpConfig.cmake``): ``mlx5tlp_DIR``.
 
     Raises:
-        FileNotFoundError: this mlx5tlp is not an installed package (e.g. a development tree).
+        NotInstalledError: this mlx5tlp is not an installed package (e.g. a development tree).
     """
     config = _PACKAGE_DIR / "share" / "cmake" / "mlx5tlp" / "mlx5tlpConfig.cmake"
     return str(_installed(config, "the CMake package (mlx5tlpConfig.cmake)").parent)
@@ -77,7 +82,7 @@ def include_dir() -> str:
     """The directory to put on the include path: it holds ``mlx5tlp/*.hpp``.
 
     Raises:
-        FileNotFoundError: this mlx5tlp is not an installed package (e.g. a development tree).
+        NotInstalledError: this mlx5tlp is not an installed package (e.g. a development tree).
     """
     header = _PACKAGE_DIR / "include" / "mlx5tlp" / "context.hpp"
     return str(_installed(header, "the C++ headers (mlx5tlp/context.hpp)").parent.parent)
@@ -87,7 +92,7 @@ def sim_library() -> str:
     """The software device ``libmlx5tlp_sim.so`` (for ``$MLX5TLP_SIM_LIB`` of native programs).
 
     Raises:
-        FileNotFoundError: the package has no software device library (not built).
+        NotInstalledError: the package has no software device library (not built).
     """
     library = _PACKAGE_DIR / "libmlx5tlp_sim.so"
     return str(_installed(library, "the software device libmlx5tlp_sim.so"))

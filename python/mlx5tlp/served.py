@@ -155,7 +155,7 @@ class ServedSpec:
             except InvalidArgumentError as exc:
                 if str(exc).startswith(self.path):
                     raise
-                raise self._error(f"{where}: {exc}") from None
+                raise self._error(f"{where}: {_strip_operation(str(exc))}") from None
         return out
 
     def device(self, ctx: Context, **options: Any) -> engine.Device:
@@ -170,7 +170,7 @@ class ServedSpec:
         try:
             return engine.Device(ctx, self.function, regions, **options)
         except InvalidArgumentError as exc:
-            raise self._error(str(exc)) from None
+            raise self._error(_strip_operation(str(exc))) from None
 
     def _memory(self, r: MemorySpec, where: str, name: str) -> engine.MemoryRegion:
         fd: Optional[int] = None
@@ -396,6 +396,22 @@ def _hook(spec: ServedSpec, name: Optional[str], where: str) -> Any:
     return obj
 
 
+def _describe(r: engine.Region) -> dict[str, Any]:
+    out = {"name": r.name, "kind": r._core.kind, "bar": r._core.bar, "offset": r._core.offset,
+           "size": r._core.size}
+    if isinstance(r, engine.MemoryRegion):
+        # Another process of this user opens it (then mmap MAP_SHARED) to share the bytes.
+        out["memfd"] = f"/proc/{os.getpid()}/fd/{r.fd}"
+    return out
+
+
+def _give_up(why: str) -> None:
+    # Nothing more can be freed from Python: the process ends, the device reclaims the rest.
+    sys.stderr.write(f"mlx5tlp serve: {why}; ending the process\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -430,27 +446,39 @@ def serve(spec: ServedSpec, *, device: str, pages: int = 1, batch: int = 32,
 
     stop = stop if stop is not None else threading.Event()
     previous: dict[signal.Signals, Any] = {}
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        stop.set()
+        for sig in signals:  # a second signal ends the process at once
+            signal.signal(sig, signal.SIG_DFL)
+
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda _s, _f: stop.set())
+        for sig in signals:
+            previous[sig] = signal.signal(sig, on_signal)
     try:
         with open_device(device, backend="sim") as ctx:
             dev = spec.device(ctx, pages=pages, batch=batch)
             try:
                 event = {"event": "serving", "pid": os.getpid(), "device": device,
                          "pages": dev.page_ids, "spec": spec.path,
-                         "regions": [{"name": r.name, "kind": r._core.kind,
-                                      "bar": r._core.bar, "offset": r._core.offset,
-                                      "size": r._core.size} for r in dev.regions]}
+                         "regions": [_describe(r) for r in dev.regions]}
                 if emit is not None:
                     emit(event)
                 stop.wait(max_seconds)
                 open_deferred = dev.stats()["deferred_outstanding"]
-                dev.stop()  # deferred requests still open: answered Completer Abort
+                # Stop the lanes (deferred requests still open: answered Completer Abort)
+                # within a bound: a hook that never returns must not hold the command.
+                stopper = threading.Thread(target=dev.stop, daemon=True)
+                stopper.start()
+                stopper.join(engine.EXIT_TIMEOUT)
+                if stopper.is_alive():
+                    _give_up(f"the lanes did not stop within {engine.EXIT_TIMEOUT} s "
+                             "(a hook or handler does not return)")
                 final = dev.stats()
                 last_error = dev.last_hook_error
             finally:
-                dev.close()
+                dev.close()  # stopped: closing only frees the gateways and pages
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -49,7 +49,12 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from mlx5tlp.errors import Error, InvalidArgumentError
+from mlx5tlp.errors import (
+    Error,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    TimedOutError,
+)
 
 __all__ = [
     "CONTEXT_MAGIC",
@@ -206,8 +211,9 @@ class _Reader:
             except (TimeoutError, BlockingIOError) as exc:
                 if self.deadline is None and isinstance(exc, BlockingIOError):
                     raise  # the caller's own non-blocking socket
-                raise TimeoutError(
-                    errno.ETIMEDOUT, f"timed out waiting for the {what} ({got} of {n} bytes)"
+                raise TimedOutError(
+                    errno.ETIMEDOUT, f"timed out waiting for the {what} ({got} of {n} bytes)",
+                    "recv_fds",
                 ) from None
             self._collect(ancdata)
             if flags & socket.MSG_CTRUNC:
@@ -269,8 +275,9 @@ def recv_fds(
 
     Raises:
         TypeError, ValueError: wrong socket type/family, bad ``max_fds``.
-        PermissionError: the peer's uid is not allowed.
-        TimeoutError: the message did not arrive in time (received fds are closed).
+        PermissionDeniedError: (a ``PermissionError``) the peer's uid is not allowed.
+        TimedOutError: (a ``TimeoutError``) the message did not arrive in time (received fds
+            are closed).
         ProtocolError: malformed or truncated message, wrong fd count, peer closed the
             connection (received fds are closed).
         OSError: the socket failed (received fds are closed).
@@ -286,10 +293,11 @@ def recv_fds(
     creds = peer_credentials(sock)
     allowed = {os.getuid()} if allow_uids is None else set(allow_uids)
     if creds.uid not in allowed:
-        raise PermissionError(
+        raise PermissionDeniedError(
             errno.EPERM,
             f"peer uid {creds.uid} (pid {creds.pid}) is not allowed to send "
             f"(allowed uids: {sorted(allowed)})",
+            "recv_fds",
         )
 
     old_timeout = sock.gettimeout()
@@ -440,7 +448,7 @@ def recv(
         ``(context, [objects...])`` in the sender's order.
 
     Raises:
-        PermissionError, TimeoutError, ProtocolError: see :func:`recv_fds`.
+        PermissionDeniedError, TimedOutError, ProtocolError: see :func:`recv_fds`.
         ExportFormatError: an envelope failed a check.
         Error: importing the device or an object failed.
     """

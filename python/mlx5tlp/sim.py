@@ -12,19 +12,26 @@ each against its request (requester id + tag, byte count, lower address, status)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from mlx5tlp import _core
 from mlx5tlp._closing import Closing
+from mlx5tlp._host_config import ConfigOverTlp
+from mlx5tlp._load import ERROR_KINDS, LoadOp, LoadRange, LoadResult, load_args
 from mlx5tlp.context import Context
 
 __all__ = [
     "DEFAULT_DEVICE",
+    "ERROR_KINDS",
     "FAULT_OPS",
     "Claim",
     "Completion",
     "Host",
+    "LoadOp",
+    "LoadRange",
+    "LoadResult",
     "claim_request",
     "create_device",
     "device_config",
@@ -321,8 +328,13 @@ class Completion:
     tlp: bytes
 
 
-class Host(Closing):
+class Host(ConfigOverTlp, Closing):
     """The PCIe host: sends requests to the emulated function and collects every completion.
+
+    It also reaches the function as a root complex does: :meth:`config_read` /
+    :meth:`config_write` over CfgRd0/CfgWr0 TLPs (so :meth:`enumerate`, :meth:`config_dump`
+    and :meth:`lspci` walk a served function through TLPs), and :meth:`load` drives it at
+    native speed, checking every completion in C++.
 
     One host per device at a time (a second gets ``EBUSY``): it owns the consumer index of
     every gateway page. Attaching starts a new epoch: requests and unconsumed completions a
@@ -333,6 +345,7 @@ class Host(Closing):
     def __init__(self, device: str = DEFAULT_DEVICE) -> None:
         self._h: Optional[Any] = _core.sim.Host(device)
         self.device = device
+        self._stashed: list[Completion] = []
 
     def _host(self) -> Any:
         if self._h is None:
@@ -357,12 +370,83 @@ class Host(Closing):
         `timeout` seconds for the first one."""
         if timeout < 0:
             raise ValueError("timeout must be >= 0")
+        if self._stashed:  # collected while a configuration request waited for its own
+            out, self._stashed = self._stashed[:max_records], self._stashed[max_records:]
+            if len(out) < max_records:
+                out += self._collect(0.0, max_records - len(out))
+            return out
+        return self._collect(float(timeout), max_records)
+
+    def _collect(self, timeout: float, max_records: int = 4096) -> list[Completion]:
         got = self._host().poll(max_records, float(timeout))
         return [Completion(int(p), int(s), bytes(t)) for p, s, t in got]
+
+    def _stash(self, records: list[Any]) -> None:
+        self._stashed.extend(records)
 
     def completions(self, timeout: float = 0.0) -> list[bytes]:
         """Every completion TLP written into any gateway page since the last call."""
         return [c.tlp for c in self.completion_records(timeout)]
+
+    def load(
+        self,
+        ranges: Sequence[LoadRange],
+        ops: Sequence[LoadOp] = (LoadOp("read", 64),),
+        *,
+        window: int = 32,
+        rate: float = 0.0,
+        count: Optional[int] = None,
+        duration: Optional[float] = None,
+        timeout: float = 1.0,
+        channels: int = CHANNELS,
+        requester_id: int = 0,
+        completer_id: Optional[int] = None,
+        max_payload: int = 256,
+        rcb: int = 64,
+        seed: int = 1,
+    ) -> LoadResult:
+        """Run the native load generator: an open-loop host that checks every completion.
+
+        Sends `count` requests (or sends for `duration` seconds) drawn from `ops` at addresses
+        in `ranges`, at most `window` reads outstanding, at `rate` requests/s (0: as fast as
+        the window allows), then waits until every read is answered or timed out. Every
+        completion is checked in C++ without Python per TLP: payload against the expected
+        contents (with the run's own writes applied), byte count, lower address, tag and
+        requester ID, completer ID (when `completer_id` is given), status, payload size
+        against `max_payload` and splits on `rcb` boundaries (PCIe Base Specification 2.2.9,
+        2.3.1.1). Writes never target bytes an outstanding read covers, and with writes in the
+        mix each 4 KiB page uses one channel, so the order PCIe guarantees (a read does not
+        pass an earlier write) is the only order relied on (docs/sim.md).
+
+        Args:
+            ranges: where to send requests and what they must read back.
+            ops: the request mix.
+            window: outstanding reads, 1..512 (above 256, 10-bit tags).
+            rate: offered requests/s; 0 for as fast as the window allows.
+            count: requests to send. duration: seconds to send for. At least one is needed.
+            timeout: seconds after which an unanswered read is an error.
+            channels: request channels to spread the requests over (1..8).
+            requester_id: the host's Requester ID.
+            completer_id: the function's Completer ID, checked when given.
+            max_payload, rcb: the function's Max_Payload_Size and Read Completion Boundary.
+            seed: makes the op, address and data choices reproducible.
+
+        Returns:
+            A :class:`LoadResult`. Failed checks are counted there, not raised.
+
+        Raises:
+            TypeError, ValueError: a bad argument (the rule in the message).
+            Error: ``EBUSY`` if requests sent with :meth:`send_request` are still
+                outstanding; ``EINVAL`` for a spec the generator refuses (e.g. an op that does
+                not fit a range), with the reason; ``InvalidHandleError`` when closed.
+
+        Thread-safety: runs on the calling thread with the GIL released; not concurrently
+        with other calls on this host.
+        """
+        args = load_args(ranges, ops, window=window, rate=rate, count=count, duration=duration,
+                         timeout=timeout, channels=channels, requester_id=requester_id,
+                         completer_id=completer_id, max_payload=max_payload, rcb=rcb, seed=seed)
+        return LoadResult._from_native(dict(self._host().load(**args)))
 
     def stats(self) -> dict[str, Any]:
         """What the model checked: requests, completions, retired, outstanding, errors,

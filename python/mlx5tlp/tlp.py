@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from mlx5tlp.records import Records
+
 __all__ = [
     "KINDS",
     "Attr",
@@ -603,37 +605,27 @@ def completions_for(
 
 
 @dataclass(frozen=True)
-class BulkCompletions:
-    """Completions for many requests, built in one call.
+class BulkCompletions(Records):
+    """Completions for many requests, built in one call: a :class:`mlx5tlp.Records` batch.
 
     Attributes:
         buffer: completion TLPs back to back, each a full TLP (3DW header then payload, no
             digest), in request order.
         offsets: ``len(self) + 1`` unsigned 32-bit offsets (native byte order); completion
-            ``k`` is ``buffer[offsets[k]:offsets[k + 1]]``.
+            ``k`` is ``buffer[offsets[k]:offsets[k + 1]]`` (:meth:`record`).
         request_first: ``requests + 1`` entries; request ``i``'s completions are
             ``request_first[i]`` up to (excluding) ``request_first[i + 1]``.
         errors: one byte per request: 0, or the status code explaining why request ``i`` got
             no completion (:func:`reason` gives the text). MWr requests get none and 0.
     """
 
-    buffer: bytes
-    offsets: array.array[int]
     request_first: array.array[int]
     errors: bytes
-
-    def __len__(self) -> int:
-        """The number of completions."""
-        return len(self.offsets) - 1
 
     @property
     def requests(self) -> int:
         """The number of requests."""
         return len(self.errors)
-
-    def record(self, k: int) -> memoryview:
-        """Completion ``k`` as a view into :attr:`buffer`."""
-        return memoryview(self.buffer)[self.offsets[k] : self.offsets[k + 1]]
 
     def error(self, i: int) -> Optional[str]:
         """The status name for request ``i`` (``None`` when it was fine)."""

@@ -138,13 +138,17 @@ class Var(DeviceObject):
             layout: record layout: ``"sim"`` (default on the software device) or
                 ``"raw_tlp[:<slot bytes>]"`` (provisional hardware layout, default on rdma).
             direct: write from the calling thread (no ring, no writer thread).
-            ring_slots: ring capacity (power of two) in loop mode.
+            ring_slots: ring capacity in loop mode: a power of two in [2, 2**30]
+                (:data:`mlx5tlp.gateway.MAX_RING_SLOTS`).
             batch_max: records per doorbell at most.
             drain_timeout: seconds close() waits for the device to take what is queued
                 (None: no limit).
 
         Raises:
-            InvalidArgumentError: a VirtIO VAR, or a page the layout does not recognise.
+            InvalidArgumentError: a VirtIO VAR, a page the layout does not recognise, or
+                `ring_slots` / `batch_max` out of range.
+            ResourceExhaustedError: the ring cannot be allocated (``ENOMEM``) or the writer
+                thread cannot be started (``EAGAIN``: a process or memory limit).
             Error: ``EBUSY``: the page already has a gateway (this or another process).
         """
         from mlx5tlp.gateway import open_gateway

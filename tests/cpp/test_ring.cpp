@@ -239,8 +239,8 @@ void test_lifetime_and_validation() {
   auto rejects = [](std::size_t cap, std::size_t sb) {
     try {
       Ring r(cap, sb);
-    } catch (const std::invalid_argument&) {
-      return true;
+    } catch (const mlx5tlp::Error& e) {
+      return e.kind() == mlx5tlp::ErrorKind::invalid_argument;
     }
     return false;
   };

@@ -155,11 +155,14 @@ void handles_lowest_free() {
   // A stale DEVX import (o1's buffer: handle 1) now names u2, a UMEM: the kernel's type check
   // refuses it with EINVAL, not ENOENT.
   m5a_mlx5dv_devx_obj* stale_o = sym().mlx5dv_devx_obj_import(c, eo1);
+  // The device's identity check (what the core asks after every import) sees it first.
+  CHECK(sym().sim.import_check(c, 3, stale_o) == ESTALE);
   uint8_t q[16] = {0x0a, 0x02};
   CHECK(sym().mlx5dv_devx_obj_query(stale_o, q, sizeof q, out, sizeof out) == EINVAL);
   sym().mlx5dv_devx_obj_unimport(stale_o);
   // A stale UMEM import (u1's buffer: handle 0) names o2 now: EINVAL again...
   m5a_mlx5dv_devx_umem* stale_u = sym().mlx5dv_devx_umem_import(c, eu1);
+  CHECK(sym().sim.import_check(c, 2, stale_u) == ESTALE);
   CHECK(sym().mlx5dv_devx_umem_dereg(stale_u) == EINVAL);
   sym().mlx5dv_devx_umem_unimport(stale_u);
   // ...and once o2 is gone and a UMEM takes handle 0, the stale import deregisters that newer,
@@ -171,6 +174,12 @@ void handles_lowest_free() {
   CHECK(handle_of(eu3) == 0 && u3->umem_id != u1_id);
   stale_u = sym().mlx5dv_devx_umem_import(c, eu1);
   CHECK(stale_u->umem_id == u1_id);
+  CHECK(sym().sim.import_check(c, 2, stale_u) == ESTALE);  // u3 has another id
+  {
+    m5a_mlx5dv_devx_umem* live = sym().mlx5dv_devx_umem_import(c, eu3);
+    CHECK(sym().sim.import_check(c, 2, live) == 0);
+    sym().mlx5dv_devx_umem_unimport(live);
+  }
   CHECK(sym().mlx5dv_devx_umem_dereg(stale_u) == 0);  // destroyed u3
   CHECK(sym().mlx5dv_devx_umem_dereg(u3) == ENOENT);
   sym().mlx5dv_devx_umem_unimport(u3);

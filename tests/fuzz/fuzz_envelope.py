@@ -135,12 +135,10 @@ class Harness:
                 )
                 got = _fields(env.kind, env.raw)
                 # docs/export-format.md: a VAR import is checked with the kernel by a mapping
-                # probe, so the page it grants (mmap_off) must be a live VAR's. Not checkable at
-                # import (docs/fuzzing.md, "Limits found"): a VAR's handle, page id and length
-                # fields, a UMEM's id, anything of a DEVX object.
-                if got[0] == "VAR" and got[4] not in {
-                    f[4] for f in self.live_fields if f[0] == "VAR"
-                }:
+                # probe, and every import by the software device's identity check, so what
+                # imports is exactly a live object: a VAR's handle, page id, length and mapping
+                # offset, a UMEM's handle and id.
+                if got[0] in ("VAR", "UMEM") and got not in self.live_fields:
                     raise AssertionError(
                         f"forged object imported: {got} is no live object "
                         f"(live: {sorted(self.live_fields)})"

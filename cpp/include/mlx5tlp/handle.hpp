@@ -100,22 +100,40 @@ namespace detail {
 // upstream import reads the buffer without a length. Error(export_format), naming `function`.
 void check_export_size(const Context& ctx, ObjectKind kind, const char* function, size_t len);
 
+// Why an import was refused by the backend's identity check (ENOENT / ESTALE).
+[[noreturn]] void stale_import(ObjectKind kind, const char* function, int err);
+
 // Imports a raw export buffer with `fn` (mlx5dv_*_import), handing rdma-core a private copy of
 // exactly the size it reads, wraps the result with `wrap` (raw -> shared_ptr<T>) and adopts it
-// on `ctx` under the same Use, so a concurrent close() cannot miss it. Throws on a size
-// mismatch or an import failure.
+// on `ctx` under the same Use, so a concurrent close() cannot miss it. Where the backend can
+// tell (the software device's import_check), an import whose handle names nothing or another
+// object than the one exported (the kernel reuses the lowest free handle) is unimported and
+// refused: Error(invalid_handle, ESTALE; ENOENT for a UMEM/DEVX handle that names nothing). Throws on a size mismatch or an import failure.
 template <typename Fn, typename Wrap>
 auto import_raw(const std::shared_ptr<Context>& ctx, ObjectKind kind, const char* function, Fn fn,
                 const uint8_t* raw, size_t len, Wrap wrap) {
   check_export_size(*ctx, kind, function, len);
   std::vector<uint8_t> copy(raw, raw + len);
-  Context::Use u(*ctx);
-  errno = 0;
-  auto* out = fn(u.get(), copy.data());
-  if (out == nullptr) throw_errno(function, errno_or_eio(), false);
-  auto obj = wrap(out);
-  ctx->adopt(obj, u);
-  return obj;
+  decltype(wrap(fn(nullptr, nullptr))) obj;
+  int stale = 0;
+  {
+    Context::Use u(*ctx);
+    errno = 0;
+    auto* out = fn(u.get(), copy.data());
+    if (out == nullptr) throw_errno(function, errno_or_eio(), false);
+    obj = wrap(out);
+    if (auto check = ctx->lib().sym().sim.import_check)
+      stale = check(u.get(), static_cast<int>(kind), out);
+    // A VAR whose handle names nothing is left to the mapping probe of the import (the
+    // kernel's own answer: EINVAL, also for a context that does not share the objects).
+    if (stale == ENOENT && kind == ObjectKind::var) stale = 0;
+    if (stale == 0) {
+      ctx->adopt(obj, u);
+      return obj;
+    }
+  }
+  obj.reset();  // an unimport (no kernel call), outside the Use it takes itself
+  stale_import(kind, function, stale);
 }
 
 // Exports with `fn` (mlx5dv_*_export) into a buffer of this rdma-core's export size.

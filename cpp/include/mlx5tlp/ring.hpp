@@ -26,6 +26,7 @@
 #include <atomic>
 #include <cassert>
 #include <chrono>
+#include <cerrno>
 #include <climits>
 #include <cstddef>
 #include <cstdint>
@@ -40,6 +41,7 @@
 #include <type_traits>
 
 #include "mlx5tlp/deadline.hpp"
+#include "mlx5tlp/error.hpp"
 #include "mlx5tlp/ring_wait.hpp"
 
 namespace mlx5tlp {
@@ -94,7 +96,8 @@ class BasicRing {
   static constexpr std::size_t kMaxCapacity = std::size_t{1} << 30;
 
   // capacity_slots: power of two in [1, 2^30]; slot_size: record capacity in bytes, a multiple of
-  // 8 in [8, 2^20]. Throws std::invalid_argument for other values, std::bad_alloc if out of memory.
+  // 8 in [8, 2^20]. Throws Error(invalid_argument, EINVAL) naming the value for others, and
+  // Error(resource_exhausted, ENOMEM) when the slots cannot be allocated (one error model).
   BasicRing(std::size_t capacity_slots, std::size_t slot_size)
       : cfg_(make_config(capacity_slots, slot_size)) {
     for (std::size_t i = 0; i < capacity_slots; ++i) new (cfg_.base + i * cfg_.stride) SlotHeader();
@@ -307,15 +310,17 @@ class BasicRing {
   static Config make_config(std::size_t capacity_slots, std::size_t slot_size) {
     if (capacity_slots == 0 || (capacity_slots & (capacity_slots - 1)) != 0 ||
         capacity_slots > kMaxCapacity)
-      throw std::invalid_argument("mlx5tlp ring: capacity must be a power of two in [1, 2^30], got " +
-                                  std::to_string(capacity_slots));
+      throw Error(ErrorKind::invalid_argument, "create ring", EINVAL,
+                  "capacity must be a power of two in [1, 2^30], got " + std::to_string(capacity_slots));
     if (slot_size < 8 || slot_size % 8 != 0 || slot_size > kMaxSlotBytes)
-      throw std::invalid_argument("mlx5tlp ring: slot_bytes must be a multiple of 8 in [8, 2^20], got " +
-                                  std::to_string(slot_size));
+      throw Error(ErrorKind::invalid_argument, "create ring", EINVAL,
+                  "slot_bytes must be a multiple of 8 in [8, 2^20], got " + std::to_string(slot_size));
     Config c;
     c.stride = (kHeaderBytes + slot_size + kCacheLine - 1) / kCacheLine * kCacheLine;
     c.storage.reset(static_cast<uint8_t*>(std::aligned_alloc(kCacheLine, capacity_slots * c.stride)));
-    if (!c.storage) throw std::bad_alloc();
+    if (!c.storage)
+      throw Error(ErrorKind::resource_exhausted, "create ring", ENOMEM,
+                  std::to_string(capacity_slots) + " slots of " + std::to_string(c.stride) + " bytes");
     c.base = c.storage.get();
     c.mask = capacity_slots - 1;
     c.slot_bytes = slot_size;

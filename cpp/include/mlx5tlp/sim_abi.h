@@ -122,6 +122,102 @@ struct m5a_sim_reset_result {
 	uint64_t objects;     /* objects of closed contexts reclaimed */
 };
 
+/* ---- The native load generator (mlx5tlp_sim_host_load) ----
+ * An open-loop PCIe host: it sends memory reads and writes to the emulated function at a target
+ * rate with a bounded window of outstanding reads, and checks every completion in native code
+ * (no Python per TLP): data against the expected contents of the address range, byte count,
+ * lower address, tag, requester and completer IDs, status, payload size against
+ * Max_Payload_Size and splits on Read Completion Boundaries (PCIe Base Specification, 2.2.9 and
+ * 2.3.1.1). Latency is measured per read from its send (and from its scheduled send time) to
+ * its last completion. */
+enum {
+	M5A_SIM_LOAD_READ = 0,  /* a Memory Read Request (non-posted: a tag of the window) */
+	M5A_SIM_LOAD_WRITE = 1, /* a Memory Write Request (posted: no completion) */
+};
+#define M5A_SIM_LOAD_MAX_OPS 8
+#define M5A_SIM_LOAD_MAX_RANGES 16
+#define M5A_SIM_LOAD_MAX_WINDOW 512   /* 8 channels x 64 requests; > 256 uses 10-bit tags */
+#define M5A_SIM_LOAD_MAX_BYTES ((uint64_t)1 << 30) /* all ranges together (private copy) */
+
+struct m5a_sim_load_op {
+	uint32_t kind;   /* M5A_SIM_LOAD_READ or _WRITE */
+	uint32_t size;   /* bytes, 1..4096 (writes: whole DWs, 4..4096) */
+	uint32_t align;  /* address alignment, a power of two 1..4096 (0: the size rounded up to a
+			    power of two, at most 4096); below 4 exercises byte enables */
+	uint32_t weight; /* relative frequency, >= 1 */
+};
+
+struct m5a_sim_load_range {
+	uint64_t address;        /* bus address (an assigned BAR address + offset) */
+	uint64_t size;           /* bytes, >= the largest op */
+	const uint8_t *expected; /* the range's contents when the load starts: copied at start (the
+				    generator applies its own writes to its copy) */
+};
+
+struct m5a_sim_load_spec {
+	uint32_t struct_size;   /* sizeof(struct m5a_sim_load_spec) */
+	uint32_t nops;          /* 1..M5A_SIM_LOAD_MAX_OPS */
+	struct m5a_sim_load_op ops[M5A_SIM_LOAD_MAX_OPS];
+	uint32_t nranges;       /* 1..M5A_SIM_LOAD_MAX_RANGES */
+	uint32_t window;        /* outstanding reads, 1..M5A_SIM_LOAD_MAX_WINDOW */
+	const struct m5a_sim_load_range *ranges;
+	double rate;            /* requests/s offered (open loop); 0: as fast as the window allows */
+	uint64_t count;         /* requests to send; 0: until duration_ns */
+	uint64_t duration_ns;   /* sending time; 0: until count (one of them must be set) */
+	uint64_t timeout_ns;    /* a read unanswered this long after its send is an error */
+	uint32_t channels;      /* request channels to use, 1..8 */
+	uint16_t requester_id;  /* the host's Requester ID */
+	uint16_t completer_id;  /* the function's Completer ID (checked unless check_completer 0) */
+	uint32_t check_completer;
+	uint32_t max_payload;   /* the function's Max_Payload_Size: 128..4096, power of two */
+	uint32_t rcb;           /* its Read Completion Boundary: 64 or 128 */
+	uint32_t reserved;
+	uint64_t seed;          /* address / data / op choice (xorshift); 0 picks 1 */
+};
+
+enum {
+	M5A_SIM_LOAD_ERR_DATA = 0,     /* payload differs from the expected contents */
+	M5A_SIM_LOAD_ERR_BYTE_COUNT,   /* Byte Count is not the bytes still to be returned */
+	M5A_SIM_LOAD_ERR_LOWER_ADDRESS,/* Lower Address does not follow the data returned */
+	M5A_SIM_LOAD_ERR_TAG,          /* requester ID + tag of no outstanding read (unexpected) */
+	M5A_SIM_LOAD_ERR_COMPLETER,    /* Completer ID differs */
+	M5A_SIM_LOAD_ERR_STATUS,       /* a status other than Successful Completion */
+	M5A_SIM_LOAD_ERR_FORMAT,       /* not a CplD, payload length vs record length, data on a
+					  failed completion */
+	M5A_SIM_LOAD_ERR_SPLIT,        /* payload above Max_Payload_Size, or a non-final completion
+					  not ending on an RCB boundary */
+	M5A_SIM_LOAD_ERR_TIMEOUT,      /* no (complete) answer within timeout_ns */
+	M5A_SIM_LOAD_ERR_RECORD,       /* a garbage record in a gateway page (bad length, index) */
+	M5A_SIM_LOAD_ERR_KINDS
+};
+#define M5A_SIM_LOAD_FIRST_ERRORS 4
+
+struct m5a_sim_load_result {
+	uint32_t struct_size;   /* sizeof(struct m5a_sim_load_result) */
+	uint32_t nfirst;        /* entries of first_errors used */
+	uint64_t sent;          /* requests sent (reads + writes) */
+	uint64_t reads, writes;
+	uint64_t flush_reads;   /* 4-byte reads after each channel's last write (not in sent):
+				   when the run returns, every write it sent has been applied */
+	uint64_t completed;     /* reads fully and correctly answered */
+	uint64_t completions;   /* completion records collected */
+	uint64_t interrupts;    /* Memory Write records (MSI-X messages): not completions */
+	uint64_t bytes_read;    /* payload bytes checked */
+	uint64_t errors;        /* sum of errors_by_kind */
+	uint64_t errors_by_kind[M5A_SIM_LOAD_ERR_KINDS];
+	uint64_t late;          /* sends that happened more than 1 ms after their scheduled time */
+	uint64_t elapsed_ns;    /* first send to last completion */
+	uint64_t cpu_ns;        /* CPU time of the host thread (CLOCK_THREAD_CPUTIME_ID) */
+	double achieved_rps;    /* requests sent / elapsed */
+	/* read latency, send -> last completion (ns): percentiles from a log-linear histogram
+	   (1/32-octave buckets: within ~3%) */
+	uint64_t lat_min_ns, lat_p50_ns, lat_p90_ns, lat_p99_ns, lat_p999_ns, lat_max_ns;
+	double lat_mean_ns;
+	/* the same from the scheduled send time (open loop: includes waiting for the window) */
+	uint64_t sched_p50_ns, sched_p99_ns, sched_p999_ns, sched_max_ns;
+	char first_errors[M5A_SIM_LOAD_FIRST_ERRORS][160];
+};
+
 struct m5a_sim_host;
 
 /* Device management */
@@ -142,6 +238,17 @@ typedef int (*m5a_sim_inject_fault_fn)(const char *device, const char *op, int e
  * completions, clear injected faults, reclaim every object (contexts must all be closed and no
  * device model attached: else EBUSY). `out` (may be NULL) receives what was discarded. */
 typedef int (*m5a_sim_reset_device_fn)(const char *name, struct m5a_sim_reset_result *out);
+/* The object identity an import cannot get from rdma-core (upstream's *_import asks the kernel
+ * nothing): does `imported` (what mlx5dv_var_import / _devx_umem_import / _devx_obj_import
+ * returned on `ctx`; kind 1 VAR, 2 UMEM, 3 DEVX object) still name the object it was exported
+ * from? The kernel hands out the lowest free handle, so a stale buffer's handle may name a newer
+ * object. 0: the live object at that handle has the recorded identity (VAR: page, length and
+ * mmap offset; UMEM: umem_id; DEVX: object id and type). ENOENT: nothing has that handle.
+ * ESTALE: the handle names another object (of the kind: other identity; or of another kind),
+ * or (VAR) nothing, while the recorded mmap offset is a live page: a rewritten buffer.
+ * EINVAL: bad arguments. A VAR page freed and allocated again with the same handle is the same
+ * identity: not detectable. */
+typedef int (*m5a_sim_import_check_fn)(struct m5a_ibv_context *ctx, int kind, const void *imported);
 /* Why the calling thread's last failing software-device call failed (path, field, limit):
  * copies it NUL-terminated into buf (truncated to len) and returns its full length. */
 typedef size_t (*m5a_sim_last_error_fn)(char *buf, size_t len);
@@ -155,6 +262,13 @@ typedef ssize_t (*m5a_sim_host_poll_fn)(struct m5a_sim_host *host, void *buf, si
 					struct m5a_sim_completion *info);
 
 typedef int (*m5a_sim_host_stats_fn)(struct m5a_sim_host *host, struct m5a_sim_host_stats *out);
+/* Run the load generator on the calling thread until `count` requests were sent or
+ * `duration_ns` elapsed, then until every read is answered or timed out. The host must have no
+ * outstanding requests of its own (EBUSY). Completions that fail a check are counted by kind in
+ * `out` (the first few described), not returned as an error. 0, EINVAL (a bad spec field: see
+ * mlx5tlp_sim_last_error), EBUSY, ENOMEM. Not thread-safe (one host, one thread). */
+typedef int (*m5a_sim_host_load_fn)(struct m5a_sim_host *host, const struct m5a_sim_load_spec *spec,
+				    struct m5a_sim_load_result *out);
 
 /* Emulated function side: take the next request TLP the host sent on `channel` (claim and
  * retire in one call: at most once). Returns its length, 0 if none, -ENOBUFS if `len` is too
@@ -205,6 +319,7 @@ struct SimSymbols {
 	m5a_sim_host_send_fn host_send = nullptr;
 	m5a_sim_host_poll_fn host_poll = nullptr;
 	m5a_sim_host_stats_fn host_stats = nullptr;
+	m5a_sim_host_load_fn host_load = nullptr;
 	m5a_sim_function_poll_fn function_poll = nullptr;
 	m5a_sim_inject_fault_fn inject_fault = nullptr;
 	m5a_sim_reset_device_fn reset_device = nullptr;
@@ -215,6 +330,7 @@ struct SimSymbols {
 	m5a_sim_last_error_fn last_error = nullptr;
 	m5a_sim_function_wait_fn function_wait = nullptr;
 	m5a_sim_function_wake_fn function_wake = nullptr;
+	m5a_sim_import_check_fn import_check = nullptr;
 };
 }  // namespace mlx5tlp
 #endif

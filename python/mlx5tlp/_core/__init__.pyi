@@ -203,6 +203,10 @@ def _raise_for_test(arg0: typing.SupportsInt | typing.SupportsIndex, arg1: typin
     """
     Raise a core error of the given kind (tests of the error mapping).
     """
+def _throw_for_test(what: str) -> None:
+    """
+    Throw a C++ exception of the named family (tests of the one error model).
+    """
 def format_guid(guid: typing.SupportsInt | typing.SupportsIndex) -> str:
     ...
 def library_info(backend: str) -> dict:

@@ -2,6 +2,7 @@
 software device management and device model
 """
 from __future__ import annotations
+import collections.abc
 import mlx5tlp._core
 import typing
 __all__: list[str] = ['Host', 'create_device', 'device_dir', 'function_claim', 'function_mark', 'function_poll', 'function_recover', 'function_retire', 'inject_fault', 'query_device', 'remove_device', 'reset_device']
@@ -9,6 +10,8 @@ class Host:
     def __init__(self, device: str) -> None:
         ...
     def close(self) -> None:
+        ...
+    def load(self, ops: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]], ranges: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.Any]], window: typing.SupportsInt | typing.SupportsIndex, rate: typing.SupportsFloat | typing.SupportsIndex, count: typing.SupportsInt | typing.SupportsIndex, duration_ns: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex, channels: typing.SupportsInt | typing.SupportsIndex, requester_id: typing.SupportsInt | typing.SupportsIndex, completer_id: typing.SupportsInt | typing.SupportsIndex, max_payload: typing.SupportsInt | typing.SupportsIndex, rcb: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex) -> dict:
         ...
     def poll(self, max: typing.SupportsInt | typing.SupportsIndex, timeout: typing.SupportsFloat | typing.SupportsIndex) -> list:
         ...

@@ -235,6 +235,7 @@ def _run_with(
             # Stop the workers while the host still consumes: a worker's gateway drains what it
             # queued before it closes (an interrupted run leaves completions in flight).
             result["workers_report"] = _stop_workers(procs, socks, host)
+            result.update(_engine_latency(result["workers_report"]))
             result["model"] = host.stats()
         result["completion_payload"] = payload
         result["stale_requests_discarded"] = _discard_requests(ctx, opts.workers)
@@ -286,6 +287,28 @@ def _setup(host: sim.Host, writes: list[tuple[int, int, bytes]], procs: list[Any
         if checker.errors:
             raise mlx5tlp.Error(None, f"set-up: {checker.errors[0]}", "demo")
     return checker.completions_verified
+
+
+def _engine_latency(reports: list[dict[str, Any]]) -> dict[str, Optional[float]]:
+    """The engines' own latency (take -> completion in the page, without the host's Python):
+    p50/p99 of the workers' log2 histograms, as the upper bound of the bucket (so within a
+    factor of two above). None for the Python workers, which keep no histogram."""
+    hist: list[int] = []
+    for rep in reports:
+        for b, n in enumerate(rep.get("engine", {}).get("latency_ns_log2", [])):
+            hist += [0] * (b + 1 - len(hist))
+            hist[b] += n
+    total = sum(hist)
+    out: dict[str, Optional[float]] = {}
+    for key, q in (("engine_latency_p50_us", 0.50), ("engine_latency_p99_us", 0.99)):
+        out[key] = None
+        seen = 0
+        for b, n in enumerate(hist):
+            seen += n
+            if total and seen >= q * total:
+                out[key] = round((1 << (b + 1)) / 1000, 3)
+                break
+    return out
 
 
 def _discard_requests(ctx: mlx5tlp.Context, workers: int) -> int:

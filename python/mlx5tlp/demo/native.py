@@ -125,5 +125,6 @@ def _serve(ctx: Context, bar_fd: int, cfg: dict[str, Any], blobs: list[bytes],
     requests = stats["requests"]
     return {"index": cfg["index"], "served": sum(requests.values()),
             "malformed": stats["malformed"], "engine": {
-                k: stats[k] for k in ("requests", "batches", "completions", "ur", "ca")}}
+                k: stats[k] for k in ("requests", "batches", "completions", "ur", "ca",
+                                      "latency_ns_log2")}}
 

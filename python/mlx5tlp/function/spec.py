@@ -289,6 +289,10 @@ class FunctionSpec:
                 f"version: this package reads version {FORMAT_VERSION}, not {version!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         for key in d:
+            if key == "regions":
+                raise ValueError("regions: the regions of a served function are read by "
+                                 "mlx5tlp.served.load() (mlx5tlp serve SPEC), not by "
+                                 "FunctionSpec (docs/spec-format.md)")
             if key not in known:
                 raise ValueError(f"{key}: unknown key (expected one of {', '.join(sorted(known))})")
         if "identity" not in d:

@@ -19,6 +19,7 @@ left on the device after every process exited.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
@@ -34,6 +35,7 @@ from typing import Any, Optional
 
 from mlx5tlp import sim, tlp
 from mlx5tlp.demo.host import FUNCTION_ID, REQUESTER_ID, Checker, Pending, RequestMix
+from mlx5tlp.errors import TimedOutError
 from mlx5tlp.function import Function
 from mlx5tlp.handover.node import DEFAULT_BAR_BASE, DEFAULT_BAR_SIZE, default_spec, memory_pattern
 from mlx5tlp.handover.operator import request
@@ -238,7 +240,8 @@ def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
     def wait_for(cond: Any, what: str) -> None:
         while not cond():
             if time.monotonic() > end:
-                raise TimeoutError(f"handover demo: timed out waiting for {what}")
+                raise TimedOutError(errno.ETIMEDOUT, f"handover demo: timed out waiting for {what}",
+                                    "handover-demo")
             pump_events(0.01)
             pump_host()
 
