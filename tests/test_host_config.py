@@ -194,8 +194,8 @@ def test_no_function_times_out(device: str) -> None:
 
 def test_bad_arguments(device: str) -> None:
     with sim.Host(device) as host:
-        for offset, size in ((1, 4), (4096, 4), (-4, 4), (3, 2), (0, 3)):
+        for offset, size in ((1, 4), (4096, 4), (-4, 4), (3, 2), (0, 3), (0, 4.0), (True, 1)):
             with pytest.raises(ValueError):
-                host.config_read(offset, size)
+                host.config_read(offset, size)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="value"):
             host.config_write(0x0C, 0x100, 1)

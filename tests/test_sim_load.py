@@ -264,6 +264,16 @@ def test_argument_errors(device: str) -> None:
             host.load([LoadRange(BASE, "abc")], count=1)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="rate"):
             host.load(r, count=1, rate=float("nan"))
+        with pytest.raises(TypeError, match="sequences"):
+            host.load(r[0], count=1)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="sequences"):
+            host.load(r, LoadOp("read", 4), count=1)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="timeout"):
+            host.load(r, count=1, timeout=1e300)
+        with pytest.raises(TypeError, match="count"):
+            host.load(r, count=True)
+        with pytest.raises(ValueError, match="ops"):
+            host.load(r, [], count=1)
         # The C++ side's own rules, with the reason: an op that fits no range, odd writes.
         with pytest.raises(mlx5tlp.Error, match="does not fit range 0") as e:
             host.load([LoadRange(BASE, bytes(64))], [LoadOp("read", 128)], count=1)

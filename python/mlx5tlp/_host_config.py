@@ -91,7 +91,7 @@ class ConfigOverTlp:
 
     @staticmethod
     def _check(offset: int, size: int) -> None:
-        if isinstance(size, bool) or size not in _SIZES:
+        if isinstance(size, bool) or not isinstance(size, int) or size not in _SIZES:
             raise ValueError(f"size must be 1, 2 or 4, not {size!r}")
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 4096:
             raise ValueError(f"offset must be an int in 0..4095, not {offset!r}")

@@ -30,6 +30,7 @@ ERROR_KINDS = (
 )
 
 _MAX_WINDOW = 512
+_MAX_SECONDS = 2**63 / 1e9  # the C side counts nanoseconds in 64 bits
 _KINDS = {"read": 0, "write": 1}
 
 
@@ -155,8 +156,9 @@ def _int(name: str, value: object, lo: int, hi: int) -> int:
 def _seconds_ns(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number of seconds > 0, not {value}")
+    if not math.isfinite(value) or not 0 < value < _MAX_SECONDS:
+        raise ValueError(f"{name} must be a finite number of seconds in (0, {_MAX_SECONDS:g}), "
+                         f"not {value}")
     return max(1, int(value * 1e9))
 
 
@@ -182,6 +184,8 @@ def load_args(
         TypeError: a value of the wrong Python type.
         ValueError: a value out of range (the rule in the message).
     """
+    if isinstance(ops, LoadOp) or isinstance(ranges, LoadRange):
+        raise TypeError("ops and ranges are sequences: pass [LoadOp(...)], [LoadRange(...)]")
     if not ops:
         raise ValueError("ops must name at least one LoadOp")
     if not ranges:

@@ -635,7 +635,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             f"window {_BENCH_WINDOW}, as fast as the window allows; cpu_us_per_request: "
             "generator thread CPU + function process CPU (/proc/PID/stat utime+stime) per "
             "request. function_latency_*: from each read's scheduled send time at a fixed "
-            f"offered load of {_BENCH_RATE:g} requests/s (open loop, window 512). window1: one "
+            f"offered load of {_BENCH_RATE:g} requests/s (open loop, window 256). window1: one "
             "read outstanding, send to last completion. function_by_workload: the same for "
             "4/64/256/4096-byte reads and a mix (64 B 50%, 4 B 20%, 256 B 15%, 4 KiB 5%, 64 B "
             "writes 10%). Median of the runs after one warm-up; details.function has each run "

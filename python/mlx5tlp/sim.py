@@ -416,12 +416,16 @@ class Host(ConfigOverTlp, Closing):
         against `max_payload` and splits on `rcb` boundaries (PCIe Base Specification 2.2.9,
         2.3.1.1). Writes never target bytes an outstanding read covers, and with writes in the
         mix each 4 KiB page uses one channel, so the order PCIe guarantees (a read does not
-        pass an earlier write) is the only order relied on (docs/sim.md).
+        pass an earlier write) is the only order relied on (docs/sim.md). A run with writes
+        ends with one flushing read per channel behind its last write: when this returns,
+        every write sent has reached the function.
 
         Args:
             ranges: where to send requests and what they must read back.
             ops: the request mix.
-            window: outstanding reads, 1..512 (above 256, 10-bit tags).
+            window: outstanding reads, 1..512 (tags 0..window-1: above 32 they need the
+                function's Extended Tag Field support, above 256 its 10-Bit Tag Completer
+                support).
             rate: offered requests/s; 0 for as fast as the window allows.
             count: requests to send. duration: seconds to send for. At least one is needed.
             timeout: seconds after which an unanswered read is an error.

@@ -82,6 +82,11 @@ class Var:
     def context(self) -> Context:
         ...
     @property
+    def identity_checked(self) -> bool:
+        """
+        Whether import confirmed the live VAR behind the handle.
+        """
+    @property
     def imported(self) -> bool:
         ...
     @property
