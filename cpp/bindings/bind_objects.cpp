@@ -52,7 +52,9 @@ void bind_objects(py::module_& m) {
       .def_property_readonly("mappings", &Var::mappings)
       .def("hold_mapping", &Var::hold_mapping,
            "Count a mapping made outside the core (free() refuses while it is held).")
-      .def("probe", &Var::probe, py::call_guard<py::gil_scoped_release>());
+      .def("probe", &Var::probe, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("identity_checked", &Var::identity_checked,
+                             "Whether import confirmed the live VAR behind the handle.");
 
   py::class_<Umem, std::shared_ptr<Umem>> umem(m, "Umem");
   bind_handle<Umem>(umem);

@@ -100,7 +100,7 @@ class DeviceObject(Closing):
         return open_envelope(
             blob,
             expected_kind=cls.KIND,
-            raw_size=lambda kind: ctx.export_size(kind),
+            raw_size=ctx.export_size,
             device=ctx.identity,
             key=key,
         )

@@ -22,7 +22,8 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from functools import lru_cache
+from typing import Any, NamedTuple, Optional, Union
 
 from mlx5tlp.errors import ExportFormatError
 
@@ -137,9 +138,9 @@ class Envelope:
     version: int
 
 
-@dataclass(frozen=True)
-class _Parsed:
-    """Result of the structural checks (everything but semantics and MAC)."""
+class _Parsed(NamedTuple):
+    """Result of the structural checks (everything but semantics and MAC). A NamedTuple: it
+    is built on every import (the hot path of export + import), a frozen dataclass costs more."""
 
     version: int
     kind_value: int
@@ -196,6 +197,28 @@ def _encode_str(what: str, value: str) -> bytes:
     return data
 
 
+@lru_cache(maxsize=64)
+def _encode_identity(name: str, backend: str, version: str) -> tuple[bytes, bytes, bytes]:
+    # The identity strings of a context are the same for every export and import: encoded once.
+    return (
+        _encode_str("device name", name),
+        _encode_str("backend", backend),
+        _encode_str("rdma_core_version", version),
+    )
+
+
+def _identity_bytes(device: DeviceIdentity) -> tuple[bytes, bytes, bytes]:
+    """The UTF-8 device name, backend and rdma-core version ("" when unknown) of `device`."""
+    name, backend, version = device.name, device.backend, device.rdma_core_version or ""
+    if type(name) is str and type(backend) is str and type(version) is str:
+        return _encode_identity(name, backend, version)
+    return (  # not all str: raise the TypeError naming the field
+        _encode_str("device name", name),
+        _encode_str("backend", backend),
+        _encode_str("rdma_core_version", version),
+    )
+
+
 def _guid(value: int) -> str:
     return f"0x{value:016x}"
 
@@ -231,7 +254,7 @@ def seal(
         ValueError: a value is out of range (unknown kind or flag, string too long, GUID not
             a u64, key too short, raw buffer too large or empty).
     """
-    kind = Kind(kind)
+    kind = kind if type(kind) is Kind else Kind(kind)
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise TypeError(f"raw must be bytes-like, not {type(raw).__name__}")
     raw_b = bytes(raw)
@@ -254,9 +277,7 @@ def seal(
         raise TypeError(f"node_guid must be int, not {type(guid).__name__}")
     if not 0 <= guid <= _U64_MAX:
         raise ValueError(f"node_guid must be a u64, got {guid:#x}")
-    name = _encode_str("device name", device.name)
-    backend = _encode_str("backend", device.backend)
-    version = _encode_str("rdma_core_version", device.rdma_core_version or "")
+    name, backend, version = _identity_bytes(device)
     key_b = _check_key(key)
 
     options = OPT_KEYED if key_b is not None else 0
@@ -365,12 +386,15 @@ def _parse_checked(data: bytes) -> _Parsed:
     return p
 
 
+_KIND_OF = {k.value: k for k in Kind}
+
+
 def _kind(value: int) -> Kind:
-    try:
-        return Kind(value)
-    except ValueError:
+    kind = _KIND_OF.get(value)
+    if kind is None:
         known = ", ".join(f"{k.name}={k.value}" for k in Kind)
-        raise _fail(f"unknown kind {value} (known: {known})") from None
+        raise _fail(f"unknown kind {value} (known: {known})")
+    return kind
 
 
 def _decode(what: str, data: bytes) -> str:
@@ -457,12 +481,22 @@ def open_envelope(
     if key_b is not None and not hmac.compare_digest(_mac(key_b, p.signed), p.mac):
         raise _fail("HMAC-SHA256 mismatch (wrong key, or the envelope was altered)")
 
-    name = _decode("device name", p.name)
-    backend = _decode("backend", p.backend)
-    version = _decode("rdma_core_version", p.rdma_core_version)
+    # The envelope's strings are the importer's own (the usual case): equal bytes are valid
+    # UTF-8 and pass the device checks below, so they are neither decoded nor compared again.
+    try:
+        mine_b: Optional[tuple[bytes, bytes, bytes]] = _identity_bytes(device)
+    except (TypeError, ValueError):  # an importer identity no envelope can carry
+        mine_b = None
+    same_device = (p.name, p.backend, p.rdma_core_version) == mine_b
+    if not same_device:
+        name = _decode("device name", p.name)
+        backend = _decode("backend", p.backend)
+        version = _decode("rdma_core_version", p.rdma_core_version)
 
-    if expected_kind is not None and kind is not Kind(expected_kind):
-        raise _fail(f"wrong kind: expected {Kind(expected_kind).name}, got {kind.name}")
+    if expected_kind is not None:
+        expected = expected_kind if type(expected_kind) is Kind else Kind(expected_kind)
+        if kind is not expected:
+            raise _fail(f"wrong kind: expected {expected.name}, got {kind.name}")
     if p.flags & ~KNOWN_FLAGS:
         raise _fail(f"unknown flag bits {p.flags & ~KNOWN_FLAGS:#x}")
     if p.flags & FLAG_TLP_VAR and kind is not Kind.VAR:
@@ -475,26 +509,39 @@ def open_envelope(
             f"{want} (exported by a library with another layout?)"
         )
 
-    if backend != device.backend:
-        raise _fail(f"envelope is for backend {backend!r}, this context is {device.backend!r}")
-    if name != device.name or p.node_guid != device.node_guid:
-        raise _fail(
-            f"envelope is for device {name} (guid {_guid(p.node_guid)}), "
-            f"this context is {device.name} (guid {_guid(device.node_guid)})"
+    if same_device:
+        if p.node_guid != device.node_guid:
+            raise _fail(
+                f"envelope is for device {device.name} (guid {_guid(p.node_guid)}), "
+                f"this context is {device.name} (guid {_guid(device.node_guid)})"
+            )
+        exporter = device if device.rdma_core_version != "" else DeviceIdentity(
+            device.name, device.node_guid, device.backend, None
         )
-    mine = device.rdma_core_version or ""
-    if version != mine:
-        raise _fail(
-            f"envelope was exported with rdma-core {version or 'unknown'}, this runtime has "
-            f"rdma-core {mine or 'unknown'} (export layouts may change between versions)"
+    else:
+        if backend != device.backend:
+            raise _fail(
+                f"envelope is for backend {backend!r}, this context is {device.backend!r}"
+            )
+        if name != device.name or p.node_guid != device.node_guid:
+            raise _fail(
+                f"envelope is for device {name} (guid {_guid(p.node_guid)}), "
+                f"this context is {device.name} (guid {_guid(device.node_guid)})"
+            )
+        mine = device.rdma_core_version or ""
+        if version != mine:
+            raise _fail(
+                f"envelope was exported with rdma-core {version or 'unknown'}, this runtime "
+                f"has rdma-core {mine or 'unknown'} (export layouts may change between versions)"
+            )
+        exporter = DeviceIdentity(
+            name=name, node_guid=p.node_guid, backend=backend, rdma_core_version=version or None
         )
 
     return Envelope(
         kind=kind,
         raw=p.raw,
-        device=DeviceIdentity(
-            name=name, node_guid=p.node_guid, backend=backend, rdma_core_version=version or None
-        ),
+        device=exporter,
         flags=p.flags,
         keyed=keyed,
         version=p.version,

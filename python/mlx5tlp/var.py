@@ -54,8 +54,10 @@ class Var(DeviceObject):
         env = cls._open(ctx, blob, key)
         var = cls(_core.Var.import_(ctx._core, env.raw, bool(env.flags & FLAG_TLP_VAR)), ctx)
         # Import itself asks the kernel nothing (upstream rebuilds the struct from the buffer),
-        # so ask once now: the kernel refuses the mapping of a freed VAR's offset.
-        if not var._core.probe():
+        # so ask once now: the kernel refuses the mapping of a freed VAR's offset. Where the
+        # backend confirmed the live VAR behind the handle (the software device's identity
+        # check: same page, length and offset in this context), the mapping is known to work.
+        if not var._core.identity_checked and not var._core.probe():
             var.unimport()
             raise InvalidHandleError(
                 errno.EINVAL,

@@ -37,6 +37,10 @@ class Handle : public Child {
   // free() or unimport(), whichever applies; idempotent.
   void close() override;
   std::string describe() const override { return what_; }
+  // Imported objects: the backend confirmed at import that the handle names the exported
+  // object (the software device's identity check); false where nothing could be asked.
+  bool identity_checked() const noexcept { return identity_checked_; }
+  void set_identity_checked() noexcept { identity_checked_ = true; }
 
  protected:
   Handle(std::shared_ptr<Context> ctx, bool imported, const char* what)
@@ -92,6 +96,7 @@ class Handle : public Child {
   bool live_ = true;
   const bool imported_;
   const char* what_;
+  bool identity_checked_ = false;  // set once, before the object is shared
 };
 
 namespace detail {
@@ -122,12 +127,16 @@ auto import_raw(const std::shared_ptr<Context>& ctx, ObjectKind kind, const char
     auto* out = fn(u.get(), copy.data());
     if (out == nullptr) throw_errno(function, errno_or_eio(), false);
     obj = wrap(out);
-    if (auto check = ctx->lib().sym().sim.import_check)
+    bool checked = false;
+    if (auto check = ctx->lib().sym().sim.import_check) {
       stale = check(u.get(), static_cast<int>(kind), out);
+      checked = stale == 0;
+    }
     // A VAR whose handle names nothing is left to the mapping probe of the import (the
     // kernel's own answer: EINVAL, also for a context that does not share the objects).
     if (stale == ENOENT && kind == ObjectKind::var) stale = 0;
     if (stale == 0) {
+      if (checked) obj->set_identity_checked();
       ctx->adopt(obj, u);
       return obj;
     }

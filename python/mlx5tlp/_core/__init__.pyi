@@ -82,6 +82,11 @@ class Var:
     def context(self) -> Context:
         ...
     @property
+    def identity_checked(self) -> bool:
+        """
+        Whether import confirmed the live VAR behind the handle.
+        """
+    @property
     def imported(self) -> bool:
         ...
     @property
@@ -173,7 +178,7 @@ class Gateway:
         ...
     def write(self, record: typing.Any, timeout: typing.Any) -> bool:
         ...
-    def write_batch(self, data: typing.Any, offsets: typing.Any, timeout: typing.Any) -> int:
+    def write_batch(self, data: typing.Any, offsets: typing.Any, timeout: typing.Any, whole: bool = False) -> int:
         ...
     @property
     def closed(self) -> bool:
