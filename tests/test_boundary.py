@@ -307,6 +307,8 @@ BUFFER_BINDINGS: dict[str, Callable[[_Env, Any], Any]] = {
     "Var.import_.raw": lambda e, bad: _core.Var.import_(e.ctx._core, bad, True),
     "engine.Engine.__init__.state": lambda e, bad: _core.engine.Engine(
         _spec_value(), [], 32, 1024, 0, lambda items: None, bad, False),
+    "engine.Engine.adopt_state.state": lambda e, bad: e.get("engine")[0]._engine.adopt_state(
+        bad, None),
     "engine.Engine.complete.data": lambda e, bad: e.get("engine")[0]._engine.complete(1, bad),
     "engine.MemoryRegion.write.data": lambda e, bad: e.get("engine")[1]._core.write(0, bad),
     "function.Function.__init__.state": lambda e, bad: _core.function.Function(
@@ -353,6 +355,7 @@ BAD_VALUES: dict[str, Callable[[], list[Any]]] = {
     "Gateway.post_batch.offsets": _offsets_bad,
     "Gateway.write_batch.offsets": _offsets_bad,
     "engine.Engine.__init__.state": _state_bad,
+    "engine.Engine.adopt_state.state": _state_bad,
     "function.Function.__init__.state": _state_bad,
 }
 

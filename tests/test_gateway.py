@@ -239,6 +239,27 @@ def test_direct_mode(ctx: mlx5tlp.Context, host: sim.Host) -> None:
     var.free()
 
 
+def test_direct_write_whole_never_splits_a_group(ctx: mlx5tlp.Context, host: sim.Host) -> None:
+    # Every completion of one request under one doorbell, or none: a mark names one doorbell
+    # count, so a request split across two doorbells by a crash would be half published and
+    # answered again in full by the successor (a duplicate first completion).
+    var = ctx.alloc_var(tlp=True)
+    with var.gateway(direct=True) as gw:
+        recs = [record(2, i) for i in range(16)]
+        assert gw.write_batch(recs[:14], timeout=1.0) == 14  # 1 of the page's 15 slots left
+        assert gw.write_batch(recs[14:16], timeout=0.05, whole=True) == 0  # 2 do not fit
+        assert gw.stats()["written"] == 14
+        got = collect(host, 14)
+        assert gw.write_batch(recs[14:16], timeout=1.0, whole=True) == 2
+        got += collect(host, 2)
+        assert [c.tlp for c in got] == recs
+        # Without `whole`, the batch is cut at the credits: 1 now, the other after the host.
+        assert gw.write_batch(recs[:14], timeout=1.0) == 14
+        assert gw.write_batch(recs[14:16], timeout=0.05) == 1
+        assert len(collect(host, 15)) == 15
+    var.free()
+
+
 # ------------------------------------------------------------------ concurrency
 
 

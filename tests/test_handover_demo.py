@@ -14,8 +14,8 @@ import sys
 import pytest
 
 
-def run_demo(*args: str) -> dict[str, object]:
-    out = subprocess.run([sys.executable, "-m", "mlx5tlp", "handover-demo", "--json",
+def run_demo(*args: str, command: str = "handover-demo") -> dict[str, object]:
+    out = subprocess.run([sys.executable, "-m", "mlx5tlp", command, "--json",
                           "--timeout", "120", *args], capture_output=True, text=True,
                          timeout=300, env=dict(os.environ, SKBUILD_EDITABLE_VERBOSE="0"))
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
@@ -55,3 +55,27 @@ def test_handovers_and_kills_mixed() -> None:
     rep = run_demo("--requests", "3000", "--handover-every", "300", "--kill-primary-every", "700")
     check_zero(rep)
     assert rep["handovers"] >= 4 and rep["takeovers"] >= 2, rep
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_mlx5tlp_demo_takes_the_handover_flags(engine: str) -> None:
+    # The form: `mlx5tlp demo --handover-every N --kill-primary-every N`, the window of
+    # the demo (64: the request channel fills, and what it refuses is sent again later).
+    rep = run_demo("--requests", "2500", "--handover-every", "250", "--kill-primary-every",
+                   "800", "--engine", engine, command="demo")
+    check_zero(rep)
+    assert rep["engine"] == engine
+    assert rep["handovers"] >= 4 and rep["takeovers"] >= 2, rep
+    for k in ("handover_pause_p50_us", "handover_pause_p99_us", "takeover_gap_p99_us"):
+        assert isinstance(rep[k], float), (k, rep)
+    steps = rep["handover_steps_us"]
+    assert isinstance(steps, dict) and "new.first_answer" in steps, steps
+
+
+def test_mlx5tlp_demo_refuses_worker_options_with_handovers() -> None:
+    out = subprocess.run([sys.executable, "-m", "mlx5tlp", "demo", "--handover-every", "10",
+                          "--kill-worker-after", "5"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2
+    assert "--kill-worker-after does not apply" in out.stderr

@@ -74,35 +74,8 @@ class PyEngine {
            py::object dispatch, const py::object& state, bool adopt, const py::object& completer)
       : handler_(std::move(dispatch)) {
     auto layout = pci::compile(spec_from_dict(spec));
-
-    pci::FunctionState* st = nullptr;
-    if (!state.is_none()) {
-      if (PyObject_GetBuffer(state.ptr(), &view_, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
-        PyErr_Clear();
-        throw py::type_error("state must be a writable, contiguous buffer (e.g. an mmap)");
-      }
-      have_view_ = true;
-      if (size_t(view_.len) != pci::Function::state_size() ||
-          reinterpret_cast<uintptr_t>(view_.buf) % alignof(pci::FunctionState) != 0) {
-        release_view();
-        throw Error(ErrorKind::invalid_argument, "create engine", EINVAL,
-                    "state: need an 8-byte aligned buffer of " + std::to_string(pci::Function::state_size()) + " bytes");
-      }
-      st = static_cast<pci::FunctionState*>(view_.buf);
-    }
-    if (!completer.is_none()) {
-      if (PyObject_GetBuffer(completer.ptr(), &cview_, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
-        PyErr_Clear();
-        release_view();
-        throw py::type_error("completer must be a writable, contiguous buffer of 4 bytes");
-      }
-      have_cview_ = true;
-      if (cview_.len != 4 || reinterpret_cast<uintptr_t>(cview_.buf) % alignof(std::atomic<uint32_t>) != 0) {
-        release_view();
-        throw Error(ErrorKind::invalid_argument, "create engine", EINVAL, "completer: need a 4-byte aligned buffer of 4 bytes");
-      }
-      o.completer_word = static_cast<std::atomic<uint32_t>*>(cview_.buf);
-    }
+    pci::FunctionState* st = take_state(state);
+    o.completer_word = take_completer(completer);
     try {
       engine_ = std::make_unique<Engine>(layout, std::move(regions), o, st,
                                          adopt ? pci::Function::Adopt::keep : pci::Function::Adopt::reset);
@@ -122,6 +95,23 @@ class PyEngine {
     if (!engine_) throw Error(ErrorKind::invalid_handle, "engine", EBADF, "the device was closed");
     return *engine_;
   }
+  // Engine::adopt_state with Python buffers (held until close, as the constructor's).
+  void adopt_state(const py::object& state, const py::object& completer) {
+    Engine& en = e();
+    if (have_view_ || have_cview_)
+      throw Error(ErrorKind::invalid_argument, "adopt state", EINVAL, "the engine already serves from a caller's state");
+    if (state.is_none()) throw py::type_error("state must be a writable buffer, not None");
+    pci::FunctionState* st = take_state(state);
+    std::atomic<uint32_t>* word = nullptr;
+    try {
+      word = take_completer(completer);
+      py::gil_scoped_release r;
+      en.adopt_state(st, word);
+    } catch (...) {
+      release_view();
+      throw;
+    }
+  }
   void close() {
     {
       py::gil_scoped_release r;
@@ -134,6 +124,35 @@ class PyEngine {
   }
 
  private:
+  pci::FunctionState* take_state(const py::object& state) {
+    if (state.is_none()) return nullptr;
+    if (PyObject_GetBuffer(state.ptr(), &view_, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
+      PyErr_Clear();
+      throw py::type_error("state must be a writable, contiguous buffer (e.g. an mmap)");
+    }
+    have_view_ = true;
+    if (size_t(view_.len) != pci::Function::state_size() ||
+        reinterpret_cast<uintptr_t>(view_.buf) % alignof(pci::FunctionState) != 0) {
+      release_view();
+      throw Error(ErrorKind::invalid_argument, "create engine", EINVAL,
+                  "state: need an 8-byte aligned buffer of " + std::to_string(pci::Function::state_size()) + " bytes");
+    }
+    return static_cast<pci::FunctionState*>(view_.buf);
+  }
+  std::atomic<uint32_t>* take_completer(const py::object& completer) {
+    if (completer.is_none()) return nullptr;
+    if (PyObject_GetBuffer(completer.ptr(), &cview_, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
+      PyErr_Clear();
+      release_view();
+      throw py::type_error("completer must be a writable, contiguous buffer of 4 bytes");
+    }
+    have_cview_ = true;
+    if (cview_.len != 4 || reinterpret_cast<uintptr_t>(cview_.buf) % alignof(std::atomic<uint32_t>) != 0) {
+      release_view();
+      throw Error(ErrorKind::invalid_argument, "create engine", EINVAL, "completer: need a 4-byte aligned buffer of 4 bytes");
+    }
+    return static_cast<std::atomic<uint32_t>*>(cview_.buf);
+  }
   void release_view() {
     if (have_view_) PyBuffer_Release(&view_);
     have_view_ = false;
@@ -283,17 +302,24 @@ void bind_engine(py::module_& root) {
         return std::make_unique<PyEngine>(spec, std::move(regions), o, std::move(dispatch), state, adopt, completer);
       }), py::arg("spec"), py::arg("regions"), py::arg("batch"), py::arg("deferred_max"), py::arg("trace_entries"),
          py::arg("dispatch"), py::arg("state"), py::arg("adopt"), py::arg("completer") = py::none())
-      .def("add_sim_lane", [](PyEngine& p, std::shared_ptr<Var> var, uint32_t channels, double spin_us) {
+      .def("add_sim_lane", [](PyEngine& p, std::shared_ptr<Var> var, uint32_t channels, double spin_us, bool attach) {
         Engine& e = p.e();
         auto ctx = var->context();
         py::gil_scoped_release r;
+        auto src = std::make_unique<SimRequestSource>(ctx, channels, 64,
+                                                      std::chrono::nanoseconds(int64_t(spin_us * 1000)));
+        if (!attach) return e.add_detached_lane(std::move(var), std::move(src));
         GatewayOptions go;
         go.direct = true;
         auto gw = Gateway::open(var, nullptr, go);
-        auto src = std::make_unique<SimRequestSource>(ctx, channels, 64,
-                                                      std::chrono::nanoseconds(int64_t(spin_us * 1000)));
         e.add_lane(std::move(gw), std::move(src));
-      }, py::arg("var"), py::arg("channels"), py::arg("spin_us"))
+      }, py::arg("var"), py::arg("channels"), py::arg("spin_us"), py::arg("attach") = true)
+      .def("adopt_state", &PyEngine::adopt_state, py::arg("state"), py::arg("completer"))
+      .def("attach_gateways", [](PyEngine& p) {
+        Engine& e = p.e();
+        py::gil_scoped_release r;
+        e.attach_gateways();
+      })
       .def("start", [](PyEngine& p) { p.e().start(); })
       .def("pause", [](PyEngine& p, const py::object& timeout) {
         const Deadline d = to_deadline(timeout);

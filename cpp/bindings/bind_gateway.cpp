@@ -127,13 +127,14 @@ void bind_gateway(py::module_& m) {
         py::gil_scoped_release r;
         return g.write(v.data(), v.size(), t);
       }, py::arg("record"), py::arg("timeout"))
-      .def("write_batch", [](Gateway& g, py::handle data, py::handle offsets, const py::object& timeout) {
+      .def("write_batch", [](Gateway& g, py::handle data, py::handle offsets, const py::object& timeout, bool whole) {
         const auto t = to_deadline(timeout);
         return for_batch("write batch", data, offsets,
                          [&](const uint8_t* b, const uint32_t* o, const uint32_t* l, size_t n) {
-                           return g.write_batch(b, o, l, n, t);
+                           const auto end = uint32_t(n);
+                           return whole ? g.write_groups(b, o, l, n, &end, 1, t) : g.write_batch(b, o, l, n, t);
                          });
-      }, py::arg("data"), py::arg("offsets"), py::arg("timeout"))
+      }, py::arg("data"), py::arg("offsets"), py::arg("timeout"), py::arg("whole") = false)
       .def("flush", [](Gateway& g, const py::object& timeout) {
         const auto t = to_deadline(timeout);
         py::gil_scoped_release r;

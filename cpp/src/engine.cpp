@@ -120,7 +120,8 @@ struct Engine::Impl {
 };
 
 struct Lane {
-  Lane(Engine::Impl* e, uint32_t index, std::shared_ptr<Gateway> gw, std::unique_ptr<RequestSource> src);
+  Lane(Engine::Impl* e, uint32_t index, std::shared_ptr<Var> var, std::shared_ptr<Gateway> gw,
+       std::unique_ptr<RequestSource> src);
   void run() noexcept;
   void serve_batch(size_t n);
   void refresh() noexcept;
@@ -170,6 +171,8 @@ struct Lane {
   size_t ncpl = 0;
   std::vector<uint32_t> ends_tmp;
   std::vector<uint32_t> rec_off, rec_len;
+  std::vector<uint32_t> grp_end, grp_rel;  // record counts at which a request's records end
+  size_t ngrp = 0;
   std::vector<BatchItem> items;
   size_t nitems = 0;
   bool items_have_write = false;
@@ -284,10 +287,11 @@ void Engine::Impl::poke_all() noexcept {
 
 // ---------------------------------------------------------------- Lane
 
-Lane::Lane(Engine::Impl* eng, uint32_t idx, std::shared_ptr<Gateway> g, std::unique_ptr<RequestSource> s)
+Lane::Lane(Engine::Impl* eng, uint32_t idx, std::shared_ptr<Var> v, std::shared_ptr<Gateway> g,
+           std::unique_ptr<RequestSource> s)
     : e(eng), index(idx), gw(std::move(g)), src(std::move(s)), cfg(new uint8_t[pci::kConfigSize]()),
       cs(&eng->layout->config, cfg.get()), batch(eng->opt.batch) {
-  var = gw->var();
+  var = gw ? gw->var() : std::move(v);
   reqs.resize(batch);
   slots.resize(batch);
   rdata.resize(batch * kMaxDataPerRequest);
@@ -298,6 +302,8 @@ Lane::Lane(Engine::Impl* eng, uint32_t idx, std::shared_ptr<Gateway> g, std::uni
   cpl_len.resize(max_cpl);
   rec_off.resize(max_cpl);
   rec_len.resize(max_cpl);
+  grp_end.resize(max_cpl);
+  grp_rel.resize(max_cpl);
   ends_tmp.resize(tlp::kMaxCompletions);
   items.resize(batch);
   extra.resize(extra_max);
@@ -762,12 +768,15 @@ void Lane::publish(size_t n) {
       ++nrec;
     }
     s.seq = base + nrec;
+    grp_end[ngrp++] = uint32_t(nrec);  // one request's completions: one doorbell
   };
+  ngrp = 0;
   // MSI-X messages first (they were built first and answer no request).
   for (size_t k = 0; k < nirq; ++k) {
     rec_off[nrec] = cpl_start[k];
     rec_len[nrec] = cpl_len[k];
     ++nrec;
+    grp_end[ngrp++] = uint32_t(nrec);
   }
   for (size_t i = 0; i < nextra; ++i) mark(extra[i], extra_slots[i]);
   for (size_t i = 0; i < n; ++i) mark(reqs[i], slots[i]);
@@ -814,11 +823,17 @@ void Lane::publish(size_t n) {
 }
 
 void Lane::write_records(size_t nrec) {
-  size_t done = 0;
+  size_t done = 0, g = 0;
   while (done < nrec && gw) {
+    // Group ends relative to `done`: a request's completions never straddle two doorbells, so
+    // a successor's "published" (doorbell >= mark) is all or nothing (a group larger than the
+    // page is split: docs/handover.md).
+    while (g < ngrp && grp_end[g] <= done) ++g;
+    size_t m = 0;
+    for (size_t h = g; h < ngrp; ++h) grp_rel[m++] = uint32_t(grp_end[h] - done);
     // Bounded waits so that a stop is noticed while the host does not consume.
-    done += gw->write_batch(out.data(), rec_off.data() + done, rec_len.data() + done, nrec - done,
-                            Deadline::after(std::chrono::milliseconds(100)));
+    done += gw->write_groups(out.data(), rec_off.data() + done, rec_len.data() + done, nrec - done,
+                             grp_rel.data(), m, Deadline::after(std::chrono::milliseconds(100)));
     if (done < nrec && (want_stop() || gw->closed())) break;
   }
 }
@@ -922,7 +937,43 @@ void Engine::add_lane(std::shared_ptr<Gateway> gateway, std::unique_ptr<RequestS
     engine_error("add lane", EINVAL, "gateway records of " + std::to_string(gateway->max_record()) +
                                          " bytes cannot hold a 128-byte completion payload (use slots of 256 bytes or more)");
   if (impl_->lanes.size() >= 64) engine_error("add lane", EINVAL, "more than 64 lanes");
-  impl_->lanes.push_back(std::make_unique<Lane>(impl_.get(), uint32_t(impl_->lanes.size()), std::move(gateway), std::move(source)));
+  impl_->lanes.push_back(std::make_unique<Lane>(impl_.get(), uint32_t(impl_->lanes.size()), nullptr, std::move(gateway),
+                                                std::move(source)));
+}
+
+void Engine::add_detached_lane(std::shared_ptr<Var> var, std::unique_ptr<RequestSource> source) {
+  std::lock_guard<std::mutex> g(impl_->ctl_mu);
+  if (impl_->state.load() != kStateCreated) engine_error("add lane", EBUSY, "the engine was started");
+  if (!var || !source) engine_error("add lane", EINVAL, "no VAR or no request source");
+  if (impl_->lanes.size() >= 64) engine_error("add lane", EINVAL, "more than 64 lanes");
+  impl_->lanes.push_back(std::make_unique<Lane>(impl_.get(), uint32_t(impl_->lanes.size()), std::move(var), nullptr,
+                                                std::move(source)));
+}
+
+void Engine::attach_gateways() {
+  std::lock_guard<std::mutex> g(impl_->ctl_mu);
+  if (impl_->state.load() != kStateCreated) engine_error("attach gateways", EBUSY, std::string("the engine is ") + state() + ", not created");
+  for (auto& l : impl_->lanes) {
+    if (l->gw) continue;
+    GatewayOptions o;
+    o.direct = true;
+    auto gw = Gateway::open(l->var, nullptr, o);  // EBUSY while another process commits to the page
+    if (gw->max_record() < 128 + 16)
+      engine_error("attach gateways", EINVAL, "gateway records of " + std::to_string(gw->max_record()) +
+                                                  " bytes cannot hold a 128-byte completion payload");
+    l->gw = std::move(gw);
+  }
+}
+
+void Engine::adopt_state(pci::FunctionState* st, std::atomic<uint32_t>* completer_word) {
+  std::lock_guard<std::mutex> g(impl_->ctl_mu);
+  if (impl_->state.load() != kStateCreated) engine_error("adopt state", EBUSY, std::string("the engine is ") + state());
+  if (st == nullptr) engine_error("adopt state", EINVAL, "no state");
+  auto f = std::make_unique<pci::Function>(impl_->layout, &impl_->sink, st, pci::Function::Adopt::keep);
+  std::lock_guard<std::mutex> fg(impl_->fn_mu);
+  impl_->fn = std::move(f);
+  impl_->opt.completer_word = completer_word;  // read by start(): no lane runs yet
+  impl_->cfg_gen.fetch_add(1, std::memory_order_release);  // release: lanes refresh after it
 }
 
 void Engine::set_batch_handler(BatchHandler* handler) noexcept { impl_->handler = handler; }
@@ -950,6 +1001,13 @@ void Engine::start() {
   std::lock_guard<std::mutex> g(impl_->ctl_mu);
   if (impl_->state.load() != kStateCreated) engine_error("start engine", EBUSY, std::string("the engine is ") + state());
   if (impl_->lanes.empty()) engine_error("start engine", EINVAL, "no lanes (add a gateway page and a request source)");
+  for (auto& l : impl_->lanes)
+    if (!l->gw) engine_error("start engine", EINVAL, "a lane has no gateway: attach_gateways() first");
+  if (impl_->opt.completer_word != nullptr) {
+    // A predecessor may have captured its Bus/Device Numbers after this engine was built.
+    const uint32_t w = impl_->opt.completer_word->load(std::memory_order_relaxed);
+    if (w != 0) impl_->completer.store((w - 1) & 0xfff8u, std::memory_order_relaxed);
+  }
   for (size_t i = 0; i < impl_->lanes.size(); ++i) {
     Lane* p = impl_->lanes[i].get();
     p->first_answer.store(0, std::memory_order_relaxed);

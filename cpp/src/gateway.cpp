@@ -175,20 +175,38 @@ void Gateway::count_written(size_t n, bool batched) noexcept {
 }
 
 size_t Gateway::write_direct(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
-                             size_t n, Deadline deadline) {
+                             size_t n, Deadline deadline, const uint32_t* ends, size_t nends) {
   const bool batched = layout_->batched_doorbell();
   size_t done = 0;
+  size_t g = 0;  // ends[g]: the end of the group `done` is in
   while (done < n) {
     // relaxed: a close() wakes us (wake_credit_waiter) and waits for us to leave (Inflight).
     if (state_.load(std::memory_order_relaxed) != kOpen) break;
     const size_t credits = layout_->credits();
-    if (credits == 0) {
+    size_t k = std::min({credits, n - done, batch_max_});
+    size_t want = 1;
+    if (ends != nullptr && k != 0) {
+      while (g < nends && ends[g] <= done) ++g;
+      const size_t group_end = g < nends ? std::min<size_t>(ends[g], n) : n;
+      if (group_end - done > k) {
+        // The group does not fit: wait for room for all of it, unless it can never fit.
+        const size_t whole = group_end - done;
+        if (whole <= std::min(layout_->capacity(), batch_max_)) {
+          k = 0;
+          want = whole;
+        }
+      } else {
+        size_t last = group_end;  // the furthest group end within k
+        for (size_t h = g + 1; h < nends && ends[h] <= done + k; ++h) last = ends[h];
+        k = last - done;
+      }
+    }
+    if (k == 0) {
       credit_waits_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
       if (deadline.expired()) break;
-      layout_->wait_credits(deadline);  // blocking point: the device returns credits or close()
+      layout_->wait_credits(deadline, want);  // blocking point: the device returns credits or close()
       continue;
     }
-    const size_t k = std::min({credits, n - done, batch_max_});
     layout_->write_batch(buf, offsets + done, lengths + done, k);
     done += k;
     count_written(k, batched);
@@ -204,6 +222,11 @@ bool Gateway::write(const uint8_t* rec, size_t len, Deadline deadline) {
 
 size_t Gateway::write_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
                             size_t n, Deadline deadline) {
+  return write_groups(buf, offsets, lengths, n, nullptr, 0, deadline);
+}
+
+size_t Gateway::write_groups(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
+                             size_t n, const uint32_t* ends, size_t nends, Deadline deadline) {
   check_usable("write");
   if (!direct_)
     throw Error(ErrorKind::invalid_argument, "write", EINVAL,
@@ -219,7 +242,7 @@ size_t Gateway::write_batch(const uint8_t* buf, const uint32_t* offsets, const u
     std::atomic<bool>& f;
     ~Unbusy() { f.store(false, std::memory_order_release); }  // release: see the exchange above
   } unbusy{direct_busy_};
-  const size_t done = write_direct(buf, offsets, lengths, n, deadline);
+  const size_t done = write_direct(buf, offsets, lengths, n, deadline, ends, nends);
   if (done == 0 && n != 0 && state_.load(std::memory_order_relaxed) != kOpen) closed_error("write");
   return done;
 }

@@ -27,15 +27,15 @@ void GatewayLayout::write_batch(const uint8_t* buf, const uint32_t* offsets,
   if (batched && n != 0) doorbell();
 }
 
-bool GatewayLayout::wait_credits(const Deadline& deadline) noexcept {
+bool GatewayLayout::wait_credits(const Deadline& deadline, size_t want) noexcept {
   // Bounded: 64 spins then 64 yields (ring_detail::backoff), never a sleep; the writer calls
   // again while records wait, and re-checks the gateway's state in between.
   for (unsigned i = 0; i < 128; ++i) {
-    if (credits() > 0) return true;
+    if (credits() >= want) return true;
     if (deadline.expired()) return false;
     ring_detail::backoff(i);
   }
-  return credits() > 0;
+  return credits() >= want;
 }
 
 void SimRingLayout::attach(uint8_t* page, size_t length) {
@@ -68,10 +68,11 @@ size_t SimRingLayout::credits() noexcept {
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "the credit futex is the consumer index's low 32 bits, at page + 0x40 on LE");
 
-bool SimRingLayout::wait_credits(const Deadline& deadline) noexcept {
+bool SimRingLayout::wait_credits(const Deadline& deadline, size_t want) noexcept {
+  if (want == 0) want = 1;
   // A device model that is polling returns credits within microseconds: spin a little first.
   for (unsigned i = 0; i < 128; ++i) {
-    if (credits() > 0) return true;
+    if (credits() >= want) return true;
     ring_detail::cpu_relax();
   }
   auto* waiting = reinterpret_cast<uint32_t*>(page_ + kWriterWaiting);
@@ -84,7 +85,7 @@ bool SimRingLayout::wait_credits(const Deadline& deadline) noexcept {
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
   // acquire: as in credits(): the model's copy-out of a slot happens-before we overwrite it.
   const uint64_t consumed = __atomic_load_n(consumer, __ATOMIC_ACQUIRE);
-  bool ok = produced_ - consumed < count_;
+  bool ok = produced_ - consumed + want <= count_;
   if (!ok) {
     const Deadline until =
         deadline.earliest(Deadline::after(std::chrono::nanoseconds(kCreditWaitCap)));
@@ -92,7 +93,7 @@ bool SimRingLayout::wait_credits(const Deadline& deadline) noexcept {
     // model after it consumes (or by wake_credit_waiter()); FUTEX_WAIT returns at once if the
     // index moved since we read it.
     futex_wait(consumer, static_cast<uint32_t>(consumed), until, /*shared=*/true);
-    ok = credits() > 0;
+    ok = credits() >= want;
   }
   // relaxed: a hint for the device model; a stale 1 costs it one needless FUTEX_WAKE.
   __atomic_store_n(waiting, 0u, __ATOMIC_RELAXED);

@@ -151,8 +151,7 @@ def _demo(args: argparse.Namespace) -> int:
                    kill_every=args.kill_primary_every, seed=args.seed, window=args.window,
                    timeout=args.timeout, engine=args.engine)
     print(json.dumps(rep, indent=None if args.json else 2))
-    bad = rep["lost"] or rep["duplicated"] or rep["unexpected"] or any(rep["leaked"].values())
-    return 1 if bad else 0
+    return 1 if demo.failed(rep) else 0
 
 
 def add_parsers(sub: argparse._SubParsersAction, run: Callable[[Handler], Handler]) -> None:  # type: ignore[type-arg]

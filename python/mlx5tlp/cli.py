@@ -36,6 +36,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mlx5tlp.demo import OptionError, Options, print_report, run
 
+    if args.handover_every is not None or args.kill_primary_every is not None:
+        return _demo_handover(args)
     opts = Options(
         requests=args.requests, workers=args.workers, read_size=args.read_size, seed=args.seed,
         device=args.device, max_payload=args.max_payload, rcb=args.rcb, window=args.window,
@@ -49,6 +51,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 2
     print_report(report, args.json)
     return code
+
+
+def _demo_handover(args: argparse.Namespace) -> int:
+    # One function served by a primary and standbys (`mlx5tlp serve` processes), not workers:
+    # docs/handover.md, "Proof under load".
+    from mlx5tlp.handover import demo
+
+    for flag, bad in (("--kill-worker-after", args.kill_worker_after is not None),
+                      ("--max-payload", args.max_payload != 128), ("--rcb", args.rcb != 64)):
+        if bad:
+            args.parser.error(f"{flag} does not apply with --handover-every / "
+                              "--kill-primary-every (one function, a primary and its standbys)")
+    rep = demo.run(requests=args.requests, handover_every=args.handover_every or 0,
+                   kill_every=args.kill_primary_every or 0, seed=args.seed,
+                   window=min(args.window, 64), read_size=min(args.read_size, 1024),
+                   timeout=args.timeout, engine=args.engine)
+    print(json.dumps(rep, indent=None if args.json else 2))
+    return 1 if demo.failed(rep) else 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -137,6 +157,14 @@ def _add_demo(sub: argparse._SubParsersAction, func: Command) -> None:  # type: 
     demo.add_argument("--engine", choices=["native", "python"], default="native",
                       help="who answers in the workers: the native engine (mlx5tlp.engine."
                       "Device) or the Python-per-TLP baseline (native)")
+    demo.add_argument("--handover-every", type=_int_in(1, None), default=None, metavar="N",
+                      help="planned handover of the function every N requests: it is then "
+                      "served by a primary and standbys (`mlx5tlp serve`), not workers; the "
+                      "report adds handovers, handover_pause_p50_us/p99_us, lost, duplicated, "
+                      "unexpected (docs/handover.md)")
+    demo.add_argument("--kill-primary-every", type=_int_in(1, None), default=None, metavar="N",
+                      help="SIGKILL the primary at a random point of every N requests; a "
+                      "standby takes over (takeovers, takeover_gap_p99_us)")
     demo.set_defaults(func=func, parser=demo)
 
 

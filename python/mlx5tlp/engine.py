@@ -348,6 +348,10 @@ class Device(Closing):
         handover: keep the function state in a handover state block (a memfd,
             :class:`mlx5tlp.handover.SharedState`) so that :meth:`serve` can hand the function
             to a successor process; ``state`` must then be None.
+        attach: open the pages' gateways now. False: build everything else (lanes, buffers,
+            request sources) and open them with :meth:`attach` later — a successor prepares
+            its engine while its predecessor still commits to the pages (``start`` is then
+            ignored).
 
     Raises:
         InvalidArgumentError: a bad spec, region, or option (named).
@@ -364,7 +368,7 @@ class Device(Closing):
                  state: Optional[Any] = None, adopt: bool = False, start: bool = True,
                  spin_us: float = 20.0, gateway_vars: Optional[Sequence[Var]] = None,
                  channels: Optional[Sequence[Sequence[int]]] = None,
-                 handover: bool = False) -> None:
+                 handover: bool = False, attach: bool = True) -> None:
         if isinstance(spec, Function):
             spec = spec.spec  # its declaration; the served state starts from reset (or `state`)
         if not isinstance(spec, FunctionSpec):
@@ -420,8 +424,8 @@ class Device(Closing):
             for lane in range(pages):
                 var = ctx.alloc_var(tlp=True) if given is None else given[lane]
                 self._vars.append(var)
-                engine.add_sim_lane(var._core, masks[lane], float(spin_us))
-            if start:
+                engine.add_sim_lane(var._core, masks[lane], float(spin_us), attach)
+            if start and attach:
                 engine.start()
         except BaseException:
             self.close()
@@ -495,6 +499,20 @@ class Device(Closing):
     def reattach_gateways(self) -> None:
         """Paused only: open the pages' gateways again (then :meth:`resume`)."""
         self._engine.reattach_gateways()
+
+    def attach(self, state: Optional[SharedState] = None) -> None:
+        """Before :meth:`start`, on a device built with ``attach=False``: adopt ``state`` (a
+        predecessor's handover state block: configuration space, MSI-X, the captured
+        Completer ID; validated) if given, and open the gateways of the pages.
+
+        Raises:
+            InvalidArgumentError: started already (EBUSY), or the state failed a check.
+            Error: a page's gateway is held by another process (EBUSY).
+        """
+        e = self._engine
+        if state is not None:
+            e.adopt_state(state.function_view(), state.completer_view())
+        e.attach_gateways()
 
     def drain_deferred(self, timeout: Optional[float] = None) -> bool:
         """Paused only: wait until every deferred request is answered (by its region, or

@@ -163,13 +163,17 @@ class Gateway(Closing):
         """Direct mode: write one record now (waiting up to `timeout` for a device credit)."""
         return bool(self._core.write(record, timeout))
 
-    def write_batch(self, records: Batch, timeout: Optional[float] = None) -> int:
+    def write_batch(self, records: Batch, timeout: Optional[float] = None, *,
+                    whole: bool = False) -> int:
         """Direct mode: write many records, one doorbell per batch; returns how many.
 
-        `records` as for :meth:`post_batch`.
+        `records` as for :meth:`post_batch`. ``whole``: under one doorbell or not at all (it
+        waits for credits for all of them; more records than the page holds are split,
+        unavoidably) — e.g. every completion of one request, so that a crash leaves it
+        published entirely or not (docs/handover.md).
         """
         data, offsets = as_batch(records)
-        return int(self._core.write_batch(data, offsets, timeout))
+        return int(self._core.write_batch(data, offsets, timeout, whole))
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until everything posted before this call is in the page.

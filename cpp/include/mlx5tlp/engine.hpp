@@ -167,6 +167,19 @@ class Engine {
   // Before start(): one lane per gateway page. The gateway must be a direct-mode gateway (the
   // lane is its one writer) whose records hold a 128-byte completion payload.
   void add_lane(std::shared_ptr<Gateway> gateway, std::unique_ptr<RequestSource> source);
+  // Before start(): a lane on `var`'s page whose gateway attach_gateways() opens later, so that
+  // a successor builds its engine (buffers, source) while its predecessor still commits to
+  // the pages, and opens only the gateways once they are released (docs/handover.md).
+  void add_detached_lane(std::shared_ptr<Var> var, std::unique_ptr<RequestSource> source);
+  // Before start(): open a direct gateway for every detached lane. Error(EBUSY) while another
+  // process holds a page's committer lock; start() refuses a lane without a gateway.
+  void attach_gateways();
+  // Before start(): serve from `st` (a predecessor's, in shared memory: validated as
+  // Function Adopt::keep) instead of the state the engine was built with, and keep the
+  // captured Completer ID in `completer_word` (may be null). With add_detached_lane() and
+  // attach_gateways() this lets a successor build everything while its predecessor still
+  // serves, and adopt the state only once the predecessor has paused.
+  void adopt_state(pci::FunctionState* st, std::atomic<uint32_t>* completer_word);
   void set_batch_handler(BatchHandler* handler) noexcept;  // before start()
 
   void start();

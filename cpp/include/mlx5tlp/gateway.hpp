@@ -101,6 +101,14 @@ class Gateway final : public Child, public std::enable_shared_from_this<Gateway>
   bool write(const uint8_t* rec, size_t len, Deadline deadline);
   size_t write_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
                      size_t n, Deadline deadline);
+  // The same, never splitting a group across doorbells: `ends` (strictly increasing, the last
+  // == n) are the record counts at which a group ends — e.g. every completion of one request,
+  // so that a crash between two doorbells leaves each request published entirely or not at
+  // all (a mark names one doorbell count, request_source.hpp). It waits for credits for a
+  // whole group; a group larger than the page holds (capacity()) is split, unavoidably.
+  // Returns the records written, always at a group end unless such a split happened.
+  size_t write_groups(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
+                      size_t n, const uint32_t* ends, size_t nends, Deadline deadline);
   // Direct mode, the writing thread: the page's doorbell count after the last write
   // (GatewayLayout::published), so the caller can mark a request "answered at seq" before it
   // writes the answer (request_source.hpp).
@@ -138,7 +146,7 @@ class Gateway final : public Child, public std::enable_shared_from_this<Gateway>
   size_t drain_batch(size_t max) noexcept;
   void count_written(size_t n, bool batched) noexcept;
   size_t write_direct(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
-                      size_t n, Deadline deadline);
+                      size_t n, Deadline deadline, const uint32_t* ends = nullptr, size_t nends = 0);
 
   std::shared_ptr<Var> var_;
   Mapping mapping_;

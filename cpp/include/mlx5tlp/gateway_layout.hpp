@@ -83,7 +83,11 @@ class GatewayLayout {
   // credits() > 0 now), when woken by wake_credit_waiter(), or at `deadline` (false). It may
   // return early (the writer calls it again). The default is a bounded spin/yield with no
   // sleeping, for layouts whose device has no way to wake the writer.
-  virtual bool wait_credits(const Deadline& deadline) noexcept;
+  // `want`: return true only once at least that many credits are there (a writer that must
+  // publish a group of records under one doorbell).
+  virtual bool wait_credits(const Deadline& deadline, size_t want = 1) noexcept;
+  // Most records the page holds at once (credits() never exceeds it); SIZE_MAX: no limit known.
+  virtual size_t capacity() const noexcept { return SIZE_MAX; }
   // Any thread: wakes a writer inside wait_credits() (the gateway is closing). Default: nothing
   // (the default wait_credits() is bounded).
   virtual void wake_credit_waiter() noexcept {}
@@ -119,7 +123,8 @@ class SimRingLayout final : public GatewayLayout {
   // if there is still no credit, sleeps on a SHARED futex on its low 32 bits (the device model
   // in another process does FUTEX_WAKE on page + 0x40 after storing it when writer_waiting is
   // set), at most until `deadline` and at most kCreditWaitCap; stores 0 on the way out.
-  bool wait_credits(const Deadline& deadline) noexcept override;
+  bool wait_credits(const Deadline& deadline, size_t want = 1) noexcept override;
+  size_t capacity() const noexcept override { return count_; }
   void wake_credit_waiter() noexcept override;
   void write(const uint8_t* record, size_t len) noexcept override;
   void doorbell() noexcept override;

@@ -40,7 +40,13 @@ from mlx5tlp.function import Function
 from mlx5tlp.handover.node import DEFAULT_BAR_BASE, DEFAULT_BAR_SIZE, default_spec, memory_pattern
 from mlx5tlp.handover.operator import request
 
-__all__ = ["run"]
+__all__ = ["failed", "run"]
+
+
+def failed(report: dict[str, Any]) -> bool:
+    """Whether a report shows a lost, duplicated or unexpected completion or a leak."""
+    return bool(report["lost"] or report["duplicated"] or report["unexpected"]
+                or any(report["leaked"].values()))
 
 
 class _Mix(RequestMix):
@@ -110,6 +116,29 @@ class _Procs:
             except subprocess.TimeoutExpired:
                 self.kill(pid)
         self.procs.clear()
+
+
+# Where a planned handover's pause goes: each step's time after the old primary stopped
+# taking requests (CLOCK_MONOTONIC in both processes), p50 / p99 over the handovers.
+_OLD_STEPS = {
+    "native": ["paused", "drained", "released", "marked", "prepared_sent", "accept_received"],
+    "python": ["gateway_closed", "marked", "prepared_sent", "accept_received"],
+}
+_NEW_STEPS = ["prepared_received", "checked", "adopted", "engine_ready", "commit_received",
+              "lease_taken", "done_sent", "primary_ready", "first_answer"]
+
+
+def _steps_report(old: list[list[float]], new: list[list[float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for rows, names, who in ((old, None, "old"), (new, _NEW_STEPS, "new")):
+        if not rows:
+            continue
+        n = len(rows[0])
+        labels = names or _OLD_STEPS["native" if n == 6 else "python"]
+        for i in range(min(n, len(labels))):
+            col = [r[i] for r in rows if len(r) > i]
+            out[f"{who}.{labels[i]}"] = [_pct(col, 0.50), _pct(col, 0.99)]
+    return out
 
 
 def _pct(values: list[float], q: float) -> Optional[float]:
@@ -188,8 +217,13 @@ def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
                 first_served.pop(pid, None)  # a new tenure: its first answer is still to come
             elif kind == "takeover":
                 took_over.append(pid)
+            elif kind == "handed-over":
+                old_steps.append([float(x) for x in ev.get("steps_us", [])])
             elif kind == "first-served":
                 first_served[pid] = ev
+                if ev.get("how") == "handover" and "steps_us" in ev:
+                    new_steps.append([float(x) for x in ev["steps_us"]] +
+                                     [(ev["first_ns"] - ev["t_stop"]) / 1000])
                 due = awaiting.get(pid)
                 if due is not None and ev.get("how") == due[0]:
                     # Resolved here, so that request gates close again at once.
@@ -214,6 +248,8 @@ def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
     checker = Checker()
     awaiting: dict[int, tuple[str, int]] = {}  # pid -> (how, t0 ns): its first answer is due
     pauses: list[float] = []
+    old_steps: list[list[float]] = []  # the old primary's step times (us after it stopped)
+    new_steps: list[list[float]] = []  # the successor's, then its first answer
     gaps: list[float] = []
     handovers = takeovers = 0
     handover_failures: list[str] = []
@@ -221,6 +257,7 @@ def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
     next_kill: Optional[int] = rng.randrange(1, kill_every + 1) if kill_every else None
     pending_ho: Optional[threading.Thread] = None
     sent = 0
+    held: list[Pending] = []  # made by the mix, refused by a full channel: sent next
     enumerated = False
     tags = list(range(256))
     rng.shuffle(tags)
@@ -241,8 +278,11 @@ def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
             tag = tags[sent % 256]
             if tag in checker.outstanding:
                 break
-            p = mix.next(tag)
+            # The mix's model of configuration space changes when it makes a write: a request
+            # the full channel refused is kept and sent next, never made again.
+            p = held.pop() if held else mix.next(tag)
             if not host.send_request(p.request.encode(), p.channel):
+                held.append(p)
                 break
             checker.sent(p)
             sent += 1
@@ -361,6 +401,7 @@ def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
         "takeover_gap_p50_us": _pct(gaps, 0.50),
         "takeover_gap_p99_us": _pct(gaps, 0.99),
         "takeover_gap_max_us": _pct(gaps, 1.0),
+        "handover_steps_us": _steps_report(old_steps, new_steps),
         "lost": len(checker.outstanding),
         "duplicated": max(int(st["unexpected"]), len(unexpected_msgs)),
         "unexpected": len(checker.errors) - len(unexpected_msgs) + int(st["errors"]),

@@ -131,8 +131,8 @@ class EngineServer:
         """Build the engine (not started: it takes nothing before :meth:`recover`), or take the
         pages' gateways back after a release (rollback)."""
         d = self.node.device
-        if d is None:
-            self.node.device = self.node.build_device()
+        if d is None or not self.node._attached:
+            self.node.build_device()
         elif self._released:
             d.reattach_gateways()
             self._released = False
@@ -161,6 +161,7 @@ class EngineServer:
         if d.state == "created":  # built for a handover that did not commit: nothing served
             d.close()
             self.node.device = None
+            self.node._attached = False
             return
         t0 = time.monotonic_ns()
         if not d.pause(_PAUSE_TIMEOUT):
@@ -203,6 +204,7 @@ class EngineNode:
         self.own_ctx = own_ctx
         self.server: Optional[EngineServer] = None
         self.extra: dict[str, Any] = {}
+        self._attached = device is not None
 
     @property
     def var(self) -> Var:
@@ -281,10 +283,23 @@ class EngineNode:
         itself when it is built)."""
         self.state.claim(generation)
 
+    def prebuild(self) -> None:
+        """Build this process's engine on the shared regions and VARs, without the state and
+        the gateways (its predecessor still serves them): what a handover's pause then costs
+        is :meth:`build_device`'s adopt + attach only."""
+        if self.device is None:
+            self.device = engine.Device(self.ctx, self.spec, self._successor_regions(),
+                                        gateway_vars=self.vars, attach=False)
+            self._attached = False
+
     def build_device(self) -> engine.Device:
-        """This process's engine on the shared state, regions and VARs (not started)."""
-        return engine.Device(self.ctx, self.spec, self._successor_regions(), gateway_vars=self.vars,
-                             state=self.state, adopt=True, start=False)
+        """This process's engine on the shared state, regions and VARs, gateways open, not
+        started (the predecessor has stopped: paused, or dead)."""
+        self.prebuild()
+        assert self.device is not None
+        self.device.attach(self.state)
+        self._attached = True
+        return self.device
 
     def _successor_regions(self) -> list[engine.Region]:
         given = list(self.regions) if self.regions is not None else None

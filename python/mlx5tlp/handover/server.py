@@ -188,7 +188,9 @@ class Server:
             while done < len(recs):
                 # A full page waits for the host to consume (15 records of 256 bytes in 4 KiB):
                 # a host busy elsewhere for a while is no reason for a successor to die.
-                done += self.gw.write_batch(recs[done:], 0.5)
+                # whole: all of one request's completions under one doorbell, so that a mark
+                # ("published once the doorbell reaches seq") is all or nothing.
+                done += self.gw.write_batch(recs[done:], 0.5, whole=True)
                 if done < len(recs) and time.monotonic() > give_up:
                     # The host stopped consuming: leave the claim (marked, unpublished) to be
                     # redelivered rather than retire a request whose answer is not out.

@@ -293,6 +293,9 @@ class Standby:
         """
         wire, node = self.wire, self.node
         assert wire is not None and node is not None
+        prebuild = getattr(node, "prebuild", None)
+        if prebuild is not None:
+            prebuild()  # the engine, before the primary pauses: not part of the pause
         wire.send("handover", {})
         prepared = wire.recv(timeout=self.timeout)
         prepared.close_fds()
@@ -336,6 +339,10 @@ class Standby:
                     wire.send("abort", {"message": str(exc)})
             raise
         new_gen = self.lease.acquire(1.0)
+        if getattr(server, "native", False):
+            # The lease is ours: the engine's lanes serve from here, while this thread writes
+            # the header, answers the old primary and sets up the control socket.
+            server.recover()
         node.state.mark(new_gen, node.state.served())
         marks.append(time.monotonic_ns())
         wire.send("done", {"generation": new_gen})
