@@ -317,6 +317,14 @@ BUFFER_BINDINGS: dict[str, Callable[[_Env, Any], Any]] = {
     "function.Function.msix_write.data": lambda e, bad: e.get("function")._n.msix_write(
         0, 0, bad, 0xF, 0xF),
     "sim.Host.send.tlp": lambda e, bad: e.get("host")._host().send(bad, 0),
+    "envelope_accept.blob": lambda e, bad: _core.envelope_accept(
+        bad, 1, 24, b"n", 0, b"sim", b""),
+    "envelope_accept.name": lambda e, bad: _core.envelope_accept(
+        bytes(64), 1, 24, bad, 0, b"sim", b""),
+    "envelope_accept.backend": lambda e, bad: _core.envelope_accept(
+        bytes(64), 1, 24, b"n", 0, bad, b""),
+    "envelope_accept.version": lambda e, bad: _core.envelope_accept(
+        bytes(64), 1, 24, b"n", 0, b"sim", bad),
     "tlp.build_bulk.requests": lambda e, bad: _core.tlp.build_bulk(bad, b"", None, 1, 256, 64, 0),
     "tlp.build_bulk.data": lambda e, bad: _core.tlp.build_bulk(REQ, bad, None, 1, 256, 64, 0),
     "tlp.build_bulk.statuses": lambda e, bad: _core.tlp.build_bulk(

@@ -401,3 +401,58 @@ def test_random_bytes_only_raise_export_format_error(data: bytes) -> None:
         opened(data)
     with pytest.raises(ExportFormatError):
         opened(MAGIC + b"\x01\x00" + data)
+
+
+# ---- the core's accept-only fast path agrees with this reference ----
+
+
+def _recrc(blob: bytes) -> bytes:
+    """`blob` with its CRC recomputed where its header says the CRC is (if it can)."""
+    if len(blob) < HEADER_SIZE:
+        return blob
+    f = struct.unpack_from("<8sHHIIHHHBBIQ", blob, 0)
+    crc_at = HEADER_SIZE + f[5] + f[6] + f[7] + f[4]
+    if crc_at + 4 > len(blob):
+        return blob
+    return blob[:crc_at] + struct.pack("<I", zlib.crc32(blob[:crc_at])) + blob[crc_at + 4:]
+
+
+def _mutations(blob: bytes) -> list[bytes]:
+    out = [blob, blob[:-1], blob + b"\0"]
+    for i in range(len(blob)):
+        for value in (0, 0xFF, blob[i] ^ 1, blob[i] ^ 0x80):
+            edited = blob[:i] + bytes([value]) + blob[i + 1:]
+            out += [edited, _recrc(edited)]  # the CRC-valid forgeries test the other checks
+    return out
+
+
+def test_fast_path_accepts_exactly_what_the_reference_accepts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mlx5tlp import _core
+    from mlx5tlp import envelope as env_mod
+
+    assert env_mod._accept is _core.envelope_accept  # the fast path is in use here
+    other = DeviceIdentity("mlx5_1", DEV.node_guid, "rdma", "63.0")
+    blobs = [make(k) for k in Kind] + [make(Kind.VAR, key=KEY), make(Kind.UMEM, flags=0),
+                                       make(Kind.VAR, flags=0), make(Kind.UMEM, device=other)]
+    checked = accepted = 0
+    for blob in (m for b in blobs for m in _mutations(b)):
+        for kind in Kind:
+            fast = _core.envelope_accept(blob, int(kind), SIZES[kind], b"mlx5_0", DEV.node_guid,
+                                         b"rdma", b"63.0")
+            monkeypatch.setattr(env_mod, "_accept", None)  # the Python reference alone
+            try:
+                ref: Envelope | None = opened(blob, expected_kind=kind)
+            except ExportFormatError:
+                ref = None
+            finally:
+                monkeypatch.undo()
+            checked += 1
+            if ref is None:
+                assert fast is None, (blob.hex(), kind)
+            else:  # an unkeyed envelope the reference accepts: the fast path accepts it too
+                assert fast == (ref.flags, ref.raw), (blob.hex(), kind)
+                assert opened(blob, expected_kind=kind) == ref  # and open_envelope with it
+                accepted += 1
+    assert checked > 10_000 and accepted >= len(Kind) + 2

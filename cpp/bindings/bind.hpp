@@ -15,6 +15,7 @@ void bind_sim(pybind11::module_& m);
 void bind_gateway(pybind11::module_& m);
 void bind_function(pybind11::module_& m);
 void bind_engine(pybind11::module_& m);
+void bind_envelope(pybind11::module_& m);
 // The spec file format's dict (docs/function.md) as a FunctionSpec (bind_function.cpp).
 pci::FunctionSpec spec_from_dict(const pybind11::dict& d);
 }  // namespace mlx5tlp::bind

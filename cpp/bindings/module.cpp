@@ -11,4 +11,5 @@ PYBIND11_MODULE(_core, m) {
   mlx5tlp::bind::bind_gateway(m);
   mlx5tlp::bind::bind_function(m);
   mlx5tlp::bind::bind_engine(m);
+  mlx5tlp::bind::bind_envelope(m);
 }

@@ -96,6 +96,11 @@ class DeviceObject(Closing):
         return (_unpickle, (self.export(),))
 
     @classmethod
+    def _import(cls, ctx: Context, blob: BytesLike, key: Optional[bytes]) -> DeviceObject:
+        """Import an envelope of this class's kind onto `ctx` (each kind defines it)."""
+        raise NotImplementedError
+
+    @classmethod
     def _open(cls, ctx: Context, blob: BytesLike, key: Optional[bytes]) -> Envelope:
         return open_envelope(
             blob,
@@ -121,13 +126,7 @@ def import_blob(ctx: Context, blob: BytesLike, *, key: Optional[bytes] = None) -
             reuses the lowest free handle). rdma-core cannot tell these for a UMEM or DEVX
             object (docs/export-format.md, "What the envelope proves").
     """
-    from mlx5tlp.devx_obj import DevxObj
-    from mlx5tlp.umem import Umem
-    from mlx5tlp.var import Var
-
-    kind = peek_kind(blob)
-    cls: type[DeviceObject] = {Kind.VAR: Var, Kind.UMEM: Umem, Kind.DEVX_OBJ: DevxObj}[kind]
-    return cls._import(ctx, blob, key)  # type: ignore[attr-defined,no-any-return]
+    return registry.kind_class(peek_kind(blob))._import(ctx, blob, key)
 
 
 def _unpickle(blob: bytes) -> DeviceObject:

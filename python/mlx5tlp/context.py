@@ -8,7 +8,7 @@ import re
 import stat
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union, cast
 
 from mlx5tlp import _core, registry
 from mlx5tlp._closing import Closing
@@ -193,41 +193,43 @@ class Context(Closing):
             NotSupportedError: the device has no TLP emulation, or rdma-core < 63.
             ResourceExhaustedError: every gateway page is allocated.
         """
-        from mlx5tlp.var import Var
-
-        return Var._alloc(self, bool(tlp))
+        return _var()._alloc(self, bool(tlp))
 
     def reg_umem(
         self, buffer: object, access: Optional[int] = None, *, allow_unaligned: bool = False
     ) -> Umem:
         """Register a writable buffer as a DEVX UMEM; see :meth:`mlx5tlp.Umem.register`."""
-        from mlx5tlp.umem import Umem
-
-        return Umem._register(self, buffer, access, allow_unaligned)
+        return _umem()._register(self, buffer, access, allow_unaligned)
 
     def create_devx_obj(self, cmd_in: BytesLike, out_len: int) -> DevxObj:
         """Create a DEVX object from a raw PRM create command; the outbox is ``obj.out``."""
-        from mlx5tlp.devx_obj import DevxObj
-
-        return DevxObj._create(self, cmd_in, out_len)
+        return _devx_obj()._create(self, cmd_in, out_len)
 
     def import_var(self, blob: BytesLike, *, key: Optional[bytes] = None) -> Var:
         """Import a VAR from its export envelope; see :func:`mlx5tlp.import_blob`."""
-        from mlx5tlp.var import Var
-
-        return Var._import(self, blob, key)
+        return _var()._import(self, blob, key)
 
     def import_umem(self, blob: BytesLike, *, key: Optional[bytes] = None) -> Umem:
         """Import a UMEM from its export envelope (its id, not its memory)."""
-        from mlx5tlp.umem import Umem
-
-        return Umem._import(self, blob, key)
+        return _umem()._import(self, blob, key)
 
     def import_devx_obj(self, blob: BytesLike, *, key: Optional[bytes] = None) -> DevxObj:
         """Import a DEVX object from its export envelope."""
-        from mlx5tlp.devx_obj import DevxObj
+        return _devx_obj()._import(self, blob, key)
 
-        return DevxObj._import(self, blob, key)
+
+# The object classes, from the registry (each registers itself where it is defined): Context
+# needs no import of them, and the kinds are listed in one place.
+def _var() -> type[Var]:
+    return cast("type[Var]", registry.kind_class(Kind.VAR))
+
+
+def _umem() -> type[Umem]:
+    return cast("type[Umem]", registry.kind_class(Kind.UMEM))
+
+
+def _devx_obj() -> type[DevxObj]:
+    return cast("type[DevxObj]", registry.kind_class(Kind.DEVX_OBJ))
 
 
 def fd_backend(fd: int) -> Optional[tuple[str, str]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from mlx5tlp import _core
+from mlx5tlp import _core, registry
 from mlx5tlp._object import BytesLike, DeviceObject
 from mlx5tlp.context import Context, _mailbox, _out_len
 from mlx5tlp.envelope import Kind
@@ -12,6 +12,7 @@ from mlx5tlp.envelope import Kind
 __all__ = ["DevxObj"]
 
 
+@registry.register_kind
 class DevxObj(DeviceObject):
     """A DEVX object (``mlx5dv_devx_obj_create``).
 

@@ -10,7 +10,10 @@ and, optionally, an HMAC-SHA256. :func:`open_envelope` checks all of it and rais
 check is never handed to rdma-core.
 
 The byte layout and the exact order of the checks are documented in ``docs/export-format.md``.
-This module is pure Python (standard library only) and does not need the compiled core.
+This module is the reference implementation, in pure Python (standard library only). Where the
+compiled core is present, :func:`open_envelope` first asks its accept-only fast path
+(``_core.envelope_accept``) about unkeyed envelopes: it returns the contents only when every
+check passes, and anything else is decided, and reported, by the Python checks below.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ from functools import lru_cache
 from typing import Any, NamedTuple, Optional, Union
 
 from mlx5tlp.errors import ExportFormatError
+
+_accept: Optional[Callable[..., Any]]
+try:  # the compiled core's accept-only fast path (absent in a tree without the extension)
+    from mlx5tlp._core import envelope_accept as _accept
+except ImportError:  # pragma: no cover - exercised only without the extension
+    _accept = None
 
 __all__ = [
     "FLAG_TLP_VAR",
@@ -469,6 +478,11 @@ def open_envelope(
         ExportFormatError: a check failed; the message says which and shows both sides.
     """
     key_b = _check_key(key)
+    if (key_b is None and type(expected_kind) is Kind and type(blob) is bytes
+            and _accept is not None):
+        fast = _accept_fast(_accept, blob, expected_kind, raw_size, device)
+        if fast is not None:
+            return fast
     data = _as_bytes(blob)
     p = _parse_checked(data)
     kind = _kind(p.kind_value)
@@ -546,6 +560,34 @@ def open_envelope(
         keyed=keyed,
         version=p.version,
     )
+
+
+def _accept_fast(
+    accept: Callable[..., Any],
+    blob: bytes,
+    kind: Kind,
+    raw_size: Union[int, Callable[[Kind], int]],
+    device: DeviceIdentity,
+) -> Optional[Envelope]:
+    """The Envelope if the core's fast path accepts `blob` (every check passes), else None."""
+    want = raw_size(kind) if callable(raw_size) else raw_size
+    guid = device.node_guid
+    if type(want) is not int or not 0 <= want <= _U32_MAX:
+        return None
+    if type(guid) is not int or not 0 <= guid <= _U64_MAX:
+        return None
+    try:
+        name, backend, version = _identity_bytes(device)
+    except (TypeError, ValueError):
+        return None
+    got = accept(blob, int(kind), want, name, guid, backend, version)
+    if got is None:
+        return None
+    exporter = device if device.rdma_core_version != "" else DeviceIdentity(
+        device.name, guid, device.backend, None
+    )
+    return Envelope(kind=kind, raw=got[1], device=exporter, flags=int(got[0]), keyed=False,
+                    version=FORMAT_VERSION)
 
 
 def describe(blob: bytes | bytearray | memoryview) -> dict[str, Any]:

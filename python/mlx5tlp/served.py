@@ -21,13 +21,16 @@ regions (and imports hook modules) on each call.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import importlib
+import itertools
 import json
 import math
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -176,12 +179,8 @@ class ServedSpec:
         fd: Optional[int] = None
         if r.shared is not None:
             try:
-                fd = os.open(r.shared, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                if os.fstat(fd).st_size < r.size:
-                    os.ftruncate(fd, r.size)
+                fd = _open_shared(r.shared, r.size)
             except OSError as exc:
-                if fd is not None:
-                    os.close(fd)
                 raise self._error(f"{where}.shared: {r.shared!r}: {exc.strerror}",
                                   exc.errno or errno.EINVAL) from None
         try:
@@ -189,10 +188,8 @@ class ServedSpec:
         finally:
             if fd is not None:
                 os.close(fd)  # the region holds its own descriptor
-        if r.fill is not None or r.contents or r.shared is None:
-            data = bytearray([r.fill or 0]) * r.size
-            data[: len(r.contents)] = r.contents
-            region.write(0, bytes(data))
+        if r.fill or r.contents or (r.shared is not None and r.fill is not None):
+            _fill(region, r)  # else: a new memfd is zero, a shared file's bytes are kept
         return region
 
     def _error(self, message: str, err: int = errno.EINVAL) -> InvalidArgumentError:
@@ -218,15 +215,18 @@ def load(path: Union[str, Path]) -> ServedSpec:
         return InvalidArgumentError(err, f"{where}: {message}", "load spec")
 
     try:
-        text = p.read_text(encoding="utf-8")
+        text = _read_bounded(p).decode("utf-8")
     except OSError as exc:
         raise bad(exc.strerror or str(exc), exc.errno or errno.EINVAL) from None
     except UnicodeDecodeError as exc:
         raise bad(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    syntax = "TOML" if p.suffix == ".toml" else "JSON"
     try:
         data: Any = _toml_loads(text) if p.suffix == ".toml" else json.loads(text)
     except ValueError as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError
-        raise bad(f"not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from None
+        raise bad(f"not valid {syntax}: {exc}") from None
+    except RecursionError:  # both parsers recurse once per nesting level
+        raise bad(f"not valid {syntax}: nested too deeply") from None
     if not isinstance(data, Mapping):
         raise bad("the top level must be a table/object")
     data = dict(data)
@@ -242,7 +242,35 @@ def load(path: Union[str, Path]) -> ServedSpec:
     if not isinstance(raw_regions, list):
         raise bad(f"regions: must be an array of tables, not {_show(raw_regions)}")
     regions = tuple(_region(r, f"regions[{i}]", bad) for i, r in enumerate(raw_regions))
+    _check_layout(function, regions, bad)
     return ServedSpec(function, regions, where)
+
+
+#: Spec files larger than this are refused before they are read (the example is 3 KiB).
+MAX_SPEC_BYTES = 4 << 20
+
+
+def _read_bounded(p: Path) -> bytes:
+    # O_NONBLOCK: a FIFO or device named as the spec must not block the open; only a regular
+    # file of bounded size is read (not /dev/zero, not a 10 GiB file).
+    fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if st.st_size > MAX_SPEC_BYTES:
+            raise OSError(errno.EFBIG, f"{st.st_size} bytes, more than the {MAX_SPEC_BYTES} "
+                                       "a spec file may have")
+        chunks, left = [], MAX_SPEC_BYTES + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:  # it grew while being read
+            raise OSError(errno.EFBIG, f"more than the {MAX_SPEC_BYTES} bytes a spec file "
+                                       "may have")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 # ---- parsing one region ----------------------------------------------------------------------
@@ -256,7 +284,7 @@ def _region(data: Any, where: str, bad: Bad) -> RegionSpec:
     kinds: dict[str, type] = {"memory": MemorySpec, "registers": RegisterFileSpec,
                               "callback": CallbackSpec}
     kind = data.get("kind")
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in kinds:
         raise bad(f"{where}.kind: {_show(kind)} is not one of {', '.join(kinds)}")
     fields = {k: v for k, v in data.items() if k != "kind"}
     cls = kinds[kind]
@@ -291,6 +319,10 @@ def _register(data: Any, where: str, bad: Bad) -> RegisterSpec:
     kw["access"] = _ACCESS_ALIASES.get(access, access)
     if not kw["name"]:
         raise bad(f"{where}.name: must not be empty")
+    bits = 8 * kw.get("width", 4)
+    for key in ("reset", "reserved"):
+        if kw.get(key, 0) >> bits:
+            raise bad(f"{where}.{key}: {kw[key]:#x} does not fit {bits // 8} bytes")
     for hook in ("on_read", "on_write"):
         if kw.get(hook) is not None:
             _check_hook_name(kw[hook], f"{where}.{hook}", bad)
@@ -333,7 +365,10 @@ def _typed(f: dataclasses.Field[Any], value: Any, where: str, bad: Bad) -> Any:
     if "float" in kind:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad(f"{where}: {_show(value)} is not a number of seconds")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            raise bad(f"{where}: {_show(value)} is not a finite number of seconds") from None
     if isinstance(value, str) and value.lower().startswith("0x"):
         try:
             value = int(value, 16)
@@ -368,6 +403,79 @@ def _check_memory(kw: dict[str, Any], where: str, bad: Bad) -> None:
         raise bad(f"{where}.shared: must be a file path")
 
 
+def _extent(r: RegionSpec) -> int:
+    if isinstance(r, RegisterFileSpec) and r.size is None:
+        return (max(x.offset + x.width for x in r.registers) + 3) & ~3
+    assert r.size is not None
+    return r.size
+
+
+def _check_layout(function: FunctionSpec, regions: tuple[RegionSpec, ...], bad: Bad) -> None:
+    """Each region inside a BAR the function declares, none overlapping another: checked when
+    the file is read, before anything is allocated (a 2^62-byte region must not reach mmap)."""
+    sizes = {b.index: b.size for b in function.bars}
+    if function.expansion_rom is not None:
+        sizes[6] = function.expansion_rom.size
+    placed: list[tuple[int, int, int, str]] = []
+    for i, r in enumerate(regions):
+        where = f"regions[{i}]"
+        if r.bar not in sizes:
+            raise bad(f"{where}.bar: the function declares no BAR {r.bar} (BARs: "
+                      f"{', '.join(map(str, sorted(sizes))) or 'none'})")
+        if isinstance(r, RegisterFileSpec) and r.size is not None:
+            for k, x in enumerate(r.registers):
+                if x.offset + x.width > r.size:
+                    raise bad(f"{where}.registers[{k}].offset: {x.offset:#x} + {x.width} bytes "
+                              f"is past the region's size {r.size:#x}")
+        end = r.offset + _extent(r)
+        if end > sizes[r.bar]:
+            raise bad(f"{where}: [{r.offset:#x}, {end:#x}) is outside BAR {r.bar} of "
+                      f"{sizes[r.bar]:#x} bytes")
+        placed.append((r.bar, r.offset, end, where))
+    placed.sort()
+    for (bar, _, end, first), (bar2, start2, _, second) in itertools.pairwise(placed):
+        if bar == bar2 and start2 < end:
+            raise bad(f"{second}: overlaps {first} in BAR {bar}")
+
+
+def _open_shared(path: str, size: int) -> int:
+    """The file backing a shared memory region, opened read-write with at least ``size`` bytes
+    allocated. Refused: a symbolic link (O_NOFOLLOW: a spec must not make the server grow and
+    overwrite the file a link in a shared directory points to), anything but a regular file
+    (O_NONBLOCK: a FIFO must not block the open), a file another user owns. The blocks are
+    allocated now, so a full file system is ENOSPC here and never SIGBUS while serving."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                 0o600)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if st.st_uid != os.geteuid():
+            raise OSError(errno.EPERM, f"owned by uid {st.st_uid}, not by this user "
+                                       f"({os.geteuid()})")
+        if st.st_size < size:
+            os.posix_fallocate(fd, 0, size)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+_FILL_CHUNK = 1 << 20
+
+
+def _fill(region: engine.MemoryRegion, r: MemorySpec) -> None:
+    # In bounded chunks: a large region must not need a buffer of its own size. A new memfd
+    # is already zero, so only non-zero bytes are written there.
+    fill = r.fill or 0
+    if fill or r.shared is not None:
+        chunk = bytes([fill]) * min(_FILL_CHUNK, r.size)
+        for at in range(len(r.contents), r.size, len(chunk)):
+            region.write(at, chunk[: r.size - at])
+    if r.contents:
+        region.write(0, r.contents)
+
+
 def _check_hook_name(name: str, where: str, bad: Bad) -> None:
     module, sep, attr = name.partition(":")
     if not sep or not module or not attr:
@@ -379,14 +487,19 @@ def _hook(spec: ServedSpec, name: Optional[str], where: str) -> Any:
     if name is None:
         return None
     module_name, _, attr = name.partition(":")
+    # Hook modules may sit next to the spec (examples/serve/): its directory is searched first,
+    # for this import only. Left on sys.path it would shadow every module imported later in
+    # the process (a spec in /tmp would put /tmp before the standard library).
     base = str(Path(spec.path).resolve().parent)
-    if base not in sys.path:
-        sys.path.insert(0, base)  # hook modules may sit next to the spec (examples/serve/)
+    sys.path.insert(0, base)
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:
         raise spec._error(f"{where}: cannot import module {module_name!r}: "
                           f"{type(exc).__name__}: {exc}") from None
+    finally:
+        with contextlib.suppress(ValueError):  # the module may have edited sys.path itself
+            sys.path.remove(base)  # the first occurrence: the one inserted above
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise spec._error(f"{where}: {name!r}: module {module_name!r} has no {attr!r}")

@@ -6,7 +6,7 @@ import mmap
 import os
 from typing import Optional
 
-from mlx5tlp import _core
+from mlx5tlp import _core, registry
 from mlx5tlp._object import BytesLike, DeviceObject
 from mlx5tlp.context import Context
 from mlx5tlp.envelope import Kind
@@ -41,6 +41,7 @@ def alloc_umem_buffer(size: int, *, fd: Optional[int] = None) -> mmap.mmap:
     return mmap.mmap(fd, length, mmap.MAP_SHARED)
 
 
+@registry.register_kind
 class Umem(DeviceObject):
     """A DEVX UMEM (``mlx5dv_devx_umem_reg``). The registered buffer is kept alive, and a
     ``bytearray`` cannot be resized, while the UMEM is open."""

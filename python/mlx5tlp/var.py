@@ -7,7 +7,7 @@ import mmap
 import weakref
 from typing import TYPE_CHECKING, Optional
 
-from mlx5tlp import _core
+from mlx5tlp import _core, registry
 from mlx5tlp._object import BytesLike, DeviceObject
 from mlx5tlp.context import Context
 from mlx5tlp.envelope import FLAG_TLP_VAR, Kind
@@ -34,6 +34,7 @@ class _PageMapping(mmap.mmap):
         self.close()
 
 
+@registry.register_kind
 class Var(DeviceObject):
     """A VAR page from ``mlx5dv_alloc_var``: a TLP response gateway page when ``is_tlp``.
 

@@ -47,9 +47,10 @@ void fork_handlers_registered_at_load() {
 }
 
 // Issue 10 D6: the raw VAR export is {u32 handle, u32 page_id, u32 length, pad, off_t mmap_off}
-// (the sim's and rdma-core's layout); a buffer with a different page_id but the same mmap_off
-// imports fine (upstream import validates nothing) and maps the same page: its gateway must be
-// refused, not given a second lock.
+// (the sim's and rdma-core's layout). A buffer with a different page_id but the same mmap_off
+// is refused at import by the software device's identity check (ESTALE); rdma-core would import
+// it (upstream import validates nothing), which is why the page lock is keyed by the verified
+// mapping offset: a genuine import of the same page, whatever it says, gets no second lock.
 void forged_page_id_gets_no_second_writer() {
   auto ctx = Context::open(kDev, Backend::sim);
   auto var = Var::alloc(ctx, true);
@@ -59,11 +60,14 @@ void forged_page_id_gets_no_second_writer() {
   uint32_t page_id = 0;
   std::memcpy(&page_id, raw.data() + 4, 4);
   CHECK(page_id == var->page_id());
-  const uint32_t forged = page_id + 1;
-  std::memcpy(raw.data() + 4, &forged, 4);
+  auto forged = raw;
+  const uint32_t other_page = page_id + 1;
+  std::memcpy(forged.data() + 4, &other_page, 4);
   auto peer = Context::import_fd(ctx->cmd_fd(), Backend::sim);
+  CHECK_THROWS_KIND(Var::import(peer, forged.data(), forged.size(), true), ErrorKind::invalid_handle,
+                    ESTALE);
   auto imp = Var::import(peer, raw.data(), raw.size(), true);
-  CHECK(imp->page_id() == forged && imp->mmap_off() == var->mmap_off());
+  CHECK(imp->mmap_off() == var->mmap_off());
   CHECK_THROWS_ERRNO(Gateway::open(imp, nullptr, {}), EBUSY);
   CHECK(imp->mappings() == 0);  // the refused open unmapped again
   gw->close();

@@ -7,7 +7,7 @@ from . import tlp
 from . import sim
 from . import function
 from . import engine
-__all__: list[str] = ['Context', 'DevxObj', 'Gateway', 'MappingHold', 'Umem', 'Var', 'engine', 'format_guid', 'function', 'library_info', 'list_devices', 'resolve_backend', 'sim', 'symbol_version', 'tlp']
+__all__: list[str] = ['Context', 'DevxObj', 'Gateway', 'MappingHold', 'Umem', 'Var', 'engine', 'envelope_accept', 'format_guid', 'function', 'library_info', 'list_devices', 'resolve_backend', 'sim', 'symbol_version', 'tlp']
 class Context:
     @staticmethod
     def import_fd(fd: typing.SupportsInt | typing.SupportsIndex, backend: str) -> Context:
@@ -211,6 +211,10 @@ def _raise_for_test(arg0: typing.SupportsInt | typing.SupportsIndex, arg1: typin
 def _throw_for_test(what: str) -> None:
     """
     Throw a C++ exception of the named family (tests of the one error model).
+    """
+def envelope_accept(blob: typing.Any, expected_kind: typing.SupportsInt | typing.SupportsIndex, raw_size: typing.SupportsInt | typing.SupportsIndex, name: bytes, node_guid: typing.SupportsInt | typing.SupportsIndex, backend: bytes, version: bytes) -> typing.Any:
+    """
+    (flags, raw) of an unkeyed envelope that passes every check of open_envelope, else None.
     """
 def format_guid(guid: typing.SupportsInt | typing.SupportsIndex) -> str:
     ...

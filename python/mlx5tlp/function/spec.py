@@ -284,7 +284,7 @@ class FunctionSpec:
         version = d.pop("version", FORMAT_VERSION)
         if fmt != FORMAT:
             raise ValueError(f"format: {fmt!r} is not {FORMAT!r}")
-        if version != FORMAT_VERSION:
+        if not _is_int(version) or version != FORMAT_VERSION:  # not True, not 1.0
             raise ValueError(
                 f"version: this package reads version {FORMAT_VERSION}, not {version!r}")
         known = {f.name for f in dataclasses.fields(cls)}
