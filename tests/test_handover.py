@@ -101,6 +101,9 @@ def test_planned_handover_keeps_state_and_answers_everything(rig: Rig) -> None:
                       for e in list(s1.events)):
             assert time.monotonic() < deadline, s1.events
             time.sleep(0.01)
+        while (st := handover.request(rig.path, rig.key, "status"))["standbys"] < 1:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.01)
         stop(rig)
         for proc in (p0, s1):
             assert proc.p.wait(30) == 0, (proc.name, proc.p.stderr.read() if proc.p.stderr else "")

@@ -163,3 +163,50 @@ def test_claim_api_errors(ctx: mlx5tlp.Context, device: str) -> None:
         assert exc.value.errno == errno.ESTALE
         assert sim.claim_request(ctx) is None
     assert sim.device_stats(device)["stale_requests"] >= 2
+
+
+CLAIM_ALL = """
+import signal, sys
+sys.path.insert(0, {python_dir!r})
+import mlx5tlp
+from mlx5tlp import sim
+ctx = mlx5tlp.Context.import_fd(int(sys.argv[1]))
+got = 0
+while got < int(sys.argv[2]):
+    if sim.claim_request(ctx, 0) is not None:
+        got += 1
+sys.stdout.write("claimed\\n")
+sys.stdout.flush()
+signal.pause()
+"""
+
+
+def test_dead_claims_are_redelivered_oldest_first_across_the_ring_wrap(
+        ctx: mlx5tlp.Context, device: str) -> None:
+    # A successor must answer what a dead claimer left in the order the host sent it: a
+    # redelivered configuration read answered after a later write would see that write (and
+    # two writes to one register re-applied out of order leave the older value: the handover
+    # demo found it as "data differs" after kills). Slot order is not position order once the
+    # 64-slot ring wraps, so redelivery goes by position.
+    with sim.Host(device) as host:
+        for tag in range(50):  # advance the ring: positions 0..49, answered and retired here
+            assert host.send_request(cfgrd0(0, tag))
+            claim = sim.claim_request(ctx, 0)
+            assert claim is not None
+            sim.retire_request(ctx, claim)
+        for tag in range(30):  # positions 50..79: slots 50..63, then 0..15
+            assert host.send_request(cfgrd0(0, 100 + tag))
+        code = CLAIM_ALL.format(python_dir=PYTHON_DIR)
+        with subprocess.Popen([sys.executable, "-c", code, str(ctx.cmd_fd), "30"],
+                              stdout=subprocess.PIPE, text=True, pass_fds=(ctx.cmd_fd,)) as proc:
+            try:
+                assert proc.stdout is not None
+                assert proc.stdout.readline() == "claimed\n"
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                assert proc.wait(60) == -signal.SIGKILL
+        claims = sim.recover_requests(ctx, 0)
+        assert [c.tlp[6] for c in claims] == [100 + t for t in range(30)]  # byte 6: the tag
+        assert all(c.redelivered and not c.marked for c in claims)
+        for c in claims:
+            sim.retire_request(ctx, c)

@@ -164,13 +164,20 @@ struct Claimer {
     return ssize_t(n);
   }
 
-  // Takes over one claim of a dead session. 0: none; >0: its length; <0: -errno.
+  // Takes over one claim of a dead session, the OLDEST (lowest position) first: a successor
+  // answers what a dead claimer left in the order the host sent it (a redelivered read must
+  // not see a write the host sent after it; slot order is not position order once the ring
+  // wraps). 0: none; >0: its length; <0: -errno.
   ssize_t redeliver(void* buf, size_t len, m5a_sim_claim_info* info) {
     uint64_t dead = 0;     // sessions found dead in this sweep (bit per session slot)
     uint64_t checked = 0;  // sessions whose liveness we probed in this sweep
-    for (uint32_t i = 0; i < kRequestSlots; ++i) {
+    // acquire: a head at least as new as the words below (a claim is within one ring of it).
+    const uint64_t head = ch.head.load(std::memory_order_acquire);
+    const uint64_t first = head > kRequestSlots ? head - kRequestSlots : 0;
+    for (uint64_t at = first; at < head; ++at) {
+      const uint32_t i = uint32_t(at % kRequestSlots);
       uint64_t w = ch.word[i].load(std::memory_order_acquire);  // acquire: the claim's fields
-      if (slot_state(w) != kSlotClaimed || mine(w)) continue;
+      if (slot_state(w) != kSlotClaimed || mine(w) || slot_pos32(w) != uint32_t(at)) continue;
       const uint32_t s = slot_session(w);
       if (s >= kMaxSessions) continue;
       if (!(checked >> s & 1)) {

@@ -124,6 +124,7 @@ struct Lane {
        std::unique_ptr<RequestSource> src);
   void run() noexcept;
   void serve_batch(size_t n);
+  void serve_range(size_t lo, size_t hi);
   void refresh() noexcept;
   void process(size_t i);
   void route_memory(size_t i, Slot& s, bool io);
@@ -133,7 +134,7 @@ struct Lane {
   void run_handler();
   void finish_batched();
   void housekeeping();
-  void publish(size_t n);
+  void publish(size_t lo, size_t hi);
   void write_records(size_t nrec);
   void trace(size_t i, const Slot& s, uint64_t lat) noexcept;
   uint64_t new_deferred(const Slot& s, const Request& r);
@@ -748,7 +749,7 @@ void Lane::housekeeping() {
   }
 }
 
-void Lane::publish(size_t n) {
+void Lane::publish(size_t lo, size_t hi) {
   // Mark every answered request with the doorbell count its last completion reaches, in
   // record order, before those records are written; then write them, then retire.
   const uint64_t base = gw ? gw->published() : 0;
@@ -779,7 +780,7 @@ void Lane::publish(size_t n) {
     grp_end[ngrp++] = uint32_t(nrec);
   }
   for (size_t i = 0; i < nextra; ++i) mark(extra[i], extra_slots[i]);
-  for (size_t i = 0; i < n; ++i) mark(reqs[i], slots[i]);
+  for (size_t i = lo; i < hi; ++i) mark(reqs[i], slots[i]);
   write_records(nrec);
   const uint64_t t1 = now_ns();
   auto finish = [&](size_t i, const Request& r, Slot& s, bool is_extra) {
@@ -809,7 +810,7 @@ void Lane::publish(size_t n) {
     }
   };
   for (size_t i = 0; i < nextra; ++i) finish(batch, extra[i], extra_slots[i], true);
-  for (size_t i = 0; i < n; ++i) finish(i, reqs[i], slots[i], false);
+  for (size_t i = lo; i < hi; ++i) finish(i, reqs[i], slots[i], false);
   deferred_open.store(outstanding, std::memory_order_relaxed);
   const auto open32 = uint32_t(std::min<uint64_t>(outstanding, UINT32_MAX));
   if (open_word.load(std::memory_order_relaxed) != open32) {
@@ -838,14 +839,39 @@ void Lane::write_records(size_t nrec) {
   }
 }
 
+namespace {
+// A non-posted write (CfgWr0/1, IOWr: Fmt/Type bytes 0x44, 0x45, 0x42) changes state the
+// requests before it may read.
+bool nonposted_write(const Request& r) noexcept {
+  const uint8_t ft = r.len != 0 ? r.tlp[0] : 0;
+  return ft == 0x44 || ft == 0x45 || ft == 0x42;
+}
+}  // namespace
+
 void Lane::serve_batch(size_t n) {
   batch_t0 = now_ns();
   bump(batches);
   if (e->cfg_gen.load(std::memory_order_acquire) != gen) refresh();  // acquire: see refresh()
+  for (size_t i = 0; i < batch; ++i) slots[i] = Slot{};  // finish_batched() walks them all
+  // Served and published in rounds that end before each non-posted write: if this process
+  // dies between rounds, a successor answers a redelivered read against the state the read
+  // saw, never against a write that came after it (the write is not applied before every
+  // earlier answer is in the page). Posted writes (MWr) may pass reads (PCIe Base 6.x §2.4.1,
+  // Table 2-40 A2), so they do not end a round.
+  size_t lo = 0;
+  while (lo < n) {
+    size_t hi = lo + 1;
+    while (hi < n && !nonposted_write(reqs[hi])) ++hi;
+    serve_range(lo, hi);
+    publish(lo, hi);
+    lo = hi;
+  }
+}
+
+void Lane::serve_range(size_t lo, size_t hi) {
   nitems = 0;
   items_have_write = false;
-  for (size_t i = 0; i < batch; ++i) slots[i] = Slot{};  // finish_batched() walks them all
-  for (size_t i = 0; i < n; ++i) process(i);
+  for (size_t i = lo; i < hi; ++i) process(i);
   run_handler();
 }
 
@@ -856,7 +882,6 @@ void Lane::run() noexcept {
     // page: the source judges "published" against the doorbells the dead claimer left.
     for (size_t n; !want_stop() && (n = src->recover(reqs.data(), batch)) != 0;) {
       serve_batch(n);
-      publish(n);
     }
     for (;;) {
       const uint32_t c = cmd.load(std::memory_order_acquire);  // acquire: the command's data
@@ -879,7 +904,7 @@ void Lane::run() noexcept {
         const uint32_t seen = bell.load(std::memory_order_acquire);
         if (gw) {
           housekeeping();
-          if (nextra != 0 || ncpl != 0) publish(0);
+          if (nextra != 0 || ncpl != 0) publish(0, 0);
         }
         ack.store(c, std::memory_order_release);  // release: everything before is done
         futex_wake(ack);
@@ -896,7 +921,7 @@ void Lane::run() noexcept {
       if (nextra == 0 && ncpl == 0 && !dready_flag.load(std::memory_order_acquire)) n = src->take(reqs.data(), batch, d);
       else n = src->take(reqs.data(), batch, Deadline::poll());
       if (n != 0) serve_batch(n);
-      if (n != 0 || nextra != 0 || ncpl != 0) publish(n);
+      else if (nextra != 0 || ncpl != 0) publish(0, 0);
     }
     // Stopping: answer every deferred request still open with Completer Abort (the host
     // would otherwise wait for its completion timeout), as far as the page takes them.
@@ -909,7 +934,7 @@ void Lane::run() noexcept {
       }
       housekeeping();
       if (nextra == 0 && ncpl == 0) break;
-      publish(0);
+      publish(0, 0);
     }
   } catch (const std::exception& ex) {
     error = ex.what();

@@ -271,7 +271,10 @@ class Primary:
             op.wire.send("status", self.status())
         elif action == "stop":
             for p in list(self.peers):
-                if p.role == "ready" and p.wire is not None:
+                # Joined standbys too, not only ready ones: one whose "ready" is still unread
+                # would otherwise see the stopped primary's EOF as a death and take over a
+                # function whose objects are being freed.
+                if p.role in ("standby", "ready") and p.wire is not None:
                     with contextlib.suppress(OSError):
                         p.wire.send("shutdown", {"generation": self.generation})
                     self._drop(p)

@@ -127,6 +127,7 @@ class Standby:
         self.primary_pid = 0
         self._pidfd = -1
         self._lease_given = False  # the lease went to the Primary this standby became
+        self._shutdown = False     # the primary stopped the function while we joined
         try:
             self._connect()
         except BaseException:
@@ -153,6 +154,11 @@ class Standby:
                 "migration", "handover")
         self.wire.send("join", {})
         objs = self.wire.recv(timeout=self.timeout)
+        if objs.type == "shutdown":  # the function stopped while we joined: nothing to hold
+            objs.close_fds()
+            self._shutdown = True
+            self._emit("shutdown")
+            return
         if objs.type != "objects":
             objs.close_fds()
             raise HandoverError(errno.EPROTO, f"expected objects, got {objs.type!r}", "handover")
@@ -211,6 +217,8 @@ class Standby:
                 can; check :attr:`node`).
         """
         end = None if timeout is None else time.monotonic() + timeout
+        if self._shutdown:
+            return None
         while True:
             assert self.sock is not None and self.wire is not None
             left = None if end is None else max(end - time.monotonic(), 0.0)
