@@ -178,6 +178,7 @@ def test_close_never_misses_an_allocation_in_flight(device: str) -> None:
                      refused: list = refused, errors: list = errors,
                      start: threading.Barrier = start) -> None:
             start.wait()
+            held: list[mlx5tlp.DeviceObject] = []
             while True:
                 try:
                     if kind == 0:
@@ -195,6 +196,15 @@ def test_close_never_misses_an_allocation_in_flight(device: str) -> None:
                     errors.append(exc)
                     return
                 made.append(o)
+                held.append(o)
+                if len(held) > 32:
+                    # Keep a bounded number alive: under load close() may come late, and an
+                    # unbounded loop would exhaust RLIMIT_MEMLOCK / DEVX space first.
+                    try:
+                        held.pop(0).close()
+                    except mlx5tlp.InvalidHandleError as exc:
+                        refused.append(exc)
+                        return
 
         threads = [threading.Thread(target=allocate, args=(k,)) for k in range(3)]
         for t in threads:

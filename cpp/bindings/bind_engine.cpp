@@ -184,6 +184,7 @@ py::dict stats_dict(const EngineStats& s) {
   d["ca"] = s.ca;
   d["unsupported_posted"] = s.unsupported_posted;
   d["malformed"] = s.malformed;
+  d["poisoned"] = s.poisoned;
   d["unexpected_completions"] = s.unexpected_completions;
   d["messages"] = s.messages;
   d["redelivered"] = s.redelivered;

@@ -153,7 +153,8 @@ class Run {
       if (now - last_scan >= kScanNs) {
         last_scan = now;
         expire(now);
-        if (!open && live_ == 0 && !unflushed()) break;
+        stall(now);
+        if (!more(now, period) && live_ == 0 && !unflushed()) break;
       }
       if (progress) {
         idle = 0;
@@ -202,6 +203,7 @@ class Run {
     return sent;
   }
   bool unflushed() const {
+    if (stalled_) return false;  // the flushing reads cannot be sent either
     if (free_.empty() && live_ == 0) return false;  // every tag lost to timeouts: give up
     for (bool u : has_unflushed_)
       if (u) return true;
@@ -216,6 +218,7 @@ class Run {
   // offers exactly rate x duration requests however slow the function is.
   bool more(int64_t now, double period) const {
     if (s_.count != 0 && out_.sent >= s_.count) return false;
+    if (stalled_) return false;
     if (free_.empty() && live_ == 0) return false;  // every tag lost to timeouts: give up
     if (s_.duration_ns == 0) return true;
     return (period > 0 ? due_ns(period) : now) - t0_ < int64_t(s_.duration_ns);
@@ -277,8 +280,12 @@ class Run {
       ch = rr_++ % s_.channels;  // reads only: any channel will do
       rc = channel_push(h_.dev->st()->chan[ch], tlp_, len);
     }
-    if (rc != 0) return false;
     const int64_t sent = now_ns();
+    if (rc != 0) {
+      if (blocked_since_ == 0) blocked_since_ = sent;
+      return false;
+    }
+    blocked_since_ = 0;
     const bool flush = force >= 0;
     if (!flush) {
       if (s_.rate > 0 && sent - due > kLateNs) ++out_.late;
@@ -329,6 +336,18 @@ class Run {
     }
   }
 
+  // Posted writes have no completion to time out: a function that stopped taking requests
+  // (killed, hung) would leave the sends back-pressured, and the run waiting, forever. A send
+  // refused for `timeout` ends the schedule (one timeout error; the rest is not sent), and the
+  // reads still out time out as usual.
+  void stall(int64_t now) {
+    if (stalled_ || blocked_since_ == 0 || now - blocked_since_ < int64_t(s_.timeout_ns)) return;
+    stalled_ = true;
+    add_error(M5A_SIM_LOAD_ERR_TIMEOUT, 1, "the function took no request for %" PRIu64 " us "
+              "(a full channel): %" PRIu64 " requests sent, the rest of the schedule is not",
+              uint64_t(now - blocked_since_) / 1000, out_.sent);
+  }
+
   void add_error(uint32_t kind, uint64_t n, const char* fmt, ...) __attribute__((format(printf, 4, 5))) {
     out_.errors_by_kind[kind] += n;
     out_.errors += n;
@@ -357,6 +376,8 @@ class Run {
   LoadOp unflushed_[kChannels];  // per channel: its last write not yet followed by a read
   bool has_unflushed_[kChannels] = {};
   int64_t t0_ = 0;
+  int64_t blocked_since_ = 0;  // the first refused send since the last one accepted, or 0
+  bool stalled_ = false;       // blocked for `timeout`: nothing more is sent
   LatencyHistogram lat_, sched_;
 };
 

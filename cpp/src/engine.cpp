@@ -128,6 +128,7 @@ struct Lane {
   void serve_range(size_t lo, size_t hi);
   void refresh() noexcept;
   void process(size_t i);
+  bool poisoned_write(Slot& s);
   void route_memory(size_t i, Slot& s, bool io);
   void answer(Slot& s, const uint8_t* data, size_t len, uint8_t status);
   void log_error(uint8_t status) noexcept;
@@ -195,7 +196,7 @@ struct Lane {
   std::atomic<uint64_t> first_answer{0};  // CLOCK_MONOTONIC of the first answer since a (re)start
   // counters
   std::array<Counter, tlp::kKindCount> kinds{};
-  Counter batches{0}, completions{0}, ur{0}, ca{0}, unsupported_posted{0}, malformed{0},
+  Counter batches{0}, completions{0}, ur{0}, ca{0}, unsupported_posted{0}, malformed{0}, poisoned{0},
       unexpected{0}, messages{0}, redelivered{0}, published{0}, stale{0}, deferred{0},
       deferred_completed{0}, deferred_expired{0}, deferred_open{0}, handler_batches{0},
       interrupts{0}, config_writes{0};
@@ -534,6 +535,31 @@ void Lane::route_memory(size_t i, Slot& s, bool io) {
   answer(s, buf, len, uint8_t(CplStatus::SC));
 }
 
+// §2.7.2.2 (Rules for Use of Data Poisoning): the data of a poisoned write is never applied —
+// not to memory, registers, a callback, the MSI-X table or configuration space. A poisoned
+// Configuration or I/O Write is discarded and answered UR; a poisoned Memory Write is posted:
+// discarded without a completion, logged as an Unsupported Request like a write to nothing.
+// Poisoned reads carry no data and Messages are only counted: served as usual.
+bool Lane::poisoned_write(Slot& s) {
+  switch (s.t.kind) {
+    case Kind::MWr:
+      bump(poisoned);
+      s.action = Action::posted;
+      s.status = uint8_t(CplStatus::UR);
+      bump(unsupported_posted);
+      log_error(uint8_t(CplStatus::UR));
+      return true;
+    case Kind::IOWr:
+    case Kind::CfgWr0:
+    case Kind::CfgWr1:
+      bump(poisoned);
+      answer(s, nullptr, 0, uint8_t(CplStatus::UR));
+      return true;
+    default:
+      return false;
+  }
+}
+
 void Lane::process(size_t i) {
   Slot& s = slots[i];
   s = Slot{};
@@ -556,6 +582,7 @@ void Lane::process(size_t i) {
   }
   const tlp::Tlp& t = s.t;
   bump(kinds[size_t(t.kind)]);
+  if (t.ep && poisoned_write(s)) return;
   switch (t.kind) {
     case Kind::MRd:
     case Kind::MWr:
@@ -1259,6 +1286,7 @@ EngineStats Engine::stats() const {
     s.ca += ld(l.ca);
     s.unsupported_posted += ld(l.unsupported_posted);
     s.malformed += ld(l.malformed);
+    s.poisoned += ld(l.poisoned);
     s.unexpected_completions += ld(l.unexpected);
     s.messages += ld(l.messages);
     s.redelivered += ld(l.redelivered);

@@ -25,7 +25,7 @@ ERROR_KINDS = (
     "status",         # a status other than Successful Completion
     "format",         # not a CplD, payload length vs record length, data on a failed completion
     "split",          # payload above Max_Payload_Size, non-final completion off an RCB boundary
-    "timeout",        # no complete answer within the timeout
+    "timeout",        # no complete answer within the timeout, or no request taken for it
     "record",         # a garbage record in a gateway page
 )
 

@@ -594,7 +594,8 @@ class Device(Closing):
 
     def stats(self) -> dict[str, Any]:
         """Counters: ``requests`` by kind, ``completions``, ``ur``, ``ca``, ``malformed``,
-        ``deferred*``, ``regions`` (per region: reads, writes, bytes, batched),
+        ``poisoned`` (EP writes discarded, PCIe Base §2.7.2.2), ``deferred*``, ``regions``
+        (per region: reads, writes, bytes, batched),
         ``latency_ns_log2`` (bucket b counts requests that took [2^b, 2^(b+1)) ns from take
         to in the page), and ``hook_errors`` (register hooks and callback handlers that
         raised; see :attr:`last_hook_error`)."""

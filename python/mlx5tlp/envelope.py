@@ -529,9 +529,7 @@ def open_envelope(
                 f"envelope is for device {device.name} (guid {_guid(p.node_guid)}), "
                 f"this context is {device.name} (guid {_guid(device.node_guid)})"
             )
-        exporter = device if device.rdma_core_version != "" else DeviceIdentity(
-            device.name, device.node_guid, device.backend, None
-        )
+        exporter = _as_recorded(device)
     else:
         if backend != device.backend:
             raise _fail(
@@ -562,6 +560,13 @@ def open_envelope(
     )
 
 
+def _as_recorded(device: DeviceIdentity) -> DeviceIdentity:
+    """`device` as an envelope of it records it (an empty rdma-core version reads as None)."""
+    if device.rdma_core_version != "":
+        return device
+    return DeviceIdentity(device.name, device.node_guid, device.backend, None)
+
+
 def _accept_fast(
     accept: Callable[..., Any],
     blob: bytes,
@@ -583,9 +588,7 @@ def _accept_fast(
     got = accept(blob, int(kind), want, name, guid, backend, version)
     if got is None:
         return None
-    exporter = device if device.rdma_core_version != "" else DeviceIdentity(
-        device.name, guid, device.backend, None
-    )
+    exporter = _as_recorded(device)
     return Envelope(kind=kind, raw=got[1], device=exporter, flags=int(got[0]), keyed=False,
                     version=FORMAT_VERSION)
 

@@ -29,6 +29,8 @@
 //   Cpl*           an Unexpected Completion (the function issues no requests but MSI-X
 //                  writes): discarded and counted (§2.3.2).
 //   malformed      no completion (a Malformed TLP is a fatal error, §2.3.1), counted.
+//   poisoned (EP)  writes (MWr, IOWr, CfgWr) are discarded, never applied (§2.7.2.2): UR (a
+//                  Cpl for IOWr/CfgWr; MWr is posted: counted in unsupported_posted too).
 // Hooked registers and callback regions go to the BatchHandler (the Python bindings) once per
 // batch; a callback read that is not answered in the call is deferred: it stays claimed in the
 // source until Engine::complete_deferred() / fail_deferred() from any thread, or until its
@@ -115,6 +117,7 @@ struct EngineStats {
   uint64_t ur = 0, ca = 0;        // requests answered Unsupported Request / Completer Abort
   uint64_t unsupported_posted = 0;  // posted writes to nothing (UR, no completion: dropped)
   uint64_t malformed = 0;         // could not decode: no completion
+  uint64_t poisoned = 0;          // poisoned (EP) writes discarded: UR (§2.7.2.2)
   uint64_t unexpected_completions = 0;
   uint64_t messages = 0;
   uint64_t redelivered = 0;       // requests a dead claimer left (recover / redelivery)
