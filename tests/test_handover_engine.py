@@ -85,6 +85,7 @@ class Child:
         self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env=env)
         self.events: list[dict[str, Any]] = []
+        self.eof = False
         self.cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -94,6 +95,9 @@ class Child:
             with self.cond:
                 self.events.append(json.loads(line))
                 self.cond.notify_all()
+        with self.cond:
+            self.eof = True  # every line the process wrote is in events
+            self.cond.notify_all()
 
     def close(self) -> None:
         if self.p.poll() is None:
@@ -110,8 +114,7 @@ class Child:
                 for e in self.events:
                     if e["event"] == name:
                         return e
-                if self.p.poll() is not None and not any(e["event"] == name
-                                                          for e in self.events):
+                if self.eof:
                     err = self.p.stderr.read() if self.p.stderr else ""
                     raise AssertionError(f"primary exited before {name!r}: {err}")
                 left = end - time.monotonic()
@@ -276,3 +279,48 @@ def test_engine_takeover_after_sigkill_keeps_registers(
             sb.close()
     ds = sim.device_stats(device)
     assert (ds["requests_claimed"], ds["contexts"], ds["tlp_vars"]) == (0, 0, 0), ds
+
+
+def test_drain_deferred_then_a_detached_engine_takes_the_pages(device: str) -> None:
+    # In one process, the two halves of a planned handover on the engine: the predecessor
+    # pauses and finishes its deferred read (drain_deferred is False while it is open); the
+    # successor, built with attach=False, cannot open the pages while they are held (EBUSY)
+    # and serves from the same state once they are released.
+    import mlx5tlp
+    from mlx5tlp.handover.state import SharedState
+
+    held: list[engine.Request] = []
+    with mlx5tlp.open_device(device, backend="sim") as ctx, sim.Host(device) as host:
+        old = engine.Device(ctx, spec(), regions(held.extend), handover=True)
+        try:
+            enumerate_function(host)
+            assert host.send_request(mem_read(0x2000, 4, 7))
+            end = time.monotonic() + 10
+            while not held:
+                assert time.monotonic() < end
+                time.sleep(0.001)
+            assert old.pause(1.0)
+            assert old.drain_deferred(0.05) is False  # still open
+            held[0].complete(b"DONE")
+            assert old.drain_deferred(1.0) is True
+            (cpl,) = collect(host, 1)
+            assert (cpl.tag, bytes(cpl.data)) == (7, b"DONE")
+            state = old.shared
+            assert isinstance(state, SharedState)
+            new = engine.Device(ctx, spec(), regions(successor_handler), gateway_vars=old.vars,
+                                attach=False)
+            try:
+                with pytest.raises(mlx5tlp.Error) as exc:
+                    new.attach(state)
+                assert exc.value.errno == errno.EBUSY
+                old.release_gateways()
+                new.attach(state)
+                new.start()
+                assert read(host, 0x2000, 4, 8) == b"SSSS"
+                # The shared configuration space came along: same BAR, Memory Space Enable.
+                assert new.config_read(0x10) & ~0xF == BAR_BASE
+                assert new.completer_id == FUNCTION
+            finally:
+                new.close()
+        finally:
+            old.close()

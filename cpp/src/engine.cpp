@@ -40,7 +40,8 @@ inline void bump(Counter& c, uint64_t n = 1) noexcept { c.store(c.load(std::memo
 }
 
 constexpr uint8_t kTracePosted = 0xfe, kTraceDeferred = 0xfd, kTraceMalformed = 0xff;
-constexpr uint32_t kCmdRun = 0, kCmdPause = 1, kCmdStop = 2, kCmdRelease = 3, kCmdReattach = 4;
+constexpr uint32_t kCmdRun = 0, kCmdPause = 1, kCmdStop = 2, kCmdRelease = 3, kCmdReattach = 4,
+                   kCmdHold = 5;  // spawned by attach_gateways(), waiting for start()
 constexpr int kStateCreated = 0, kStateRunning = 1, kStatePaused = 2, kStateStopped = 3;
 constexpr size_t kMaxDataPerRequest = 4096;
 constexpr size_t kMaxCplBytesPerRequest = kMaxDataPerRequest + tlp::kMaxCompletions * 16;
@@ -914,6 +915,11 @@ void Lane::serve_range(size_t lo, size_t hi) {
 
 void Lane::run() noexcept {
   try {
+    for (;;) {  // parked until start() (attach_gateways() spawned us early)
+      const uint32_t seen = bell.load(std::memory_order_acquire);  // acquire: the command
+      if (cmd.load(std::memory_order_acquire) != kCmdHold) break;
+      wait_bell(seen);
+    }
     refresh();
     // A successor first takes every request a dead claimer left, before it writes to any
     // page: the source judges "published" against the doorbells the dead claimer left.
@@ -1012,6 +1018,8 @@ void Engine::add_detached_lane(std::shared_ptr<Var> var, std::unique_ptr<Request
                                                 std::move(source)));
 }
 
+static void stop_locked(Engine::Impl& impl) noexcept;
+
 void Engine::attach_gateways() {
   std::lock_guard<std::mutex> g(impl_->ctl_mu);
   if (impl_->state.load() != kStateCreated) engine_error("attach gateways", EBUSY, std::string("the engine is ") + state() + ", not created");
@@ -1024,6 +1032,19 @@ void Engine::attach_gateways() {
       engine_error("attach gateways", EINVAL, "gateway records of " + std::to_string(gw->max_record()) +
                                                   " bytes cannot hold a 128-byte completion payload");
     l->gw = std::move(gw);
+  }
+  // The threads now, parked until start(): creating and scheduling them is then not part of a
+  // successor's pause (docs/handover.md).
+  for (auto& l : impl_->lanes) {
+    if (l->th.joinable()) continue;
+    Lane* p = l.get();
+    p->cmd.store(kCmdHold, std::memory_order_relaxed);  // relaxed: the thread starts after it
+    try {
+      p->th = spawn("attach gateways", [p] { p->run(); });
+    } catch (const Error&) {
+      stop_locked(*impl_);  // nothing left parked behind a failed attach
+      throw;
+    }
   }
 }
 
@@ -1073,6 +1094,11 @@ void Engine::start() {
   for (size_t i = 0; i < impl_->lanes.size(); ++i) {
     Lane* p = impl_->lanes[i].get();
     p->first_answer.store(0, std::memory_order_relaxed);
+    if (p->th.joinable()) {  // parked by attach_gateways(): just let it go
+      p->cmd.store(kCmdRun, std::memory_order_release);  // release: the state adopted before
+      p->poke();
+      continue;
+    }
     try {
       p->th = spawn("start engine", [p] { p->run(); });
     } catch (const Error&) {

@@ -399,6 +399,7 @@ class Device(Closing):
         self._owns_vars = given is None
         self._e: Optional[Any] = None
         self.shared: Optional[SharedState] = None
+        self._adopted: Optional[SharedState] = None  # by attach()
         if handover:
             if state is not None:
                 raise InvalidArgumentError(errno.EINVAL, "state: a handover device keeps its "
@@ -510,8 +511,12 @@ class Device(Closing):
             Error: a page's gateway is held by another process (EBUSY).
         """
         e = self._engine
-        if state is not None:
+        if state is not None and self._adopted is not state:
+            if self._adopted is not None:
+                raise InvalidArgumentError(errno.EINVAL, "attach: this device adopted another "
+                                           "state block already", "attach")
             e.adopt_state(state.function_view(), state.completer_view())
+            self._adopted = state  # a retry after EBUSY only opens the gateways
         e.attach_gateways()
 
     def drain_deferred(self, timeout: Optional[float] = None) -> bool:

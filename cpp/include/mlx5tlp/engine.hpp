@@ -174,8 +174,9 @@ class Engine {
   // a successor builds its engine (buffers, source) while its predecessor still commits to
   // the pages, and opens only the gateways once they are released (docs/handover.md).
   void add_detached_lane(std::shared_ptr<Var> var, std::unique_ptr<RequestSource> source);
-  // Before start(): open a direct gateway for every detached lane. Error(EBUSY) while another
-  // process holds a page's committer lock; start() refuses a lane without a gateway.
+  // Before start(): open a direct gateway for every detached lane and spawn the lane threads,
+  // parked until start() (which then only wakes them). Error(EBUSY) while another process
+  // holds a page's committer lock; start() refuses a lane without a gateway.
   void attach_gateways();
   // Before start(): serve from `st` (a predecessor's, in shared memory: validated as
   // Function Adopt::keep) instead of the state the engine was built with, and keep the
