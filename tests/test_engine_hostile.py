@@ -13,6 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+import mlx5tlp
+from mlx5tlp import engine, sim
+from test_engine import spec
+
 _SCRIPT = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
@@ -60,3 +66,25 @@ def test_close_from_its_own_hook_is_refused_not_a_crash(device: str) -> None:
 def test_stop_and_pause_from_its_own_hook_are_refused(device: str) -> None:
     _run(device, "stop")
     _run(device, "pause")
+
+
+def test_gateway_vars_of_another_context_or_none_are_refused(device: str) -> None:
+    # A VAR of another device would have the lanes answer this device's requests into that
+    # device's page; of another context of this device, closing that context would free the
+    # page under the running lanes. Both are refused by name, nothing left allocated.
+    other = f"{device}_other"
+    sim.create_device(other)
+    try:
+        with mlx5tlp.open_device(device, backend="sim") as ctx, \
+                mlx5tlp.open_device(other, backend="sim") as ctx_other, \
+                mlx5tlp.open_device(device, backend="sim") as ctx_same:
+            for foreign in (ctx_other.alloc_var(tlp=True), ctx_same.alloc_var(tlp=True)):
+                with pytest.raises(mlx5tlp.InvalidArgumentError,
+                                   match=r"gateway_vars\[0\]: a VAR of another context"):
+                    engine.Device(ctx, spec(), [], gateway_vars=[foreign])
+                foreign.free()
+            with pytest.raises(mlx5tlp.InvalidArgumentError, match="gateway_vars: no VAR"):
+                engine.Device(ctx, spec(), [], gateway_vars=[])
+        assert sim.device_stats(device)["tlp_vars"] == 0
+    finally:
+        sim.remove_device(other)

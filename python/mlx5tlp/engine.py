@@ -338,7 +338,8 @@ class Device(Closing):
         start: start serving at once (else call :meth:`start`).
         spin_us: how long an idle lane polls before it blocks.
         gateway_vars: TLP gateway VARs to serve on (one lane each; ``pages`` is then their
-            number), e.g. imported from the process that allocated them. They stay the
+            number), of ``ctx`` (allocated or imported on it; another context's VAR is
+            refused), e.g. imported from the process that allocated them. They stay the
             caller's: the device never frees them (free or unimport them after
             :meth:`close`). None: the device allocates ``pages`` VARs of ``ctx`` and frees
             them at :meth:`close`.
@@ -379,6 +380,16 @@ class Device(Closing):
                 if not isinstance(v, Var):
                     raise TypeError(f"gateway_vars[{i}] must be a mlx5tlp.Var, "
                                     f"not {type(v).__name__}")
+                if v._ctx is not ctx:
+                    # Another context's VAR: of another device, the lanes would answer this
+                    # device's requests into that device's page; of this device, closing
+                    # that context would free the page under the running lanes.
+                    raise InvalidArgumentError(
+                        errno.EINVAL, f"gateway_vars[{i}]: a VAR of another context, not of "
+                        "this device's: allocate or import it on ctx", "create device")
+            if not given:
+                raise InvalidArgumentError(errno.EINVAL, "gateway_vars: no VAR (one per lane)",
+                                           "create device")
             pages = len(given)
         if not isinstance(pages, int) or isinstance(pages, bool) or not 1 <= pages <= _CHANNELS:
             raise InvalidArgumentError(errno.EINVAL, f"pages: {pages!r} is not 1..{_CHANNELS}",
