@@ -20,17 +20,15 @@ REQUESTER = 0x0000
 FUNCTION = 0x0100
 
 
-class Proc:
-    """One `mlx5tlp serve` process whose JSON event lines are collected by a thread."""
+class EventProc:
+    """A process printing one JSON event per line on stdout, collected by a thread."""
 
-    def __init__(self, rig: Rig, name: str, args: list[str]) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self.name = name
         self.events: list[dict[str, Any]] = []
         self.cond = threading.Condition()
-        self.p = subprocess.Popen(
-            [sys.executable, "-m", "mlx5tlp", "serve", *args, "--key-file", str(rig.key_file),
-             "--device", rig.device, "--events", "--engine", rig.engine],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=rig.env)
+        self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env)
         self.pid = self.p.pid
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -76,6 +74,15 @@ class Proc:
         for f in (self.p.stdout, self.p.stderr):
             if f is not None:
                 f.close()
+
+
+class Proc(EventProc):
+    """One `mlx5tlp serve` process of the rig."""
+
+    def __init__(self, rig: Rig, name: str, args: list[str]) -> None:
+        super().__init__(name, [sys.executable, "-m", "mlx5tlp", "serve", *args, "--key-file",
+                                str(rig.key_file), "--device", rig.device, "--events",
+                                "--engine", rig.engine], rig.env)
 
 
 class Rig:

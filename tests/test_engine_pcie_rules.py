@@ -78,3 +78,42 @@ def test_a_zero_length_read_gets_one_dw(ctx: mlx5tlp.Context, host: sim.Host) ->
         (c,) = _collect(host, 1)
         assert (c.kind, c.status, c.tag, c.length, c.byte_count, c.lower_address) == (
             "CplD", tlp.Status.SC, 9, 1, 1, 0x10)
+
+
+def _pcie_cap(bus: Bus) -> int:
+    at = bus.cfg_read(0x34) & 0xFC  # Capabilities Pointer (§7.5.1.1.11)
+    while at:
+        header = bus.cfg_read(at)
+        if header & 0xFF == 0x10:  # PCI Express Capability ID
+            return at
+        at = (header >> 8) & 0xFC
+    raise AssertionError("no PCI Express Capability")
+
+
+def test_a_payload_above_max_payload_size_is_malformed(ctx: mlx5tlp.Context,
+                                                       host: sim.Host) -> None:
+    # §2.2.2: "Receivers must check for violations of this rule": a TLP whose payload
+    # exceeds Max_Payload_Size (Device Control bits 7:5, 000b = 128 bytes after reset,
+    # §7.5.3.4) is a Malformed TLP: not applied, no completion.
+    mem = engine.MemoryRegion(0, 0x1000, 0x1000)
+    with engine.Device(ctx, spec(), [mem]) as dev:
+        bus = Bus(host)
+        bus.enumerate()
+        bus.send(tlp.Tlp.mem_write(BAR0 + 0x1000, b"\x77" * 128))  # exactly MPS: applied
+        assert _read_dw(bus, BAR0 + 0x1000) == b"\x77" * 4
+        bus.send(tlp.Tlp.mem_write(BAR0 + 0x1000, b"\x88" * 256))
+        assert _read_dw(bus, BAR0 + 0x1000) == b"\x77" * 4
+        assert dev.stats()["malformed"] == 1
+        devctl = _pcie_cap(bus) + 8
+        bus.cfg_write(devctl, (bus.cfg_read(devctl) & ~0xE0) | 0x20)  # MPS 256 (supported)
+        bus.send(tlp.Tlp.mem_write(BAR0 + 0x1000, b"\x88" * 256))
+        assert _read_dw(bus, BAR0 + 0x1000) == b"\x88" * 4
+        assert mem.read(252, 4) == b"\x88" * 4
+        assert dev.stats()["malformed"] == 1
+        assert host.stats()["errors"] == 0, host.stats()["last_error"]
+
+
+def test_the_load_generator_sends_no_write_above_max_payload(host: sim.Host) -> None:
+    r = [sim.LoadRange(BAR0, bytes(4096))]
+    with pytest.raises(mlx5tlp.Error, match="write op 0 of 512 bytes exceeds max_payload 256"):
+        host.load(r, [sim.LoadOp("write", 512)], count=1, max_payload=256)

@@ -11,11 +11,8 @@ once, by the predecessor, before it releases its pages: docs/handover.md).
 from __future__ import annotations
 
 import errno
-import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +20,7 @@ from typing import Any, Optional
 
 import pytest
 
-from handover_rig import REQUESTER, collect
+from handover_rig import REQUESTER, EventProc, collect
 from mlx5tlp import engine, handover, sim, tlp
 from mlx5tlp.function import Bar, FunctionSpec, Identity
 
@@ -80,48 +77,6 @@ def successor_handler(reqs: list[engine.Request]) -> list[Optional[bytes]]:
     return [b"S" * r.length if r.needs_answer else None for r in reqs]
 
 
-class Child:
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env)
-        self.events: list[dict[str, Any]] = []
-        self.eof = False
-        self.cond = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.p.stdout is not None
-        for line in self.p.stdout:
-            with self.cond:
-                self.events.append(json.loads(line))
-                self.cond.notify_all()
-        with self.cond:
-            self.eof = True  # every line the process wrote is in events
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-        self.p.wait(30)
-        for f in (self.p.stdout, self.p.stderr):
-            if f is not None:
-                f.close()
-
-    def wait_event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for e in self.events:
-                    if e["event"] == name:
-                        return e
-                if self.eof:
-                    err = self.p.stderr.read() if self.p.stderr else ""
-                    raise AssertionError(f"primary exited before {name!r}: {err}")
-                left = end - time.monotonic()
-                assert left > 0, f"no {name!r} in {timeout} s: {self.events}"
-                self.cond.wait(min(left, 0.2))
-
-
 @pytest.fixture
 def setup(tmp_path: Path, device: str) -> Iterator[tuple[str, bytes, dict[str, str]]]:
     d = tmp_path / "ho"
@@ -137,15 +92,15 @@ def setup(tmp_path: Path, device: str) -> Iterator[tuple[str, bytes, dict[str, s
     _children.clear()
 
 
-_children: list[Child] = []
+_children: list[EventProc] = []
 
 
 def start_primary(setup: tuple[str, bytes, dict[str, str]], device: str,
-                  delay: float = 0.3) -> Child:
+                  delay: float = 0.3) -> EventProc:
     path, key, env = setup
     code = PRIMARY.format(tests=str(Path(__file__).parent), device=device, path=path, key=key,
                           delay=delay)
-    c = Child([sys.executable, "-c", code], env)
+    c = EventProc("primary", [sys.executable, "-c", code], env)
     _children.append(c)
     c.wait_event("serving")
     return c

@@ -72,6 +72,10 @@ int load_job_init(const m5a_sim_load_spec& in, LoadJob& job) {
   if (!pow2(s.max_payload) || s.max_payload < 128 || s.max_payload > 4096)
     return fail(EINVAL, "load spec: max_payload %u, expected 128..4096, a power of two",
                 s.max_payload);
+  for (uint32_t i = 0; i < s.nops; ++i)  // PCIe Base 2.2.2: larger payloads are Malformed TLPs
+    if (s.ops[i].kind == M5A_SIM_LOAD_WRITE && s.ops[i].size > s.max_payload)
+      return fail(EINVAL, "load spec: write op %u of %u bytes exceeds max_payload %u (the "
+                  "function's Max_Payload_Size)", i, s.ops[i].size, s.max_payload);
   if (s.rcb != 64 && s.rcb != 128)
     return fail(EINVAL, "load spec: rcb %u, expected 64 or 128", s.rcb);
   if (s.seed == 0) s.seed = 1;

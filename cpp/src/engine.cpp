@@ -163,6 +163,7 @@ struct Lane {
   bool mem_en = false, io_en = false;
   tlp::CompletionParams params;
   uint32_t timeout_us = 50000;
+  uint32_t rx_max_payload = 128;  // Device Control Max_Payload_Size: larger payloads are Malformed
   // preallocated batch buffers
   size_t batch;
   std::vector<Request> reqs;
@@ -342,6 +343,7 @@ void Lane::refresh() noexcept {
   mem_en = f.memory_enabled();
   io_en = f.io_enabled();
   params = f.completion_params(uint16_t(e->completer.load(std::memory_order_relaxed)));
+  rx_max_payload = params.max_payload;  // before the clamp below, which is for what we send
   // A gateway record must hold the completion: split payloads to what a slot carries.
   const size_t room = gw ? gw->max_record() : 4096;
   while (params.max_payload > 128 && params.max_payload + 16u > room) params.max_payload = uint16_t(params.max_payload / 2);
@@ -582,6 +584,14 @@ void Lane::process(size_t i) {
   }
   const tlp::Tlp& t = s.t;
   bump(kinds[size_t(t.kind)]);
+  // §2.2.2: a payload above the Max_Payload_Size programmed in Device Control is a Malformed
+  // TLP, which receivers must check: not applied, no completion.
+  if (tlp::has_data(t.kind) && uint32_t(t.length) * 4 > rx_max_payload) {
+    s.action = Action::retire_only;
+    s.status = kTraceMalformed;
+    bump(malformed);
+    return;
+  }
   if (t.ep && poisoned_write(s)) return;
   switch (t.kind) {
     case Kind::MRd:

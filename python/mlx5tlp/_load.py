@@ -41,7 +41,8 @@ class LoadOp:
     Attributes:
         kind: ``"read"`` (a Memory Read, non-posted: it takes a tag of the window) or
             ``"write"`` (a Memory Write, posted).
-        size: bytes, 1..4096 (writes: a multiple of 4).
+        size: bytes, 1..4096 (writes: a multiple of 4, at most ``max_payload``: a larger
+            payload is a Malformed TLP, PCIe Base 2.2.2).
         weight: relative frequency in the mix, >= 1.
         align: address alignment, a power of two 1..4096; 0 means ``size`` rounded up to a
             power of two (so no request crosses 4 KiB). Below 4 exercises byte enables.

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 from mlx5tlp import _core
 from mlx5tlp._closing import Closing
 from mlx5tlp.context import Context
-from mlx5tlp.errors import InvalidArgumentError, InvalidHandleError
+from mlx5tlp.errors import Error, InvalidArgumentError, InvalidHandleError
 from mlx5tlp.function.model import Function, _core_value
 from mlx5tlp.function.spec import FunctionSpec
 from mlx5tlp.handover.state import SharedState
@@ -446,6 +446,22 @@ class Device(Closing):
             self._last_hook_error = f"{where}:\n{traceback.format_exc()}"
 
     def _dispatch(self, items: list[tuple[Any, ...]]) -> None:
+        running = _hooks_running()
+        running.append(self)
+        try:
+            self._dispatch_items(items)
+        finally:
+            running.pop()
+
+    def _not_from_own_hook(self, what: str) -> None:
+        # A lane runs the hooks: stopping, pausing or closing the device from one would make
+        # that lane wait for (join) itself — a deadlock, or std::terminate on the join.
+        if self in _hooks_running():
+            raise Error(errno.EDEADLK, f"{what}: called from a hook or handler of this device, "
+                        "on the lane that would have to finish first; call it from another "
+                        "thread", what)
+
+    def _dispatch_items(self, items: list[tuple[Any, ...]]) -> None:
         e = self._engine
         groups: dict[int, list[Request]] = {}
         for it in items:
@@ -486,7 +502,13 @@ class Device(Closing):
 
     def pause(self, timeout: Optional[float] = None) -> bool:
         """Stop taking requests and finish the ones taken (their answers are in the pages);
-        deferred ones stay answerable. True when every lane is idle, False at the timeout."""
+        deferred ones stay answerable. True when every lane is idle, False at the timeout.
+
+        Raises:
+            Error: EDEADLK from one of this device's hooks or handlers (the lane running it
+                would wait for itself).
+        """
+        self._not_from_own_hook("pause device")
         return bool(self._engine.pause(timeout))
 
     def resume(self) -> None:
@@ -495,6 +517,7 @@ class Device(Closing):
 
     def release_gateways(self) -> None:
         """Paused only: close every lane's gateway, so another process may commit to the pages."""
+        self._not_from_own_hook("release gateways")
         self._engine.release_gateways()
 
     def reattach_gateways(self) -> None:
@@ -573,7 +596,12 @@ class Device(Closing):
         return list(self._vars)
 
     def stop(self) -> None:
-        """Stop the lanes (deferred requests are answered Completer Abort); idempotent."""
+        """Stop the lanes (deferred requests are answered Completer Abort); idempotent.
+
+        Raises:
+            Error: EDEADLK from one of this device's hooks or handlers (as :meth:`close`).
+        """
+        self._not_from_own_hook("stop device")
         if self._e is not None:
             self._e.stop()
 
@@ -638,7 +666,14 @@ class Device(Closing):
         return bytes(self._engine.config_bytes())
 
     def close(self) -> None:
-        """Stop, close the gateways and free the pages (idempotent)."""
+        """Stop, close the gateways and free the pages (idempotent).
+
+        Raises:
+            Error: EDEADLK when called from one of this device's own hooks or handlers: the
+                lane running the hook would have to stop first. Nothing is closed then (the
+                hook's access fails as any raising hook's does); close from another thread.
+        """
+        self._not_from_own_hook("close device")
         with self._lock:
             e = self._e
             if e is not None:
@@ -713,6 +748,17 @@ def _close_at_exit() -> None:
 
 
 atexit.register(_close_at_exit)
+
+
+_hook_threads = threading.local()
+
+
+def _hooks_running() -> list[Device]:
+    """The devices whose hooks or handlers this thread is running now (innermost last)."""
+    running: Optional[list[Device]] = getattr(_hook_threads, "devices", None)
+    if running is None:
+        running = _hook_threads.devices = []
+    return running
 
 
 def _lane_masks(pages: int, channels: Optional[Sequence[Sequence[int]]]) -> list[int]:

@@ -156,30 +156,19 @@ class Primary:
                 # The engine's lanes serve; this thread answers the control socket (and looks
                 # for the first answer of this tenure, reported once).
                 if not reported and server.first_served_ns:
-                    reported = True
-                    self._emit("first-served", generation=self.generation,
-                               first_ns=server.first_served_ns, **self.origin)
+                    reported = self._first_served()
                 self._poll(200e-6 if not reported else 0.05)
-                now = time.monotonic()
-                if now - last_beat > 0.5:
-                    self.lease.heartbeat()
-                    last_beat = now
-                    if end is not None and now > end:
-                        break
-                continue
-            n = server.serve(16)
-            if n:
-                idle = 0
-                if not reported:
-                    reported = True
-                    self._emit("first-served", generation=self.generation,
-                               first_ns=server.first_served_ns, **self.origin)
-                self._poll(0.0)
-                continue
-            idle += 1
-            if self.listener is None and idle < 64 and not reported:
-                continue  # a fresh successor: answer first, open the control socket after
-            self._poll(0.0 if idle < 64 else 50e-6 if idle < 4096 else 1e-3)
+            else:
+                n = server.serve(16)
+                if n:
+                    idle = 0
+                    reported = reported or self._first_served()
+                    self._poll(0.0)
+                    continue
+                idle += 1
+                if self.listener is None and idle < 64 and not reported:
+                    continue  # a fresh successor: answer first, open the control socket after
+                self._poll(0.0 if idle < 64 else 50e-6 if idle < 4096 else 1e-3)
             now = time.monotonic()
             if now - last_beat > 0.5:
                 self.lease.heartbeat()
@@ -191,6 +180,11 @@ class Primary:
         if self.outcome == "stopped":
             self.node.state.mark(self.generation, self.node.state.served() + server.served)
         return self.outcome
+
+    def _first_served(self) -> bool:
+        self._emit("first-served", generation=self.generation,
+                   first_ns=self.server.first_served_ns, **self.origin)
+        return True
 
     def _poll(self, timeout: float) -> None:
         if self.listener is None:
