@@ -6,6 +6,8 @@ The codec lives in the C++ core (``mlx5tlp/tlp.hpp``); this module is its typed 
   :class:`Tlp`; :meth:`Tlp.encode` does the reverse. Headers are in wire order (big-endian
   DWs). Anything malformed raises :class:`TlpError`, a :class:`ValueError` whose ``code``
   names the rule that failed (see ``docs/tlp.md``).
+* :class:`Kind` names the 15 kinds (a ``str`` enum) and carries the per-kind table (family,
+  Fmt/Type, payload, posted, locked).
 * :func:`completions_for` builds the completion(s) for one non-posted request.
 * :func:`build_completions` builds the completions for many requests at once in C++ with the
   GIL released, into one buffer (the gateway path; format in :class:`BulkCompletions`).
@@ -19,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import array
+import dataclasses
 import enum
 import importlib
 from collections.abc import Sequence
@@ -31,6 +34,7 @@ __all__ = [
     "KINDS",
     "Attr",
     "BulkCompletions",
+    "Kind",
     "Status",
     "Tlp",
     "TlpError",
@@ -42,15 +46,123 @@ __all__ = [
 
 _native: Any = importlib.import_module("mlx5tlp._core").tlp
 
-#: Every TLP kind :func:`decode` recognises.
-KINDS: tuple[str, ...] = tuple(_native.KINDS)
-_KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
 _STATUS_NAMES: tuple[str, ...] = tuple(_native.STATUS_NAMES)
 _REASONS: tuple[str, ...] = tuple(_native.REASONS)
 
-_CFG = frozenset({"CfgRd0", "CfgWr0", "CfgRd1", "CfgWr1"})
-_CPL = frozenset({"Cpl", "CplD", "CplLk", "CplDLk"})
-_MSG = frozenset({"Msg", "MsgD"})
+
+class Kind(str, enum.Enum):
+    """The kind of a TLP, in the C++ codec's ``tlp::Kind`` order (PCIe Base §2.2.1 Table 2-3).
+
+    A :class:`str` enum: ``Kind.MRd == "MRd"``, ``str(Kind.MRd) == "MRd"``, and a member can be
+    used wherever a kind name is (dict keys, sets, f-strings, JSON). The properties come from
+    one per-kind table, which the :class:`Tlp` constructors and ``repr`` also consult.
+    """
+
+    MRd = "MRd"  #: Memory Read Request
+    MRdLk = "MRdLk"  #: Memory Read Request-Locked
+    MWr = "MWr"  #: Memory Write Request
+    IORd = "IORd"  #: I/O Read Request
+    IOWr = "IOWr"  #: I/O Write Request
+    CfgRd0 = "CfgRd0"  #: Configuration Read Type 0
+    CfgWr0 = "CfgWr0"  #: Configuration Write Type 0
+    CfgRd1 = "CfgRd1"  #: Configuration Read Type 1
+    CfgWr1 = "CfgWr1"  #: Configuration Write Type 1
+    Cpl = "Cpl"  #: Completion without Data
+    CplD = "CplD"  #: Completion with Data
+    CplLk = "CplLk"  #: Completion for Locked Memory Read without Data
+    CplDLk = "CplDLk"  #: Completion for Locked Memory Read with Data
+    Msg = "Msg"  #: Message Request
+    MsgD = "MsgD"  #: Message Request with Data
+
+    # The plain name, as the former ``str`` kinds printed (Python 3.12 would print "Kind.MRd").
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return self.value.__format__(spec)
+
+    @property
+    def family(self) -> str:
+        """``"mem"``, ``"io"``, ``"cfg"``, ``"cpl"`` (completions) or ``"msg"``."""
+        return _SPECS[self].family
+
+    @property
+    def fmt(self) -> int:
+        """Wire Fmt[2:0] (bit 1: with data; bit 0: 4DW header — messages always, memory
+        requests at or above 4 GiB or when asked)."""
+        return _SPECS[self].fmt
+
+    @property
+    def type(self) -> int:
+        """Wire Type[4:0]; for messages with routing r[2:0] = 000b (the TLP adds its own)."""
+        return _SPECS[self].type
+
+    @property
+    def has_data(self) -> bool:
+        """Whether the TLP carries a payload."""
+        return bool(self.fmt & 2)
+
+    @property
+    def posted(self) -> bool:
+        """A posted request (MWr, Msg, MsgD): it gets no completion (PCIe Base §2.4.1)."""
+        return _SPECS[self].posted
+
+    @property
+    def locked(self) -> bool:
+        """A locked transaction (MRdLk, CplLk, CplDLk)."""
+        return _SPECS[self].locked
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """One row of the per-kind table (PCIe Base §2.2.1 Table 2-3 "Fmt[2:0] and Type[4:0]")."""
+
+    family: str
+    fmt: int
+    type: int
+    posted: bool = False
+    locked: bool = False
+    length: Optional[int] = None  # fixed Length (None: from the argument or the payload)
+
+
+_SPECS: dict[Kind, _Spec] = {
+    Kind.MRd: _Spec("mem", 0b000, 0x00),
+    Kind.MRdLk: _Spec("mem", 0b000, 0x01, locked=True),
+    Kind.MWr: _Spec("mem", 0b010, 0x00, posted=True),
+    Kind.IORd: _Spec("io", 0b000, 0x02, length=1),
+    Kind.IOWr: _Spec("io", 0b010, 0x02),
+    Kind.CfgRd0: _Spec("cfg", 0b000, 0x04, length=1),
+    Kind.CfgWr0: _Spec("cfg", 0b010, 0x04),
+    Kind.CfgRd1: _Spec("cfg", 0b000, 0x05, length=1),
+    Kind.CfgWr1: _Spec("cfg", 0b010, 0x05),
+    Kind.Cpl: _Spec("cpl", 0b000, 0x0A, length=0),
+    Kind.CplD: _Spec("cpl", 0b010, 0x0A),
+    Kind.CplLk: _Spec("cpl", 0b000, 0x0B, locked=True, length=0),
+    Kind.CplDLk: _Spec("cpl", 0b010, 0x0B, locked=True),
+    Kind.Msg: _Spec("msg", 0b001, 0x10, posted=True, length=0),
+    Kind.MsgD: _Spec("msg", 0b011, 0x10, posted=True),
+}
+
+#: Every TLP kind :func:`decode` recognises, in the codec's order (index = ``tlp::Kind``).
+KINDS: tuple[Kind, ...] = tuple(Kind)
+if tuple(_native.KINDS) != KINDS:  # the table above must follow tlp.hpp's enum
+    raise ImportError(f"mlx5tlp.tlp.Kind {KINDS} differs from the core's {_native.KINDS}")
+_KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
+# (family, with data, locked, configuration type) -> kind: how the constructors pick one.
+_PICK = {(s.family, bool(s.fmt & 2), s.locked, s.type & 1 if s.family == "cfg" else 0): k
+         for k, s in _SPECS.items()}  # fmt: skip
+
+
+def _kind(value: object) -> Kind:
+    try:
+        return Kind(value)
+    except ValueError:
+        raise TlpError("field_out_of_range", f"unknown kind {value!r}") from None
+
+
+def _pick(family: str, *, data: bool = False, locked: bool = False, cfg_type: int = 0) -> Kind:
+    return _PICK[(family, data, locked, cfg_type)]
+
 
 #: A bytes-like object (anything with the buffer protocol works at run time).
 Buffer = Union[bytes, bytearray, memoryview]
@@ -106,7 +218,9 @@ class Tlp:
     and fill ``fmt`` / ``type``. ``decode(t.encode()) == t`` for every constructed ``t``.
 
     Attributes:
-        kind: one of :data:`KINDS` ("MRd", "MWr", "CplD", ...).
+        kind: a :class:`Kind` (a ``str``: ``t.kind == "MRd"`` holds); a name given as a plain
+            ``str`` is converted, an unknown one raises :class:`TlpError`
+            (``field_out_of_range``).
         fmt: wire Fmt (bit 0: 4DW header, bit 1: with data); for memory requests bit 0 chooses
             the header :meth:`encode` writes.
         type: wire Type (derived from ``kind``; for messages includes the routing).
@@ -134,7 +248,7 @@ class Tlp:
         data: the payload.
     """
 
-    kind: str = "MRd"
+    kind: Kind = Kind.MRd
     fmt: int = 0
     type: int = 0
     tc: int = 0
@@ -157,6 +271,10 @@ class Tlp:
     routing: int = 0
     digest: int = 0
     data: bytes = b""
+
+    def __post_init__(self) -> None:
+        if self.kind.__class__ is not Kind:
+            self.kind = _kind(self.kind)
 
     # ---- constructors ----
 
@@ -183,21 +301,7 @@ class Tlp:
         ``last_be`` defaults to 0000b for 1 DW and 1111b otherwise. ``addr64=None`` picks the
         3DW header below 4 GiB and the 4DW header above; ``addr64=True`` below 4 GiB is refused.
         """
-        t = cls(
-            kind="MRdLk" if locked else "MRd",
-            length=length,
-            requester_id=requester_id,
-            tag=tag,
-            first_be=first_be,
-            last_be=_default_last_be(length, last_be),
-            address=address,
-            tc=tc,
-            attr=attr,
-            td=td,
-            ep=ep,
-            digest=digest,
-        )
-        return t._canonical(addr64)
+        return cls._build(_pick("mem", locked=locked), locals())
 
     @classmethod
     def mem_write(
@@ -217,23 +321,7 @@ class Tlp:
         addr64: Optional[bool] = None,
     ) -> Tlp:
         """A Memory Write Request of ``data`` (a whole number of DWs) at ``address``."""
-        length = _dw_length(data)
-        t = cls(
-            kind="MWr",
-            length=length,
-            requester_id=requester_id,
-            tag=tag,
-            first_be=first_be,
-            last_be=_default_last_be(length, last_be),
-            address=address,
-            tc=tc,
-            attr=attr,
-            td=td,
-            ep=ep,
-            digest=digest,
-            data=bytes(data),
-        )
-        return t._canonical(addr64)
+        return cls._build(Kind.MWr, locals())
 
     @classmethod
     def io_read(
@@ -248,18 +336,7 @@ class Tlp:
         digest: int = 0,
     ) -> Tlp:
         """An I/O Read Request of one DW at ``address`` (below 4 GiB)."""
-        t = cls(
-            kind="IORd",
-            length=1,
-            requester_id=requester_id,
-            tag=tag,
-            first_be=first_be,
-            address=address,
-            td=td,
-            ep=ep,
-            digest=digest,
-        )
-        return t._canonical(None)
+        return cls._build(Kind.IORd, locals())
 
     @classmethod
     def io_write(
@@ -275,19 +352,7 @@ class Tlp:
         digest: int = 0,
     ) -> Tlp:
         """An I/O Write Request of one DW (``data`` is 4 bytes) at ``address``."""
-        t = cls(
-            kind="IOWr",
-            length=_dw_length(data),
-            requester_id=requester_id,
-            tag=tag,
-            first_be=first_be,
-            address=address,
-            td=td,
-            ep=ep,
-            digest=digest,
-            data=bytes(data),
-        )
-        return t._canonical(None)
+        return cls._build(Kind.IOWr, locals())
 
     @classmethod
     def cfg_read(
@@ -305,19 +370,7 @@ class Tlp:
     ) -> Tlp:
         """A Configuration Read (``type`` 0 or 1) of the DW at register byte ``address``
         (0..0xFFC) of function ``dest_id``."""
-        t = cls(
-            kind=_cfg_kind("Rd", type),
-            length=1,
-            requester_id=requester_id,
-            tag=tag,
-            first_be=first_be,
-            address=address,
-            dest_id=dest_id,
-            td=td,
-            ep=ep,
-            digest=digest,
-        )
-        return t._canonical(None)
+        return cls._build(_cfg_kind(False, type), locals())
 
     @classmethod
     def cfg_write(
@@ -335,20 +388,7 @@ class Tlp:
         digest: int = 0,
     ) -> Tlp:
         """A Configuration Write (``type`` 0 or 1) of one DW (``data`` is 4 bytes)."""
-        t = cls(
-            kind=_cfg_kind("Wr", type),
-            length=_dw_length(data),
-            requester_id=requester_id,
-            tag=tag,
-            first_be=first_be,
-            address=address,
-            dest_id=dest_id,
-            td=td,
-            ep=ep,
-            digest=digest,
-            data=bytes(data),
-        )
-        return t._canonical(None)
+        return cls._build(_cfg_kind(True, type), locals())
 
     @classmethod
     def completion(
@@ -373,28 +413,8 @@ class Tlp:
 
         ``byte_count`` defaults to ``len(data)`` for a completion with data and to 4 without.
         """
-        payload = bytes(data)
-        kind = ("CplDLk" if locked else "CplD") if payload else ("CplLk" if locked else "Cpl")
-        if byte_count is None:
-            byte_count = len(payload) if payload else 4
-        t = cls(
-            kind=kind,
-            completer_id=completer_id,
-            requester_id=requester_id,
-            tag=tag,
-            status=status,
-            length=_dw_length(payload) if payload else 0,
-            byte_count=byte_count,
-            lower_address=lower_address,
-            bcm=bcm,
-            tc=tc,
-            attr=attr,
-            td=td,
-            ep=ep,
-            digest=digest,
-            data=payload,
-        )
-        return t._canonical(None)
+        data = bytes(data)
+        return cls._build(_pick("cpl", data=bool(data), locked=locked), locals())
 
     @classmethod
     def message(
@@ -413,23 +433,27 @@ class Tlp:
         digest: int = 0,
     ) -> Tlp:
         """A Message Request (MsgD when ``data`` is given); ``address`` is DW2:DW3, raw."""
-        payload = bytes(data)
-        t = cls(
-            kind="MsgD" if payload else "Msg",
-            message_code=message_code,
-            routing=routing,
-            requester_id=requester_id,
-            tag=tag,
-            address=address,
-            length=_dw_length(payload) if payload else 0,
-            tc=tc,
-            attr=attr,
-            td=td,
-            ep=ep,
-            digest=digest,
-            data=payload,
-        )
-        return t._canonical(None)
+        data = bytes(data)
+        return cls._build(_pick("msg", data=bool(data)), locals())
+
+    @classmethod
+    def _build(cls, kind: Kind, args: dict[str, Any]) -> Tlp:
+        # The one builder behind every constructor: ``args`` is the constructor's ``locals()``
+        # (its parameters are named after the fields they fill); the per-kind table supplies
+        # the rest (Length, Last DW BE and Byte Count defaults).
+        fields = {k: v for k, v in args.items() if k in _ARG_FIELDS}
+        spec = _SPECS[kind]
+        if "data" in fields:
+            fields["data"] = bytes(fields["data"])
+            if kind.has_data:
+                fields["length"] = _dw_length(fields["data"])
+        if spec.length is not None:
+            fields["length"] = spec.length
+        if "last_be" in fields:
+            fields["last_be"] = _default_last_be(fields["length"], fields["last_be"])
+        if spec.family == "cpl" and fields["byte_count"] is None:
+            fields["byte_count"] = len(fields["data"]) if fields["data"] else 4
+        return cls(kind=kind, **fields)._canonical(args.get("addr64"))
 
     # ---- codec ----
 
@@ -450,8 +474,8 @@ class Tlp:
         return bool(self.fmt & 1)
 
     def _canonical(self, addr64: Optional[bool]) -> Tlp:
-        if addr64 is not None and self.kind in ("MRd", "MRdLk", "MWr"):
-            self.fmt = (2 if self.data else 0) | int(addr64)
+        if addr64 is not None and _SPECS[self.kind].family == "mem":
+            self.fmt = _SPECS[self.kind].fmt | int(addr64)
             code, out = _native.encode(_fields(self), False)
         else:
             code, out = _native.encode(_fields(self), True)
@@ -461,8 +485,9 @@ class Tlp:
 
     def __repr__(self) -> str:
         k = self.kind
-        parts = [k]
-        if k in _CPL:
+        family = _SPECS[k].family if k in _SPECS else ""
+        parts = [str(k)]
+        if family == "cpl":
             parts += [
                 f"cpl={_bdf(self.completer_id)}",
                 f"req={_bdf(self.requester_id)}",
@@ -473,7 +498,7 @@ class Tlp:
             ]
             if self.bcm:
                 parts.append("bcm")
-        elif k in _MSG:
+        elif family == "msg":
             parts += [
                 f"req={_bdf(self.requester_id)}",
                 f"tag={self.tag:#x}",
@@ -483,7 +508,7 @@ class Tlp:
             ]
         else:
             parts += [f"req={_bdf(self.requester_id)}", f"tag={self.tag:#x}"]
-            if k in _CFG:
+            if family == "cfg":
                 parts += [f"dest={_bdf(self.dest_id)}", f"reg={self.address:#05x}"]
             else:
                 parts.append(f"addr={self.address:#x}")
@@ -529,16 +554,21 @@ def _dw_length(data: Buffer) -> int:
     return n // 4
 
 
-def _cfg_kind(op: str, type: int) -> str:
+def _cfg_kind(write: bool, type: int) -> Kind:
     if type not in (0, 1):
         raise TlpError("field_out_of_range", f"configuration type {type} (must be 0 or 1)")
-    return f"Cfg{op}{type}"
+    return _pick("cfg", data=write, cfg_type=type)
+
+
+# Constructor parameters that are Tlp fields (``locked``, ``addr64`` and the configuration
+# ``type`` choose the kind or the header instead).
+_ARG_FIELDS = frozenset(f.name for f in dataclasses.fields(Tlp)) - {"kind", "fmt", "type"}
 
 
 def _fields(t: Tlp) -> tuple[Any, ...]:
     try:
         kind = _KIND_INDEX[t.kind]
-    except KeyError:
+    except (KeyError, TypeError):  # a kind assigned after construction
         raise TlpError("field_out_of_range", f"unknown kind {t.kind!r}") from None
     return (
         kind, t.fmt, t.type, t.tc, t.attr, t.td, t.ep, t.length, t.requester_id,
