@@ -480,7 +480,7 @@ class Device(Closing):
             if isinstance(region, RegisterRegion):
                 try:
                     region._dispatch(it[2], it[3], bool(it[1]))
-                except Exception:
+                except BaseException:  # SystemExit too: a lane has nobody to raise it to
                     # The access failed: a non-posted one is answered Completer Abort
                     # (§2.3.1: the completer could not complete it); a posted write has no
                     # completion, so the count and the traceback are all that tell.
@@ -494,16 +494,15 @@ class Device(Closing):
             assert isinstance(region, CallbackRegion)
             try:
                 answers = region.handler(reqs)
-            except Exception:
+                if answers is not None:  # what it returned is checked as part of the call
+                    for r, a in zip(reqs, answers, strict=False):
+                        if a is not None and r.needs_answer:
+                            e.complete(r._id, bytes(a))
+            except BaseException:  # SystemExit too: a lane has nobody to raise it to
                 self._hook_failed(f"{region.name} handler ({len(reqs)} requests)")
                 for r in reqs:
                     if r.needs_answer:
                         e.fail(r._id, "CA")  # already answered ones are left as they are
-                continue
-            if answers is not None:
-                for r, a in zip(reqs, answers, strict=False):
-                    if a is not None and r.needs_answer:
-                        e.complete(r._id, bytes(a))
 
     # ---- lifecycle ----
 
