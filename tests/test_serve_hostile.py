@@ -189,3 +189,17 @@ def test_serve_refuses_a_hostile_file_on_one_line(tmp_path: Path) -> None:
     assert run.returncode == 1 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and "outside BAR 0" in run.stderr, run.stderr
     json.dumps(run.stderr)
+
+
+def test_two_registers_of_one_name_are_refused(tmp_path: Path) -> None:
+    # Hooks and region[name] address registers by name: with two "a", a hooked read of the
+    # second set the first one's value.
+    path = _spec_with(tmp_path, [{**_REG, "registers": [
+        {"name": "a", "offset": 0}, {"name": "a", "offset": 4, "on_read": "m:f"}]}])
+    with pytest.raises(mlx5tlp.InvalidArgumentError,
+                       match=r"regions\[0\]\.registers\[1\]\.name: 'a' is the name of "
+                             r"registers\[0\] too"):
+        served.load(path)  # when the file is read, before any hook is imported
+    with pytest.raises(mlx5tlp.InvalidArgumentError, match="is the name of registers"):
+        mlx5tlp.engine.RegisterRegion(0, 0, [mlx5tlp.engine.Register("x", 0),
+                                             mlx5tlp.engine.Register("x", 4)])

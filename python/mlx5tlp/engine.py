@@ -155,9 +155,17 @@ class RegisterRegion:
     def __init__(self, bar: int, offset: int, registers: Sequence[Register], *,
                  size: Optional[int] = None, name: str = "", fd: Optional[int] = None) -> None:
         regs = list(registers)
+        seen: dict[str, int] = {}
         for i, r in enumerate(regs):
             if not isinstance(r, Register):
                 raise TypeError(f"registers[{i}] must be a Register")
+            if r.name in seen:
+                # Hooks and region[name] address registers by name: a second one of the
+                # same name would be unreachable, or get the first one's value.
+                raise InvalidArgumentError(
+                    errno.EINVAL, f"registers[{i}].name: {r.name!r} is the name of "
+                    f"registers[{seen[r.name]}] too", "create register region")
+            seen.setdefault(r.name, i)
         end = max((r.offset + r.width for r in regs), default=4)
         self.name = name or f"registers@{bar}:{offset:#x}"
         self.registers = tuple(regs)

@@ -299,6 +299,11 @@ def _region(data: Any, where: str, bad: Bad) -> RegionSpec:
                       f"{_show(regs)}")
         kw["registers"] = tuple(_register(x, f"{where}.registers[{k}]", bad)
                                 for k, x in enumerate(regs))
+        first: dict[str, int] = {}
+        for k, x in enumerate(kw["registers"]):  # hooks address registers by name
+            if first.setdefault(x.name, k) != k:
+                raise bad(f"{where}.registers[{k}].name: {x.name!r} is the name of "
+                          f"registers[{first[x.name]}] too")
     else:
         _check_hook_name(kw["handler"], f"{where}.handler", bad)
         d = kw.get("deadline")
