@@ -155,9 +155,17 @@ class RegisterRegion:
     def __init__(self, bar: int, offset: int, registers: Sequence[Register], *,
                  size: Optional[int] = None, name: str = "", fd: Optional[int] = None) -> None:
         regs = list(registers)
+        seen: dict[str, int] = {}
         for i, r in enumerate(regs):
             if not isinstance(r, Register):
                 raise TypeError(f"registers[{i}] must be a Register")
+            if r.name in seen:
+                # Hooks and region[name] address registers by name: a second one of the
+                # same name would be unreachable, or get the first one's value.
+                raise InvalidArgumentError(
+                    errno.EINVAL, f"registers[{i}].name: {r.name!r} is the name of "
+                    f"registers[{seen[r.name]}] too", "create register region")
+            seen.setdefault(r.name, i)
         end = max((r.offset + r.width for r in regs), default=4)
         self.name = name or f"registers@{bar}:{offset:#x}"
         self.registers = tuple(regs)
@@ -338,7 +346,8 @@ class Device(Closing):
         start: start serving at once (else call :meth:`start`).
         spin_us: how long an idle lane polls before it blocks.
         gateway_vars: TLP gateway VARs to serve on (one lane each; ``pages`` is then their
-            number), e.g. imported from the process that allocated them. They stay the
+            number), of ``ctx`` (allocated or imported on it; another context's VAR is
+            refused), e.g. imported from the process that allocated them. They stay the
             caller's: the device never frees them (free or unimport them after
             :meth:`close`). None: the device allocates ``pages`` VARs of ``ctx`` and frees
             them at :meth:`close`.
@@ -379,6 +388,16 @@ class Device(Closing):
                 if not isinstance(v, Var):
                     raise TypeError(f"gateway_vars[{i}] must be a mlx5tlp.Var, "
                                     f"not {type(v).__name__}")
+                if v._ctx is not ctx:
+                    # Another context's VAR: of another device, the lanes would answer this
+                    # device's requests into that device's page; of this device, closing
+                    # that context would free the page under the running lanes.
+                    raise InvalidArgumentError(
+                        errno.EINVAL, f"gateway_vars[{i}]: a VAR of another context, not of "
+                        "this device's: allocate or import it on ctx", "create device")
+            if not given:
+                raise InvalidArgumentError(errno.EINVAL, "gateway_vars: no VAR (one per lane)",
+                                           "create device")
             pages = len(given)
         if not isinstance(pages, int) or isinstance(pages, bool) or not 1 <= pages <= _CHANNELS:
             raise InvalidArgumentError(errno.EINVAL, f"pages: {pages!r} is not 1..{_CHANNELS}",
@@ -469,7 +488,7 @@ class Device(Closing):
             if isinstance(region, RegisterRegion):
                 try:
                     region._dispatch(it[2], it[3], bool(it[1]))
-                except Exception:
+                except BaseException:  # SystemExit too: a lane has nobody to raise it to
                     # The access failed: a non-posted one is answered Completer Abort
                     # (§2.3.1: the completer could not complete it); a posted write has no
                     # completion, so the count and the traceback are all that tell.
@@ -483,16 +502,15 @@ class Device(Closing):
             assert isinstance(region, CallbackRegion)
             try:
                 answers = region.handler(reqs)
-            except Exception:
+                if answers is not None:  # what it returned is checked as part of the call
+                    for r, a in zip(reqs, answers, strict=False):
+                        if a is not None and r.needs_answer:
+                            e.complete(r._id, bytes(a))
+            except BaseException:  # SystemExit too: a lane has nobody to raise it to
                 self._hook_failed(f"{region.name} handler ({len(reqs)} requests)")
                 for r in reqs:
                     if r.needs_answer:
                         e.fail(r._id, "CA")  # already answered ones are left as they are
-                continue
-            if answers is not None:
-                for r, a in zip(reqs, answers, strict=False):
-                    if a is not None and r.needs_answer:
-                        e.complete(r._id, bytes(a))
 
     # ---- lifecycle ----
 
