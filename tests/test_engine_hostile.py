@@ -128,3 +128,18 @@ def test_hooks_raising_base_exceptions_or_returning_garbage_are_hook_errors(
             assert dev.stats()["hook_errors"] == n
             assert dev.last_hook_error is not None and what in dev.last_hook_error
         assert dev.state == "running"
+
+
+def test_out_of_range_options_are_named(ctx: mlx5tlp.Context) -> None:
+    # A spin of NaN/inf/-1 us was accepted (converted to nanoseconds in C++: undefined); an
+    # integer beyond 64 bits reached pybind11 ("incompatible constructor arguments").
+    for spin in (float("nan"), float("inf"), -1.0, 1e300):
+        with pytest.raises(mlx5tlp.InvalidArgumentError,
+                           match=r"spin_us: .* is not 0\.\.1e\+06 microseconds"):
+            engine.Device(ctx, spec(), [], spin_us=spin)
+    with pytest.raises(TypeError, match="spin_us must be a number"):
+        engine.Device(ctx, spec(), [], spin_us="fast")  # type: ignore[arg-type]
+    for key in ("batch", "deferred_max", "trace"):
+        with pytest.raises(mlx5tlp.InvalidArgumentError, match=f"{key}: .* is too large"):
+            engine.Device(ctx, spec(), [], **{key: 2**70})
+    assert sim.device_stats(ctx.name)["tlp_vars"] == 0

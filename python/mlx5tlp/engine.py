@@ -344,7 +344,7 @@ class Device(Closing):
             function state, or a handover :class:`~mlx5tlp.handover.SharedState` (its function
             state and its Completer ID word); ``adopt`` continues from what is in it.
         start: start serving at once (else call :meth:`start`).
-        spin_us: how long an idle lane polls before it blocks.
+        spin_us: how long an idle lane polls before it blocks, 0..1e6 microseconds.
         gateway_vars: TLP gateway VARs to serve on (one lane each; ``pages`` is then their
             number), of ``ctx`` (allocated or imported on it; another context's VAR is
             refused), e.g. imported from the process that allocated them. They stay the
@@ -403,6 +403,7 @@ class Device(Closing):
             raise InvalidArgumentError(errno.EINVAL, f"pages: {pages!r} is not 1..{_CHANNELS}",
                                        "create device")
         masks = _lane_masks(pages, channels)
+        spin = _spin_us(spin_us)
         self.spec = spec
         self.regions = tuple(regions)
         for i, r in enumerate(self.regions):
@@ -444,7 +445,7 @@ class Device(Closing):
             for lane in range(pages):
                 var = ctx.alloc_var(tlp=True) if given is None else given[lane]
                 self._vars.append(var)
-                engine.add_sim_lane(var._core, masks[lane], float(spin_us), attach)
+                engine.add_sim_lane(var._core, masks[lane], spin, attach)
             if start and attach:
                 engine.start()
         except BaseException:
@@ -812,5 +813,19 @@ def _int(value: Any, what: str) -> int:
         raise TypeError(f"{what} must be an int, not {type(value).__name__}")
     if value < 0:
         raise InvalidArgumentError(errno.EINVAL, f"{what}: {value} is negative", "engine")
+    if value >= 1 << 63:  # beyond any native parameter: pybind11 would say "incompatible"
+        raise InvalidArgumentError(errno.EINVAL, f"{what}: {value} is too large", "engine")
     return value
+
+
+_MAX_SPIN_US = 1e6
+
+
+def _spin_us(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"spin_us must be a number, not {type(value).__name__}")
+    if not 0 <= value <= _MAX_SPIN_US:  # NaN fails this too; converted to ns in C++
+        raise InvalidArgumentError(errno.EINVAL, f"spin_us: {value!r} is not 0..{_MAX_SPIN_US:g} "
+                                   "microseconds", "create device")
+    return float(value)
 
