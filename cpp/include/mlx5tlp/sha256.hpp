@@ -1,7 +1,7 @@
 // mlx5tlp/sha256.hpp — SHA-256 (FIPS 180-4) and HMAC-SHA256 (RFC 2104) for the control
 // protocol's message MACs, so the core needs no crypto library (the wheel gains no NEEDED
-// entry). Not constant-time against cache attacks on the key schedule; the key never leaves
-// the process and only MACs are compared (with digest_equal, which is constant-time).
+// entry). No table is indexed by data or key bytes, and MACs are compared with digest_equal,
+// whose time does not depend on where they differ.
 //
 // Thread-safety: value types; one thread per object.
 #pragma once
