@@ -138,3 +138,15 @@ def test_lspci_sees_what_the_host_programmed(tmp_path: Path) -> None:
     assert "Completion Timeout: 16ms to 55ms" in text
     assert "<MAbort+" in text
     assert re.search(r"UESta:\t.*UnsupReq\+", text)
+
+
+def test_lspci_dump_refuses_a_slot_that_is_not_one() -> None:
+    # pciutils' dump reader (lspci -F) starts a device at a line naming its slot: a slot with a
+    # newline would add lines (a forged device or bytes) to the dump.
+    config = bytes(256)
+    assert fn.lspci_dump(config, "0000:3b:00.1").startswith("0000:3b:00.1 Class 0000")
+    for slot in ("00:00.0\n00: ff ff", "", "3b:00.8", "g0:00.0", "00:00.0 "):
+        with pytest.raises(ValueError, match="slot must be"):
+            fn.lspci_dump(config, slot)
+    with pytest.raises(TypeError, match="slot must be a str"):
+        fn.lspci_dump(config, 5)  # type: ignore[arg-type]

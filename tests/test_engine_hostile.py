@@ -88,3 +88,43 @@ def test_gateway_vars_of_another_context_or_none_are_refused(device: str) -> Non
         assert sim.device_stats(device)["tlp_vars"] == 0
     finally:
         sim.remove_device(other)
+
+
+def test_hooks_raising_base_exceptions_or_returning_garbage_are_hook_errors(
+        device: str) -> None:
+    # SystemExit / KeyboardInterrupt raised in a hook escaped the hook handling: the register
+    # read was answered SC with 0, nothing was counted, the traceback went to stderr as
+    # "Exception ignored". A handler's return value that is not a list of answers (not
+    # iterable) escaped the same way. Each is a failed access: Completer Abort
+    # (PCIe Base §2.3.1), counted, kept in last_hook_error.
+    from mlx5tlp import tlp
+    from test_engine import BAR0, Bus
+
+    def on_read(name: str) -> int:
+        raise KeyboardInterrupt
+
+    results: list[object] = [SystemExit(3), 42]
+
+    def handler(requests: list[engine.Request]) -> object:
+        r = results.pop(0)
+        if isinstance(r, BaseException):
+            raise r
+        return r
+
+    regs = engine.RegisterRegion(0, 0x1000, [engine.Register("r", 0, on_read=on_read)])
+    cb = engine.CallbackRegion(0, 0x2000, 0x100, handler)
+    with mlx5tlp.open_device(device, backend="sim") as ctx, sim.Host(device) as host, \
+            engine.Device(ctx, spec(), [regs, cb]) as dev:
+        bus = Bus(host)
+        bus.enumerate()
+        expected = [("r on_read", BAR0 + 0x1000, "KeyboardInterrupt"),
+                    ("handler", BAR0 + 0x2000, "SystemExit"),
+                    ("handler", BAR0 + 0x2000, "TypeError")]
+        for n, (_, address, what) in enumerate(expected, start=1):
+            tag = bus.next_tag()
+            bus.send(tlp.Tlp.mem_read(address, 1, tag=tag))
+            (c,) = bus.collect(1)
+            assert (c.tag, c.status) == (tag, tlp.Status.CA), (n, c)
+            assert dev.stats()["hook_errors"] == n
+            assert dev.last_hook_error is not None and what in dev.last_hook_error
+        assert dev.state == "running"

@@ -189,3 +189,33 @@ def test_serve_refuses_a_hostile_file_on_one_line(tmp_path: Path) -> None:
     assert run.returncode == 1 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and "outside BAR 0" in run.stderr, run.stderr
     json.dumps(run.stderr)
+
+
+def test_two_registers_of_one_name_are_refused(tmp_path: Path) -> None:
+    # Hooks and region[name] address registers by name: with two "a", a hooked read of the
+    # second set the first one's value.
+    path = _spec_with(tmp_path, [{**_REG, "registers": [
+        {"name": "a", "offset": 0}, {"name": "a", "offset": 4, "on_read": "m:f"}]}])
+    with pytest.raises(mlx5tlp.InvalidArgumentError,
+                       match=r"regions\[0\]\.registers\[1\]\.name: 'a' is the name of "
+                             r"registers\[0\] too"):
+        served.load(path)  # when the file is read, before any hook is imported
+    with pytest.raises(mlx5tlp.InvalidArgumentError, match="is the name of registers"):
+        mlx5tlp.engine.RegisterRegion(0, 0, [mlx5tlp.engine.Register("x", 0),
+                                             mlx5tlp.engine.Register("x", 4)])
+
+
+def test_huge_max_seconds_are_refused_before_serving(tmp_path: Path) -> None:
+    # threading's waits overflow time_t beyond ~9.2e9 s: --max-seconds 1e10 raised
+    # OverflowError after `serving` was printed.
+    path = _spec_with(tmp_path, [_MEM])
+    for value in ("1e10", "inf", "nan", "0"):
+        run = subprocess.run([sys.executable, "-m", "mlx5tlp", "serve", str(path),
+                              "--max-seconds", value], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 2 and run.stdout == "", (value, run.stderr)
+        assert "--max-seconds: must be a number of seconds > 0 and <= 1e+09" in run.stderr
+    spec = served.load(path)
+    for bad in (1e10, float("nan"), 0, -1, True):
+        with pytest.raises(ValueError, match="max_seconds must be None or seconds"):
+            served.serve(spec, device="unused", max_seconds=bad)

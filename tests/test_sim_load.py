@@ -264,6 +264,9 @@ def test_argument_errors(device: str) -> None:
             host.load([LoadRange(BASE, "abc")], count=1)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="rate"):
             host.load(r, count=1, rate=float("nan"))
+        for rate in (1e-300, 5e-7, -1.0, float("inf")):  # a period beyond 64-bit nanoseconds
+            with pytest.raises(ValueError, match="rate must be 0 or a finite number"):
+                host.load(r, count=1, rate=rate)
         with pytest.raises(TypeError, match="sequences"):
             host.load(r[0], count=1)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="sequences"):

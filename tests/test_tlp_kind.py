@@ -6,7 +6,9 @@ Encodings"; posted vs non-posted requests from §2.4.1 (Table 2-39 ordering clas
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import json
 import pickle
 from collections.abc import Callable
@@ -145,3 +147,62 @@ def test_configuration_type_picks_the_kind() -> None:
         with pytest.raises(TlpError, match="configuration type") as e:
             Tlp.cfg_read(0, 0, type=bad)
         assert e.value.code == "field_out_of_range"
+
+
+# The constructors' parameters and defaults before the shared builder (docs/tlp.md "Python API").
+SIGNATURES = {
+    "mem_read": (
+        'address', 'length=1', '*', 'requester_id=0', 'tag=0', 'first_be=15', 'last_be=None',
+        'tc=0', 'attr=0', 'td=False', 'ep=False', 'digest=0', 'locked=False', 'addr64=None',
+    ),
+    "mem_write": (
+        'address', 'data', '*', 'requester_id=0', 'tag=0', 'first_be=15', 'last_be=None', 'tc=0',
+        'attr=0', 'td=False', 'ep=False', 'digest=0', 'addr64=None',
+    ),
+    "io_read": (
+        'address', '*', 'requester_id=0', 'tag=0', 'first_be=15', 'td=False', 'ep=False',
+        'digest=0',
+    ),
+    "io_write": (
+        'address', 'data', '*', 'requester_id=0', 'tag=0', 'first_be=15', 'td=False', 'ep=False',
+        'digest=0',
+    ),
+    "cfg_read": (
+        'dest_id', 'address', '*', 'type=0', 'requester_id=0', 'tag=0', 'first_be=15', 'td=False',
+        'ep=False', 'digest=0',
+    ),
+    "cfg_write": (
+        'dest_id', 'address', 'data', '*', 'type=0', 'requester_id=0', 'tag=0', 'first_be=15',
+        'td=False', 'ep=False', 'digest=0',
+    ),
+    "completion": (
+        '*', 'completer_id', 'requester_id', 'tag', 'status=<Status.SC: 0>', "data=b''",
+        'byte_count=None', 'lower_address=0', 'bcm=False', 'tc=0', 'attr=0', 'td=False',
+        'ep=False', 'digest=0', 'locked=False',
+    ),
+    "message": (
+        'message_code', '*', 'routing=0', 'requester_id=0', 'tag=0', 'address=0', "data=b''",
+        'tc=0', 'attr=0', 'td=False', 'ep=False', 'digest=0',
+    ),
+}
+
+
+def _shape(ctor: Callable[..., Tlp]) -> tuple[str, ...]:
+    """Parameter names and defaults, with "*" where the keyword-only ones start."""
+    out: list[str] = []
+    for p in inspect.signature(ctor).parameters.values():
+        if p.kind is p.KEYWORD_ONLY and "*" not in out:
+            out.append("*")
+        out.append(str(p.replace(annotation=inspect.Parameter.empty)))
+    return tuple(out)
+
+
+@pytest.mark.parametrize("name", list(SIGNATURES))
+def test_constructor_signatures_are_unchanged(name: str) -> None:
+    ctor = getattr(Tlp, name)
+    assert _shape(ctor) == SIGNATURES[name]
+    assert ctor.__doc__
+    # The shared builder maps each parameter to the field of the same name; the only others
+    # choose the kind (locked, the configuration type) or the header (addr64).
+    fields = {f.name for f in dataclasses.fields(Tlp)} - {"kind", "fmt", "type"}
+    assert set(inspect.signature(ctor).parameters) <= fields | {"locked", "addr64", "type"}

@@ -62,8 +62,9 @@ int load_job_init(const m5a_sim_load_spec& in, LoadJob& job) {
     return fail(EINVAL, "load spec: %u ranges, expected 1..%d", s.nranges, M5A_SIM_LOAD_MAX_RANGES);
   if (s.window < 1 || s.window > M5A_SIM_LOAD_MAX_WINDOW)
     return fail(EINVAL, "load spec: window %u, expected 1..%d", s.window, M5A_SIM_LOAD_MAX_WINDOW);
-  if (!std::isfinite(s.rate) || s.rate < 0)
-    return fail(EINVAL, "load spec: rate %g, expected a finite number >= 0", s.rate);
+  // The schedule's period (1e9 / rate ns) must fit 64 bits: a tiny rate made it infinite.
+  if (!std::isfinite(s.rate) || s.rate < 0 || (s.rate > 0 && s.rate < 1e-6))
+    return fail(EINVAL, "load spec: rate %g, expected 0 or a finite number >= 1e-6", s.rate);
   if (s.count == 0 && s.duration_ns == 0)
     return fail(EINVAL, "load spec: neither count nor duration is set");
   if (s.timeout_ns == 0) return fail(EINVAL, "load spec: timeout_ns is 0");

@@ -31,6 +31,9 @@ ERROR_KINDS = (
 
 _MAX_WINDOW = 512
 _MAX_SECONDS = 2**63 / 1e9  # the C side counts nanoseconds in 64 bits
+#: The lowest non-zero rate: one request per ~11.6 days (the schedule's period, in ns, must
+#: fit 64 bits: a rate of 1e-300 made it infinite, an undefined conversion in C).
+MIN_RATE = 1e-6
 _KINDS = {"read": 0, "write": 1}
 
 
@@ -215,8 +218,9 @@ def load_args(
         raise ValueError("give count, duration or both")
     if isinstance(rate, bool) or not isinstance(rate, (int, float)):
         raise TypeError(f"rate must be a number, not {type(rate).__name__}")
-    if not math.isfinite(rate) or rate < 0:
-        raise ValueError(f"rate must be a finite number of requests/s >= 0, not {rate}")
+    if not math.isfinite(rate) or rate < 0 or 0 < rate < MIN_RATE:
+        raise ValueError(f"rate must be 0 or a finite number of requests/s >= {MIN_RATE:g}, "
+                         f"not {rate}")
     return {
         "ops": native_ops,
         "ranges": native_ranges,

@@ -115,13 +115,19 @@ def _power_of_two(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
+#: The longest a seconds option may ask for (~31.7 years): threading's waits overflow time_t
+#: beyond ~9.2e9 s (OverflowError after `serving` was printed, for --max-seconds 1e10).
+MAX_OPTION_SECONDS = 1e9
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text}")
+    if not math.isfinite(value) or not 0 < value <= MAX_OPTION_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0 and <= "
+                                         f"{MAX_OPTION_SECONDS:g}, not {text}")
     return value
 
 

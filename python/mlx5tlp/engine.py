@@ -155,9 +155,17 @@ class RegisterRegion:
     def __init__(self, bar: int, offset: int, registers: Sequence[Register], *,
                  size: Optional[int] = None, name: str = "", fd: Optional[int] = None) -> None:
         regs = list(registers)
+        seen: dict[str, int] = {}
         for i, r in enumerate(regs):
             if not isinstance(r, Register):
                 raise TypeError(f"registers[{i}] must be a Register")
+            if r.name in seen:
+                # Hooks and region[name] address registers by name: a second one of the
+                # same name would be unreachable, or get the first one's value.
+                raise InvalidArgumentError(
+                    errno.EINVAL, f"registers[{i}].name: {r.name!r} is the name of "
+                    f"registers[{seen[r.name]}] too", "create register region")
+            seen.setdefault(r.name, i)
         end = max((r.offset + r.width for r in regs), default=4)
         self.name = name or f"registers@{bar}:{offset:#x}"
         self.registers = tuple(regs)
@@ -480,7 +488,7 @@ class Device(Closing):
             if isinstance(region, RegisterRegion):
                 try:
                     region._dispatch(it[2], it[3], bool(it[1]))
-                except Exception:
+                except BaseException:  # SystemExit too: a lane has nobody to raise it to
                     # The access failed: a non-posted one is answered Completer Abort
                     # (§2.3.1: the completer could not complete it); a posted write has no
                     # completion, so the count and the traceback are all that tell.
@@ -494,16 +502,15 @@ class Device(Closing):
             assert isinstance(region, CallbackRegion)
             try:
                 answers = region.handler(reqs)
-            except Exception:
+                if answers is not None:  # what it returned is checked as part of the call
+                    for r, a in zip(reqs, answers, strict=False):
+                        if a is not None and r.needs_answer:
+                            e.complete(r._id, bytes(a))
+            except BaseException:  # SystemExit too: a lane has nobody to raise it to
                 self._hook_failed(f"{region.name} handler ({len(reqs)} requests)")
                 for r in reqs:
                     if r.needs_answer:
                         e.fail(r._id, "CA")  # already answered ones are left as they are
-                continue
-            if answers is not None:
-                for r, a in zip(reqs, answers, strict=False):
-                    if a is not None and r.needs_answer:
-                        e.complete(r._id, bytes(a))
 
     # ---- lifecycle ----
 

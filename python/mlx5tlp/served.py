@@ -57,6 +57,7 @@ __all__ = [
 _ACCESS_ALIASES = {"w1c": "rw1c"}  # the name PCI specs' tables use for RW1C
 _ACCESS_NAMES = (*engine.ACCESSES, *_ACCESS_ALIASES)
 _BARS = 7  # 0..5 and 6 = the Expansion ROM
+_MAX_WAIT_S = 1e9  # threading's waits overflow time_t beyond ~9.2e9 s
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,11 @@ def _region(data: Any, where: str, bad: Bad) -> RegionSpec:
                       f"{_show(regs)}")
         kw["registers"] = tuple(_register(x, f"{where}.registers[{k}]", bad)
                                 for k, x in enumerate(regs))
+        first: dict[str, int] = {}
+        for k, x in enumerate(kw["registers"]):  # hooks address registers by name
+            if first.setdefault(x.name, k) != k:
+                raise bad(f"{where}.registers[{k}].name: {x.name!r} is the name of "
+                          f"registers[{first[x.name]}] too")
     else:
         _check_hook_name(kw["handler"], f"{where}.handler", bad)
         d = kw.get("deadline")
@@ -554,9 +560,15 @@ def serve(spec: ServedSpec, *, device: str, pages: int = 1, batch: int = 32,
     Raises:
         InvalidArgumentError: the spec's hooks or regions are refused (named).
         Error: the device cannot be opened, or has no free gateway page.
+        ValueError: ``max_seconds`` is not None or a number of seconds in (0, 1e9].
     """
     from mlx5tlp import open_device
 
+    if max_seconds is not None and (
+            isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
+            or not 0 < max_seconds <= _MAX_WAIT_S):  # NaN fails this too
+        raise ValueError(f"max_seconds must be None or seconds in (0, {_MAX_WAIT_S:g}], "
+                         f"not {max_seconds!r}")
     stop = stop if stop is not None else threading.Event()
     previous: dict[signal.Signals, Any] = {}
     signals = (signal.SIGINT, signal.SIGTERM)

@@ -426,7 +426,8 @@ class Host(ConfigOverTlp, Closing):
             window: outstanding reads, 1..512 (tags 0..window-1: above 32 they need the
                 function's Extended Tag Field support, above 256 its 10-Bit Tag Completer
                 support).
-            rate: offered requests/s; 0 for as fast as the window allows.
+            rate: offered requests/s; 0 for as fast as the window allows, else at least
+                1e-6 (one request per ~11.6 days).
             count: requests to send. duration: seconds to send for. At least one is needed.
             timeout: seconds after which an unanswered read is an error.
             channels: request channels to spread the requests over (1..8).

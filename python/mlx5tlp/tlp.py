@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import array
-import dataclasses
 import enum
 import importlib
 from collections.abc import Sequence
@@ -163,6 +162,10 @@ def _kind(value: object) -> Kind:
 def _pick(family: str, *, data: bool = False, locked: bool = False, cfg_type: int = 0) -> Kind:
     return _PICK[(family, data, locked, cfg_type)]
 
+
+# Constructor parameters that are not Tlp fields: they choose the kind (``locked``, the
+# configuration ``type``) or the header (``addr64``). Every other parameter names its field.
+_SELECTORS = ("cls", "locked", "addr64", "type")
 
 #: A bytes-like object (anything with the buffer protocol works at run time).
 Buffer = Union[bytes, bytearray, memoryview]
@@ -441,11 +444,13 @@ class Tlp:
         # The one builder behind every constructor: ``args`` is the constructor's ``locals()``
         # (its parameters are named after the fields they fill); the per-kind table supplies
         # the rest (Length, Last DW BE and Byte Count defaults).
-        fields = {k: v for k, v in args.items() if k in _ARG_FIELDS}
+        fields = dict(args)
+        for name in _SELECTORS:
+            fields.pop(name, None)
         spec = _SPECS[kind]
         if "data" in fields:
             fields["data"] = bytes(fields["data"])
-            if kind.has_data:
+            if spec.fmt & 2:  # with data
                 fields["length"] = _dw_length(fields["data"])
         if spec.length is not None:
             fields["length"] = spec.length
@@ -558,11 +563,6 @@ def _cfg_kind(write: bool, type: int) -> Kind:
     if type not in (0, 1):
         raise TlpError("field_out_of_range", f"configuration type {type} (must be 0 or 1)")
     return _pick("cfg", data=write, cfg_type=type)
-
-
-# Constructor parameters that are Tlp fields (``locked``, ``addr64`` and the configuration
-# ``type`` choose the kind or the header instead).
-_ARG_FIELDS = frozenset(f.name for f in dataclasses.fields(Tlp)) - {"kind", "fmt", "type"}
 
 
 def _fields(t: Tlp) -> tuple[Any, ...]:

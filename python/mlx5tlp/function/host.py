@@ -16,6 +16,7 @@ Thread-safety: pure functions over the access object; not for concurrent use of 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -310,6 +311,9 @@ def enumerate_function(
         problems=tuple(problems))
 
 
+_SLOT = re.compile(r"(?:[0-9a-fA-F]{1,4}:)?[0-9a-fA-F]{1,2}:[0-9a-fA-F]{1,2}\.[0-7]")
+
+
 def lspci_dump(config: bytes, slot: str = "00:00.0") -> str:
     """``config`` (256 or 4096 bytes) in ``lspci -xxxx`` text format, for ``lspci -F``.
 
@@ -318,6 +322,10 @@ def lspci_dump(config: bytes, slot: str = "00:00.0") -> str:
     """
     if len(config) not in (256, 4096):
         raise ValueError(f"configuration space is 256 or 4096 bytes, not {len(config)}")
+    if not isinstance(slot, str):
+        raise TypeError(f"slot must be a str, not {type(slot).__name__}")
+    if not _SLOT.fullmatch(slot):  # else a newline in it would add lines to the dump
+        raise ValueError(f"slot must be [domain:]bus:device.function in hex, not {slot!r}")
     vendor = int.from_bytes(config[0:2], "little")
     device = int.from_bytes(config[2:4], "little")
     cls = int.from_bytes(config[0x0A:0x0C], "little")
