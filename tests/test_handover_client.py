@@ -3,7 +3,8 @@
 examples/native/handover_ctl is built against the installed package (as a native caller would
 build it) and drives a Python primary and standby over the control socket: it speaks exactly
 the protocol of docs/handover.md (framing, nonces, HMAC-SHA256, sequence numbers), so a status
-is answered, a handover commits, a wrong key and a missing primary are refused by errno.
+is answered, a handover commits, a rolled-back one is ECANCELED, a wrong key and a missing
+primary or standby are refused by errno.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import pytest
 
 from handover_rig import Rig, cfg_read, collect
 from mlx5tlp import handover, native, sim
+from mlx5tlp.handover.standby import connect
+from mlx5tlp.handover.wire import Wire
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,5 +113,41 @@ def test_native_operator_without_primary_or_standby(ctl: Path, tmp_path: Path,
         # A handover with no ready standby is refused by the primary with ENOENT.
         none = run(ctl, rig.path, rig.key_file, "handover", want_rc=1)
         assert none["errno"] == errno.ENOENT and "standby" in none["error"], none
+        assert run(ctl, rig.path, rig.key_file, "stop")["t"] == "stopped"
+        assert p0.p.wait(30) == 0
+
+
+def test_native_operator_sees_a_rolled_back_handover_as_ecanceled(ctl: Path, tmp_path: Path,
+                                                                  device: str) -> None:
+    rig = Rig(tmp_path, device)
+    with contextlib.closing(rig):
+        p0 = rig.primary()
+        # A standby run step by step by the test, which aborts the handover it was told to do.
+        sock = connect(rig.path)
+        with contextlib.closing(sock):
+            wire, _ = Wire.client(sock, rig.key, {"role": "standby", "pid": os.getpid(),
+                                                  "state_version": handover.STATE_VERSION})
+            wire.send("join", {})
+            wire.recv(timeout=10).close_fds()
+            wire.send("ready", {})
+            p0.wait_event("standby")
+            op = subprocess.Popen([str(ctl), rig.path, str(rig.key_file), "handover", "30"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                assert wire.recv(timeout=30).type == "go"
+                wire.send("handover", {})
+                assert wire.recv(timeout=30).type == "prepared"
+                wire.send("abort", {"message": "refused by the test"})
+                stdout, stderr = op.communicate(timeout=60)
+            finally:
+                if op.poll() is None:
+                    op.kill()
+                    op.communicate()
+        assert op.returncode == 1, (stdout, stderr)
+        aborted = json.loads(stdout)
+        assert aborted["errno"] == errno.ECANCELED, aborted
+        assert p0.wait_event("rollback")["committed"] is False
+        st = run(ctl, rig.path, rig.key_file, "status")
+        assert (st["pid"], st["generation"], st["rollbacks"]) == (p0.pid, 1, 1), st
         assert run(ctl, rig.path, rig.key_file, "stop")["t"] == "stopped"
         assert p0.p.wait(30) == 0
