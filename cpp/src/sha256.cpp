@@ -1,0 +1,137 @@
+#include "mlx5tlp/sha256.hpp"
+
+#include <cstring>
+
+namespace mlx5tlp::crypto {
+
+namespace {
+
+// FIPS 180-4 §4.2.2: the first 32 bits of the fractional parts of the cube roots of the first
+// 64 primes.
+constexpr uint32_t kK[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+
+inline uint32_t rotr(uint32_t x, int n) noexcept { return (x >> n) | (x << (32 - n)); }
+
+}  // namespace
+
+void Sha256::reset() noexcept {
+  // FIPS 180-4 §5.3.3.
+  static constexpr uint32_t kInit[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                        0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  std::memcpy(h_, kInit, sizeof h_);
+  used_ = 0;
+  bytes_ = 0;
+}
+
+void Sha256::block(const uint8_t* p) noexcept {
+  uint32_t w[64];
+  for (int i = 0; i < 16; ++i)
+    w[i] = uint32_t(p[4 * i]) << 24 | uint32_t(p[4 * i + 1]) << 16 | uint32_t(p[4 * i + 2]) << 8 |
+           uint32_t(p[4 * i + 3]);
+  for (int i = 16; i < 64; ++i) {
+    const uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
+    const uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
+    w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+  }
+  uint32_t a = h_[0], b = h_[1], c = h_[2], d = h_[3], e = h_[4], f = h_[5], g = h_[6], h = h_[7];
+  for (int i = 0; i < 64; ++i) {
+    const uint32_t t1 = h + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) +
+                        kK[i] + w[i];
+    const uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+    h = g;
+    g = f;
+    f = e;
+    e = d + t1;
+    d = c;
+    c = b;
+    b = a;
+    a = t1 + t2;
+  }
+  h_[0] += a;
+  h_[1] += b;
+  h_[2] += c;
+  h_[3] += d;
+  h_[4] += e;
+  h_[5] += f;
+  h_[6] += g;
+  h_[7] += h;
+}
+
+void Sha256::update(const void* data, size_t len) noexcept {
+  const auto* p = static_cast<const uint8_t*>(data);
+  bytes_ += len;
+  while (len > 0) {
+    if (used_ == 0 && len >= 64) {
+      block(p);
+      p += 64;
+      len -= 64;
+      continue;
+    }
+    const size_t n = len < 64 - used_ ? len : 64 - used_;
+    std::memcpy(buf_ + used_, p, n);
+    used_ += n;
+    p += n;
+    len -= n;
+    if (used_ == 64) {
+      block(buf_);
+      used_ = 0;
+    }
+  }
+}
+
+Digest Sha256::finish() noexcept {
+  // FIPS 180-4 §5.1.1: 0x80, zeros to 56 mod 64, then the length in bits (64-bit big-endian).
+  const uint64_t bits = bytes_ * 8;
+  const uint8_t one = 0x80, zero = 0;
+  update(&one, 1);
+  while (used_ != 56) update(&zero, 1);
+  uint8_t len[8];
+  for (int i = 0; i < 8; ++i) len[i] = uint8_t(bits >> (56 - 8 * i));
+  update(len, 8);
+  Digest out;
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 4; ++j) out[size_t(4 * i + j)] = uint8_t(h_[i] >> (24 - 8 * j));
+  reset();
+  return out;
+}
+
+HmacSha256::HmacSha256(std::string_view key) noexcept {
+  // RFC 2104 §2: keys longer than the block size are hashed first.
+  uint8_t k[64] = {};
+  if (key.size() > 64) {
+    const Digest d = Sha256::of(key);
+    std::memcpy(k, d.data(), d.size());
+  } else {
+    std::memcpy(k, key.data(), key.size());
+  }
+  uint8_t ipad[64];
+  for (int i = 0; i < 64; ++i) {
+    ipad[i] = k[i] ^ 0x36;
+    opad_[i] = k[i] ^ 0x5c;
+  }
+  inner_.update(ipad, sizeof ipad);
+}
+
+Digest HmacSha256::finish() noexcept {
+  const Digest in = inner_.finish();
+  Sha256 outer;
+  outer.update(opad_, sizeof opad_);
+  outer.update(in.data(), in.size());
+  return outer.finish();
+}
+
+bool digest_equal(const uint8_t* a, const uint8_t* b, size_t n) noexcept {
+  uint8_t diff = 0;
+  for (size_t i = 0; i < n; ++i) diff |= uint8_t(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+}  // namespace mlx5tlp::crypto
