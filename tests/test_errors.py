@@ -154,7 +154,9 @@ sim.create_device(name)
 with mlx5tlp.open_device(name, backend="sim") as ctx:
     var = ctx.alloc_var(tlp=True)
     before = threads()
-    out["writer"] = limited(1, lambda: var.gateway(ring_slots=2))
+    # 4 MiB of room: the page mappings and small allocations fit, a thread's 8 MiB stack
+    # does not (with 1 MiB the mmap of the page itself sometimes failed first).
+    out["writer"] = limited(4, lambda: var.gateway(ring_slots=2))
     out["ring"] = limited(64, lambda: var.gateway(ring_slots=1 << 24))
     out["threads_after_gateway"] = threads() - before
     with var.gateway(ring_slots=2) as gw:  # nothing was left holding the page
@@ -164,7 +166,7 @@ with mlx5tlp.open_device(name, backend="sim") as ctx:
         bars=[fn.Bar(0, "mem32", 1 << 16)])
     dev = engine.Device(ctx, spec, [engine.MemoryRegion(0, 0, 0x1000)], pages=2, start=False)
     before = threads()
-    out["lanes"] = limited(1, dev.start)
+    out["lanes"] = limited(4, dev.start)
     out["engine_state"] = dev.state
     out["threads_after_engine"] = threads() - before
     dev.close()
@@ -183,6 +185,7 @@ def test_resource_limits_raise_library_errors(sim_dir: str) -> None:
     out = json.loads(run.stdout.strip().splitlines()[-1])
     # No writer thread: before, std::system_error surfaced as RuntimeError.
     assert out["writer"][:2] == ["ResourceExhaustedError", errno.EAGAIN], out
+    assert "refused the VAR" not in out["writer"][2], out
     assert "open gateway" in out["writer"][2] and "thread" in out["writer"][2]
     # No memory for the ring: before, std::bad_alloc surfaced as MemoryError.
     assert out["ring"][:2] == ["ResourceExhaustedError", errno.ENOMEM], out

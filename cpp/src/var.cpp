@@ -134,9 +134,15 @@ void* Var::map_raw(int prot) {
   void* p = lib.sym().sim.mmap != nullptr
                 ? lib.sym().sim.mmap(u.get(), length_, prot, MAP_SHARED, mmap_off_)
                 : ::mmap(nullptr, length_, prot, MAP_SHARED, u.get()->cmd_fd, mmap_off_);
-  if (p == MAP_FAILED)
-    throw_errno("mmap(cmd_fd, VAR page " + std::to_string(page_id_) + ")", errno_or_eio(), true,
-                "the kernel refused the VAR's offset: it was freed, or belongs to another context");
+  if (p == MAP_FAILED) {
+    const int e = errno_or_eio();
+    // Only EINVAL means the kernel's mmap handler found no live VAR at this offset; ENOMEM is
+    // the address space (RLIMIT_AS, vm.max_map_count), EACCES/EPERM the protection.
+    throw_errno("mmap(cmd_fd, VAR page " + std::to_string(page_id_) + ")", e, true,
+                e == EINVAL ? "the kernel refused the VAR's offset: it was freed, or belongs to "
+                              "another context"
+                            : "");
+  }
   return p;
 }
 
