@@ -96,9 +96,10 @@ def test_planned_handover_keeps_state_and_answers_everything(rig: Rig) -> None:
         (cpl,) = collect(host, 1)
         assert cpl.data == (0xA5A5_1234).to_bytes(4, "little")
         # S1 re-joins as a standby of P0; stop once it holds its imports (a standby still
-        # joining when the function stops finds the VAR freed and exits 1).
-        while not any(e["event"] == "standby" and e.get("primary") == p0.pid
-                      for e in list(s1.events)):
+        # joining when the function stops finds the VAR freed and exits 1). Its first
+        # "standby" event also named P0 (it joined P0 at the start): wait for the second.
+        while sum(e["event"] == "standby" and e.get("primary") == p0.pid
+                  for e in list(s1.events)) < 2:
             assert time.monotonic() < deadline, s1.events
             time.sleep(0.01)
         while (st := handover.request(rig.path, rig.key, "status"))["standbys"] < 1:

@@ -228,7 +228,10 @@ class Standby:
             r, _, _ = select.select(fds, [], [], left)
             if not r:
                 return None
-            if self._pidfd in r:
+            # Dead. But a primary that stopped the function sent "shutdown" before it exited
+            # (and freed the objects): read what it left before taking over.
+            if self._pidfd in r and self.sock not in r \
+                    and not select.select([self.sock], [], [], 0)[0]:
                 return self.take_over()
             try:
                 msg = self.wire.recv(timeout=self.timeout)
