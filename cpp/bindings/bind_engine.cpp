@@ -189,6 +189,7 @@ py::dict stats_dict(const EngineStats& s) {
   d["messages"] = s.messages;
   d["redelivered"] = s.redelivered;
   d["already_published"] = s.already_published;
+  d["partly_published"] = s.partly_published;
   d["stale"] = s.stale;
   d["deferred"] = s.deferred;
   d["deferred_completed"] = s.deferred_completed;

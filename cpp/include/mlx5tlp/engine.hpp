@@ -122,6 +122,7 @@ struct EngineStats {
   uint64_t messages = 0;
   uint64_t redelivered = 0;       // requests a dead claimer left (recover / redelivery)
   uint64_t already_published = 0;  // ...whose answer had reached the host: retired only
+  uint64_t partly_published = 0;   // ...whose answer had partly reached it: the rest answered
   uint64_t stale = 0;             // mark/retire found the request discarded (a new host epoch)
   uint64_t deferred = 0, deferred_completed = 0, deferred_expired = 0, deferred_outstanding = 0;
   uint64_t handler_batches = 0;   // BatchHandler calls
