@@ -337,6 +337,12 @@ void bind_engine(py::module_& root) {
         return e.drain_deferred(d);
       }, py::arg("timeout"))
       .def_property_readonly("first_answer_ns", [](PyEngine& p) { return p.e().first_answer_ns(); })
+      .def("wait_first_answer", [](PyEngine& p, const py::object& timeout) {
+        const Deadline d = to_deadline(timeout);
+        Engine& e = p.e();
+        py::gil_scoped_release r;
+        return e.wait_first_answer(d);
+      }, py::arg("timeout"))
       .def("stop", [](PyEngine& p) {
         Engine& e = p.e();
         py::gil_scoped_release r;

@@ -126,6 +126,9 @@ struct Engine::Impl {
   std::unique_ptr<pci::Function> fn;
   std::atomic<uint64_t> cfg_gen{1};
   std::atomic<uint32_t> completer{0};
+  // Bumped (and woken) by a lane's first answer since a (re)start: wait_first_answer() sleeps
+  // on it, so a successor's control thread gives its CPU to the lanes instead of competing.
+  std::atomic<uint32_t> answered_bell{0};
   BatchHandler* handler = nullptr;
   std::vector<std::unique_ptr<Lane>> lanes;
   std::mutex ctl_mu;  // blocking point: lifecycle calls
@@ -913,7 +916,11 @@ void Lane::publish(size_t lo, size_t hi) {
     const int rc2 = src->retire(r);
     if (rc2 != 0) bump(stale);
     bump(completions, s.ncpl);
-    if (first_answer.load(std::memory_order_relaxed) == 0) first_answer.store(t1, std::memory_order_relaxed);
+    if (first_answer.load(std::memory_order_relaxed) == 0) {
+      first_answer.store(t1, std::memory_order_relaxed);
+      e->answered_bell.fetch_add(1, std::memory_order_release);
+      futex_wake(e->answered_bell);  // once per (re)start: off the hot path
+    }
     const uint64_t lat_ns = t1 - (is_extra ? 0 : batch_t0);
     if (!is_extra) {
       const unsigned b = lat_ns == 0 ? 0 : unsigned(63 - __builtin_clzll(lat_ns));
@@ -1109,6 +1116,17 @@ void Engine::add_detached_lane(std::shared_ptr<Var> var, std::unique_ptr<Request
   if (impl_->lanes.size() >= 64) engine_error("add lane", EINVAL, "more than 64 lanes");
   impl_->lanes.push_back(std::make_unique<Lane>(impl_.get(), uint32_t(impl_->lanes.size()), std::move(var), nullptr,
                                                 std::move(source)));
+  // A detached lane is a successor's, built before it asks for a handover: its thread is
+  // created now and parked until start(), so creating and scheduling it is not part of the
+  // handover's pause (docs/handover.md). Parked, it touches nothing but cmd and bell.
+  Lane* p = impl_->lanes.back().get();
+  p->cmd.store(kCmdHold, std::memory_order_relaxed);  // relaxed: the thread starts after it
+  try {
+    p->th = spawn("add lane", [p] { p->run(); });
+  } catch (const Error&) {
+    impl_->lanes.pop_back();
+    throw;
+  }
 }
 
 static void stop_locked(Engine::Impl& impl) noexcept;
@@ -1126,8 +1144,8 @@ void Engine::attach_gateways() {
                                                   " bytes cannot hold a 128-byte completion payload");
     l->gw = std::move(gw);
   }
-  // The threads now, parked until start(): creating and scheduling them is then not part of a
-  // successor's pause (docs/handover.md).
+  // Lanes added with a gateway get their threads now, parked until start() (detached lanes
+  // have theirs since add_detached_lane).
   for (auto& l : impl_->lanes) {
     if (l->th.joinable()) continue;
     Lane* p = l.get();
@@ -1274,6 +1292,16 @@ uint64_t Engine::first_answer_ns() const noexcept {
     if (t != 0 && (best == 0 || t < best)) best = t;
   }
   return best;
+}
+
+uint64_t Engine::wait_first_answer(Deadline deadline) const noexcept {
+  for (;;) {
+    const uint32_t seen = impl_->answered_bell.load(std::memory_order_acquire);
+    const uint64_t t = first_answer_ns();
+    if (t != 0) return t;
+    // Blocking point: until a lane's first answer wakes the bell, or the deadline.
+    if (!futex_wait(impl_->answered_bell, seen, deadline)) return first_answer_ns();
+  }
 }
 
 void Engine::release_gateways(std::chrono::nanoseconds) {
