@@ -23,6 +23,7 @@ import pytest
 
 from handover_rig import Rig, cfg_read, collect
 from mlx5tlp import handover, native, sim
+from mlx5tlp.handover.errors import AuthenticationError
 from mlx5tlp.handover.standby import connect
 from mlx5tlp.handover.wire import Wire
 
@@ -87,6 +88,13 @@ def test_native_operator_status_handover_stop_and_wrong_key(ctl: Path, tmp_path:
         refused = run(ctl, rig.path, bad, "status", want_rc=1)
         assert refused["errno"] == errno.EACCES, refused
         assert "HMAC" in s1.wait_event("refused")["error"]
+        # The Python operator reports the same refusal the same way (not as ECONNRESET).
+        seen = len(s1.events)
+        with pytest.raises(AuthenticationError) as info:
+            handover.request(rig.path, os.urandom(32), "status", timeout=10)
+        assert info.value.errno == errno.EACCES, info.value
+        assert "refused our HELLO" in str(info.value)
+        assert "HMAC" in s1.wait_event("refused", after=seen)["error"]
 
         # The old primary re-joins as a standby of the new one before we stop (a standby still
         # joining when the function stops finds the VAR freed and exits 1).
@@ -136,7 +144,7 @@ def test_native_operator_sees_a_rolled_back_handover_as_ecanceled(ctl: Path, tmp
             try:
                 assert wire.recv(timeout=30).type == "go"
                 wire.send("handover", {})
-                assert wire.recv(timeout=30).type == "prepared"
+                assert wire.recv(timeout=30).type == "commit"
                 wire.send("abort", {"message": "refused by the test"})
                 stdout, stderr = op.communicate(timeout=60)
             finally:

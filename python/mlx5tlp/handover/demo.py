@@ -121,11 +121,12 @@ class _Procs:
 # Where a planned handover's pause goes: each step's time after the old primary stopped
 # taking requests (CLOCK_MONOTONIC in both processes), p50 / p99 over the handovers.
 _OLD_STEPS = {
-    "native": ["paused", "drained", "released", "marked", "prepared_sent", "accept_received"],
-    "python": ["gateway_closed", "marked", "prepared_sent", "accept_received"],
+    "native": ["paused", "drained", "released", "closed", "sealed", "lease_released",
+               "commit_sent", "done_received"],
+    "python": ["gateway_closed", "sealed", "lease_released", "commit_sent", "done_received"],
 }
-_NEW_STEPS = ["prepared_received", "checked", "adopted", "engine_ready", "commit_received",
-              "lease_taken", "done_sent", "primary_ready", "first_answer"]
+_NEW_STEPS = ["commit_received", "checked", "lease_taken", "engine_ready", "serving",
+              "done_sent", "primary_ready", "first_answer"]
 
 
 def _steps_report(old: list[list[float]], new: list[list[float]]) -> dict[str, Any]:
@@ -134,7 +135,7 @@ def _steps_report(old: list[list[float]], new: list[list[float]]) -> dict[str, A
         if not rows:
             continue
         n = len(rows[0])
-        labels = names or _OLD_STEPS["native" if n == 6 else "python"]
+        labels = names or _OLD_STEPS["native" if n == 8 else "python"]
         for i in range(min(n, len(labels))):
             col = [r[i] for r in rows if len(r) > i]
             out[f"{who}.{labels[i]}"] = [_pct(col, 0.50), _pct(col, 0.99)]

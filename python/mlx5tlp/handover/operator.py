@@ -7,9 +7,10 @@ import errno
 import os
 from typing import Any
 
-from mlx5tlp.handover.errors import HandoverAborted, HandoverError
+from mlx5tlp.handover.errors import AuthenticationError, HandoverAborted, HandoverError
 from mlx5tlp.handover.standby import connect
 from mlx5tlp.handover.wire import Wire
+from mlx5tlp.share import ProtocolError
 
 __all__ = ["ACTIONS", "request"]
 
@@ -29,14 +30,27 @@ def request(path: str, key: bytes, action: str = "handover", *,
         ValueError: unknown action.
         HandoverAborted: the handover rolled back (the old primary serves again).
         HandoverError: no primary, no ready standby (``ENOENT``), or the step failed.
-        AuthenticationError: another key, or the primary's uid is not allowed.
+        AuthenticationError: another key, or the primary's uid is not allowed (``EACCES``;
+            a primary that hangs up on our HELLO instead of welcoming us is reported so,
+            as the C++ client ``mlx5tlp::handover::request`` does).
     """
     if action not in ACTIONS:
         raise ValueError(f"action must be one of {ACTIONS}, not {action!r}")
     sock = connect(path, timeout)
     with contextlib.closing(sock):
-        wire, welcome = Wire.client(sock, key, {"role": "operator", "pid": os.getpid()},
-                                    timeout=timeout)
+        try:
+            wire, welcome = Wire.client(sock, key, {"role": "operator", "pid": os.getpid()},
+                                        timeout=timeout)
+        except (ProtocolError, ConnectionError) as exc:
+            # A primary refuses a HELLO whose MAC fails (another key) or whose uid it does
+            # not allow by closing the connection without a word (it tells an unauthenticated
+            # peer nothing), so a hang-up here means "refused", not a network fault.
+            if isinstance(exc, ProtocolError) and exc.errno != errno.ECONNRESET:
+                raise
+            raise AuthenticationError(
+                errno.EACCES, "the primary closed the connection instead of welcoming us: it "
+                "refused our HELLO (another key, or our uid is not allowed)", "handover"
+            ) from None
         welcome.close_fds()
         wire.send("request", {"action": action})
         try:
