@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <climits>
 #include <cstring>
+#include <functional>
 
 #include "mlx5tlp/error.hpp"
 #include "mlx5tlp/futex.hpp"
@@ -78,6 +79,8 @@ struct Deferred {
   uint64_t taken_ns = 0;
   uint8_t status = 0;
   uint32_t resume = 0;  // Slot::resume of the request
+  uint8_t hdr_len = 0;
+  uint8_t hdr[16] = {};  // the request's first bytes, for the AER Header Log of a late CA
   std::vector<uint8_t> data;
 };
 
@@ -150,8 +153,9 @@ struct Lane {
   void process(size_t i);
   bool poisoned_write(Slot& s);
   void route_memory(size_t i, Slot& s, bool io);
-  void answer(Slot& s, const uint8_t* data, size_t len, uint8_t status);
-  void log_error(uint8_t status) noexcept;
+  void answer(Slot& s, const uint8_t* data, size_t len, uint8_t status, bool log_it = true);
+  void log_error(pci::RxError e, bool completion_sent, const uint8_t* tlp, size_t len) noexcept;
+  void log_slot_error(const Slot& s, pci::RxError e, bool completion_sent) noexcept;
   void add_batch_item(size_t i, Slot& s, Region& r, uint32_t region_index, uint64_t off, uint32_t len, bool write);
   void run_handler();
   void finish_batched();
@@ -222,7 +226,7 @@ struct Lane {
   Counter batches{0}, completions{0}, ur{0}, ca{0}, unsupported_posted{0}, malformed{0}, poisoned{0},
       unexpected{0}, messages{0}, redelivered{0}, published{0}, partial{0}, stale{0}, deferred{0},
       deferred_completed{0}, deferred_expired{0}, deferred_open{0}, handler_batches{0},
-      interrupts{0}, config_writes{0};
+      interrupts{0}, config_writes{0}, err_cor_unsent{0}, err_nonfatal_unsent{0}, err_fatal_unsent{0};
   std::array<Counter, kLatencyBuckets> lat{};
   std::unique_ptr<RegionCountersA[]> rc;
   // trace ring
@@ -400,7 +404,7 @@ void Lane::trace(size_t i, const Slot& s, uint64_t lat_ns) noexcept {
   trace_head.store(h + 1, std::memory_order_release);  // release: the entry's words first
 }
 
-void Lane::answer(Slot& s, const uint8_t* data, size_t len, uint8_t status) {
+void Lane::answer(Slot& s, const uint8_t* data, size_t len, uint8_t status, bool log_it) {
   s.status = status;
   s.action = Action::answer;
   tlp::CompletionParams p = params;
@@ -410,7 +414,6 @@ void Lane::answer(Slot& s, const uint8_t* data, size_t len, uint8_t status) {
     data = nullptr;
     len = 0;
     bump(status == uint8_t(CplStatus::UR) ? ur : ca);
-    log_error(status);
   }
   const tlp::Tlp* req = &s.t;
   tlp::Tlp rest;
@@ -439,8 +442,12 @@ void Lane::answer(Slot& s, const uint8_t* data, size_t len, uint8_t status) {
     s.action = Action::retire_only;
     s.ncpl = 0;
     bump(malformed);
+    log_slot_error(s, pci::RxError::malformed_tlp, false);
     return;
   }
+  if (log_it && status != uint8_t(CplStatus::SC))
+    log_slot_error(s, status == uint8_t(CplStatus::UR) ? pci::RxError::unsupported_request
+                                                       : pci::RxError::completer_abort, true);
   s.cpl_first = uint32_t(ncpl);
   s.ncpl = uint8_t(count);
   uint32_t prev = 0;
@@ -453,17 +460,36 @@ void Lane::answer(Slot& s, const uint8_t* data, size_t len, uint8_t status) {
   out_used += used;
 }
 
-void Lane::log_error(uint8_t status) noexcept {
-  // The function's own error logging in configuration space (device-side writes, RW1C for
-  // the host): §7.5.1.1.4 "Signaled Target Abort – This bit is Set when a Function completes
-  // a Posted or Non-Posted Request as a Completer Abort error"; §7.5.3.5 "Unsupported Request
-  // Detected – This bit indicates that the Function received an Unsupported Request", logged
-  // regardless of the reporting enables. Errors are rare: the function's mutex is fine here.
-  std::lock_guard<std::mutex> g(e->fn_mu);
-  pci::ConfigSpace& c = e->fn->config();
-  if (status == uint8_t(CplStatus::CA)) c.device_set_bits(0x06, 2, 1u << 11);
-  else if (status == uint8_t(CplStatus::UR) && e->layout->pcie != 0)
-    c.device_set_bits(uint16_t(e->layout->pcie + 0x0a), 2, 1u << 3);
+void Lane::log_error(pci::RxError err, bool completion_sent, const uint8_t* tlp, size_t len) noexcept {
+  // The function's own error logging in configuration space (Function::log_error,
+  // cpp/src/error_logging.cpp: device-side writes, RW1C for the host). Errors are rare: the
+  // function's mutex is fine here, and nothing allocates.
+  pci::ErrorMessage m;
+  {
+    std::lock_guard<std::mutex> g(e->fn_mu);
+    m = e->fn->log_error(err, completion_sent, tlp, len);
+  }
+  // Error Messages are not sent: the software device's host model takes completions and
+  // MSI-X writes from a gateway page, nothing else, and how real mlx5 hardware would carry a
+  // Message is not public (docs/engine.md). Counted, so that a user sees what was called for.
+  if (m == pci::ErrorMessage::err_cor) bump(err_cor_unsent);
+  else if (m == pci::ErrorMessage::err_nonfatal) bump(err_nonfatal_unsent);
+  else if (m == pci::ErrorMessage::err_fatal) bump(err_fatal_unsent);
+}
+
+void Lane::log_slot_error(const Slot& s, pci::RxError err, bool completion_sent) noexcept {
+  // The Header Log wants the request as received: a batch slot's bytes are still in its
+  // Request; a deferred answer's were kept in its Deferred slot.
+  const std::less<const Slot*> lt;
+  if (!lt(&s, slots.data()) && lt(&s, slots.data() + slots.size())) {
+    const Request& r = reqs[size_t(&s - slots.data())];
+    return log_error(err, completion_sent, r.tlp, r.tlp != nullptr ? r.len : 0);
+  }
+  if (s.deferred < dslots.size()) {
+    const Deferred& d = dslots[s.deferred];
+    return log_error(err, completion_sent, d.hdr, d.hdr_len);
+  }
+  log_error(err, completion_sent, nullptr, 0);
 }
 
 void Lane::add_batch_item(size_t i, Slot& s, Region& r, uint32_t region_index, uint64_t off, uint32_t len, bool write) {
@@ -510,6 +536,8 @@ uint64_t Lane::new_deferred(const Slot& s, const Request& r) {
   d.t.data = nullptr;
   d.t.data_len = 0;
   d.req = r;
+  d.hdr_len = uint8_t(r.tlp != nullptr ? std::min<size_t>(r.len, sizeof d.hdr) : 0);
+  if (d.hdr_len != 0) std::memcpy(d.hdr, r.tlp, d.hdr_len);
   d.req.tlp = nullptr;
   d.region = s.region;
   d.taken_ns = batch_t0;
@@ -531,7 +559,7 @@ void Lane::route_memory(size_t i, Slot& s, bool io) {
       s.action = Action::posted;
       s.status = uint8_t(CplStatus::UR);
       bump(unsupported_posted);
-      log_error(uint8_t(CplStatus::UR));
+      log_slot_error(s, pci::RxError::unsupported_request, false);
     } else {
       answer(s, nullptr, 0, uint8_t(CplStatus::UR));
     }
@@ -593,13 +621,16 @@ bool Lane::poisoned_write(Slot& s) {
       s.action = Action::posted;
       s.status = uint8_t(CplStatus::UR);
       bump(unsupported_posted);
-      log_error(uint8_t(CplStatus::UR));
+      log_slot_error(s, pci::RxError::poisoned_tlp, false);
       return true;
     case Kind::IOWr:
     case Kind::CfgWr0:
     case Kind::CfgWr1:
+      // §2.7.2.1: handled as a Poisoned TLP Received error; the UR is only the Completion's
+      // status, so the error logged is the poison, not an Unsupported Request.
       bump(poisoned);
-      answer(s, nullptr, 0, uint8_t(CplStatus::UR));
+      log_slot_error(s, pci::RxError::poisoned_tlp, true);
+      answer(s, nullptr, 0, uint8_t(CplStatus::UR), false);
       return true;
     default:
       return false;
@@ -624,6 +655,7 @@ void Lane::process(size_t i) {
     s.action = Action::retire_only;
     s.status = kTraceMalformed;
     bump(malformed);
+    log_error(pci::RxError::malformed_tlp, false, r.tlp, r.tlp != nullptr ? r.len : 0);
     return;
   }
   const tlp::Tlp& t = s.t;
@@ -647,6 +679,7 @@ void Lane::process(size_t i) {
     s.action = Action::retire_only;
     s.status = kTraceMalformed;
     bump(malformed);
+    log_error(pci::RxError::malformed_tlp, false, r.tlp, r.len);
     return;
   }
   if (t.ep && poisoned_write(s)) return;
@@ -698,6 +731,7 @@ void Lane::process(size_t i) {
     default:  // completions: the function has no request outstanding but MSI-X writes
       bump(unexpected);
       s.action = Action::retire_only;
+      log_error(pci::RxError::unexpected_completion, false, r.tlp, r.len);
       return;
   }
 }
@@ -774,8 +808,8 @@ void Lane::build_deferred(Deferred& d, uint32_t k) {
   s.resume = d.resume;
   extra[nextra] = d.req;
   const size_t len = d.status == uint8_t(CplStatus::SC) ? size_t(d.t.length) * 4 : 0;
+  s.deferred = k;  // before answer(): a CA's Header Log comes from d
   answer(s, len != 0 ? d.data.data() : nullptr, len, d.status);
-  s.deferred = k;
   ++nextra;
 }
 
@@ -1431,6 +1465,9 @@ EngineStats Engine::stats() const {
     s.handler_batches += ld(l.handler_batches);
     s.interrupts += ld(l.interrupts);
     s.config_writes += ld(l.config_writes);
+    s.err_cor_unsent += ld(l.err_cor_unsent);
+    s.err_nonfatal_unsent += ld(l.err_nonfatal_unsent);
+    s.err_fatal_unsent += ld(l.err_fatal_unsent);
     for (size_t b = 0; b < kLatencyBuckets; ++b) s.latency_ns_log2[b] += ld(l.lat[b]);
     for (size_t r = 0; r < impl_->regions.size(); ++r) {
       s.regions[r].reads += ld(l.rc[r].reads);

@@ -128,6 +128,9 @@ struct EngineStats {
   uint64_t handler_batches = 0;   // BatchHandler calls
   uint64_t interrupts = 0;        // MSI-X messages written
   uint64_t config_writes = 0;
+  // Error Messages (ERR_COR / ERR_NONFATAL / ERR_FATAL) the function's enables and masks
+  // called for after logging an error (§6.2.5): not sent — this engine sends no error Messages.
+  uint64_t err_cor_unsent = 0, err_nonfatal_unsent = 0, err_fatal_unsent = 0;
   std::array<uint64_t, kLatencyBuckets> latency_ns_log2{};  // take -> in the page, per request
   std::vector<RegionCounters> regions;  // by region index
 };
