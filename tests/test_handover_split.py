@@ -56,8 +56,19 @@ def spec() -> FunctionSpec:
                         bars=[Bar(0, "mem32", 1 << 16)])
 
 
+PATTERN = bytes((i * 7 + 3) & 0xFF for i in range(4096))
+
+
+def pattern_handler(reqs: list[engine.Request]) -> list[Optional[bytes]]:
+    """The callback region's reads: PATTERN at the offset (the same in both processes)."""
+    return [PATTERN[r.offset:r.offset + r.length] if r.needs_answer else None for r in reqs]
+
+
 def regions() -> list[engine.Region]:
-    return [engine.MemoryRegion(0, 0, 0x1000, name="mem")]
+    # Memory at BAR 0 [0, 4 KiB), and a callback region at 4 KiB answered by its handler
+    # during the batch call (the engine's batched path).
+    return [engine.MemoryRegion(0, 0, 0x1000, name="mem"),
+            engine.CallbackRegion(0, 0x1000, 0x1000, pattern_handler, name="cb")]
 
 
 @pytest.fixture
@@ -132,12 +143,13 @@ def take_exactly(host: sim.Host, n: int) -> list[tlp.Tlp]:
     return got
 
 
+@pytest.mark.parametrize("where", [0, 0x1000], ids=["memory", "callback"])
 @pytest.mark.parametrize("consumed", [0, PAGE_RECORDS],
                          ids=["after-doorbell-1", "after-doorbell-2"])
 def test_split_read_is_answered_exactly_once_across_sigkill(
-        setup: tuple[str, bytes, dict[str, str]], device: str, consumed: int) -> None:
+        setup: tuple[str, bytes, dict[str, str]], device: str, consumed: int, where: int) -> None:
     path, key, env = setup
-    memory = bytes((i * 7 + 3) & 0xFF for i in range(4096))
+    memory = PATTERN
     code = PRIMARY.format(tests=str(Path(__file__).parent), device=device, path=path, key=key)
     with sim.Host(device) as host:
         primary = EventProc("primary", [sys.executable, "-c", code], env)
@@ -156,7 +168,7 @@ def test_split_read_is_answered_exactly_once_across_sigkill(
             page = sb.node.vars[0].mmap(mmap.PROT_READ)
             try:
                 base = doorbell(page)
-                assert host.send_request(split_read(BAR_BASE))
+                assert host.send_request(split_read(BAR_BASE + where))
                 got = []
                 wait_doorbell(page, base + PAGE_RECORDS)  # the page is full: the lane waits
                 if consumed:
@@ -180,7 +192,7 @@ def test_split_read_is_answered_exactly_once_across_sigkill(
         finally:
             primary.close()
         st = host.stats()
-    check_sequence(st, got, memory, BAR_BASE)
+    check_sequence(st, got, memory, BAR_BASE + where)
     # The successor resolved one redelivered claim, and answered only what the host lacked.
     assert (es["redelivered"], es["partly_published"], es["already_published"]) == (1, 1, 0), es
     assert es["completions"] == 32 - PAGE_RECORDS * (1 + bool(consumed)), es
