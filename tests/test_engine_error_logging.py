@@ -32,7 +32,10 @@ counted in ``stats()["err_cor_unsent"]`` / ``["err_nonfatal_unsent"]`` / ``["err
 
 from __future__ import annotations
 
+import re
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,6 +43,8 @@ import pytest
 import mlx5tlp
 from mlx5tlp import engine, sim, tlp
 from mlx5tlp import function as fn
+from test_config_space_lspci import _lspci as lspci_exe
+from test_config_space_lspci import section
 from test_engine import BAR0, Bus
 
 # pci_regs.h names: PCI_STATUS_SIG_TARGET_ABORT, PCI_STATUS_SIG_SYSTEM_ERROR,
@@ -345,3 +350,20 @@ def test_without_aer_only_device_status(ctx: mlx5tlp.Context, host: sim.Host) ->
         rig.write(BAR0, b"\x33" * 256)
         assert rig.devsta() & FED and rig.unsent() == (0, 1, 1)
     assert host.stats()["errors"] == 0, host.stats()["last_error"]
+
+
+def test_lspci_decodes_the_logged_error(rig: Rig, tmp_path: Path) -> None:
+    # An independent decoder: pciutils reads the dump (read through CfgRd0 TLPs) and must see
+    # the posted UR as we logged it, the Header Log DWs included.
+    rig.set_a(COR_MASK, 0)
+    w = rig.write(UNMAPPED)
+    dump = tmp_path / "config.txt"
+    dump.write_text(rig.host.lspci())
+    out = subprocess.run([lspci_exe(), "-F", str(dump), "-vvv"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"DevSta:\tCorrErr- NonFatalErr\+ FatalErr- UnsupReq\+", out.stdout)
+    aer = section(out.stdout, "Advanced Error Reporting")
+    assert re.search(r"UESta:\t.*UnsupReq\+", aer) and re.search(r"CESta:\t.*AdvNonFatalErr-", aer)
+    assert re.search(r"AERCap:\tFirst Error Pointer: 14,", aer)
+    assert "HeaderLog: " + " ".join(f"{dw:08x}" for dw in logged(w)) in aer
