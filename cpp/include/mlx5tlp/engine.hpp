@@ -122,11 +122,15 @@ struct EngineStats {
   uint64_t messages = 0;
   uint64_t redelivered = 0;       // requests a dead claimer left (recover / redelivery)
   uint64_t already_published = 0;  // ...whose answer had reached the host: retired only
+  uint64_t partly_published = 0;   // ...whose answer had partly reached it: the rest answered
   uint64_t stale = 0;             // mark/retire found the request discarded (a new host epoch)
   uint64_t deferred = 0, deferred_completed = 0, deferred_expired = 0, deferred_outstanding = 0;
   uint64_t handler_batches = 0;   // BatchHandler calls
   uint64_t interrupts = 0;        // MSI-X messages written
   uint64_t config_writes = 0;
+  // Error Messages (ERR_COR / ERR_NONFATAL / ERR_FATAL) the function's enables and masks
+  // called for after logging an error (§6.2.5): not sent — this engine sends no error Messages.
+  uint64_t err_cor_unsent = 0, err_nonfatal_unsent = 0, err_fatal_unsent = 0;
   std::array<uint64_t, kLatencyBuckets> latency_ns_log2{};  // take -> in the page, per request
   std::vector<RegionCounters> regions;  // by region index
 };
