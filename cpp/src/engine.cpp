@@ -1049,9 +1049,17 @@ void Lane::serve_range(size_t lo, size_t hi) {
 
 void Lane::run() noexcept {
   try {
-    for (;;) {  // parked until start() (attach_gateways() spawned us early)
+    for (bool told = false;;) {  // parked until start() (spawned early: add_detached_lane, attach)
       const uint32_t seen = bell.load(std::memory_order_acquire);  // acquire: the command
       if (cmd.load(std::memory_order_acquire) != kCmdHold) break;
+      if (!told) {
+        // The spawner waits for this (park_lanes): a thread that has run once and sleeps
+        // here is woken by start() at once, while a thread the scheduler has not run yet
+        // may wait for a tick — milliseconds, inside a handover's pause.
+        ack.store(kCmdHold, std::memory_order_release);
+        futex_wake(ack);
+        told = true;
+      }
       wait_bell(seen);
     }
     refresh();
@@ -1143,6 +1151,17 @@ void Engine::add_lane(std::shared_ptr<Gateway> gateway, std::unique_ptr<RequestS
                                                 std::move(source)));
 }
 
+// Until the thread just spawned for `l` has run and parked (Lane::run), at most 1 s.
+static void wait_parked(Lane& l) noexcept {
+  const Deadline d = Deadline::after(std::chrono::seconds(1));
+  for (;;) {
+    const uint32_t a = l.ack.load(std::memory_order_acquire);
+    if (a == kCmdHold || a == kCmdStop) return;
+    // Blocking point: the new thread stores ack and wakes us.
+    if (!futex_wait(l.ack, a, d)) return;
+  }
+}
+
 void Engine::add_detached_lane(std::shared_ptr<Var> var, std::unique_ptr<RequestSource> source) {
   std::lock_guard<std::mutex> g(impl_->ctl_mu);
   if (impl_->state.load() != kStateCreated) engine_error("add lane", EBUSY, "the engine was started");
@@ -1161,6 +1180,7 @@ void Engine::add_detached_lane(std::shared_ptr<Var> var, std::unique_ptr<Request
     impl_->lanes.pop_back();
     throw;
   }
+  wait_parked(*p);
 }
 
 static void stop_locked(Engine::Impl& impl) noexcept;
@@ -1190,6 +1210,7 @@ void Engine::attach_gateways() {
       stop_locked(*impl_);  // nothing left parked behind a failed attach
       throw;
     }
+    wait_parked(*p);
   }
 }
 

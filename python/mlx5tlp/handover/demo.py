@@ -79,16 +79,17 @@ class _Procs:
     """`mlx5tlp serve` processes and one queue of their JSON events."""
 
     def __init__(self, path: str, key_file: str, device: str, env: dict[str, str],
-                 engine: str) -> None:
+                 engine: str, realtime: Optional[int]) -> None:
         self.path, self.key_file, self.device, self.env = path, key_file, device, env
         self.engine = engine
+        self.realtime = [] if realtime is None else ["--realtime", str(realtime)]
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.procs: dict[int, subprocess.Popen[str]] = {}
 
     def spawn(self, *args: str) -> int:
         p = subprocess.Popen(
             [sys.executable, "-m", "mlx5tlp", "serve", *args, "--key-file", self.key_file,
-             "--device", self.device, "--events", "--engine", self.engine],
+             "--device", self.device, "--events", "--engine", self.engine, *self.realtime],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env)
         self.procs[p.pid] = p
         threading.Thread(target=self._read, args=(p,), daemon=True).start()
@@ -151,9 +152,16 @@ def _pct(values: list[float], q: float) -> Optional[float]:
 
 def run(*, requests: int = 2000, handover_every: int = 0, kill_every: int = 0, seed: int = 1,
         window: int = 16, read_size: int = 64, timeout: float = 600.0,
-        engine: str = "native") -> dict[str, Any]:
+        engine: str = "native", realtime: Optional[int] = None) -> dict[str, Any]:
     """Run the demo; returns the report (see the module docstring). `engine`: who serves in
-    each primary, ``"native"`` (the engine's lanes) or ``"python"``."""
+    each primary, ``"native"`` (the engine's lanes) or ``"python"``. `realtime`: run the
+    serving processes (``serve --realtime``) and this process — the host model — under
+    ``SCHED_FIFO`` at that priority (:func:`mlx5tlp.realtime.use_fifo`; the calling thread
+    keeps the policy afterwards, so a library caller runs this in a thread of its own)."""
+    if realtime is not None:
+        from mlx5tlp.realtime import use_fifo
+
+        use_fifo(realtime)
     rng = random.Random(seed ^ 0x5EED)
     work = tempfile.mkdtemp(prefix="mlx5tlp-handover-")  # 0700
     key = os.urandom(32).hex().encode()
@@ -167,7 +175,7 @@ def run(*, requests: int = 2000, handover_every: int = 0, kill_every: int = 0, s
     device = f"handover_demo_{os.getpid()}"
     path = os.path.join(work, "ctl")
     sim.create_device(device)
-    procs = _Procs(path, key_file, device, env, engine)
+    procs = _Procs(path, key_file, device, env, engine, realtime)
     report: dict[str, Any] = {}
     try:
         with sim.Host(device) as host:
@@ -175,6 +183,7 @@ def run(*, requests: int = 2000, handover_every: int = 0, kill_every: int = 0, s
                             _Mix(seed, read_size), window, timeout)
             report["host"] = {k: v for k, v in host.stats().items() if k != "last_error"}
             report["engine"] = engine
+            report["realtime"] = realtime
         procs.close()
         deadline = time.monotonic() + 10
         while True:
