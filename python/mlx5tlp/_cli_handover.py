@@ -99,15 +99,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.key_file is None:
         args.parser.error("--control/--standby need --key-file")
     key = read_key(args.key_file)
-    realtime: Optional[Callable[[], None]] = None
     if args.realtime is not None:
         from mlx5tlp.realtime import use_fifo
 
-        prio = args.realtime
-        realtime = lambda: use_fifo(prio)  # noqa: E731
-        if args.control is not None:
-            realtime()  # before any lane exists: they inherit the policy
-            realtime = None
+        # Before any lane exists (they inherit the policy); the interpreter's start-up and
+        # imports ran at normal priority.
+        use_fifo(args.realtime)
     events = _emitter(args.events)
     path = args.standby or args.control
     primary: Optional[Primary] = None
@@ -118,11 +115,6 @@ def _serve(args: argparse.Namespace) -> int:
     while True:
         if primary is None:
             sb = Standby(path, key, events=events)
-            if realtime is not None:
-                # Only now: joining (imports, the objects) runs at normal priority, and would
-                # otherwise compete at real-time priority with the primary it joins.
-                realtime()
-                realtime = None
             got = sb.wait()
             if got is None:
                 sb.close()

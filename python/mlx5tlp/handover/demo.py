@@ -252,7 +252,9 @@ def _drive(host: sim.Host, procs: _Procs, key: bytes, path: str, requests: int,
             if time.monotonic() > end:
                 raise TimedOutError(errno.ETIMEDOUT, f"handover demo: timed out waiting for {what}",
                                     "handover-demo")
-            pump_events(0.01)
+            # Short: the host model must keep sending meanwhile (a new standby starts here,
+            # right after a takeover whose first answer may wait for the next request).
+            pump_events(0.0005)
             pump_host()
 
     checker = Checker()
