@@ -325,6 +325,31 @@ def test_pause_resume_stop(ctx: mlx5tlp.Context, host: sim.Host) -> None:
     assert host.stats()["errors"] == 0
 
 
+def test_wait_first_answer_blocks_until_a_lane_answers(ctx: mlx5tlp.Context,
+                                                       host: sim.Host) -> None:
+    mem = engine.MemoryRegion(0, 0, 0x1000)
+    with _served(ctx, [mem], pages=2) as dev:
+        bus = Bus(host)
+        bus.enumerate()
+        assert dev.pause(5.0)
+        dev.resume()  # the first answer since the resume is still to come
+        t0 = time.monotonic_ns()
+        assert dev.wait_first_answer(0.05) == 0  # nothing sent: the deadline
+        assert time.monotonic_ns() - t0 >= 40_000_000
+        for bad in (-1.0, float("nan")):
+            with pytest.raises(mlx5tlp.InvalidArgumentError):
+                dev.wait_first_answer(bad)
+        got: list[int] = []
+        waiter = threading.Thread(target=lambda: got.append(dev.wait_first_answer(10.0)))
+        waiter.start()
+        time.sleep(0.02)
+        assert waiter.is_alive()  # blocked, not polling its way out
+        bus.send(tlp.Tlp.mem_read(BAR0, 1, tag=bus.next_tag()))
+        waiter.join(10.0)
+        assert not waiter.is_alive() and got == [dev.first_answer_ns] and got[0] > t0
+        assert len(bus.collect(1)) == 1
+
+
 def test_bad_regions_are_named(ctx: mlx5tlp.Context) -> None:
     with pytest.raises(mlx5tlp.InvalidArgumentError, match="runs past BAR 0"):
         engine.Device(ctx, spec(), [engine.MemoryRegion(0, 0xF000, 0x2000)])

@@ -200,28 +200,39 @@ def _fake_standby(rig: Rig) -> tuple[socket.socket, Wire]:
     return sock, wire
 
 
-@pytest.mark.parametrize("step", ["prepared", "accept-then-abort"])
-def test_standby_failing_before_commit_rolls_back(rig: Rig, step: str) -> None:
+@pytest.mark.parametrize("step", ["closed", "abort", "took-then-gave-back"])
+def test_standby_failing_after_the_commit_message_rolls_back(rig: Rig, step: str) -> None:
+    """The commit message names this process in the lease (docs/handover.md, "Planned
+    handover" step 3); a standby that refuses without taking the lease leaves the primary its
+    own generation; one that took the lease and gave it back costs a generation."""
     with sim.Host(rig.device) as host:
         p0 = rig.primary()
         sock, wire = _fake_standby(rig)
         p0.wait_event("standby")
         wire.send("handover", {})
-        prepared = wire.recv(timeout=10)
-        assert prepared.type == "prepared"
-        if step == "prepared":
-            sock.close()  # the standby dies before it accepts
-        else:
+        commit = wire.recv(timeout=10)
+        assert commit.type == "commit" and len(commit.payloads) == 1
+        lease = handover.Lease(rig.path + ".lease")
+        rec = lease.read()
+        assert rec is not None and (rec.generation, rec.pid, rec.successor) == (1, p0.pid,
+                                                                              os.getpid())
+        want_gen = 1
+        if step == "took-then-gave-back":
+            assert lease.acquire(1.0) == 2
+            lease.release(successor=p0.pid)
+            want_gen = 3
+        lease.close()
+        if step != "closed":
             wire.send("abort", {"message": "refused by the test"})
-            sock.close()
+        sock.close()
         ev = p0.wait_event("rollback")
-        assert ev["committed"] is False and ev["generation"] == 1
-        # The primary serves again, same generation.
+        assert ev["committed"] is (want_gen != 1) and ev["generation"] == want_gen, ev
+        # The primary serves again.
         for tag in range(10):
             assert host.send_request(cfg_read(0, tag))
         assert len(collect(host, 10)) == 10
         st = handover.request(rig.path, rig.key, "status")
-        assert (st["pid"], st["generation"], st["rollbacks"]) == (p0.pid, 1, 1)
+        assert (st["pid"], st["generation"], st["rollbacks"]) == (p0.pid, want_gen, 1)
         stop(rig)
         check_clean(host, rig.device, 10)
 
@@ -240,8 +251,8 @@ wire.send("join", {{}})
 wire.recv(timeout=10).close_fds()
 wire.send("ready", {{}})
 wire.send("handover", {{}})
-assert wire.recv(timeout=10).type == "prepared"
-os.kill(os.getpid(), signal.SIGKILL)
+assert wire.recv(timeout=10).type == "commit"
+os.kill(os.getpid(), signal.SIGKILL)  # named successor in the lease, dead before taking it
 """
 
 

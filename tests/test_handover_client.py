@@ -144,7 +144,7 @@ def test_native_operator_sees_a_rolled_back_handover_as_ecanceled(ctl: Path, tmp
             try:
                 assert wire.recv(timeout=30).type == "go"
                 wire.send("handover", {})
-                assert wire.recv(timeout=30).type == "prepared"
+                assert wire.recv(timeout=30).type == "commit"
                 wire.send("abort", {"message": "refused by the test"})
                 stdout, stderr = op.communicate(timeout=60)
             finally:

@@ -44,6 +44,15 @@ def test_planned_handovers_under_load() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root here (CI runs as root); "
+                    "tests/test_realtime.py covers the refusal")
+def test_planned_handovers_under_realtime_priority() -> None:
+    rep = run_demo("--requests", "1200", "--handover-every", "200", "--realtime", "5")
+    check_zero(rep)
+    assert rep["realtime"] == 5 and rep["handovers"] >= 3, rep
+
+
+@pytest.mark.slow
 def test_killed_primaries_under_load() -> None:
     rep = run_demo("--requests", "2000", "--kill-primary-every", "500", "--seed", "7")
     check_zero(rep)

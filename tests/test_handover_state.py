@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,44 @@ def test_another_process_continues_from_the_shared_state(state: SharedState) -> 
     # ... and what the successor wrote is here, with its generation in the header.
     assert state.function.config_read(reg, 4) == 0x0BADF00D
     assert state.header()[0] == 4
+
+
+def test_summary_hashes_the_block_in_place(state: SharedState) -> None:
+    from mlx5tlp.handover.state import state_summary
+
+    assert state.summary() == state_summary(state.snapshot())
+    before = state.summary()
+    assert state.function is not None
+    off = scratch(state)
+    state.function.config_write(off, 0x5A5A5A5A, 4)
+    assert state.summary() != before and state.summary() == state_summary(state.snapshot())
+
+
+def test_lease_reclaim_keeps_the_generation_nobody_took(tmp_path: Path) -> None:
+    """A planned handover releases the lease naming the successor; the old primary takes it
+    back at the same generation when the successor never took it, and at a new one when the
+    successor took it and gave it back (docs/handover.md, "Planned handover")."""
+    d = os.path.join(str(tmp_path), "ctl")
+    os.mkdir(d, 0o700)
+    path = os.path.join(d, "fn.lease")
+    a = handover.Lease(path)
+    try:
+        assert a.acquire(0.0) == 1
+        a.release(successor=os.getpid())
+        assert a.reclaim(1, 0.0) == 1 and a.held
+        rec = a.read()
+        assert rec is not None and (rec.generation, rec.successor) == (1, 0)
+        # The successor (another open file description: another OFD lock owner) takes it...
+        a.release(successor=os.getpid())
+        b = handover.Lease(path)
+        try:
+            assert b.acquire(0.0) == 2
+            with pytest.raises(handover.LeaseHeldError) as exc:
+                a.reclaim(1, 0.0)  # ...and serves: the old primary must step down
+            assert exc.value.errno == errno.EBUSY
+            b.release(successor=os.getpid())  # ...or gives it back
+            assert a.reclaim(1, 0.0) == 3
+        finally:
+            b.close()
+    finally:
+        a.close()

@@ -189,6 +189,7 @@ py::dict stats_dict(const EngineStats& s) {
   d["messages"] = s.messages;
   d["redelivered"] = s.redelivered;
   d["already_published"] = s.already_published;
+  d["partly_published"] = s.partly_published;
   d["stale"] = s.stale;
   d["deferred"] = s.deferred;
   d["deferred_completed"] = s.deferred_completed;
@@ -197,6 +198,9 @@ py::dict stats_dict(const EngineStats& s) {
   d["handler_batches"] = s.handler_batches;
   d["interrupts"] = s.interrupts;
   d["config_writes"] = s.config_writes;
+  d["err_cor_unsent"] = s.err_cor_unsent;
+  d["err_nonfatal_unsent"] = s.err_nonfatal_unsent;
+  d["err_fatal_unsent"] = s.err_fatal_unsent;
   d["latency_ns_log2"] = std::vector<uint64_t>(s.latency_ns_log2.begin(), s.latency_ns_log2.end());
   py::list regions;
   for (const RegionCounters& r : s.regions) {
@@ -336,6 +340,12 @@ void bind_engine(py::module_& root) {
         return e.drain_deferred(d);
       }, py::arg("timeout"))
       .def_property_readonly("first_answer_ns", [](PyEngine& p) { return p.e().first_answer_ns(); })
+      .def("wait_first_answer", [](PyEngine& p, const py::object& timeout) {
+        const Deadline d = to_deadline(timeout);
+        Engine& e = p.e();
+        py::gil_scoped_release r;
+        return e.wait_first_answer(d);
+      }, py::arg("timeout"))
       .def("stop", [](PyEngine& p) {
         Engine& e = p.e();
         py::gil_scoped_release r;

@@ -311,7 +311,7 @@ void bind_sim(py::module_& root) {
     if (n == 0) return py::none();
     return py::bytes(reinterpret_cast<const char*>(buf.data()), size_t(n));
   }, py::arg("ctx"), py::arg("channel"));
-  // (claim id, flags, request bytes, mark page id, mark seq), or None when nothing is there.
+  // (claim id, flags, request bytes, mark page id, mark seq, progress), or None when nothing is there.
   auto claim_like = [](std::shared_ptr<Context> ctx, uint32_t channel, bool recover) -> py::object {
     std::vector<uint8_t> buf(16 + 4096);
     m5a_sim_claim_info info{};
@@ -329,7 +329,7 @@ void bind_sim(py::module_& root) {
     if (n == 0) return py::none();
     return py::make_tuple(info.claim, info.flags,
                           py::bytes(reinterpret_cast<const char*>(buf.data()), size_t(n)),
-                          info.page_id, info.seq);
+                          info.page_id, info.seq, info.progress);
   };
   m.def("function_claim", [claim_like](std::shared_ptr<Context> ctx, uint32_t channel) {
     return claim_like(std::move(ctx), channel, false);
@@ -338,12 +338,14 @@ void bind_sim(py::module_& root) {
     return claim_like(std::move(ctx), channel, true);
   }, py::arg("ctx"), py::arg("channel"));
   m.def("function_mark", [](std::shared_ptr<Context> ctx, uint32_t channel, uint64_t claim,
-                            uint32_t page_id, uint64_t seq) {
+                            uint32_t page_id, uint64_t seq, uint32_t before, uint32_t after) {
     Context::Use u(*ctx);
     check("mark request answered",
-          need(*ctx, ctx->lib().sym().sim.function_mark, "mlx5tlp_sim_function_mark")(
-              u.get(), channel, claim, page_id, seq));
-  }, py::arg("ctx"), py::arg("channel"), py::arg("claim"), py::arg("page_id"), py::arg("seq"));
+          need(*ctx, ctx->lib().sym().sim.function_mark_progress,
+               "mlx5tlp_sim_function_mark_progress@" M5A_SIM_VERSION_NODE_1_1)(
+              u.get(), channel, claim, page_id, seq, before, after));
+  }, py::arg("ctx"), py::arg("channel"), py::arg("claim"), py::arg("page_id"), py::arg("seq"),
+     py::arg("before") = 0, py::arg("after") = M5A_SIM_PROGRESS_ALL);
   m.def("function_retire", [](std::shared_ptr<Context> ctx, uint32_t channel, uint64_t claim) {
     Context::Use u(*ctx);
     check("retire request",

@@ -38,6 +38,21 @@ uint64_t claimed_position(const RequestChannel& ch, uint64_t w) {
 
 }  // namespace
 
+uint32_t mark_check(uint64_t pos, const MarkRecord& m) {
+  uint32_t h = 2166136261u;
+  auto mix = [&h](uint64_t v, int bytes) {
+    for (int i = 0; i < bytes; ++i) h = (h ^ uint8_t(v >> (8 * i))) * 16777619u;
+  };
+  mix(0x334b524d, 4);  // "MRK3": the record format of state version 3
+  mix(pos, 8);
+  mix(m.page, 4);
+  mix(m.before, 4);
+  mix(m.seq, 8);
+  mix(m.gen, 8);
+  mix(m.after, 4);
+  return h;
+}
+
 int channel_push(RequestChannel& ch, const void* data, size_t len) {
   const uint64_t pos = ch.head.load(std::memory_order_relaxed);  // only the host writes head
   const uint32_t i = uint32_t(pos % kRequestSlots);
@@ -113,12 +128,14 @@ namespace {
 
 constexpr ssize_t kVanished = -1000;  // copy_out: a new epoch discarded the claim meanwhile
 constexpr ssize_t kCorrupt = -1001;   // copy_out: the slot's length is impossible
+constexpr ssize_t kBadMark = -1002;   // copy_out: the current mark record is damaged or foreign
 
 struct Claimer {
   DeviceMap& d;
   RequestChannel& ch;
   uint32_t channel;
   uint32_t session, gen;  // ours
+  MarkRecord bad_mark{};  // the record copy_out refused (for the error message)
 
   bool mine(uint64_t w) const {
     return slot_state(w) == kSlotClaimed && slot_session(w) == session &&
@@ -144,19 +161,29 @@ struct Claimer {
     out.flags = flags;
     out.length = n;
     if (w & kWordMarked) {
+      // A private copy: the file is another process's input, checked once and then trusted.
+      const MarkRecord m = s.mark[(w & kWordMarkSelect) ? 1 : 0];
+      if (m.check != mark_check(pos, m) || m.page >= d.cfg().gw_pages || m.before > m.after ||
+          m.before == M5A_SIM_PROGRESS_ALL) {
+        bad_mark = m;
+        return kBadMark;
+      }
       out.flags |= M5A_SIM_CLAIM_MARKED;
-      out.page_id = s.mark_page;
-      out.seq = s.mark_seq;
+      out.page_id = m.page;
+      out.seq = m.seq;
+      out.progress = m.before;  // published before the mark was made, whatever came after
       // acquire: pairs with the allocation's release of a new page generation.
-      if (s.mark_page >= d.cfg().gw_pages ||
-          d.st()->gw[s.mark_page].gen.load(std::memory_order_acquire) != s.mark_gen) {
+      if (d.st()->gw[m.page].gen.load(std::memory_order_acquire) != m.gen) {
         out.flags |= M5A_SIM_CLAIM_PAGE_GONE;
       } else {
-        // acquire: the doorbell the dead claimer (or its gateway writer) stored.
+        // acquire: the doorbell the dead claimer (or its gateway writer) stored. A u64 count
+        // of records from 0 for each allocation: it cannot wrap, so >= is exact.
         const uint64_t db = __atomic_load_n(
-            reinterpret_cast<uint64_t*>(d.gw_page(s.mark_page) + gw::kDoorbell), __ATOMIC_ACQUIRE);
-        if (db >= s.mark_seq) out.flags |= M5A_SIM_CLAIM_PUBLISHED;
+            reinterpret_cast<uint64_t*>(d.gw_page(m.page) + gw::kDoorbell), __ATOMIC_ACQUIRE);
+        if (db >= m.seq) out.progress = m.after;
+        if (out.progress == M5A_SIM_PROGRESS_ALL) out.flags |= M5A_SIM_CLAIM_PUBLISHED;
       }
+      if (out.progress != 0 && out.progress != M5A_SIM_PROGRESS_ALL) out.flags |= M5A_SIM_CLAIM_PARTIAL;
     }
     // acquire: re-check (seqlock style) that the bytes we copied were still our claim's.
     if (!same_claim(ch.word[i].load(std::memory_order_acquire), w)) return kVanished;
@@ -188,12 +215,14 @@ struct Claimer {
       const uint64_t pos = claimed_position(ch, w);
       if (pos == ~uint64_t(0)) continue;
       if (ch.slot[i].len > len) return -ENOBUFS;
-      const uint64_t next = claimed_word(pos, session, gen, (w & kWordMarked) | kWordRedelivered);
+      const uint64_t next =
+          claimed_word(pos, session, gen, (w & (kWordMarked | kWordMarkSelect)) | kWordRedelivered);
       // acq_rel: exactly one taker wins; it sees the data and mark the dead claimer wrote.
       if (!ch.word[i].compare_exchange_strong(w, next, std::memory_order_acq_rel)) continue;
       const ssize_t n = copy_out(i, next, buf, len, info, pos, M5A_SIM_CLAIM_REDELIVERED);
       if (n >= 0) return n;
       if (n == kCorrupt) return drop(i, next, pos);
+      if (n == kBadMark) return drop_marked(i, next, pos);
       // kVanished: a new epoch discarded it while we copied: nothing to deliver.
     }
     return 0;
@@ -217,7 +246,7 @@ struct Claimer {
         uint64_t cur = ch.tail.load(std::memory_order_relaxed);
         while (cur < pos + 1 && !ch.tail.compare_exchange_weak(cur, pos + 1, std::memory_order_relaxed)) {
         }
-        const ssize_t n = copy_out(i, next, buf, len, info, pos, 0);
+        const ssize_t n = copy_out(i, next, buf, len, info, pos, 0);  // fresh: never marked
         if (n >= 0) return n;
         if (n == kCorrupt) return drop(i, next, pos);
         retry = true;  // kVanished: discarded by a new epoch while we copied: look again
@@ -233,6 +262,20 @@ struct Claimer {
     ch.word[i].compare_exchange_strong(w, slot_word(pos + kRequestSlots, kSlotFree), std::memory_order_acq_rel);
     return -fail(EPROTO, "channel %u slot %u holds a request of impossible length %u: dropped it",
                  channel, i, ch.slot[i].len);
+  }
+
+  // A dead claimer's claim whose mark the state file no longer vouches for: how much of its
+  // answer the host has is unknown, so neither answering it (a duplicate) nor retiring it as
+  // answered is right. It is dropped (the host's Completion Timeout reports it), EPROTO.
+  ssize_t drop_marked(uint32_t i, uint64_t w, uint64_t pos) {
+    const MarkRecord m = bad_mark;
+    // acq_rel: as retire().
+    ch.word[i].compare_exchange_strong(w, slot_word(pos + kRequestSlots, kSlotFree), std::memory_order_acq_rel);
+    return -fail(EPROTO,
+                 "channel %u slot %u (claim %llu): its mark record is damaged or another claim's "
+                 "(page %u, progress %u..%u, check %#x, expected %#x): dropped the request",
+                 channel, i, (unsigned long long)pos, m.page, m.before, m.after, m.check,
+                 mark_check(pos, m));
   }
 
   ssize_t claim(void* buf, size_t len, m5a_sim_claim_info* info) {
@@ -260,24 +303,27 @@ struct Claimer {
     return 0;
   }
 
-  int mark(uint64_t claim, uint32_t page, uint64_t seq) {
+  int mark(uint64_t claim, uint32_t page, uint64_t seq, uint32_t before, uint32_t after) {
     if (page >= d.cfg().gw_pages) return fail(EINVAL, "page %u is not a gateway page (0..%u)", page, d.cfg().gw_pages - 1);
+    if (before > after || before == M5A_SIM_PROGRESS_ALL)
+      return fail(EINVAL, "progress %u..%u: `before` must be at most `after` and not all of the answer",
+                  before, after);
     int err = 0;
     uint64_t w = own(claim, &err);
     if (w == 0) return err;
     const uint32_t i = uint32_t(claim % kRequestSlots);
-    if (w & kWordMarked) {
-      // Re-marking: clear the flag before rewriting the fields, so a redeliverer never sees a
-      // flag over half-written fields. release: nothing to publish; acquire: our own word.
-      if (!ch.word[i].compare_exchange_strong(w, w & ~kWordMarked, std::memory_order_acq_rel)) return ESTALE;
-      w &= ~kWordMarked;
-    }
-    RequestSlot& s = ch.slot[i];
-    s.mark_page = page;
-    s.mark_seq = seq;
-    s.mark_gen = d.st()->gw[page].gen.load(std::memory_order_acquire);  // acquire: as published
-    // release: the mark fields happen-before any redeliverer's acquire of the MARKED word.
-    if (!ch.word[i].compare_exchange_strong(w, w | kWordMarked, std::memory_order_acq_rel)) return ESTALE;
+    // Write the record the word does not select (the current one stays whole until the CAS).
+    const bool sel = (w & kWordMarked) ? (w & kWordMarkSelect) == 0 : false;
+    MarkRecord& m = ch.slot[i].mark[sel ? 1 : 0];
+    m.page = page;
+    m.before = before;
+    m.seq = seq;
+    m.gen = d.st()->gw[page].gen.load(std::memory_order_acquire);  // acquire: as published
+    m.after = after;
+    m.check = mark_check(claim, m);
+    const uint64_t next = (w & ~kWordMarkSelect) | kWordMarked | (sel ? kWordMarkSelect : 0);
+    // release: the record happen-before any redeliverer's acquire of the word that selects it.
+    if (!ch.word[i].compare_exchange_strong(w, next, std::memory_order_acq_rel)) return ESTALE;
     return 0;
   }
 
@@ -336,7 +382,16 @@ M5A_EXPORT int mlx5tlp_sim_function_mark(m5a_ibv_context* context, uint32_t chan
   alignas(Claimer) unsigned char mem[sizeof(Claimer)];
   Claimer* cl = nullptr;
   if (int rc = make_claimer(context, channel, &cl, mem)) return rc;
-  return cl->mark(claim, page_id, seq);
+  return cl->mark(claim, page_id, seq, 0, M5A_SIM_PROGRESS_ALL);
+}
+
+M5A_EXPORT int mlx5tlp_sim_function_mark_progress(m5a_ibv_context* context, uint32_t channel,
+                                                  uint64_t claim, uint32_t page_id, uint64_t seq,
+                                                  uint32_t before, uint32_t after) {
+  alignas(Claimer) unsigned char mem[sizeof(Claimer)];
+  Claimer* cl = nullptr;
+  if (int rc = make_claimer(context, channel, &cl, mem)) return rc;
+  return cl->mark(claim, page_id, seq, before, after);
 }
 
 M5A_EXPORT int mlx5tlp_sim_function_retire(m5a_ibv_context* context, uint32_t channel, uint64_t claim) {

@@ -7,6 +7,7 @@
 //   bits 32..35  state: FREE (waits for the host to fill `position`), READY, CLAIMED
 //   bit  36      MARKED: the claimer recorded where its answer is published (slot mark_*)
 //   bit  37      REDELIVERED: a dead claimer's claim, handed to another session
+//   bit  38      MARK_SELECT: which of the slot's two mark records is the current one
 //   bits 40..47  claimer session slot        (CLAIMED only)
 //   bits 48..63  claimer session generation  (low 16 bits; CLAIMED only)
 // The host is the only producer (one device model per device) and fills positions in order; a
@@ -24,6 +25,7 @@ namespace mlx5tlp::sim {
 constexpr uint32_t kSlotFree = 0, kSlotReady = 1, kSlotClaimed = 2;
 constexpr uint64_t kWordMarked = uint64_t(1) << 36;
 constexpr uint64_t kWordRedelivered = uint64_t(1) << 37;
+constexpr uint64_t kWordMarkSelect = uint64_t(1) << 38;
 
 inline uint32_t slot_pos32(uint64_t w) { return uint32_t(w); }
 inline uint32_t slot_state(uint64_t w) { return uint32_t(w >> 32) & 0xf; }
@@ -38,12 +40,15 @@ inline uint64_t claimed_word(uint64_t pos, uint32_t session, uint32_t gen, uint6
 }
 // The same claim, ignoring its flags.
 inline bool same_claim(uint64_t a, uint64_t b) {
-  const uint64_t flags = kWordMarked | kWordRedelivered;
+  const uint64_t flags = kWordMarked | kWordRedelivered | kWordMarkSelect;
   return (a & ~flags) == (b & ~flags);
 }
 
 // Host side (one producer). EAGAIN when the slot for the next position is not yet retired.
 int channel_push(RequestChannel& ch, const void* data, size_t len);
+// The check word of a mark record for the claim at `pos` (FNV-1a over the position and the
+// fields; not a MAC: it catches damage and records of another claim, not forgery).
+uint32_t mark_check(uint64_t pos, const MarkRecord& m);
 // A new epoch: every slot becomes FREE for the positions from the current head on; requests
 // queued (*ready) or claimed (*claimed) in the previous epoch are discarded; their claims
 // become stale. Safe against concurrent claimers (each slot changes by one CAS).

@@ -42,7 +42,8 @@
 namespace mlx5tlp::sim {
 
 constexpr uint64_t kStateMagic = 0x3154534c54354c4dull;  // "ML5TLST1"
-constexpr uint32_t kStateVersion = 2;
+// 3: two mark records per request slot, each with the answer's progress (a v2 file is refused)
+constexpr uint32_t kStateVersion = 3;
 constexpr uint32_t kMaxContexts = 64;
 constexpr uint32_t kMaxObjects = 1024;
 constexpr uint32_t kMaxGwPages = 15;  // tlp_rsp_gw_num_pages is a 4-bit PRM field
@@ -111,11 +112,27 @@ struct SessionSlot {
 // A host->function request channel: a bounded ring whose slots carry one 64-bit state word
 // each (see channel.hpp for the encoding and the protocol). The words sit together so that a
 // claimer scans eight cache lines, not sixty-four 4 KiB slots.
+// A claim's mark: "the first `before` units of the answer are published; the first `after`
+// (M5A_SIM_PROGRESS_ALL: all of it) once gateway page `page`'s doorbell count reaches `seq`,
+// while the page is still allocation `gen`". `check` (channel.cpp mark_check) binds the fields
+// to the claim's position: a damaged record, or one left from an older claim of the slot, is
+// refused, never read as this claim's progress.
+struct MarkRecord {
+  uint32_t page;
+  uint32_t before;
+  uint64_t seq;
+  uint64_t gen;
+  uint32_t after;
+  uint32_t check;
+};
+
+// Two mark records: the owner writes the one the word does not select, then flips the word's
+// MARK_SELECT bit with the CAS that sets MARKED, so a claimer killed while re-marking leaves the
+// previous mark whole (a split answer's progress is never lost between two doorbells).
 struct RequestSlot {
   uint32_t len;
-  uint32_t mark_page;  // the mark: answered in this gateway page...
-  uint64_t mark_seq;   // ...published once its doorbell count reaches this...
-  uint64_t mark_gen;   // ...while the page is still this allocation
+  uint32_t pad;
+  MarkRecord mark[2];
   uint8_t data[kRequestMax];
 };
 

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <climits>
 #include <cstring>
+#include <functional>
 
 #include "mlx5tlp/error.hpp"
 #include "mlx5tlp/futex.hpp"
@@ -63,6 +64,7 @@ struct Slot {
   int32_t item = -1;       // BatchItem index
   uint32_t deferred = UINT32_MAX;
   uint64_t seq = 0;        // the mark: in the page once the doorbell count reaches it
+  uint32_t resume = 0;     // bytes of the read's DW range a dead claimer already published
 };
 
 enum class DState : uint8_t { free = 0, in_call, pending, ready };
@@ -76,8 +78,26 @@ struct Deferred {
   uint64_t deadline_ns = 0;
   uint64_t taken_ns = 0;
   uint8_t status = 0;
+  uint32_t resume = 0;  // Slot::resume of the request
+  uint8_t hdr_len = 0;
+  uint8_t hdr[16] = {};  // the request's first bytes, for the AER Header Log of a late CA
   std::vector<uint8_t> data;
 };
+
+// A chunk of an answer longer than one doorbell: re-marked with its progress before its
+// doorbell (after the previous chunk's).
+struct Remark {
+  const Request* r = nullptr;
+  uint64_t seq = 0;
+  uint32_t before = 0, after = 0;
+};
+
+// Bytes of the request's DW range a completion carries (its Length field, §2.2.9).
+uint32_t cpl_payload(const uint8_t* p) noexcept {
+  if ((p[0] & 0x40) == 0) return 0;
+  const uint32_t dw = ((p[2] & 3u) << 8) | p[3];
+  return (dw == 0 ? 1024u : dw) * 4;
+}
 
 }  // namespace
 
@@ -109,6 +129,9 @@ struct Engine::Impl {
   std::unique_ptr<pci::Function> fn;
   std::atomic<uint64_t> cfg_gen{1};
   std::atomic<uint32_t> completer{0};
+  // Bumped (and woken) by a lane's first answer since a (re)start: wait_first_answer() sleeps
+  // on it, so a successor's control thread gives its CPU to the lanes instead of competing.
+  std::atomic<uint32_t> answered_bell{0};
   BatchHandler* handler = nullptr;
   std::vector<std::unique_ptr<Lane>> lanes;
   std::mutex ctl_mu;  // blocking point: lifecycle calls
@@ -130,8 +153,9 @@ struct Lane {
   void process(size_t i);
   bool poisoned_write(Slot& s);
   void route_memory(size_t i, Slot& s, bool io);
-  void answer(Slot& s, const uint8_t* data, size_t len, uint8_t status);
-  void log_error(uint8_t status) noexcept;
+  void answer(Slot& s, const uint8_t* data, size_t len, uint8_t status, bool log_it = true);
+  void log_error(pci::RxError e, bool completion_sent, const uint8_t* tlp, size_t len) noexcept;
+  void log_slot_error(const Slot& s, pci::RxError e, bool completion_sent) noexcept;
   void add_batch_item(size_t i, Slot& s, Region& r, uint32_t region_index, uint64_t off, uint32_t len, bool write);
   void run_handler();
   void finish_batched();
@@ -176,6 +200,8 @@ struct Lane {
   std::vector<uint32_t> ends_tmp;
   std::vector<uint32_t> rec_off, rec_len;
   std::vector<uint32_t> grp_end, grp_rel;  // record counts at which a request's records end
+  std::vector<int32_t> grp_remark;         // per group: its Remark, or -1
+  std::vector<Remark> remarks;
   size_t ngrp = 0;
   std::vector<BatchItem> items;
   size_t nitems = 0;
@@ -198,9 +224,9 @@ struct Lane {
   // counters
   std::array<Counter, tlp::kKindCount> kinds{};
   Counter batches{0}, completions{0}, ur{0}, ca{0}, unsupported_posted{0}, malformed{0}, poisoned{0},
-      unexpected{0}, messages{0}, redelivered{0}, published{0}, stale{0}, deferred{0},
+      unexpected{0}, messages{0}, redelivered{0}, published{0}, partial{0}, stale{0}, deferred{0},
       deferred_completed{0}, deferred_expired{0}, deferred_open{0}, handler_batches{0},
-      interrupts{0}, config_writes{0};
+      interrupts{0}, config_writes{0}, err_cor_unsent{0}, err_nonfatal_unsent{0}, err_fatal_unsent{0};
   std::array<Counter, kLatencyBuckets> lat{};
   std::unique_ptr<RegionCountersA[]> rc;
   // trace ring
@@ -308,6 +334,8 @@ Lane::Lane(Engine::Impl* eng, uint32_t idx, std::shared_ptr<Var> v, std::shared_
   rec_len.resize(max_cpl);
   grp_end.resize(max_cpl);
   grp_rel.resize(max_cpl);
+  grp_remark.resize(max_cpl);
+  remarks.resize(max_cpl);
   ends_tmp.resize(tlp::kMaxCompletions);
   items.resize(batch);
   extra.resize(extra_max);
@@ -376,7 +404,7 @@ void Lane::trace(size_t i, const Slot& s, uint64_t lat_ns) noexcept {
   trace_head.store(h + 1, std::memory_order_release);  // release: the entry's words first
 }
 
-void Lane::answer(Slot& s, const uint8_t* data, size_t len, uint8_t status) {
+void Lane::answer(Slot& s, const uint8_t* data, size_t len, uint8_t status, bool log_it) {
   s.status = status;
   s.action = Action::answer;
   tlp::CompletionParams p = params;
@@ -386,18 +414,40 @@ void Lane::answer(Slot& s, const uint8_t* data, size_t len, uint8_t status) {
     data = nullptr;
     len = 0;
     bump(status == uint8_t(CplStatus::UR) ? ur : ca);
-    log_error(status);
+  }
+  const tlp::Tlp* req = &s.t;
+  tlp::Tlp rest;
+  if (s.resume != 0 && data != nullptr && s.resume < len) {
+    // The host has the first `resume` bytes (a dead claimer's completions ending on an RCB
+    // boundary): complete the rest as a read of what is left, whose Byte Count (the bytes
+    // still to be returned) and Lower Address continue the host's sequence (§2.3.1.1).
+    rest = s.t;
+    rest.address = s.t.address + s.resume;
+    rest.length = uint16_t(s.t.length - s.resume / 4);
+    if (rest.length == 1) {
+      rest.first_be = s.t.last_be;
+      rest.last_be = 0;
+    } else {
+      rest.first_be = 0xf;
+    }
+    data += s.resume;
+    len -= s.resume;
+    req = &rest;
   }
   size_t used = 0, count = 0;
-  tlp::Status st = tlp::build_completions(s.t, data, len, p, out.data() + out_used, out.size() - out_used, &used,
+  tlp::Status st = tlp::build_completions(*req, data, len, p, out.data() + out_used, out.size() - out_used, &used,
                                           ends_tmp.data(), ends_tmp.size(), &count);
   if (st != tlp::Status::ok) {
     // A request that breaks a field rule the decoder let through: nothing sensible to send.
     s.action = Action::retire_only;
     s.ncpl = 0;
     bump(malformed);
+    log_slot_error(s, pci::RxError::malformed_tlp, false);
     return;
   }
+  if (log_it && status != uint8_t(CplStatus::SC))
+    log_slot_error(s, status == uint8_t(CplStatus::UR) ? pci::RxError::unsupported_request
+                                                       : pci::RxError::completer_abort, true);
   s.cpl_first = uint32_t(ncpl);
   s.ncpl = uint8_t(count);
   uint32_t prev = 0;
@@ -410,17 +460,36 @@ void Lane::answer(Slot& s, const uint8_t* data, size_t len, uint8_t status) {
   out_used += used;
 }
 
-void Lane::log_error(uint8_t status) noexcept {
-  // The function's own error logging in configuration space (device-side writes, RW1C for
-  // the host): §7.5.1.1.4 "Signaled Target Abort – This bit is Set when a Function completes
-  // a Posted or Non-Posted Request as a Completer Abort error"; §7.5.3.5 "Unsupported Request
-  // Detected – This bit indicates that the Function received an Unsupported Request", logged
-  // regardless of the reporting enables. Errors are rare: the function's mutex is fine here.
-  std::lock_guard<std::mutex> g(e->fn_mu);
-  pci::ConfigSpace& c = e->fn->config();
-  if (status == uint8_t(CplStatus::CA)) c.device_set_bits(0x06, 2, 1u << 11);
-  else if (status == uint8_t(CplStatus::UR) && e->layout->pcie != 0)
-    c.device_set_bits(uint16_t(e->layout->pcie + 0x0a), 2, 1u << 3);
+void Lane::log_error(pci::RxError err, bool completion_sent, const uint8_t* tlp, size_t len) noexcept {
+  // The function's own error logging in configuration space (Function::log_error,
+  // cpp/src/error_logging.cpp: device-side writes, RW1C for the host). Errors are rare: the
+  // function's mutex is fine here, and nothing allocates.
+  pci::ErrorMessage m;
+  {
+    std::lock_guard<std::mutex> g(e->fn_mu);
+    m = e->fn->log_error(err, completion_sent, tlp, len);
+  }
+  // Error Messages are not sent: the software device's host model takes completions and
+  // MSI-X writes from a gateway page, nothing else, and how real mlx5 hardware would carry a
+  // Message is not public (docs/engine.md). Counted, so that a user sees what was called for.
+  if (m == pci::ErrorMessage::err_cor) bump(err_cor_unsent);
+  else if (m == pci::ErrorMessage::err_nonfatal) bump(err_nonfatal_unsent);
+  else if (m == pci::ErrorMessage::err_fatal) bump(err_fatal_unsent);
+}
+
+void Lane::log_slot_error(const Slot& s, pci::RxError err, bool completion_sent) noexcept {
+  // The Header Log wants the request as received: a batch slot's bytes are still in its
+  // Request; a deferred answer's were kept in its Deferred slot.
+  const std::less<const Slot*> lt;
+  if (!lt(&s, slots.data()) && lt(&s, slots.data() + slots.size())) {
+    const Request& r = reqs[size_t(&s - slots.data())];
+    return log_error(err, completion_sent, r.tlp, r.tlp != nullptr ? r.len : 0);
+  }
+  if (s.deferred < dslots.size()) {
+    const Deferred& d = dslots[s.deferred];
+    return log_error(err, completion_sent, d.hdr, d.hdr_len);
+  }
+  log_error(err, completion_sent, nullptr, 0);
 }
 
 void Lane::add_batch_item(size_t i, Slot& s, Region& r, uint32_t region_index, uint64_t off, uint32_t len, bool write) {
@@ -467,10 +536,13 @@ uint64_t Lane::new_deferred(const Slot& s, const Request& r) {
   d.t.data = nullptr;
   d.t.data_len = 0;
   d.req = r;
+  d.hdr_len = uint8_t(r.tlp != nullptr ? std::min<size_t>(r.len, sizeof d.hdr) : 0);
+  if (d.hdr_len != 0) std::memcpy(d.hdr, r.tlp, d.hdr_len);
   d.req.tlp = nullptr;
   d.region = s.region;
   d.taken_ns = batch_t0;
   d.status = 0;
+  d.resume = s.resume;
   d.data.clear();
   return (uint64_t(index) << 48) | (uint64_t(k) << 32) | d.gen;
 }
@@ -487,7 +559,7 @@ void Lane::route_memory(size_t i, Slot& s, bool io) {
       s.action = Action::posted;
       s.status = uint8_t(CplStatus::UR);
       bump(unsupported_posted);
-      log_error(uint8_t(CplStatus::UR));
+      log_slot_error(s, pci::RxError::unsupported_request, false);
     } else {
       answer(s, nullptr, 0, uint8_t(CplStatus::UR));
     }
@@ -549,13 +621,16 @@ bool Lane::poisoned_write(Slot& s) {
       s.action = Action::posted;
       s.status = uint8_t(CplStatus::UR);
       bump(unsupported_posted);
-      log_error(uint8_t(CplStatus::UR));
+      log_slot_error(s, pci::RxError::poisoned_tlp, false);
       return true;
     case Kind::IOWr:
     case Kind::CfgWr0:
     case Kind::CfgWr1:
+      // §2.7.2.1: handled as a Poisoned TLP Received error; the UR is only the Completion's
+      // status, so the error logged is the poison, not an Unsupported Request.
       bump(poisoned);
-      answer(s, nullptr, 0, uint8_t(CplStatus::UR));
+      log_slot_error(s, pci::RxError::poisoned_tlp, true);
+      answer(s, nullptr, 0, uint8_t(CplStatus::UR), false);
       return true;
     default:
       return false;
@@ -580,9 +655,23 @@ void Lane::process(size_t i) {
     s.action = Action::retire_only;
     s.status = kTraceMalformed;
     bump(malformed);
+    log_error(pci::RxError::malformed_tlp, false, r.tlp, r.tlp != nullptr ? r.len : 0);
     return;
   }
   const tlp::Tlp& t = s.t;
+  if (r.flags & kRequestPartial) {
+    // A dead claimer's answer was cut across doorbells (more completions than the page holds)
+    // and the host has its first r.progress bytes: answer only the rest (answer()). Only a
+    // memory read is answered in parts, and only at DW offsets inside it.
+    if (t.kind != Kind::MRd || r.progress % 4 != 0 || r.progress >= uint32_t(t.length) * 4) {
+      s.action = Action::retire_only;  // what the host has is unknown: neither duplicate nor guess
+      s.status = kTraceMalformed;
+      bump(malformed);
+      return;
+    }
+    s.resume = r.progress;
+    bump(partial);
+  }
   bump(kinds[size_t(t.kind)]);
   // §2.2.2: a payload above the Max_Payload_Size programmed in Device Control is a Malformed
   // TLP, which receivers must check: not applied, no completion.
@@ -590,6 +679,7 @@ void Lane::process(size_t i) {
     s.action = Action::retire_only;
     s.status = kTraceMalformed;
     bump(malformed);
+    log_error(pci::RxError::malformed_tlp, false, r.tlp, r.len);
     return;
   }
   if (t.ep && poisoned_write(s)) return;
@@ -641,6 +731,7 @@ void Lane::process(size_t i) {
     default:  // completions: the function has no request outstanding but MSI-X writes
       bump(unexpected);
       s.action = Action::retire_only;
+      log_error(pci::RxError::unexpected_completion, false, r.tlp, r.len);
       return;
   }
 }
@@ -714,10 +805,11 @@ void Lane::build_deferred(Deferred& d, uint32_t k) {
   s = Slot{};
   s.t = d.t;
   s.region = d.region;
+  s.resume = d.resume;
   extra[nextra] = d.req;
   const size_t len = d.status == uint8_t(CplStatus::SC) ? size_t(d.t.length) * 4 : 0;
+  s.deferred = k;  // before answer(): a CA's Header Log comes from d
   answer(s, len != 0 ? d.data.data() : nullptr, len, d.status);
-  s.deferred = k;
   ++nextra;
 }
 
@@ -790,24 +882,49 @@ void Lane::housekeeping() {
 void Lane::publish(size_t lo, size_t hi) {
   // Mark every answered request with the doorbell count its last completion reaches, in
   // record order, before those records are written; then write them, then retire.
+  // An answer longer than one doorbell (group_max) goes in chunks, each under one doorbell and
+  // marked with its progress ("the first `before` bytes are out; `after` once the doorbell
+  // reaches the chunk's end") before that doorbell: a successor answers only what is missing.
   const uint64_t base = gw ? gw->published() : 0;
-  size_t nrec = 0;
+  const size_t gmax = gw ? gw->group_max() : SIZE_MAX;
+  size_t nrec = 0, nremark = 0;
   const uint32_t page = var->page_id();
+  auto bytes = [&](const Slot& s, size_t k0, size_t k1) {
+    uint32_t b = 0;
+    for (size_t k = k0; k < k1; ++k) b += cpl_payload(out.data() + cpl_start[s.cpl_first + k]);
+    return b;
+  };
   auto mark = [&](const Request& r, Slot& s) {
     if (s.action != Action::answer || s.ncpl == 0) return;
-    const int rc2 = src->mark(r, page, base + nrec + s.ncpl);
+    const size_t n = s.ncpl;
+    const size_t first = std::min(n, gmax);
+    const uint32_t after = first == n ? kProgressAll : s.resume + bytes(s, 0, first);
+    const int rc2 = src->mark(r, page, base + nrec + first, s.resume, after);
     if (rc2 != 0) {
       bump(stale);
       s.action = Action::retire_only;  // discarded (a new host epoch): nothing to answer
       return;
     }
+    const size_t start = nrec;
     for (uint32_t k = 0; k < s.ncpl; ++k) {
       rec_off[nrec] = cpl_start[s.cpl_first + k];
       rec_len[nrec] = cpl_len[s.cpl_first + k];
       ++nrec;
     }
     s.seq = base + nrec;
-    grp_end[ngrp++] = uint32_t(nrec);  // one request's completions: one doorbell
+    uint32_t done = s.resume;
+    for (size_t k0 = 0; k0 < n;) {  // one doorbell per chunk (one chunk unless split)
+      const size_t k1 = std::min(n, k0 + gmax);
+      const uint32_t b = bytes(s, k0, k1);
+      grp_remark[ngrp] = -1;
+      if (k0 != 0) {
+        remarks[nremark] = Remark{&r, base + start + k1, done, k1 == n ? kProgressAll : done + b};
+        grp_remark[ngrp] = int32_t(nremark++);
+      }
+      done += b;
+      grp_end[ngrp++] = uint32_t(start + k1);
+      k0 = k1;
+    }
   };
   ngrp = 0;
   // MSI-X messages first (they were built first and answer no request).
@@ -815,6 +932,7 @@ void Lane::publish(size_t lo, size_t hi) {
     rec_off[nrec] = cpl_start[k];
     rec_len[nrec] = cpl_len[k];
     ++nrec;
+    grp_remark[ngrp] = -1;
     grp_end[ngrp++] = uint32_t(nrec);
   }
   for (size_t i = 0; i < nextra; ++i) mark(extra[i], extra_slots[i]);
@@ -832,7 +950,11 @@ void Lane::publish(size_t lo, size_t hi) {
     const int rc2 = src->retire(r);
     if (rc2 != 0) bump(stale);
     bump(completions, s.ncpl);
-    if (first_answer.load(std::memory_order_relaxed) == 0) first_answer.store(t1, std::memory_order_relaxed);
+    if (first_answer.load(std::memory_order_relaxed) == 0) {
+      first_answer.store(t1, std::memory_order_relaxed);
+      e->answered_bell.fetch_add(1, std::memory_order_release);
+      futex_wake(e->answered_bell);  // once per (re)start: off the hot path
+    }
     const uint64_t lat_ns = t1 - (is_extra ? 0 : batch_t0);
     if (!is_extra) {
       const unsigned b = lat_ns == 0 ? 0 : unsigned(63 - __builtin_clzll(lat_ns));
@@ -862,16 +984,28 @@ void Lane::publish(size_t lo, size_t hi) {
 }
 
 void Lane::write_records(size_t nrec) {
-  size_t done = 0, g = 0;
+  size_t done = 0, g = 0, remarked = 0;  // groups [0, remarked) had their re-mark made
+  const uint32_t page = var->page_id();
   while (done < nrec && gw) {
-    // Group ends relative to `done`: a request's completions never straddle two doorbells, so
-    // a successor's "published" (doorbell >= mark) is all or nothing (a group larger than the
-    // page is split: docs/handover.md).
+    // Group ends relative to `done`: a group (a request's completions, or one chunk of an
+    // answer longer than one doorbell) never straddles two doorbells, so a successor's
+    // "doorbell >= mark" is all or nothing for what the mark names.
     while (g < ngrp && grp_end[g] <= done) ++g;
+    if (g < ngrp && grp_remark[g] >= 0 && remarked <= g) {
+      // The previous chunk's doorbell is rung (done is past it): this chunk's progress now.
+      // A failure is a request discarded by a new host epoch: its records still go out, so
+      // that the doorbell counts every later mark of this round names stay true.
+      const Remark& m = remarks[size_t(grp_remark[g])];
+      if (src->mark(*m.r, page, m.seq, m.before, m.after) != 0) bump(stale);
+      remarked = g + 1;
+    }
+    size_t stop = g + 1;  // up to the next group that must be re-marked first
+    while (stop < ngrp && grp_remark[stop] < 0) ++stop;
+    const size_t limit = stop < ngrp ? grp_end[stop - 1] : nrec;
     size_t m = 0;
-    for (size_t h = g; h < ngrp; ++h) grp_rel[m++] = uint32_t(grp_end[h] - done);
+    for (size_t h = g; h < stop; ++h) grp_rel[m++] = uint32_t(grp_end[h] - done);
     // Bounded waits so that a stop is noticed while the host does not consume.
-    done += gw->write_groups(out.data(), rec_off.data() + done, rec_len.data() + done, nrec - done,
+    done += gw->write_groups(out.data(), rec_off.data() + done, rec_len.data() + done, limit - done,
                              grp_rel.data(), m, Deadline::after(std::chrono::milliseconds(100)));
     if (done < nrec && (want_stop() || gw->closed())) break;
   }
@@ -915,9 +1049,17 @@ void Lane::serve_range(size_t lo, size_t hi) {
 
 void Lane::run() noexcept {
   try {
-    for (;;) {  // parked until start() (attach_gateways() spawned us early)
+    for (bool told = false;;) {  // parked until start() (spawned early: add_detached_lane, attach)
       const uint32_t seen = bell.load(std::memory_order_acquire);  // acquire: the command
       if (cmd.load(std::memory_order_acquire) != kCmdHold) break;
+      if (!told) {
+        // The spawner waits for this (park_lanes): a thread that has run once and sleeps
+        // here is woken by start() at once, while a thread the scheduler has not run yet
+        // may wait for a tick — milliseconds, inside a handover's pause.
+        ack.store(kCmdHold, std::memory_order_release);
+        futex_wake(ack);
+        told = true;
+      }
       wait_bell(seen);
     }
     refresh();
@@ -1009,6 +1151,17 @@ void Engine::add_lane(std::shared_ptr<Gateway> gateway, std::unique_ptr<RequestS
                                                 std::move(source)));
 }
 
+// Until the thread just spawned for `l` has run and parked (Lane::run), at most 1 s.
+static void wait_parked(Lane& l) noexcept {
+  const Deadline d = Deadline::after(std::chrono::seconds(1));
+  for (;;) {
+    const uint32_t a = l.ack.load(std::memory_order_acquire);
+    if (a == kCmdHold || a == kCmdStop) return;
+    // Blocking point: the new thread stores ack and wakes us.
+    if (!futex_wait(l.ack, a, d)) return;
+  }
+}
+
 void Engine::add_detached_lane(std::shared_ptr<Var> var, std::unique_ptr<RequestSource> source) {
   std::lock_guard<std::mutex> g(impl_->ctl_mu);
   if (impl_->state.load() != kStateCreated) engine_error("add lane", EBUSY, "the engine was started");
@@ -1016,6 +1169,18 @@ void Engine::add_detached_lane(std::shared_ptr<Var> var, std::unique_ptr<Request
   if (impl_->lanes.size() >= 64) engine_error("add lane", EINVAL, "more than 64 lanes");
   impl_->lanes.push_back(std::make_unique<Lane>(impl_.get(), uint32_t(impl_->lanes.size()), std::move(var), nullptr,
                                                 std::move(source)));
+  // A detached lane is a successor's, built before it asks for a handover: its thread is
+  // created now and parked until start(), so creating and scheduling it is not part of the
+  // handover's pause (docs/handover.md). Parked, it touches nothing but cmd and bell.
+  Lane* p = impl_->lanes.back().get();
+  p->cmd.store(kCmdHold, std::memory_order_relaxed);  // relaxed: the thread starts after it
+  try {
+    p->th = spawn("add lane", [p] { p->run(); });
+  } catch (const Error&) {
+    impl_->lanes.pop_back();
+    throw;
+  }
+  wait_parked(*p);
 }
 
 static void stop_locked(Engine::Impl& impl) noexcept;
@@ -1033,8 +1198,8 @@ void Engine::attach_gateways() {
                                                   " bytes cannot hold a 128-byte completion payload");
     l->gw = std::move(gw);
   }
-  // The threads now, parked until start(): creating and scheduling them is then not part of a
-  // successor's pause (docs/handover.md).
+  // Lanes added with a gateway get their threads now, parked until start() (detached lanes
+  // have theirs since add_detached_lane).
   for (auto& l : impl_->lanes) {
     if (l->th.joinable()) continue;
     Lane* p = l.get();
@@ -1045,6 +1210,7 @@ void Engine::attach_gateways() {
       stop_locked(*impl_);  // nothing left parked behind a failed attach
       throw;
     }
+    wait_parked(*p);
   }
 }
 
@@ -1183,6 +1349,16 @@ uint64_t Engine::first_answer_ns() const noexcept {
   return best;
 }
 
+uint64_t Engine::wait_first_answer(Deadline deadline) const noexcept {
+  for (;;) {
+    const uint32_t seen = impl_->answered_bell.load(std::memory_order_acquire);
+    const uint64_t t = first_answer_ns();
+    if (t != 0) return t;
+    // Blocking point: until a lane's first answer wakes the bell, or the deadline.
+    if (!futex_wait(impl_->answered_bell, seen, deadline)) return first_answer_ns();
+  }
+}
+
 void Engine::release_gateways(std::chrono::nanoseconds) {
   std::lock_guard<std::mutex> g(impl_->ctl_mu);
   if (impl_->state.load() != kStatePaused) engine_error("release gateways", EBUSY, std::string("the engine is ") + state() + ", not paused");
@@ -1301,6 +1477,7 @@ EngineStats Engine::stats() const {
     s.messages += ld(l.messages);
     s.redelivered += ld(l.redelivered);
     s.already_published += ld(l.published);
+    s.partly_published += ld(l.partial);
     s.stale += ld(l.stale);
     s.deferred += ld(l.deferred);
     s.deferred_completed += ld(l.deferred_completed);
@@ -1309,6 +1486,9 @@ EngineStats Engine::stats() const {
     s.handler_batches += ld(l.handler_batches);
     s.interrupts += ld(l.interrupts);
     s.config_writes += ld(l.config_writes);
+    s.err_cor_unsent += ld(l.err_cor_unsent);
+    s.err_nonfatal_unsent += ld(l.err_nonfatal_unsent);
+    s.err_fatal_unsent += ld(l.err_fatal_unsent);
     for (size_t b = 0; b < kLatencyBuckets; ++b) s.latency_ns_log2[b] += ld(l.lat[b]);
     for (size_t r = 0; r < impl_->regions.size(); ++r) {
       s.regions[r].reads += ld(l.rc[r].reads);

@@ -73,6 +73,7 @@ void Function::config_write(uint16_t dw_offset, uint32_t value, uint8_t byte_ena
   if (pm_changed || touched(reg::kCommand, 2) ||
       (L.msix != 0 && touched(uint16_t(L.msix + msix_cap::kControl), 2)))
     sync_msix_control();
+  if (L.aer != 0 && touched(uint16_t(L.aer + aer::kUncorStatus), 4)) on_uncor_status_write();
 }
 
 void Function::on_pmcsr_write(uint16_t old_pmcsr) noexcept {

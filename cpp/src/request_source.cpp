@@ -41,6 +41,7 @@ SimRequestSource::SimRequestSource(std::shared_ptr<Context> ctx, uint32_t channe
   sym_ = &ctx_->lib().sym().sim;
   ctx_->lib().need(sym_->function_claim, "mlx5tlp_sim_function_claim");
   ctx_->lib().need(sym_->function_wait, "mlx5tlp_sim_function_wait");
+  ctx_->lib().need(sym_->function_mark_progress, "mlx5tlp_sim_function_mark_progress@" M5A_SIM_VERSION_NODE_1_1);
   buf_.resize(batch_max_ * kMaxRequest);
 }
 
@@ -73,8 +74,10 @@ size_t SimRequestSource::claim_some(m5a_ibv_context* raw, Request* out, size_t n
     if (info.flags & M5A_SIM_CLAIM_MARKED) r.flags |= kRequestMarked;
     if (info.flags & M5A_SIM_CLAIM_PUBLISHED) r.flags |= kRequestPublished;
     if (info.flags & M5A_SIM_CLAIM_PAGE_GONE) r.flags |= kRequestPageGone;
+    if (info.flags & M5A_SIM_CLAIM_PARTIAL) r.flags |= kRequestPartial;
     r.mark_page = info.page_id;
     r.mark_seq = info.seq;
+    r.progress = info.progress;
     next_channel_ = (c + 1) & 7;  // the next take starts after the last channel served
   }
   return got;
@@ -101,10 +104,11 @@ size_t SimRequestSource::take(Request* out, size_t n, Deadline deadline) {
   }
 }
 
-int SimRequestSource::mark(const Request& r, uint32_t page_id, uint64_t seq) noexcept {
+int SimRequestSource::mark(const Request& r, uint32_t page_id, uint64_t seq, uint32_t before,
+                           uint32_t after) noexcept {
   try {
     Context::Use u(*ctx_);
-    return sym_->function_mark(u.get(), r.channel, r.claim, page_id, seq);
+    return sym_->function_mark_progress(u.get(), r.channel, r.claim, page_id, seq, before, after);
   } catch (...) {
     return EBADF;  // the context was closed
   }

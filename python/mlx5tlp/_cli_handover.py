@@ -99,6 +99,15 @@ def _serve(args: argparse.Namespace) -> int:
     if args.key_file is None:
         args.parser.error("--control/--standby need --key-file")
     key = read_key(args.key_file)
+    realtime: Optional[Callable[[], None]] = None
+    if args.realtime is not None:
+        from mlx5tlp.realtime import use_fifo
+
+        prio = args.realtime
+        realtime = lambda: use_fifo(prio)  # noqa: E731
+        if args.control is not None:
+            realtime()  # before any lane exists: they inherit the policy
+            realtime = None
     events = _emitter(args.events)
     path = args.standby or args.control
     primary: Optional[Primary] = None
@@ -109,6 +118,11 @@ def _serve(args: argparse.Namespace) -> int:
     while True:
         if primary is None:
             sb = Standby(path, key, events=events)
+            if realtime is not None:
+                # Only now: joining (imports, the objects) runs at normal priority, and would
+                # otherwise compete at real-time priority with the primary it joins.
+                realtime()
+                realtime = None
             got = sb.wait()
             if got is None:
                 sb.close()
@@ -149,7 +163,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     rep = demo.run(requests=args.requests, handover_every=args.handover_every,
                    kill_every=args.kill_primary_every, seed=args.seed, window=args.window,
-                   timeout=args.timeout, engine=args.engine)
+                   timeout=args.timeout, engine=args.engine, realtime=args.realtime)
     print(json.dumps(rep, indent=None if args.json else 2))
     return 1 if demo.failed(rep) else 0
 
@@ -184,6 +198,10 @@ def add_parsers(sub: argparse._SubParsersAction, run: Callable[[Handler], Handle
     serve.add_argument("--engine", choices=["native", "python"], default="native",
                        help="who answers the requests as primary: the native engine's lanes, or "
                        "a Python loop (native; a standby follows its primary's)")
+    serve.add_argument("--realtime", type=_int_in(1, 99), default=None, metavar="PRIO",
+                       help="serve under SCHED_FIFO at PRIO (needs CAP_SYS_NICE or "
+                       "RLIMIT_RTPRIO): a handover's wake-ups then do not wait for other "
+                       "work's time slices (docs/handover.md)")
     serve.set_defaults(func=run(_serve), parser=serve)
     ho = sub.add_parser("handover", help="ask the primary at PATH to hand over (or stop/status)")
     ho.add_argument("path", metavar="PATH")
@@ -204,4 +222,7 @@ def add_parsers(sub: argparse._SubParsersAction, run: Callable[[Handler], Handle
     dm.add_argument("--json", action="store_true", help="one line of JSON")
     dm.add_argument("--engine", choices=["native", "python"], default="native",
                     help="who serves in each primary (native)")
+    dm.add_argument("--realtime", type=_int_in(1, 99), default=None, metavar="PRIO",
+                    help="run the serving processes and the host model under SCHED_FIFO at "
+                    "PRIO (see serve --realtime)")
     dm.set_defaults(func=run(_demo))

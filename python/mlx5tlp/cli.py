@@ -38,6 +38,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.handover_every is not None or args.kill_primary_every is not None:
         return _demo_handover(args)
+    if args.realtime is not None:
+        args.parser.error("--realtime applies with --handover-every / --kill-primary-every only")
     opts = Options(
         requests=args.requests, workers=args.workers, read_size=args.read_size, seed=args.seed,
         device=args.device, max_payload=args.max_payload, rcb=args.rcb, window=args.window,
@@ -66,7 +68,7 @@ def _demo_handover(args: argparse.Namespace) -> int:
     rep = demo.run(requests=args.requests, handover_every=args.handover_every or 0,
                    kill_every=args.kill_primary_every or 0, seed=args.seed,
                    window=min(args.window, 64), read_size=min(args.read_size, 1024),
-                   timeout=args.timeout, engine=args.engine)
+                   timeout=args.timeout, engine=args.engine, realtime=args.realtime)
     print(json.dumps(rep, indent=None if args.json else 2))
     return 1 if demo.failed(rep) else 0
 
@@ -171,6 +173,10 @@ def _add_demo(sub: argparse._SubParsersAction, func: Command) -> None:  # type: 
     demo.add_argument("--kill-primary-every", type=_int_in(1, None), default=None, metavar="N",
                       help="SIGKILL the primary at a random point of every N requests; a "
                       "standby takes over (takeovers, takeover_gap_p99_us)")
+    demo.add_argument("--realtime", type=_int_in(1, 99), default=None, metavar="PRIO",
+                      help="with --handover-every / --kill-primary-every: the serving "
+                      "processes and the host model under SCHED_FIFO at PRIO (needs "
+                      "CAP_SYS_NICE or RLIMIT_RTPRIO)")
     demo.set_defaults(func=func, parser=demo)
 
 

@@ -578,6 +578,16 @@ class Device(Closing):
         reattach (0: none yet)."""
         return int(self._engine.first_answer_ns)
 
+    def wait_first_answer(self, timeout: Optional[float]) -> int:
+        """Block (without the GIL) until :attr:`first_answer_ns` is set or `timeout` seconds
+        pass (None: no limit); returns it, 0 at the timeout. A successor calls this right
+        after :meth:`start` so that its lanes get the CPU for the first answers.
+
+        Raises:
+            InvalidArgumentError: a negative or NaN timeout (``EINVAL``).
+        """
+        return int(self._engine.wait_first_answer(timeout))
+
     @property
     def vars(self) -> list[Var]:
         """The gateway VARs the lanes commit to (lane order)."""

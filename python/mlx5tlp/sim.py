@@ -32,6 +32,7 @@ __all__ = [
     "LoadOp",
     "LoadRange",
     "LoadResult",
+    "PROGRESS_ALL",
     "claim_request",
     "create_device",
     "device_config",
@@ -64,6 +65,9 @@ _CLAIM_REDELIVERED = 1 << 0
 _CLAIM_MARKED = 1 << 1
 _CLAIM_PUBLISHED = 1 << 2
 _CLAIM_PAGE_GONE = 1 << 3
+_CLAIM_PARTIAL = 1 << 4
+PROGRESS_ALL = 0xFFFF_FFFF
+"""``mark_answered(after=...)``: the whole answer (sim_abi.h ``M5A_SIM_PROGRESS_ALL``)."""
 
 
 def create_device(
@@ -216,8 +220,12 @@ class Claim:
         published: (marked) that page's doorbell had reached ``seq``: the answer reached the
             host, so retire it without answering again.
         page_gone: (marked) that page was freed or reallocated since: publication unknown.
+        partial: (marked) part of the answer reached the host (an answer published by several
+            doorbells): answer only what comes after ``progress``.
         page_id: the mark's gateway page (when marked).
         seq: the mark's doorbell count (when marked).
+        progress: (marked) how much of the answer the host has for certain, in the marker's
+            units (:func:`mark_answered` ``before``/``after``); :data:`PROGRESS_ALL`: all.
     """
 
     claim: int
@@ -229,6 +237,8 @@ class Claim:
     page_gone: bool = False
     page_id: int = 0
     seq: int = 0
+    partial: bool = False
+    progress: int = 0
 
 
 def claim_request(ctx: Context, channel: int = 0) -> Optional[Claim]:
@@ -274,7 +284,7 @@ def recover_requests(ctx: Context, channel: int = 0) -> list[Claim]:
 def _claim(channel: int, got: Any) -> Optional[Claim]:
     if got is None:
         return None
-    claim, flags, tlp, page_id, seq = got
+    claim, flags, tlp, page_id, seq, progress = got
     return Claim(
         claim=int(claim),
         channel=channel,
@@ -285,20 +295,31 @@ def _claim(channel: int, got: Any) -> Optional[Claim]:
         page_gone=bool(flags & _CLAIM_PAGE_GONE),
         page_id=int(page_id),
         seq=int(seq),
+        partial=bool(flags & _CLAIM_PARTIAL),
+        progress=int(progress),
     )
 
 
-def mark_answered(ctx: Context, claim: Claim, page_id: int, seq: int) -> None:
+def mark_answered(ctx: Context, claim: Claim, page_id: int, seq: int, *, before: int = 0,
+                  after: int = PROGRESS_ALL) -> None:
     """Record that the answer to `claim` is published once gateway page `page_id`'s doorbell
     count reaches `seq`. Call it before ringing that doorbell.
 
+    An answer published by several doorbells (more completions than the page holds) is marked
+    before each of them with its progress, in units of the caller's choosing: the first
+    `before` are out already, the first `after` (:data:`PROGRESS_ALL`: all of it) once the
+    doorbell reaches `seq`. A successor's :class:`Claim` then says ``published`` only for all of
+    it and ``partial`` / ``progress`` for part. A new mark replaces the previous one atomically
+    (a process killed meanwhile leaves the previous mark whole).
+
     Raises:
         Error: ``ESTALE`` if the claim was retired or discarded (a new host epoch or a reset),
-            ``EPERM`` if it is another claimer's, ``EINVAL`` for no such page.
+            ``EPERM`` if it is another claimer's, ``EINVAL`` for no such page, or `before`
+            above `after` or equal to :data:`PROGRESS_ALL`.
 
     Thread-safety: any thread of the claiming process.
     """
-    _core.sim.function_mark(ctx._core, claim.channel, claim.claim, page_id, seq)
+    _core.sim.function_mark(ctx._core, claim.channel, claim.claim, page_id, seq, before, after)
 
 
 def retire_request(ctx: Context, claim: Claim) -> None:

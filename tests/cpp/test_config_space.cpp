@@ -292,6 +292,52 @@ void test_validation_errors() {
   expect(s, "identity.vendor_id");
 }
 
+// Function::log_error directly (PCIe Base 6.x §6.2.5 Figure 6-2, §6.2.4.3, §6.2.4.2, §7.8.4);
+// the engine's use of it, through TLPs: tests/test_engine_error_logging.py.
+void test_error_logging() {
+  Function f(compile(spec()), nullptr);
+  const FunctionLayout& L = f.layout();
+  auto A = [&](uint16_t r) { return uint16_t(L.aer + r); };
+  const auto devsta = uint16_t(L.pcie + pcie::kDevSta), devctl = uint16_t(L.pcie + pcie::kDevCtl);
+  auto fep = [&] { return rd(f, A(aer::kCapControl), 4) & aer::kFirstErrorPointerMask; };
+  auto hlog = [&](unsigned dw) { return rd(f, uint16_t(A(aer::kHeaderLog) + 4 * dw), 4); };
+  // A 4-DW MRd header (Fmt 001b), address 1_2345_6780h.
+  const uint8_t mrd[16] = {0x20, 0, 0, 1, 0x01, 0x00, 0x05, 0x0f, 0, 0, 0, 0x01, 0x23, 0x45, 0x67, 0x80};
+  // §6.2.4.3: advisory (non-fatal UR with a Completion); ANFE masked at reset: "no further
+  // processing" — no uncorrectable status bit, nothing recorded, no Message.
+  CHECK(f.log_error(RxError::unsupported_request, true, mrd, 16) == ErrorMessage::none);
+  CHECK(rd(f, A(aer::kCorStatus), 4) == aer::kCorAdvisoryNonFatal);
+  CHECK(rd(f, A(aer::kUncorStatus), 4) == 0 && fep() == 0);
+  CHECK((rd(f, devsta, 2) & 0xf) == (pcie::kDevStaCed | pcie::kDevStaUrd));
+  wr(f, A(aer::kCorMask), 4, 0);
+  wr(f, devctl, 2, rd(f, devctl, 2) | pcie::kDevCtlCere | pcie::kDevCtlUrre);
+  CHECK(f.log_error(RxError::unsupported_request, true, mrd, 16) == ErrorMessage::err_cor);
+  CHECK(rd(f, A(aer::kUncorStatus), 4) == aer::kUncUnsupportedRequest && fep() == 20);
+  // §7.8.4.8: header byte 0 in bits 31:24 of the first DW.
+  CHECK(hlog(0) == 0x20000001u && hlog(1) == 0x0100050fu && hlog(2) == 0x00000001u &&
+        hlog(3) == 0x23456780u);
+  // The log is in use (§6.2.4.2): a second error sets its bit only. Malformed is fatal by
+  // default; with neither Fatal Reporting Enable nor SERR#, no Message.
+  CHECK(f.log_error(RxError::malformed_tlp, false, mrd, 6) == ErrorMessage::none);
+  CHECK(rd(f, A(aer::kUncorStatus), 4) == (aer::kUncUnsupportedRequest | aer::kUncMalformedTlp));
+  CHECK(fep() == 20 && hlog(3) == 0x23456780u);
+  CHECK((rd(f, devsta, 2) & pcie::kDevStaFed) != 0);
+  // Clearing the pointed-to bit moves the pointer to bit 0 (Implementation Note "First Error
+  // Pointer Register Being Valid"); a truncated Malformed TLP is recorded as far as it goes.
+  wr(f, A(aer::kUncorStatus), 4, aer::kUncUnsupportedRequest | aer::kUncMalformedTlp);
+  CHECK(rd(f, A(aer::kUncorStatus), 4) == 0 && fep() == 0);
+  wr(f, reg::kCommand, 2, rd(f, reg::kCommand, 2) | command::kSerrEnable);
+  CHECK(f.log_error(RxError::malformed_tlp, false, mrd, 6) == ErrorMessage::err_fatal);
+  CHECK(fep() == 18 && hlog(0) == 0x20000001u && hlog(1) == 0x01000000u && hlog(2) == 0 && hlog(3) == 0);
+  // Bad input: a value outside RxError changes nothing; no TLP bytes: a zero header.
+  std::vector<uint8_t> before(f.config().bytes(), f.config().bytes() + kConfigSize);
+  CHECK(f.log_error(RxError(99), true, mrd, 16) == ErrorMessage::none);
+  CHECK(std::memcmp(before.data(), f.config().bytes(), kConfigSize) == 0);
+  wr(f, A(aer::kUncorStatus), 4, aer::kUncMalformedTlp);
+  CHECK(f.log_error(RxError::poisoned_tlp, false, nullptr, 0) == ErrorMessage::err_nonfatal);
+  CHECK(fep() == 12 && hlog(0) == 0 && (rd(f, reg::kStatus, 2) & status::kDetectedParityError) != 0);
+}
+
 }  // namespace
 
 int main() {
@@ -304,5 +350,6 @@ int main() {
   test_completions_follow_programmed_mps_and_rcb();
   test_power_management();
   test_validation_errors();
+  test_error_logging();
   return mlx5tlp_test::finish("test_config_space");
 }

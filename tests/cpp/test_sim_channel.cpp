@@ -10,6 +10,9 @@
 #include <cstdlib>
 #include <random>
 
+#include <sys/mman.h>
+
+#include "../../cpp/sim/state.hpp"  // white-box: the mark records damaged below
 #include "sim_util.hpp"
 
 using namespace simtest;
@@ -351,6 +354,158 @@ void killed_host() {
   sym().ibv_close_device(c);
 }
 
+
+// The record format (state version 3, cpp/sim/channel.cpp mark_check), restated: FNV-1a over
+// the tag "MRK3", the claim position and the fields, so a record checked here is one the
+// device would accept.
+uint32_t record_check(uint64_t pos, const mlx5tlp::sim::MarkRecord& m) {
+  uint32_t h = 2166136261u;
+  auto mix = [&h](uint64_t v, int bytes) {
+    for (int i = 0; i < bytes; ++i) h = (h ^ uint8_t(v >> (8 * i))) * 16777619u;
+  };
+  mix(0x334b524d, 4);
+  mix(pos, 8);
+  mix(m.page, 4);
+  mix(m.before, 4);
+  mix(m.seq, 8);
+  mix(m.gen, 8);
+  mix(m.after, 4);
+  return h;
+}
+
+struct StateMap {
+  mlx5tlp::sim::DeviceState* st = nullptr;
+  StateMap() {
+    const std::string path = std::string(getenv("MLX5TLP_SIM_DIR")) + "/" + kDev + "/state";
+    const int fd = open(path.c_str(), O_RDWR);
+    CHECK(fd >= 0);
+    void* p = mmap(nullptr, sizeof(mlx5tlp::sim::DeviceState), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    CHECK(p != MAP_FAILED);
+    st = static_cast<mlx5tlp::sim::DeviceState*>(p);
+  }
+  ~StateMap() { munmap(st, sizeof(mlx5tlp::sim::DeviceState)); }
+  uint64_t word(uint64_t claim) const { return st->chan[0].word[claim % 64].load(); }
+  mlx5tlp::sim::MarkRecord& current(uint64_t claim) const {
+    return st->chan[0].slot[claim % 64].mark[(word(claim) >> 38) & 1];
+  }
+  mlx5tlp::sim::MarkRecord& other(uint64_t claim) const {
+    return st->chan[0].slot[claim % 64].mark[((word(claim) >> 38) & 1) ^ 1];
+  }
+};
+
+// A child claims a request, marks progress `marks` times (before=64*k, after=64*(k+1)), ringing
+// the doorbell past each mark but the last, and is SIGKILLed; returns its claim id.
+uint64_t die_after_marks(Rig& r, int marks, uint8_t tag) {
+  r.send(9, tag);
+  int ready[2];
+  CHECK(pipe(ready) == 0);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    uint8_t buf[4096];
+    m5a_sim_claim_info info{};
+    if (ss().function_claim(r.ctx, 0, buf, sizeof buf, &info) <= 0) _exit(2);
+    for (int k = 0; k < marks; ++k) {
+      const uint64_t db = load64(r.page, kDoorbell);
+      if (ss().function_mark_progress(r.ctx, 0, info.claim, r.var->page_id, db + 1, uint32_t(64 * k),
+                                      uint32_t(64 * (k + 1))) != 0)
+        _exit(3);
+      if (k + 1 < marks) ring(r.page, write_slot(r.page, kSlot, cpld_for(buf)));  // this chunk is out
+    }
+    if (write(ready[1], &info.claim, sizeof info.claim) != sizeof info.claim) _exit(4);
+    for (;;) pause();
+  }
+  uint64_t claim = 0;
+  CHECK(read(ready[0], &claim, sizeof claim) == sizeof claim);
+  kill(pid, SIGKILL);
+  waitpid(pid, nullptr, 0);
+  close(ready[0]);
+  close(ready[1]);
+  return claim;
+}
+
+// Marks with progress (MLX5TLP_SIM_1.1): a redelivered claim reports how much of its answer
+// the host has; the previous mark survives a re-mark cut short; a damaged mark record, or one
+// of another claim, is refused (the claim dropped with EPROTO), never read as progress.
+void mark_records() {
+  Rig r;
+  StateMap sm;
+  uint8_t buf[4096];
+  m5a_sim_claim_info info{};
+  CHECK(ss().function_mark_progress != nullptr);  // resolved under its own version node
+  // Argument checks.
+  r.send(9, 1);
+  CHECK(ss().function_claim(r.ctx, 0, buf, sizeof buf, &info) == 12);
+  CHECK(ss().function_mark_progress(r.ctx, 0, info.claim, r.var->page_id, 1, 65, 64) == EINVAL);
+  CHECK(last_error().find("progress 65..64") != std::string::npos);
+  CHECK(ss().function_mark_progress(r.ctx, 0, info.claim, r.var->page_id, 1, M5A_SIM_PROGRESS_ALL,
+                                    M5A_SIM_PROGRESS_ALL) == EINVAL);
+  CHECK(ss().function_mark_progress(r.ctx, 0, info.claim, 99, 1, 0, 64) == EINVAL);
+  CHECK(ss().function_retire(r.ctx, 0, info.claim) == 0);
+
+  // Three marks, two chunks out, killed before the third doorbell: `before` of the last mark.
+  uint64_t claim = die_after_marks(r, 3, 2);
+  CHECK(ss().function_recover(r.ctx, 0, buf, sizeof buf, &info) == 12 && info.claim == claim);
+  CHECK(info.flags == (M5A_SIM_CLAIM_REDELIVERED | M5A_SIM_CLAIM_MARKED | M5A_SIM_CLAIM_PARTIAL));
+  CHECK(info.progress == 128 && info.seq == load64(r.page, kDoorbell) + 1);
+  // The successor publishes the last chunk (marked first: before 128, all of it after).
+  CHECK(ss().function_mark_progress(r.ctx, 0, claim, r.var->page_id, load64(r.page, kDoorbell) + 1, 128,
+                                    M5A_SIM_PROGRESS_ALL) == 0);
+  r.write_answer(buf);
+  CHECK(ss().function_retire(r.ctx, 0, claim) == 0);
+
+  // Killed after its doorbell: `after` of its mark.
+  claim = die_after_marks(r, 2, 3);
+  ring(r.page, write_slot(r.page, kSlot, cpld_for(buf)));  // as if it rang before it died
+  CHECK(ss().function_recover(r.ctx, 0, buf, sizeof buf, &info) == 12 && info.claim == claim);
+  CHECK((info.flags & M5A_SIM_CLAIM_PARTIAL) && !(info.flags & M5A_SIM_CLAIM_PUBLISHED) && info.progress == 128);
+  CHECK(ss().function_retire(r.ctx, 0, claim) == 0);
+
+  // A re-mark cut short (the unselected record half written, the word not yet flipped):
+  // the previous mark is what a successor reads.
+  claim = die_after_marks(r, 2, 4);
+  sm.other(claim).before = 4000;
+  sm.other(claim).check ^= 0x5a;
+  CHECK(ss().function_recover(r.ctx, 0, buf, sizeof buf, &info) == 12 && info.claim == claim);
+  CHECK((info.flags & M5A_SIM_CLAIM_PARTIAL) && info.progress == 64);
+  CHECK(ss().function_retire(r.ctx, 0, claim) == 0);
+
+  // Damaged: one bit of the selected record's progress.
+  claim = die_after_marks(r, 2, 5);
+  sm.current(claim).after ^= 1;
+  CHECK(ss().function_recover(r.ctx, 0, buf, sizeof buf, &info) == -EPROTO);
+  CHECK(last_error().find("mark record is damaged") != std::string::npos);
+  CHECK(stats(kDev).requests_claimed == 0);  // dropped, not left claimed forever
+  CHECK(ss().function_recover(r.ctx, 0, buf, sizeof buf, &info) == 0);
+
+  // An old record: a whole, once valid record of an earlier claim of the same slot (64
+  // positions back), put where this claim's mark is.
+  claim = die_after_marks(r, 2, 6);
+  mlx5tlp::sim::MarkRecord old = sm.current(claim);
+  old.check = record_check(claim - 64, old);
+  sm.current(claim) = old;
+  CHECK(ss().function_recover(r.ctx, 0, buf, sizeof buf, &info) == -EPROTO);
+  CHECK(stats(kDev).requests_claimed == 0);
+
+  // A record whose check matches but whose fields cannot be: before above after.
+  claim = die_after_marks(r, 2, 7);
+  mlx5tlp::sim::MarkRecord bad = sm.current(claim);
+  bad.before = bad.after + 4;
+  bad.check = record_check(claim, bad);
+  sm.current(claim) = bad;
+  CHECK(ss().function_recover(r.ctx, 0, buf, sizeof buf, &info) == -EPROTO);
+
+  // mark() is the whole answer: PUBLISHED once the doorbell reaches it, progress ALL.
+  r.send(9, 8);
+  CHECK(ss().function_claim(r.ctx, 0, buf, sizeof buf, &info) == 12);
+  claim = info.claim;
+  CHECK(ss().function_mark(r.ctx, 0, claim, r.var->page_id, load64(r.page, kDoorbell) + 1) == 0);
+  const mlx5tlp::sim::MarkRecord& whole = sm.current(claim);
+  CHECK(whole.before == 0 && whole.after == M5A_SIM_PROGRESS_ALL && whole.check == record_check(claim, whole));
+  CHECK(ss().function_retire(r.ctx, 0, claim) == 0);
+  r.collect(r.collected + 1);
+}
+
 }  // namespace
 
 int main() {
@@ -363,6 +518,7 @@ int main() {
     fork_inherits_no_session();
     epochs();
     killed_host();
+    mark_records();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "unexpected exception: %s\n", e.what());
     ++mlx5tlp_test::failures();

@@ -52,6 +52,8 @@ void targeted(const std::vector<uint8_t>& pristine) {
   const Case cases[] = {
       {"c_magic", [](DeviceState& s) { s.magic ^= 1; }, "magic"},
       {"c_version", [](DeviceState& s) { s.version = 9; }, "layout version is 9"},
+      // A version-2 file has one mark record per slot, without progress: refused, not misread.
+      {"c_v2", [](DeviceState& s) { s.version = 2; }, "layout version is 2; this library reads version 3"},
       {"c_size", [](DeviceState& s) { s.state_size = 12; }, "state_size"},
       {"c_pages0", [](DeviceState& s) { s.cfg.gw_pages = 0; }, "gw_pages"},
       {"c_slot0", [](DeviceState& s) { s.cfg.gw_slot_size = 0; }, "slot_size"},  // was SIGFPE

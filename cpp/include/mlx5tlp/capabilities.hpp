@@ -43,6 +43,12 @@ inline constexpr uint16_t kSize = 0x3c;  // version 2, through Slot Status 2
 inline constexpr uint16_t kDevCtlMpsShift = 5, kDevCtlMrrsShift = 12;
 inline constexpr uint16_t kLinkCtlRcb = 1u << 3;
 inline constexpr uint16_t kDevCtl2CtdBit = 1u << 4;
+// Device Control error reporting enables (§7.5.3.4): Correctable, Non-Fatal, Fatal, UR.
+inline constexpr uint16_t kDevCtlCere = 1u << 0, kDevCtlNfere = 1u << 1, kDevCtlFere = 1u << 2;
+inline constexpr uint16_t kDevCtlUrre = 1u << 3;
+// Device Status error bits (§7.5.3.5): Correctable / Non-Fatal / Fatal / UR Detected (RW1C).
+inline constexpr uint16_t kDevStaCed = 1u << 0, kDevStaNfed = 1u << 1, kDevStaFed = 1u << 2;
+inline constexpr uint16_t kDevStaUrd = 1u << 3;
 }  // namespace pcie
 // Power Management (§7.5.2): PMC at +2, PMCSR at +4.
 namespace pm {
@@ -73,6 +79,13 @@ inline constexpr uint32_t kUncorSeverityDefault = 0x00462010;
 // Header Log Overflow (15).
 inline constexpr uint32_t kCorBits = 0x0000f1c1;
 inline constexpr uint32_t kCorMaskDefault = 0x00002000;  // Advisory Non-Fatal masked (§7.8.4.6)
+// The Uncorrectable Error Status bits of the errors the engine detects as a Completer /
+// Receiver (§7.8.4.2), and Advisory Non-Fatal Error Status in the Correctable one (§7.8.4.5).
+inline constexpr uint32_t kUncPoisonedTlp = 1u << 12, kUncCompleterAbort = 1u << 15;
+inline constexpr uint32_t kUncUnexpectedCompletion = 1u << 16, kUncMalformedTlp = 1u << 18;
+inline constexpr uint32_t kUncUnsupportedRequest = 1u << 20;
+inline constexpr uint32_t kCorAdvisoryNonFatal = 1u << 13;
+inline constexpr uint32_t kFirstErrorPointerMask = 0x1f;  // Capabilities and Control 4:0
 }  // namespace aer
 
 // ---- parameters (the capability parts of FunctionSpec; field names = the spec format's) ----

@@ -122,11 +122,15 @@ struct EngineStats {
   uint64_t messages = 0;
   uint64_t redelivered = 0;       // requests a dead claimer left (recover / redelivery)
   uint64_t already_published = 0;  // ...whose answer had reached the host: retired only
+  uint64_t partly_published = 0;   // ...whose answer had partly reached it: the rest answered
   uint64_t stale = 0;             // mark/retire found the request discarded (a new host epoch)
   uint64_t deferred = 0, deferred_completed = 0, deferred_expired = 0, deferred_outstanding = 0;
   uint64_t handler_batches = 0;   // BatchHandler calls
   uint64_t interrupts = 0;        // MSI-X messages written
   uint64_t config_writes = 0;
+  // Error Messages (ERR_COR / ERR_NONFATAL / ERR_FATAL) the function's enables and masks
+  // called for after logging an error (§6.2.5): not sent — this engine sends no error Messages.
+  uint64_t err_cor_unsent = 0, err_nonfatal_unsent = 0, err_fatal_unsent = 0;
   std::array<uint64_t, kLatencyBuckets> latency_ns_log2{};  // take -> in the page, per request
   std::vector<RegionCounters> regions;  // by region index
 };
@@ -206,6 +210,10 @@ class Engine {
   // CLOCK_MONOTONIC ns of the first request answered (in the page and retired) since the last
   // start() / resume() / reattach_gateways(), the earliest over the lanes; 0: none yet.
   uint64_t first_answer_ns() const noexcept;
+  // Blocks until first_answer_ns() is not 0 or the deadline passes; returns it (0: none by
+  // the deadline). A successor's control thread waits here after start() so that the lanes,
+  // not its own bookkeeping, get the CPU for the first answers of a handover.
+  uint64_t wait_first_answer(Deadline deadline) const noexcept;
   const char* state() const noexcept;  // "created", "running", "paused", "stopped"
 
   // Deferred reads (BatchItem::deferred_id): answer with data (exactly the read's len bytes)

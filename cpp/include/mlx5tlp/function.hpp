@@ -67,6 +67,17 @@ struct CompletionTimeout {
   uint32_t max_us = 50000;
 };
 
+// Errors this function detects as a Completer / Receiver of a TLP (PCIe Base §6.2.7, Table 6-5).
+enum class RxError : uint8_t {
+  unsupported_request,    // Uncorrectable Error Status bit 20
+  completer_abort,        // bit 15 (the function completed a request CA)
+  malformed_tlp,          // bit 18
+  poisoned_tlp,           // bit 12 (a poisoned write, discarded: §2.7.2.1)
+  unexpected_completion,  // bit 16
+};
+// The error Message the function's enables call for after logging an error (§6.2.5, §6.2.6).
+enum class ErrorMessage : uint8_t { none = 0, err_cor, err_nonfatal, err_fatal };
+
 enum class MsixRegion : uint8_t { none = 0, table, pba, straddles };
 struct MsixHit {
   MsixRegion region = MsixRegion::none;
@@ -133,6 +144,17 @@ class Function {
   void clear_msix_pending(uint16_t vector) noexcept { msix_.clear_pending(vector); }
   const Msix& msix() const noexcept { return msix_; }
 
+  // ---- error logging (§6.2.4, §6.2.5; cpp/src/error_logging.cpp) ----
+  // Logs error `e`, detected on the received TLP whose bytes are tlp[0, len) (its header goes
+  // to the AER Header Log when the error is recorded), in the function's configuration space:
+  // Status (Signaled Target Abort for CA, Detected Parity Error for poison), Device Status
+  // (Correctable / Non-Fatal / Fatal / UR Detected, whatever the enables and masks) and, with
+  // AER, the status bits, First Error Pointer and Header Log. `completion_sent`: the function
+  // answers the request with a UR / CA Completion (a Non-Posted Request), which makes a
+  // non-fatal UR / CA an Advisory Non-Fatal Error (§6.2.3.2.4.1). Returns the error Message the
+  // enables and masks call for (the caller sends or counts it). No allocation, no lock.
+  ErrorMessage log_error(RxError e, bool completion_sent, const uint8_t* tlp, size_t len) noexcept;
+
   // Conventional reset of the function (configuration and MSI-X to their reset values).
   void reset() noexcept;
 
@@ -147,6 +169,7 @@ class Function {
   void init_header() noexcept;
   void sync_msix_control() noexcept;
   void on_pmcsr_write(uint16_t old_pmcsr) noexcept;
+  void on_uncor_status_write() noexcept;  // error_logging.cpp
 
   std::shared_ptr<const FunctionLayout> layout_;
   std::unique_ptr<FunctionState> owned_;

@@ -36,6 +36,7 @@
 // close from any thread; write/write_batch from one thread at a time (concurrent use throws).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -121,6 +122,9 @@ class Gateway final : public Child, public std::enable_shared_from_this<Gateway>
   // (GatewayLayout::published), so the caller can mark a request "answered at seq" before it
   // writes the answer (request_source.hpp).
   uint64_t published() const noexcept { return layout_->published(); }
+  // Direct mode: the most records one write_groups() group publishes under one doorbell (the
+  // page's capacity, at most batch_max): a longer answer takes several doorbells.
+  size_t group_max() const noexcept { return std::min(layout_->capacity(), batch_max_); }
 
   // Loop mode. Records are 1..max_record() bytes (others throw Error(invalid_argument)).
   // post: true when queued, false when the ring stayed full until `deadline`; throws

@@ -66,7 +66,7 @@ struct Symbols {
   m5a_mlx5dv_devx_obj_export_fn mlx5dv_devx_obj_export = nullptr;
   m5a_mlx5dv_devx_obj_import_fn mlx5dv_devx_obj_import = nullptr;
   m5a_mlx5dv_devx_obj_unimport_fn mlx5dv_devx_obj_unimport = nullptr;
-  // Software device only (version node MLX5TLP_SIM_1.0); see sim_abi.h.
+  // Software device only (version nodes MLX5TLP_SIM_1.0 and 1.1); see sim_abi.h.
   SimSymbols sim;
 };
 

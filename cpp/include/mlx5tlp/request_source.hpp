@@ -4,8 +4,12 @@
 // a Gateway (completions), and tells the source what became of each one:
 //   take(out, n, deadline)  blocks (futex, never a sleep loop) until at least one request is
 //                           there, the deadline passes, or wake() is called; fills up to n.
-//   mark(r, page_id, seq)   "the answer to r is published once gateway page page_id's doorbell
-//                           count reaches seq" — called before that doorbell is rung;
+//   mark(r, page_id, seq, before, after)
+//                           "the first `before` bytes of the answer to r are published; the
+//                           first `after` (kProgressAll: all of it) once gateway page page_id's
+//                           doorbell count reaches seq" — called before that doorbell is rung,
+//                           again before each doorbell of an answer the page cannot hold at
+//                           once (the unit is the engine's: bytes of the read's DW range);
 //   retire(r)               r is finished (answered, or posted and handled): it is gone;
 //   recover(out, n)         the requests a dead predecessor claimed and did not retire, each
 //                           exactly once, with its mark (a successor calls it before it writes
@@ -41,6 +45,8 @@ inline constexpr uint32_t kRequestRedelivered = 1u << 0;  // a dead claimer's re
 inline constexpr uint32_t kRequestMarked = 1u << 1;       // it marked it answered (mark_page/seq)
 inline constexpr uint32_t kRequestPublished = 1u << 2;    // ...and that answer reached the host
 inline constexpr uint32_t kRequestPageGone = 1u << 3;     // ...but the page was freed since
+inline constexpr uint32_t kRequestPartial = 1u << 4;      // ...part of it did: Request::progress
+inline constexpr uint32_t kProgressAll = 0xffffffffu;     // mark(): the whole answer
 
 struct Request {
   const uint8_t* tlp = nullptr;  // the request TLP (into the source's buffer)
@@ -50,6 +56,7 @@ struct Request {
   uint32_t flags = 0;            // kRequest*
   uint32_t mark_page = 0;        // a redelivered request's mark
   uint64_t mark_seq = 0;
+  uint32_t progress = 0;         // a marked one's answer the host has for certain (mark units)
 };
 
 class RequestSource {
@@ -59,8 +66,10 @@ class RequestSource {
   // Blocks until a request is there (returns how many it put into out[0, n)), the deadline
   // passes or wake() was called (returns 0). Throws Error for a source that failed.
   virtual size_t take(Request* out, size_t n, Deadline deadline) = 0;
-  // 0 or an errno: ESTALE (the request was discarded meanwhile — a new host epoch), EPERM.
-  virtual int mark(const Request& r, uint32_t page_id, uint64_t seq) noexcept = 0;
+  // 0 or an errno: ESTALE (the request was discarded meanwhile — a new host epoch), EPERM,
+  // EINVAL (before > after). A new mark replaces the previous one atomically.
+  virtual int mark(const Request& r, uint32_t page_id, uint64_t seq, uint32_t before,
+                   uint32_t after) noexcept = 0;
   virtual int retire(const Request& r) noexcept = 0;
   // Every request a dead claimer left, now ours (flag kRedelivered), up to n; 0 when none.
   virtual size_t recover(Request* out, size_t n) = 0;
@@ -81,7 +90,8 @@ class SimRequestSource final : public RequestSource {
                    std::chrono::nanoseconds spin = std::chrono::microseconds(20));
   const char* name() const noexcept override { return "sim"; }
   size_t take(Request* out, size_t n, Deadline deadline) override;
-  int mark(const Request& r, uint32_t page_id, uint64_t seq) noexcept override;
+  int mark(const Request& r, uint32_t page_id, uint64_t seq, uint32_t before,
+           uint32_t after) noexcept override;
   int retire(const Request& r) noexcept override;
   size_t recover(Request* out, size_t n) override;
   void wake() noexcept override;

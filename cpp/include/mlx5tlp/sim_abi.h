@@ -3,8 +3,10 @@
  *
  * Beside the rdma-core subset (same names, same symbol versions), the software device exports
  * these functions under the version node MLX5TLP_SIM_1.0: device management, the "kernel"
- * mmap handler, and the device model that plays the PCIe host. The core resolves them through
- * the same loader (they are null for the rdma backend).
+ * mmap handler, and the device model that plays the PCIe host; MLX5TLP_SIM_1.1 (which inherits
+ * 1.0) adds marks with progress (mlx5tlp_sim_function_mark_progress). The core resolves them
+ * through the same loader (they are null for the rdma backend, and a 1.1 symbol is null in a
+ * library that has only 1.0).
  *
  * Return conventions: int functions return 0 or a positive errno value; pointer functions
  * return NULL and set errno; ssize_t functions return a length, 0 for "nothing", or -errno.
@@ -24,6 +26,7 @@ extern "C" {
 #endif
 
 #define M5A_SIM_VERSION_NODE "MLX5TLP_SIM_1.0"
+#define M5A_SIM_VERSION_NODE_1_1 "MLX5TLP_SIM_1.1"
 #define M5A_SIM_DEFAULT_DEVICE "mlx5_sim0"
 
 struct m5a_sim_device_config {
@@ -96,9 +99,16 @@ struct m5a_sim_claim_info {
 	uint32_t flags;   /* M5A_SIM_CLAIM_* */
 	uint32_t length;  /* request bytes copied into the buffer */
 	uint32_t page_id; /* the mark (if M5A_SIM_CLAIM_MARKED): the answer was written to this */
-	uint32_t reserved;/* gateway page and is published once its doorbell count reaches seq */
+	uint32_t progress;/* gateway page and is published once its doorbell count reaches seq;
+			     progress: how much of it the host has for certain, in the marker's
+			     units (mark_progress): `after` if the doorbell reached seq, else
+			     `before`; M5A_SIM_PROGRESS_ALL: all of it (was `reserved`, always 0,
+			     before MLX5TLP_SIM_1.1) */
 	uint64_t seq;
 };
+
+/* mark_progress: the whole answer. */
+#define M5A_SIM_PROGRESS_ALL 0xffffffffu
 
 enum {
 	M5A_SIM_CLAIM_REDELIVERED = 1u << 0, /* a dead claimer's claim, now the caller's */
@@ -109,6 +119,8 @@ enum {
 						writer (the dead claimer) and the successor took every
 						redelivery (recover until 0) before writing to it. */
 	M5A_SIM_CLAIM_PAGE_GONE = 1u << 3,   /* ...but that page was freed (or reallocated) since */
+	M5A_SIM_CLAIM_PARTIAL = 1u << 4,     /* ...and part of the answer reached the host
+						(0 < progress < ALL): answer only the rest (1.1) */
 };
 
 /* What mlx5tlp_sim_reset_device discarded. */
@@ -291,6 +303,19 @@ typedef ssize_t (*m5a_sim_function_recover_fn)(struct m5a_ibv_context *ctx, uint
  * claim was retired or discarded by a new host epoch), EPERM (another claimer's claim). */
 typedef int (*m5a_sim_function_mark_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
 					uint64_t claim, uint32_t page_id, uint64_t seq);
+/* MLX5TLP_SIM_1.1. The same for an answer published by several doorbells (more completions
+ * than the page holds): "the first `before` units of the answer are published already; the
+ * first `after` (M5A_SIM_PROGRESS_ALL: all of it) once `page_id`'s doorbell count reaches
+ * `seq`". Call it before each doorbell. A redelivered claim reports `after` or `before` in
+ * m5a_sim_claim_info.progress, PUBLISHED only for all of it, PARTIAL for part. The previous mark
+ * stays whole until this one is complete (two records, one CAS selects), so a claimer killed
+ * while re-marking leaves the older, still true, progress. mark() is mark_progress(0, ALL).
+ * 0, EINVAL (no such page; before > after, or before == ALL), ESTALE, EPERM. A redelivered
+ * claim whose mark record is damaged or left from another claim is dropped: claim / recover
+ * return -EPROTO (mlx5tlp_sim_last_error names channel, slot and record). */
+typedef int (*m5a_sim_function_mark_progress_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
+						 uint64_t claim, uint32_t page_id, uint64_t seq,
+						 uint32_t before, uint32_t after);
 /* Retire a claim (its slot returns to the host). 0, ESTALE, EPERM. */
 typedef int (*m5a_sim_function_retire_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
 					  uint64_t claim);
@@ -326,6 +351,7 @@ struct SimSymbols {
 	m5a_sim_function_claim_fn function_claim = nullptr;
 	m5a_sim_function_recover_fn function_recover = nullptr;
 	m5a_sim_function_mark_fn function_mark = nullptr;
+	m5a_sim_function_mark_progress_fn function_mark_progress = nullptr;  /* 1.1 */
 	m5a_sim_function_retire_fn function_retire = nullptr;
 	m5a_sim_last_error_fn last_error = nullptr;
 	m5a_sim_function_wait_fn function_wait = nullptr;

@@ -79,16 +79,17 @@ class _Procs:
     """`mlx5tlp serve` processes and one queue of their JSON events."""
 
     def __init__(self, path: str, key_file: str, device: str, env: dict[str, str],
-                 engine: str) -> None:
+                 engine: str, realtime: Optional[int]) -> None:
         self.path, self.key_file, self.device, self.env = path, key_file, device, env
         self.engine = engine
+        self.realtime = [] if realtime is None else ["--realtime", str(realtime)]
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.procs: dict[int, subprocess.Popen[str]] = {}
 
     def spawn(self, *args: str) -> int:
         p = subprocess.Popen(
             [sys.executable, "-m", "mlx5tlp", "serve", *args, "--key-file", self.key_file,
-             "--device", self.device, "--events", "--engine", self.engine],
+             "--device", self.device, "--events", "--engine", self.engine, *self.realtime],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env)
         self.procs[p.pid] = p
         threading.Thread(target=self._read, args=(p,), daemon=True).start()
@@ -121,11 +122,12 @@ class _Procs:
 # Where a planned handover's pause goes: each step's time after the old primary stopped
 # taking requests (CLOCK_MONOTONIC in both processes), p50 / p99 over the handovers.
 _OLD_STEPS = {
-    "native": ["paused", "drained", "released", "marked", "prepared_sent", "accept_received"],
-    "python": ["gateway_closed", "marked", "prepared_sent", "accept_received"],
+    "native": ["paused", "drained", "released", "closed", "sealed", "lease_released",
+               "commit_sent", "done_received"],
+    "python": ["gateway_closed", "sealed", "lease_released", "commit_sent", "done_received"],
 }
-_NEW_STEPS = ["prepared_received", "checked", "adopted", "engine_ready", "commit_received",
-              "lease_taken", "done_sent", "primary_ready", "first_answer"]
+_NEW_STEPS = ["commit_received", "checked", "lease_taken", "engine_ready", "serving",
+              "done_sent", "primary_ready", "first_answer"]
 
 
 def _steps_report(old: list[list[float]], new: list[list[float]]) -> dict[str, Any]:
@@ -134,7 +136,7 @@ def _steps_report(old: list[list[float]], new: list[list[float]]) -> dict[str, A
         if not rows:
             continue
         n = len(rows[0])
-        labels = names or _OLD_STEPS["native" if n == 6 else "python"]
+        labels = names or _OLD_STEPS["native" if n == 8 else "python"]
         for i in range(min(n, len(labels))):
             col = [r[i] for r in rows if len(r) > i]
             out[f"{who}.{labels[i]}"] = [_pct(col, 0.50), _pct(col, 0.99)]
@@ -150,9 +152,16 @@ def _pct(values: list[float], q: float) -> Optional[float]:
 
 def run(*, requests: int = 2000, handover_every: int = 0, kill_every: int = 0, seed: int = 1,
         window: int = 16, read_size: int = 64, timeout: float = 600.0,
-        engine: str = "native") -> dict[str, Any]:
+        engine: str = "native", realtime: Optional[int] = None) -> dict[str, Any]:
     """Run the demo; returns the report (see the module docstring). `engine`: who serves in
-    each primary, ``"native"`` (the engine's lanes) or ``"python"``."""
+    each primary, ``"native"`` (the engine's lanes) or ``"python"``. `realtime`: run the
+    serving processes (``serve --realtime``) and this process — the host model — under
+    ``SCHED_FIFO`` at that priority (:func:`mlx5tlp.realtime.use_fifo`; the calling thread
+    keeps the policy afterwards, so a library caller runs this in a thread of its own)."""
+    if realtime is not None:
+        from mlx5tlp.realtime import use_fifo
+
+        use_fifo(realtime)
     rng = random.Random(seed ^ 0x5EED)
     work = tempfile.mkdtemp(prefix="mlx5tlp-handover-")  # 0700
     key = os.urandom(32).hex().encode()
@@ -166,7 +175,7 @@ def run(*, requests: int = 2000, handover_every: int = 0, kill_every: int = 0, s
     device = f"handover_demo_{os.getpid()}"
     path = os.path.join(work, "ctl")
     sim.create_device(device)
-    procs = _Procs(path, key_file, device, env, engine)
+    procs = _Procs(path, key_file, device, env, engine, realtime)
     report: dict[str, Any] = {}
     try:
         with sim.Host(device) as host:
@@ -174,6 +183,7 @@ def run(*, requests: int = 2000, handover_every: int = 0, kill_every: int = 0, s
                             _Mix(seed, read_size), window, timeout)
             report["host"] = {k: v for k, v in host.stats().items() if k != "last_error"}
             report["engine"] = engine
+            report["realtime"] = realtime
         procs.close()
         deadline = time.monotonic() + 10
         while True:

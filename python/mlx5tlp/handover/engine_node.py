@@ -49,6 +49,7 @@ __all__ = ["EngineNode", "EngineServer", "create_primary", "region_layout", "ser
 
 _PAUSE_TIMEOUT = 1.0   # the lanes finish a batch; far less unless the host stopped consuming
 _DRAIN_TIMEOUT = 1.0   # deferred reads expire at their deadline (50 ms by default) anyway
+_FIRST_ANSWER_WAIT = 2e-3  # after (re)starting the lanes, see EngineServer.recover
 
 
 def region_layout(regions: Sequence[engine.Region]) -> list[dict[str, Any]]:
@@ -146,6 +147,11 @@ class EngineServer:
             d.start()
         elif d.state == "paused":
             d.resume()
+        else:
+            return 0
+        # The host waits for these answers: let the lanes have the CPU for them before this
+        # thread goes on with its bookkeeping (bounded: a host may have nothing in flight).
+        d.wait_first_answer(_FIRST_ANSWER_WAIT)
         return 0
 
     def close_gateway(self) -> None:

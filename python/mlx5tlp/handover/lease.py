@@ -109,6 +109,17 @@ def pid_start_time(pid: int) -> int:
     return int(fields[19]) if len(fields) > 19 else 0
 
 
+_own_start: tuple[int, int] = (0, 0)  # (pid, start time): ours, read once per process
+
+
+def _own_start_time() -> int:
+    global _own_start
+    me = os.getpid()
+    if _own_start[0] != me:
+        _own_start = (me, pid_start_time(me))
+    return _own_start[1]
+
+
 def _alive(pid: int, start: int) -> bool:
     return pid > 0 and pid_start_time(pid) == start != 0
 
@@ -230,7 +241,7 @@ class Lease(Closing):
                 self._lock(fcntl.F_UNLCK)
                 return False
             gen = (old.generation if old is not None else 0) + 1
-            self._write(LeaseRecord(gen, me, 0, pid_start_time(me), time.monotonic_ns(),
+            self._write(LeaseRecord(gen, me, 0, _own_start_time(), time.monotonic_ns(),
                                     self.state_version, self.digest))
         except BaseException:
             self._lock(fcntl.F_UNLCK)
@@ -261,6 +272,42 @@ class Lease(Closing):
             time.sleep(pause)
             pause = min(pause * 2, 1e-3)
         return self.generation
+
+    def reclaim(self, generation: int, timeout: float = 0.0) -> int:
+        """Take the lease back after a planned handover that did not complete.
+
+        If nobody took it since this process released it at `generation` (the record is still
+        ours: that generation, our pid), the lease is held again at the same generation — the
+        handover did not happen. If the successor took it and let it go since, this is
+        :meth:`acquire` (a new generation). Returns the generation now held.
+
+        Raises:
+            LeaseHeldError: ``EBUSY``: the successor holds it (it serves; step down).
+        """
+        if self.held:
+            return self.generation
+        deadline = time.monotonic() + timeout
+        pause = 20e-6
+        while True:
+            if self._lock(fcntl.F_WRLCK):
+                try:
+                    rec = self.read()
+                    me = os.getpid()
+                    if rec is not None and rec.generation == generation and rec.pid == me:
+                        self._write(LeaseRecord(rec.generation, me, 0, rec.start_time,
+                                                time.monotonic_ns(), rec.state_version,
+                                                rec.digest))
+                        self.held = True
+                        self.generation = generation
+                        return generation
+                finally:
+                    if not self.held:
+                        self._lock(fcntl.F_UNLCK)
+                return self.acquire(max(deadline - time.monotonic(), 0.0))
+            if time.monotonic() >= deadline:
+                return self.acquire(0.0)  # raises LeaseHeldError naming the holder
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
 
     def heartbeat(self) -> None:
         """Refresh the heartbeat (holder only; a hint for operators, not for takeover)."""

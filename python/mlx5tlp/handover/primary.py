@@ -24,7 +24,7 @@ from mlx5tlp.function import FunctionSpec
 from mlx5tlp.handover.errors import HandoverError, LeaseHeldError
 from mlx5tlp.handover.lease import Lease
 from mlx5tlp.handover.node import Events, Node, bind_listener, default_spec
-from mlx5tlp.handover.state import STATE_VERSION, seal_snapshot, state_summary
+from mlx5tlp.handover.state import STATE_VERSION, seal_snapshot
 from mlx5tlp.handover.wire import Wire, check_key
 from mlx5tlp.share import ProtocolError
 
@@ -316,37 +316,38 @@ class Primary:
         t_closed = time.monotonic_ns()
         state.mark(self.generation, state.served() + self.server.served, paused=True)
         self.server.served = 0
-        snapshot = seal_snapshot(state_summary(state.snapshot()), self.key, self.generation)
-        self._steps = [t_stop, *getattr(self.server, "steps_ns", [])[1:], t_closed]
-        committed = False
+        snapshot = seal_snapshot(state.summary(), self.key, self.generation)
+        self._steps = [t_stop, *getattr(self.server, "steps_ns", [])[1:], t_closed,
+                       time.monotonic_ns()]
         try:
-            wire.send("prepared", {"generation": self.generation, "t_stop": t_stop},
+            # Commit in one message: the lease names the standby as the only process that may
+            # take it next, and the sealed summary goes with the commit. The standby checks
+            # the summary and takes the lease — or refuses without touching it, and then this
+            # process takes its own generation back (Lease.reclaim).
+            self.lease.release(successor=peer.pid)
+            self._steps.append(time.monotonic_ns())
+            wire.send("commit", {"generation": self.generation, "t_stop": t_stop},
                       payloads=[snapshot])
             self._steps.append(time.monotonic_ns())
-            reply = wire.recv(timeout=_STEP_TIMEOUT)
-            self._steps.append(time.monotonic_ns())
-            reply.close_fds()
-            if reply.type != "accept":
-                raise HandoverError(errno.ECANCELED, f"the standby answered {reply.type!r}",
-                                    "handover")
-            self.lease.release(successor=peer.pid)
-            committed = True
-            wire.send("commit", {"generation": self.generation})
             done = wire.recv(timeout=_STEP_TIMEOUT)
+            self._steps.append(time.monotonic_ns())
             done.close_fds()
             if done.type != "done":
-                raise HandoverError(errno.EPROTO, f"expected done, got {done.type!r}",
-                                    "handover")
+                why = done.fields.get("message", "")
+                raise HandoverError(errno.ECANCELED, f"the standby answered {done.type!r}"
+                                    + (f": {why}" if why else ""), "handover")
         except (Error, OSError) as exc:
             self._drop(peer)
-            if committed:
-                # Committed but the successor vanished: take the function back, unless the
-                # successor holds the lease (then it serves and this process steps down).
-                try:
-                    self.generation = self.lease.acquire(0.5)
-                except LeaseHeldError:
-                    self._handed_over(peer.pid)
-                    return
+            # Take the function back unless the successor holds the lease (then it serves and
+            # this process steps down). Nobody took it since the commit: the same generation
+            # (the handover did not happen); the successor took it and let it go: a new one.
+            try:
+                gen = self.lease.reclaim(self.generation, 0.5)
+            except LeaseHeldError:
+                self._handed_over(peer.pid)
+                return
+            committed = gen != self.generation
+            self.generation = gen
             self.rollbacks += 1
             self.server.open()
             self.server.recover()

@@ -43,7 +43,7 @@ from mlx5tlp.handover.errors import (
 from mlx5tlp.handover.lease import Lease
 from mlx5tlp.handover.node import Events, Node
 from mlx5tlp.handover.primary import Primary
-from mlx5tlp.handover.state import STATE_VERSION, open_snapshot, state_summary
+from mlx5tlp.handover.state import STATE_VERSION, open_snapshot
 from mlx5tlp.handover.wire import Wire, check_key
 from mlx5tlp.share import ProtocolError
 
@@ -296,11 +296,18 @@ class Standby:
     def promote(self) -> Primary:
         """Ask the primary to hand over, and become primary.
 
+        The primary stops, releases the lease naming this process and sends ``commit`` with
+        the sealed state summary; this process checks the summary, takes the lease, adopts
+        the state, opens the gateways, starts serving and answers ``done``.
+
         Raises:
-            HandoverAborted: a step failed before commit; the old primary resumed, this process
-                is still a standby.
-            AuthenticationError / StateMismatchError: the prepared state failed a check (this
-                process aborted; the old primary resumed).
+            HandoverAborted: the primary could not stop, the commit was malformed, or this
+                process could not take the function after it took the lease (it gave the lease
+                back to the old primary); the old primary serves again, this process is still
+                a standby.
+            AuthenticationError / StateMismatchError: the sealed summary failed a check (this
+                process refused before taking the lease; the old primary serves again at its
+                own generation).
         """
         wire, node = self.wire, self.node
         assert wire is not None and node is not None
@@ -308,61 +315,65 @@ class Standby:
         if prebuild is not None:
             prebuild()  # the engine, before the primary pauses: not part of the pause
         wire.send("handover", {})
-        prepared = wire.recv(timeout=self.timeout)
-        prepared.close_fds()
-        if prepared.type != "prepared" or len(prepared.payloads) != 1:
-            raise HandoverAborted(errno.EPROTO, f"expected prepared, got {prepared.type!r}",
-                                  "handover")
-        gen = int(prepared.fields["generation"])
+        commit = wire.recv(timeout=self.timeout)
+        commit.close_fds()
         marks = [time.monotonic_ns()]  # step times, reported with the first answer
-        opened = False
+        if commit.type == "abort":
+            raise HandoverAborted(errno.ECANCELED, "the primary could not stop: "
+                                  f"{commit.fields.get('message', '')}", "handover")
+        taken = opened = False
         try:
+            if commit.type != "commit" or len(commit.payloads) != 1:
+                raise HandoverAborted(errno.EPROTO, f"expected commit, got {commit.type!r}",
+                                      "handover")
+            gen = int(commit.fields["generation"])
+            # The primary released the lease naming us; nothing is taken until the summary
+            # checks out, so a refusal leaves the primary its own generation.
             rec = self.lease.read()
-            if rec is None or rec.generation != gen or rec.pid != self.primary_pid:
-                raise HandoverAborted(errno.ESTALE, f"the primary prepared generation {gen}, "
-                                      f"the lease says {rec}", "handover")
-            state = open_snapshot(prepared.payloads[0], self.key, generation=gen,
+            if rec is None or rec.generation != gen or rec.pid != self.primary_pid \
+                    or rec.successor != os.getpid():
+                raise HandoverAborted(errno.ESTALE, f"the primary committed generation {gen} "
+                                      f"to this process, the lease says {rec}", "handover")
+            state = open_snapshot(commit.payloads[0], self.key, generation=gen,
                                   digest=node.state.digest, version=self.state_version)
-            if state != state_summary(node.state.snapshot()):
+            if state != node.state.summary():
                 raise HandoverAborted(errno.ESTALE, "the shared state differs from the "
-                                      "primary's prepared snapshot", "handover")
+                                      "primary's sealed summary", "handover")
             marks.append(time.monotonic_ns())
-            node.adopt(gen)
+            new_gen = self.lease.acquire(1.0)
+            taken = True
             marks.append(time.monotonic_ns())
+            node.adopt(new_gen)
             server = node.make_server()
             server.open()
             opened = True
             marks.append(time.monotonic_ns())
-            wire.send("accept", {"generation": gen})
-            commit = wire.recv(timeout=self.timeout)
-            commit.close_fds()
+            if getattr(server, "native", False):
+                # The engine's lanes serve from here, while this thread writes the header,
+                # answers the old primary and sets up the control socket.
+                server.recover()
+            node.state.mark(new_gen, node.state.served())
             marks.append(time.monotonic_ns())
-            if commit.type != "commit":
-                raise HandoverAborted(errno.EPROTO, f"expected commit, got {commit.type!r}",
-                                      "handover")
         except BaseException as exc:
             if opened and node.server is not None:
-                node.server.close_gateway()
+                with contextlib.suppress(Error, OSError):
+                    node.server.close_gateway()
             node.server = None
             node.state.release_function()
+            if taken:
+                # Give the function back: only the old primary may take it next.
+                self.lease.release(successor=self.primary_pid)
             if isinstance(exc, Error) and self.sock is not None:
                 with contextlib.suppress(OSError):
                     wire.send("abort", {"message": str(exc)})
             raise
-        new_gen = self.lease.acquire(1.0)
-        if getattr(server, "native", False):
-            # The lease is ours: the engine's lanes serve from here, while this thread writes
-            # the header, answers the old primary and sets up the control socket.
-            server.recover()
-        node.state.mark(new_gen, node.state.served())
-        marks.append(time.monotonic_ns())
         wire.send("done", {"generation": new_gen})
         self._drop_connection()
         marks.append(time.monotonic_ns())
         p = Primary(self.path, self.key, node, self.lease, None,
                     allow_uids=self.allow_uids, events=self.events)
         marks.append(time.monotonic_ns())
-        t_stop = int(prepared.fields["t_stop"])
+        t_stop = int(commit.fields["t_stop"])
         p.origin = {"how": "handover", "t_stop": t_stop,
                     "steps_us": [(m - t_stop) // 1000 for m in marks]}
         self.node = None

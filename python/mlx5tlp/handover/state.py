@@ -215,6 +215,11 @@ class SharedState(Closing):
         """A copy of the whole block (header + function state)."""
         return bytes(self.map[: HEADER_SIZE + FUNCTION_STATE_SIZE])
 
+    def summary(self) -> bytes:
+        """:func:`state_summary` of the block as it is now, hashed in place (no copy)."""
+        with memoryview(self.map) as m, m[: HEADER_SIZE + FUNCTION_STATE_SIZE] as block:
+            return bytes(block[:HEADER_SIZE]) + hashlib.sha256(block).digest()
+
     def release_function(self) -> None:
         """Drop the function model (a primary that handed over: the successor owns it now)."""
         if self.function is not None:
