@@ -32,7 +32,8 @@ BUILD = ROOT / "build" / "python-asan"
 # (envelopes, TLPs), and the gateway's batch paths. Not tests/test_errors.py: its RLIMIT_AS
 # child cannot run under ASan's shadow memory.
 SUITES = ["tests/test_boundary.py", "tests/test_tlp_completions.py", "tests/test_tlp.py",
-          "tests/test_gateway.py", "tests/test_envelope.py", "tests/test_export_import.py",
+          "tests/test_gateway.py", "tests/test_gateway_completions.py", "tests/test_envelope.py",
+          "tests/test_export_import.py",
           # The load generator and the host's configuration requests against hostile
           # functions (wrong answers, a function that stops taking requests), and the
           # engine's request rules (poisoned and oversized writes).

@@ -45,6 +45,18 @@ def test_build_completions_refuses(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_post_completions_refuses(ctx: mlx5tlp.Context, kind: str) -> None:
+    var = ctx.alloc_var(tlp=True)
+    with var.gateway() as gw:
+        with pytest.raises(TypeError, match="requests"):
+            gw.post_completions(HOSTILE[kind](REQ), bytes(16), completer_id=1)
+        with pytest.raises(TypeError, match="data"):
+            gw.post_completions(REQ, HOSTILE[kind](bytes(16)), completer_id=1)
+        assert gw.stats()["posted"] == 0
+    var.close()
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
 def test_gateway_refuses(ctx: mlx5tlp.Context, kind: str) -> None:
     var = ctx.alloc_var(tlp=True)
     with var.gateway() as gw:
@@ -298,6 +310,12 @@ BUFFER_BINDINGS: dict[str, Callable[[_Env, Any], Any]] = {
     "Gateway.post_batch.data": lambda e, bad: e.get("gw").post_batch(
         bad, array.array("I", [0, 4]), 0),
     "Gateway.post_batch.offsets": lambda e, bad: e.get("gw").post_batch(bytes(8), bad, 0),
+    "Gateway.post_completions.requests": lambda e, bad: e.get("gw").post_completions(
+        bad, bytes(16), None, 1, 256, 64, 0, 0, False),
+    "Gateway.post_completions.data": lambda e, bad: e.get("gw").post_completions(
+        REQ, bad, None, 1, 256, 64, 0, 0, False),
+    "Gateway.post_completions.statuses": lambda e, bad: e.get("gw").post_completions(
+        REQ, bytes(16), bad, 1, 256, 64, 0, 0, False),
     "Gateway.write.record": lambda e, bad: e.get("gwd").write(bad, 0),
     "Gateway.write_batch.data": lambda e, bad: e.get("gwd").write_batch(
         bad, array.array("I", [0, 4]), 0),

@@ -91,6 +91,87 @@ size_t for_batch(const char* op, const py::handle& data, const py::handle& offse
   return fn(d.data(), off.data(), len.data(), n);
 }
 
+// Per-thread scratch of post_completions: the plan and private copies of what both passes
+// read without the GIL. Grown and reused; trimmed after an unusually large call.
+struct FusedScratch {
+  tlp::BulkPlan plan;
+  std::vector<uint8_t> reqs, statuses;
+  static constexpr size_t kKeep = size_t{1} << 18;
+  void trim() {
+    if (plan.ends.size() > kKeep + 1) std::vector<uint32_t>().swap(plan.ends);
+    if (plan.errors.size() > kKeep) std::vector<uint8_t>().swap(plan.errors);
+    if (reqs.capacity() > 12 * kKeep) std::vector<uint8_t>().swap(reqs);
+    if (statuses.capacity() > kKeep) std::vector<uint8_t>().swap(statuses);
+  }
+};
+
+// (code, requests, completions, errors): code > 0 a tlp::Status failing the whole call, -1
+// when requests were refused and skip_bad is false (nothing posted; errors names them all), 0
+// when posted (errors: one Status byte per request).
+py::tuple post_completions(Gateway& g, const py::object& reqs, const py::object& data,
+                           const py::object& statuses, int completer_id, int max_payload,
+                           int rcb, int status, const py::object& timeout, bool skip_bad) {
+  const auto t = to_deadline(timeout);
+  using tlp::Status;
+  Status bad = Status::ok;
+  if (completer_id < 0 || completer_id > 0xFFFF) bad = Status::field_out_of_range;
+  if (max_payload < 0 || max_payload > 0xFFFF) bad = Status::bad_max_payload;
+  if (rcb < 0 || rcb > 0xFFFF) bad = Status::bad_rcb;
+  if (status < 0 || status > 0xFF) bad = Status::bad_completion_status;
+  if (bad != Status::ok) return py::make_tuple(static_cast<int>(bad), 0, 0, py::none());
+  tlp::CompletionParams p;
+  p.completer_id = static_cast<uint16_t>(completer_id);
+  p.max_payload = static_cast<uint16_t>(max_payload);
+  p.rcb = static_cast<uint16_t>(rcb);
+  p.status = static_cast<uint8_t>(status);
+
+  thread_local FusedScratch sc;
+  struct Trim {
+    FusedScratch& s;
+    ~Trim() { s.trim(); }
+  } trim{sc};
+  // The plan and the build both parse the requests and statuses without the GIL, so they must
+  // see the same bytes: bytes objects are immutable and read in place; any other buffer is
+  // copied once, here. The data is read from its pinned buffer (its contents are only carried;
+  // its length is fixed while pinned).
+  const uint8_t* rp = nullptr;
+  size_t rn = 0;
+  if (PyBytes_Check(reqs.ptr())) {
+    rp = reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(reqs.ptr()));
+    rn = size_t(PyBytes_GET_SIZE(reqs.ptr()));
+  } else {
+    const BufferView rv(reqs, "requests");
+    rv.copy_to(&sc.reqs);
+    rp = sc.reqs.data();
+    rn = sc.reqs.size();
+  }
+  const BufferView d(data, "data");
+  const uint8_t* sp = nullptr;
+  size_t sn = 0;
+  if (!statuses.is_none()) {
+    const BufferView sv(statuses, "statuses");
+    sv.copy_to(&sc.statuses);
+    sp = sc.statuses.data();
+    sn = sc.statuses.size();
+  }
+  tlp::BulkPlan& plan = sc.plan;
+  plan.reserve_for(rn);
+  Status s;
+  {
+    py::gil_scoped_release nogil;
+    s = tlp::bulk_plan(rp, rn, d.data(), d.size(), sp, sn, p, &plan);
+  }
+  if (s != Status::ok) return py::make_tuple(static_cast<int>(s), 0, 0, py::none());
+  py::bytes errors(reinterpret_cast<const char*>(plan.errors.data()), plan.requests);
+  if (plan.bad != 0 && !skip_bad) return py::make_tuple(-1, 0, 0, errors);
+  PostedCompletions r;
+  {
+    py::gil_scoped_release nogil;
+    r = g.post_completions(rp, rn, d.data(), d.size(), sp, p, plan, t);
+  }
+  return py::make_tuple(0, r.requests, r.completions, errors);
+}
+
 }  // namespace
 
 void bind_gateway(py::module_& m) {
@@ -121,6 +202,9 @@ void bind_gateway(py::module_& m) {
                            return g.post_batch(b, o, l, n, t);
                          });
       }, py::arg("data"), py::arg("offsets"), py::arg("timeout"))
+      .def("post_completions", &post_completions, py::arg("requests"), py::arg("data"),
+           py::arg("statuses"), py::arg("completer_id"), py::arg("max_payload"), py::arg("rcb"),
+           py::arg("status"), py::arg("timeout"), py::arg("skip_bad"))
       .def("write", [](Gateway& g, py::handle rec, const py::object& timeout) {
         const Record v(rec);
         const auto t = to_deadline(timeout);

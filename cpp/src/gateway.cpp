@@ -23,6 +23,8 @@ constexpr uint32_t kOpen = uint32_t(GatewayState::open), kClosing = uint32_t(Gat
 // stream of posts a few microseconds apart never pays a futex wake-up, short enough that an idle
 // gateway costs nothing measurable (it then sleeps until the next post, untimed).
 constexpr auto kIdleSpin = std::chrono::microseconds(50);
+// How long post_completions() polls a full ring that does not drain before it blocks.
+constexpr auto kFullPoll = std::chrono::microseconds(50);
 
 // The page lock, keyed by the device and the page's mmap offset (see page_lock.hpp).
 PageLock lock_page(const Var& var) {
@@ -317,6 +319,122 @@ size_t Gateway::post_batch(const uint8_t* buf, const uint32_t* offsets, const ui
   const PushStatus st = ring_->wait_until(deadline, attempt);
   if (st == PushStatus::shut_down && done == 0) closed_error("post_batch");
   return done;
+}
+
+PostedCompletions Gateway::post_completions(const uint8_t* reqs, size_t len, const uint8_t* data,
+                                           size_t data_len, const uint8_t* statuses,
+                                           const tlp::CompletionParams& p,
+                                           const tlp::BulkPlan& plan, Deadline deadline) {
+  check_usable("post_completions");
+  if (direct_)
+    throw Error(ErrorKind::invalid_argument, "post_completions", EINVAL,
+                "this gateway is in direct mode: use write_batch()");
+  if (plan.longest > max_record_)
+    throw Error(ErrorKind::invalid_argument, "post_completions", EINVAL,
+                "request " + std::to_string(plan.longest_request) + " has a " +
+                    std::to_string(plan.longest) + "-byte completion; a record is 1.." +
+                    std::to_string(max_record_) + " bytes for layout '" + layout_->name() +
+                    "' (lower max_payload, or use larger gateway slots); nothing was posted");
+  if (plan.most > ring_->capacity())
+    throw Error(ErrorKind::invalid_argument, "post_completions", EINVAL,
+                "request " + std::to_string(plan.most_request) + " has " +
+                    std::to_string(plan.most) + " completions, more than the ring's " +
+                    std::to_string(ring_->capacity()) +
+                    " slots hold at once (open the gateway with a larger ring_slots); nothing "
+                    "was posted");
+  PostedCompletions out;
+  const size_t n = plan.requests, total = plan.completions;
+  const uint32_t* ends = plan.ends.data();
+  if (total == 0) {
+    out.requests = n;
+    return out;
+  }
+  Inflight in(*this, "post_completions");
+  const size_t cap = ring_->slot_bytes();
+  // A reservation per batch_max records at most, so the writer starts on the first batch
+  // while we build the next.
+  const size_t chunk = std::max<size_t>(batch_max_, 1);
+  size_t done = 0;  // completions published; ends[i] == done between requests
+  size_t i = 0, off = 0, used = 0;
+  bool mismatch = false;
+  uint8_t* slots[tlp::kMaxCompletions];
+  uint32_t lens[tlp::kMaxCompletions];
+  tlp::CompletionParams rp = p;
+  // The most of k free slots that end on a request boundary.
+  auto fit = [&](size_t k) -> size_t {
+    const uint32_t* e = std::upper_bound(ends + i, ends + n + 1, uint32_t(done + k));
+    return size_t(e[-1]) - done;
+  };
+  auto attempt = [&]() -> bool {
+    while (done < total) {
+      const Reservation r = ring_->try_reserve_fit(std::min(total - done, chunk), fit);
+      if (r.count == 0) return false;
+      size_t k = 0;
+      while (k < r.count) {
+        const size_t cnt = ends[i + 1] - ends[i];
+        const uint8_t st = statuses != nullptr ? statuses[i] : p.status;
+        size_t rl = 0, sh = 0;
+        if (cnt == 0) {  // refused by the plan, or a posted request: step over it
+          tlp::bulk_extent(reqs + off, len - off, st, &rl, &sh);
+        } else {
+          for (size_t j = 0; j < cnt; ++j) slots[j] = ring_->slot_data(r, k + j);
+          rp.status = st;
+          const size_t got = tlp::bulk_emit_request(
+              reqs + off, len - off, data == nullptr ? nullptr : data + used, data_len - used,
+              rp, slots, cap, lens, &rl, &sh);
+          if (got != cnt) {  // the input changed after planning: publish fillers, fail below
+            mismatch = true;
+            for (size_t j = got; j < cnt; ++j) lens[j] = 0;
+          }
+          for (size_t j = 0; j < cnt; ++j) ring_->publish(r, k + j, lens[j]);
+          k += cnt;
+        }
+        off += rl;
+        used += sh;
+        ++i;
+      }
+      done += r.count;
+      wake_writer();
+    }
+    return true;
+  };
+  // A full ring: while the writer drains it, poll (PAUSE, then yield: it may need our CPU)
+  // and refill as slots come free; block on the futex only after kFullPoll without progress.
+  // A sleep and a wake-up per refill cost more than the writer needs to free half the ring
+  // (1024 slots: ~5 us), and halved the throughput here.
+  auto moved = [&] {
+    const size_t before = done;
+    return attempt() || done != before;
+  };
+  while (!attempt()) {
+    bool progress = false;
+    const auto poll_until = Clock::now() + kFullPoll;
+    for (unsigned it = 1;; ++it) {
+      // relaxed: a hint; the blocking wait below checks the state exactly.
+      if (state_.load(std::memory_order_relaxed) != kOpen || deadline.expired()) break;
+      ring_detail::backoff(it);
+      if (moved()) {
+        progress = true;
+        break;
+      }
+      if (it % 16 == 0 && Clock::now() >= poll_until) break;
+    }
+    if (progress) continue;
+    // Sleep until the next request's completions fit at once (done < total: it exists).
+    const PushStatus st = ring_->wait_until_room(deadline, moved, [&] {
+      return size_t(*std::upper_bound(ends + i, ends + n + 1, uint32_t(done))) - done;
+    });
+    if (st == PushStatus::pushed && done < total) continue;
+    if (st == PushStatus::shut_down && done == 0) closed_error("post_completions");
+    break;
+  }
+  if (mismatch)
+    throw Error(ErrorKind::invalid_argument, "post_completions", EINVAL,
+                "the requests changed between planning and building (tlp::bulk_plan must be "
+                "over the same bytes); zero-length records were queued in their place");
+  out.completions = done;
+  out.requests = size_t(std::upper_bound(ends, ends + n + 1, uint32_t(done)) - ends) - 1;
+  return out;
 }
 
 bool Gateway::flush(Deadline deadline) {

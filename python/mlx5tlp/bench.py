@@ -16,6 +16,7 @@ Ratios are "higher is better".
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import mmap
 import os
@@ -258,28 +259,33 @@ def _requests(n: int) -> tuple[bytes, bytes]:
     return reqs, data
 
 
+_DATA20 = struct.Struct("20s")
+
+
 def _naive_completions(mv: memoryview, slots: int, reqs: bytes, data: bytes, n: int) -> None:
-    """The fastest competent pure-Python path: per request, unpack its header, build the CplD
-    with one ``Struct.pack_into`` straight into the page (a memoryview), rotating slots."""
-    unpack, pack_into = _REQ.unpack_from, _CPL.pack_into
+    """The fastest competent pure-Python path found: the request headers and the data chunks
+    walked by ``Struct.iter_unpack`` (no index arithmetic, no slicing), slot offsets from
+    ``itertools.cycle``, one ``Struct.pack_into`` of each CplD straight into the page (a
+    memoryview). It beat the ``unpack_from`` / slice / compare-and-wrap loop by 15-40 % here;
+    packing 64 records per ``pack_into`` call was slower."""
+    pack_into = _CPL.pack_into
     cid = COMPLETER_ID << 16
-    off, end = 0, slots * RAW_SLOT
-    for i in range(n):
-        dw0, dw1, dw2 = unpack(reqs, 12 * i)
+    offsets = itertools.cycle(range(0, slots * RAW_SLOT, RAW_SLOT))
+    for (dw0, dw1, dw2), (chunk,), off, _ in zip(
+        _REQ.iter_unpack(reqs), _DATA20.iter_unpack(data), offsets, range(n), strict=False
+    ):  # offsets never ends; range(n) bounds the walk
         length = dw0 & 0x3FF
         # CplD: fmt/type 0x4a + length; completer | byte count; requester | tag | lower address
-        pack_into(mv, off, 0x4A000000 | length, cid | (length << 2), (dw1 & 0xFFFFFF00) |
-                  (dw2 & 0x7C), data[20 * i : 20 * i + 20])
-        off += RAW_SLOT
-        if off == end:
-            off = 0
+        pack_into(mv, off, 0x4A000000 | length, cid | (length << 2),
+                  (dw1 & 0xFFFFFF00) | (dw2 & 0x7C), chunk)
 
 
 def _bulk_vs_naive(ctx: Any, sz: _Sizes) -> dict[str, Any]:
-    """Completions for n reads, record building INCLUDED on both sides: the bulk builder
-    (``tlp.build_completions``) + ``post_batch`` + ``flush`` through the default 1024-slot ring,
-    against the naive per-request ``Struct.pack_into`` into ``var.mmap()``. Both write the same
-    bytes into the same raw_tlp:64 slot offsets (checked)."""
+    """Completions for n reads, record building INCLUDED on both sides: the fused bulk path
+    (``gw.post_completions(requests, data)`` + ``flush``, the default 1024-slot ring) against
+    the naive per-request ``Struct.pack_into`` into ``var.mmap()``. Both write the same bytes
+    into the same raw_tlp:64 slot offsets (checked). Also the two-step path the fused one
+    replaces (``tlp.build_completions`` + ``post_batch``), for comparison."""
     from mlx5tlp import tlp
 
     n = sz.bulk_records
@@ -291,19 +297,35 @@ def _bulk_vs_naive(ctx: Any, sz: _Sizes) -> dict[str, Any]:
         mv = memoryview(mm)
         slots = var.length // RAW_SLOT
         try:
-            # Like with like: the naive record i is exactly the bulk builder's completion i.
+            # Like with like: the naive record i is exactly the bulk builder's completion i,
+            # and the fused path writes those same bytes into the same slots.
             probe = tlp.build_completions(reqs[: 12 * 8], data[: 20 * 8], completer_id=COMPLETER_ID)
             _naive_completions(mv, slots, reqs, data, 8)
             for k in range(8):
                 if bytes(mv[k * RAW_SLOT : k * RAW_SLOT + RECORD_BYTES]) != bytes(probe.record(k)):
                     raise _check_failed(f"naive and bulk completions differ at record {k}")
-            for label, ring in (("bulk", 1024), ("bulk_big_ring", n)):
+            naive_page = bytes(mv[: 8 * RAW_SLOT])
+            mv[: 8 * RAW_SLOT] = bytes(8 * RAW_SLOT)
+            with var.gateway(f"raw_tlp:{RAW_SLOT}") as gw:
+                gw.post_completions(reqs[: 12 * 8], data[: 20 * 8], completer_id=COMPLETER_ID)
+                gw.flush(timeout=30.0)
+            for k in range(8):
+                a = naive_page[k * RAW_SLOT : k * RAW_SLOT + RECORD_BYTES]
+                if bytes(mv[k * RAW_SLOT : k * RAW_SLOT + RECORD_BYTES]) != a:
+                    raise _check_failed(f"naive and fused completions differ at record {k}")
+            for label, ring, fused in (("bulk", 1024, True), ("bulk_big_ring", n, True),
+                                       ("bulk_two_step", 1024, False)):
                 with var.gateway(f"raw_tlp:{RAW_SLOT}", ring_slots=ring) as gw:
 
-                    def bulk(gw: Any = gw) -> None:
-                        cpl = tlp.build_completions(reqs, data, completer_id=COMPLETER_ID)
-                        if gw.post_batch(cpl, timeout=None) != n:
-                            raise _check_failed("post_batch queued fewer records than given")
+                    def bulk(gw: Any = gw, fused: bool = fused) -> None:
+                        if fused:
+                            got = gw.post_completions(reqs, data, completer_id=COMPLETER_ID)
+                            queued = got.completions
+                        else:
+                            cpl = tlp.build_completions(reqs, data, completer_id=COMPLETER_ID)
+                            queued = gw.post_batch(cpl, timeout=None)
+                        if queued != n:
+                            raise _check_failed("the bulk path queued fewer records than given")
                         if not gw.flush(timeout=30.0):
                             raise _check_failed("flush timed out")
 
@@ -498,6 +520,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         rep["bulk_records_per_s"] = bulk["bulk_records_per_s"]
         rep["naive_records_per_s"] = bulk["naive_records_per_s"]
         rep["bulk_big_ring_records_per_s"] = bulk["bulk_big_ring_records_per_s"]
+        rep["bulk_two_step_records_per_s"] = bulk["bulk_two_step_records_per_s"]
         rep["post_call_us"] = post["post_call_us"]
         rep["export_import_us"] = xi["export_import_us"]
         rep["export_import_unimport_us"] = xi["export_import_unimport_us"]
@@ -594,10 +617,13 @@ def run(quick: bool = False) -> dict[str, Any]:
             f"{sz.bulk_records} completions for 5-DW memory reads, record building INCLUDED on "
             "both sides, same input (the encoded requests + their data), same bytes into the "
             f"same raw_tlp:{RAW_SLOT} slot offsets of a 64 KiB software-device page (checked). "
-            "bulk: tlp.build_completions(requests, data) + gw.post_batch(result) + flush(), "
-            "default ring_slots=1024 (bulk_big_ring_records_per_s: a ring holding the burst). "
-            "naive: per request Struct.unpack_from of its header, then one Struct.pack_into of "
-            "the CplD straight into a memoryview of var.mmap(), rotating slot offsets."
+            "bulk: gw.post_completions(requests, data) + flush() (fused: completions built in "
+            "C++ straight into the ring's slots), default ring_slots=1024 "
+            "(bulk_big_ring_records_per_s: a ring holding the burst; "
+            "bulk_two_step_records_per_s: tlp.build_completions + gw.post_batch + flush). "
+            "naive: headers and data chunks walked by Struct.iter_unpack, one Struct.pack_into "
+            "of each CplD straight into a memoryview of var.mmap(), slot offsets from "
+            "itertools.cycle."
         ),
         "post_call_us": (
             f"{sz.post_calls} calls of gw.post(record, timeout=0) per run (raw_tlp:{RAW_SLOT}, "
@@ -675,6 +701,7 @@ def print_table(rep: dict[str, Any], file: Any = None) -> None:
         ("idle_gateways_cpu_percent", " %"),
         ("bulk_records_per_s", " rec/s"),
         ("naive_records_per_s", " rec/s"),
+        ("bulk_two_step_records_per_s", " rec/s"),
         ("lockfree_vs_mutex_2p", ""),
         ("direct_vs_raw_store", ""),
         ("post_call_us", " us"),

@@ -30,7 +30,8 @@ import errno
 import math
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Optional, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 from mlx5tlp import _core
 from mlx5tlp._closing import Closing
@@ -38,6 +39,8 @@ from mlx5tlp.errors import Error, InvalidArgumentError, ResourceExhaustedError
 from mlx5tlp.records import Batch, Records, as_batch
 
 if TYPE_CHECKING:
+    from mlx5tlp.records import Buffer
+    from mlx5tlp.tlp import Tlp
     from mlx5tlp.var import Var
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "MAX_RING_SLOTS",
     "Batch",
     "Gateway",
+    "PostedCompletions",
     "Records",
     "RecordsDroppedWarning",
 ]
@@ -54,6 +58,19 @@ MAX_RING_SLOTS = 1 << 30
 
 EXIT_DRAIN_TIMEOUT = 1.0
 """Seconds a gateway still open at interpreter exit gives the device to take its records."""
+
+
+class PostedCompletions(NamedTuple):
+    """What :meth:`Gateway.post_completions` queued."""
+
+    requests: int
+    """Requests whose completions are all queued: a prefix of the input (requests without
+    completions, such as posted writes or refused ones, count)."""
+    completions: int
+    """Completion records queued."""
+    errors: bytes
+    """One status byte per request of the call: 0, or why that request got no completion
+    (as :attr:`mlx5tlp.tlp.BulkCompletions.errors`; nonzero only with ``skip_bad``)."""
 
 
 class RecordsDroppedWarning(RuntimeWarning):
@@ -158,6 +175,79 @@ class Gateway(Closing):
         """
         data, offsets = as_batch(records)
         return int(self._core.post_batch(data, offsets, timeout))
+
+    def post_completions(
+        self,
+        requests: Union[Buffer, Sequence[Union[Buffer, Tlp]]],
+        data: Buffer = b"",
+        *,
+        completer_id: int,
+        max_payload: int = 256,
+        rcb: int = 64,
+        status: int = 0,
+        statuses: Optional[Union[Buffer, Sequence[int]]] = None,
+        timeout: Optional[float] = None,
+        skip_bad: bool = False,
+    ) -> PostedCompletions:
+        """Build the completions for many requests straight into the ring and queue them.
+
+        The fused form of ``post_batch(tlp.build_completions(requests, data, ...))``: the same
+        arguments, the same checks and byte-identical records in the same order, but built in
+        C++ with the GIL released directly into the ring's slots (no intermediate records
+        object, no copy, no allocation per record).
+
+        It works in two passes: the first checks every request and counts its completions
+        without posting anything; the second builds and queues them. So when request ``k`` of
+        ``n`` is bad (it would get no completion from ``build_completions``: malformed, a
+        completion, a rule broken, ...), **nothing is posted** and
+        :class:`~mlx5tlp.tlp.RequestsRefusedError` names every refused request (``index``,
+        ``refused``, ``errors``). With ``skip_bad=True`` the good requests are posted and the
+        refused ones get nothing, as ``build_completions`` + ``post_batch`` would do; their
+        codes are in the result's ``errors``. Posted writes (MWr) get no completion and are
+        not refused.
+
+        The completions of one request are never split: a `timeout` (bounding the whole
+        call) or a ``close()`` ends the call between two requests, and the result's
+        ``requests`` says how many were queued entirely (a prefix: retry with the rest).
+
+        Args:
+            requests, data, completer_id, max_payload, rcb, status, statuses: as for
+                :func:`mlx5tlp.tlp.build_completions`. A bytes object is read in place; any
+                other buffer (and ``statuses``) is copied once, so another thread changing it
+                meanwhile cannot make the two passes disagree. ``data`` is read while the call
+                runs (its contents are carried as they are then).
+            timeout: seconds to wait for ring room in all; ``None``: no limit.
+            skip_bad: post the good requests and skip the refused ones instead of raising.
+
+        Returns:
+            :class:`PostedCompletions` ``(requests, completions, errors)``.
+
+        Raises:
+            TlpError: what ``build_completions`` raises for the whole call (input not ending
+                on a TLP boundary, ``data`` not consumed exactly, ``statuses`` of the wrong
+                length, a bad parameter); nothing is posted.
+            RequestsRefusedError: (a ``TlpError``) some requests got no completion and
+                ``skip_bad`` is false; nothing is posted.
+            InvalidArgumentError: a completion is longer than :attr:`max_record`, or one
+                request has more completions than the ring holds (``ring_slots``), or this is
+                a direct-mode gateway; nothing is posted.
+            InvalidHandleError: the gateway is closed (or was closed before anything was
+                queued).
+
+        Thread-safety: any thread, like :meth:`post_batch`; records of one call keep their
+        order, but another thread's records may come between two requests.
+        """
+        from mlx5tlp.tlp import RequestsRefusedError, TlpError, _bulk_inputs
+
+        reqs, st = _bulk_inputs(requests, statuses)
+        code, n_req, n_cpl, errors = self._core.post_completions(
+            reqs, data, st, completer_id, max_payload, rcb, int(status), timeout, skip_bad
+        )
+        if code == -1:
+            raise RequestsRefusedError(errors)
+        if code != 0:
+            raise TlpError(code)
+        return PostedCompletions(int(n_req), int(n_cpl), errors)
 
     def write(self, record: BytesLike, timeout: Optional[float] = None) -> bool:
         """Direct mode: write one record now (waiting up to `timeout` for a device credit)."""

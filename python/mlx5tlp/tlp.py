@@ -34,6 +34,7 @@ __all__ = [
     "Attr",
     "BulkCompletions",
     "Kind",
+    "RequestsRefusedError",
     "Status",
     "Tlp",
     "TlpError",
@@ -207,6 +208,32 @@ class TlpError(ValueError):
         self.code: str = _STATUS_NAMES[code] if isinstance(code, int) else code
         self.reason: str = reason(self.code) if self.code in _STATUS_NAMES else self.code
         super().__init__(f"{self.reason} ({self.code}){': ' + detail if detail else ''}")
+
+
+class RequestsRefusedError(TlpError):
+    """Requests of a bulk call got no completion and the call posted nothing
+    (:meth:`mlx5tlp.Gateway.post_completions` without ``skip_bad``).
+
+    ``code`` / ``reason`` are those of the first refused request.
+
+    Attributes:
+        index: the first refused request.
+        refused: the indices of every refused request, in order.
+        errors: one status byte per request of the call (0: fine), as
+            :attr:`BulkCompletions.errors`; :func:`reason` of
+            ``Status(errors[i]).name`` gives the text.
+    """
+
+    def __init__(self, errors: bytes) -> None:
+        self.errors: bytes = errors
+        self.refused: list[int] = [i for i, e in enumerate(errors) if e]
+        self.index: int = self.refused[0]
+        shown = ", ".join(map(str, self.refused[:8])) + (", ..." if len(self.refused) > 8 else "")
+        super().__init__(
+            errors[self.index],
+            f"request {self.index} of {len(errors)}; {len(self.refused)} request(s) refused "
+            f"(indices {shown}); nothing was posted",
+        )
 
 
 def _bdf(rid: int) -> str:
@@ -677,6 +704,24 @@ def _is_buffer(obj: object) -> bool:
     return True
 
 
+def _bulk_inputs(
+    requests: Union[Buffer, Sequence[Union[Buffer, Tlp]]],
+    statuses: Optional[Union[Buffer, Sequence[int]]],
+) -> tuple[Any, Optional[bytes]]:
+    """The requests as one buffer and the statuses as bytes, as the bulk calls take them."""
+    if isinstance(requests, (bytes, bytearray, memoryview)) or _is_buffer(requests):
+        reqs: Any = requests  # the core checks it (contiguous, byte items)
+    else:
+        reqs = b"".join(r.encode() if isinstance(r, Tlp) else bytes(r) for r in requests)
+    st: Optional[bytes] = None
+    if statuses is not None:
+        try:
+            st = bytes(statuses)
+        except ValueError:
+            raise TlpError("bad_completion_status", "statuses must be 0..255") from None
+    return reqs, st
+
+
 def build_completions(
     requests: Union[Buffer, Sequence[Union[Buffer, Tlp]]],
     data: Buffer = b"",
@@ -706,16 +751,7 @@ def build_completions(
             ``statuses`` has the wrong length, or a parameter is bad. Problems with a single
             request do not raise: they are reported in :attr:`BulkCompletions.errors`.
     """
-    if isinstance(requests, (bytes, bytearray, memoryview)) or _is_buffer(requests):
-        reqs: Any = requests  # the core checks it (contiguous, byte items)
-    else:
-        reqs = b"".join(r.encode() if isinstance(r, Tlp) else bytes(r) for r in requests)
-    st: Optional[bytes] = None
-    if statuses is not None:
-        try:
-            st = bytes(statuses)
-        except ValueError:
-            raise TlpError("bad_completion_status", "statuses must be 0..255") from None
+    reqs, st = _bulk_inputs(requests, statuses)
     code, buf, offsets, first, errors = _native.build_bulk(
         reqs, data, st, completer_id, max_payload, rcb, int(status)
     )

@@ -48,6 +48,7 @@
 #include "mlx5tlp/gateway_layout.hpp"
 #include "mlx5tlp/page_lock.hpp"
 #include "mlx5tlp/ring.hpp"
+#include "mlx5tlp/tlp_completion.hpp"
 #include "mlx5tlp/var.hpp"
 
 namespace mlx5tlp {
@@ -70,6 +71,13 @@ struct GatewayStats {
   uint64_t lost = 0;         // records close() could not write (device stopped consuming)
   uint64_t producer_sleeps = 0;  // futex sleeps of producers on a full ring
   uint64_t writer_parks = 0;     // times the idle writer blocked until the next post
+};
+
+// What post_completions() queued: the first `requests` requests have every completion in the
+// ring (a prefix; requests without completions count), `completions` records in all.
+struct PostedCompletions {
+  size_t requests = 0;
+  size_t completions = 0;
 };
 
 enum class GatewayState : uint32_t { open = 0, closing = 1, draining = 2, closed = 3 };
@@ -125,6 +133,21 @@ class Gateway final : public Child, public std::enable_shared_from_this<Gateway>
   bool post(const uint8_t* rec, size_t len, Deadline deadline);
   size_t post_batch(const uint8_t* buf, const uint32_t* offsets, const uint32_t* lengths,
                     size_t n, Deadline deadline);
+  // Loop mode, the fused bulk path: builds the completions of requests `reqs` (with `data`,
+  // `statuses` (nullable), `p`, as tlp::bulk_build takes them) straight into ring slots, with
+  // no intermediate buffer, and queues them. `plan` must be tlp::bulk_plan's (Status::ok) over
+  // exactly these arguments, unchanged since (the caller keeps the bytes still: immutable or
+  // a private copy). Requests the plan refused (plan.errors[i] != ok) get no completion, as in
+  // bulk_build; a caller that wants all or nothing checks plan.bad first. The completions of
+  // one request are never split between two ring reservations, so a deadline or a close()
+  // ends the call between two requests: the result says how many were queued (a prefix).
+  // Throws Error(invalid_argument, EINVAL) before queueing anything when a completion is
+  // longer than max_record() or one request has more completions than the ring holds;
+  // Error(invalid_handle, EBADF) as post_batch. Allocates nothing.
+  PostedCompletions post_completions(const uint8_t* reqs, size_t len, const uint8_t* data,
+                                     size_t data_len, const uint8_t* statuses,
+                                     const tlp::CompletionParams& p, const tlp::BulkPlan& plan,
+                                     Deadline deadline);
   // True once every record posted before the call is in the page; false at the deadline, or
   // when the gateway closed without writing them all.
   bool flush(Deadline deadline);

@@ -178,6 +178,20 @@ class BasicRing {
     return wait_.wait(deadline, attempt, [this] { return has_room_seq_cst(); });
   }
 
+  // wait_until() for a caller that needs need() >= 1 free slots at once (a group that
+  // try_reserve_fit must not split): it sleeps while fewer are free, so it does not spin on a
+  // ring whose consumer is stalled (the consumer wakes waiters when it frees half the ring,
+  // and whenever it stops consuming: wake_waiters()). need() must not exceed capacity().
+  template <class Attempt, class Need>
+  PushStatus wait_until_room(const Deadline& deadline, Attempt&& attempt, Need&& need) noexcept {
+    return wait_.wait(deadline, attempt, [this, &need] {
+      // seq_cst: as has_room_seq_cst(), the producer's look in RoomWaiters' Dekker pair.
+      const uint64_t t = cons_.tail.load(std::memory_order_seq_cst);
+      const uint64_t h = prod_.head.load(std::memory_order_seq_cst);
+      return h - t + need() <= cfg_.mask + 1;
+    });
+  }
+
   // Wakes every producer blocked in a push and makes every later blocking push that would have
   // to wait return shut_down. try_push*/try_reserve keep working (the owner decides whether to
   // accept); the consumer keeps consuming. Irreversible.
@@ -190,7 +204,16 @@ class BasicRing {
   // stalls the ring for everyone. `r` must come from try_reserve() on this ring.
   Reservation try_reserve(std::size_t n) noexcept {
     std::lock_guard<Lock> guard(lock_);
-    return reserve_unlocked(n);
+    return reserve_unlocked(n, [](std::size_t k) { return k; });
+  }
+  // The same, for a caller whose records come in groups that must not be split between
+  // reservations (every completion of one request): fit(k) (called with 1 <= k <= n, possibly
+  // several times) returns how many of k slots to take, at most k (0: none). The reservation
+  // then holds fit(min(n, room)) slots, so a group never straddles two reservations.
+  template <class Fit>
+  Reservation try_reserve_fit(std::size_t n, Fit&& fit) noexcept {
+    std::lock_guard<Lock> guard(lock_);
+    return reserve_unlocked(n, fit);
   }
   // nullptr when i is not a slot of r.
   uint8_t* slot_data(const Reservation& r, std::size_t i) const noexcept {
@@ -378,6 +401,10 @@ class BasicRing {
   // Free space is judged from the consumer's tail (never from slot stamps), via the producers'
   // cached copy; the consumer's line is read only when the cached copy says "not enough room".
   Reservation reserve_unlocked(std::size_t want) noexcept {
+    return reserve_unlocked(want, [](std::size_t k) { return k; });
+  }
+  template <class Fit>
+  Reservation reserve_unlocked(std::size_t want, Fit&& fit) noexcept {
     const uint64_t cap = cfg_.mask + 1;
     if (want == 0) return {};
     // acquire: pairs with the release store of tail_cache below, so the consumer's reads of the
@@ -402,7 +429,8 @@ class BasicRing {
         continue;
       }
       if (room == 0) return {};
-      const uint64_t n = std::min<uint64_t>(want, room);
+      const uint64_t n = fit(static_cast<std::size_t>(std::min<uint64_t>(want, room)));
+      if (n == 0) return {};
       if constexpr (kLocked) {
         // relaxed: the mutex orders everything in MutexRing.
         prod_.head.store(h + n, std::memory_order_relaxed);

@@ -118,4 +118,67 @@ struct BulkStorage {
   }
 };
 
+// ---- fused: completions written straight into the caller's record slots ----
+//
+// Two passes over the same input (the Gateway's post_completions path, gateway.hpp): bulk_plan
+// checks everything and counts every request's completions without writing any, so that a
+// caller can refuse the whole call before anything is published; bulk_emit_request then
+// encodes one planned request's completions into caller-provided slots. The input format and
+// every check are those of bulk_build: for a request bulk_build answers, the bytes of its
+// completions are identical. Plain memory reads (MRd / MRdLk, 3DW or 4DW, no prefix or
+// digest, SC) take a direct path that encodes from the header bytes without decode(); every
+// other request goes through decode() / plan_completions() / encode().
+
+// Reusable scratch for bulk_plan (bind() only grows it; allocation-free across calls once big
+// enough). ends[i]: completions of requests [0, i); errors[i]: Status per request (ok, or why
+// it gets none).
+struct BulkPlan {
+  std::vector<uint32_t> ends;
+  std::vector<uint8_t> errors;
+  size_t requests = 0;
+  size_t completions = 0;   // ends[requests]
+  size_t bad = 0;           // requests with errors[i] != ok
+  size_t first_bad = 0;     // the first of them (valid when bad != 0)
+  size_t longest = 0;       // bytes of the longest completion
+  size_t longest_request = 0;  // a request that has it
+  size_t most = 0;          // most completions of one request
+  size_t most_request = 0;  // a request that has that many
+
+  // Room for the requests `input_bytes` of input can hold (a request is at least 12 bytes).
+  void reserve_for(size_t input_bytes) {
+    const size_t n = input_bytes / 12 + 1;
+    if (ends.size() < n + 1) ends.resize(n + 1);
+    if (errors.size() < n) errors.resize(n);
+  }
+};
+
+// Plans `reqs` (with `data`, `statuses` as for bulk_build). Whole-call failures are bulk_build's
+// (bad parameters, truncated input, statuses count, data not consumed exactly), and leave
+// the plan's counts 0 (output_too_small: reserve_for(len) was not called); a single request's problem is recorded in plan->errors and counted in
+// plan->bad. Nothing else is written.
+Status bulk_plan(const uint8_t* reqs, size_t len, const uint8_t* data, size_t data_len,
+                 const uint8_t* statuses,
+                 size_t n_statuses, const CompletionParams& p, BulkPlan* plan) noexcept;
+
+// Encodes the completions of the request at rec[0, avail) (the rest of the input) that
+// bulk_plan accepted (errors[i] == ok), under `p` with that request's status, taking its data
+// share from data[0, data_avail) (the rest of the data), into out[k] (each at least `cap`
+// bytes; k < the planned count) and their lengths into lens[k]. *rec_len and *share_len
+// receive the request's record size and data share, to step to the next request. Returns the
+// count written: 0 for a request without completions (MWr), or when the input no longer
+// matches its plan (it can only if the caller changed it between the passes).
+size_t bulk_emit_request(const uint8_t* rec, size_t avail, const uint8_t* data,
+                         size_t data_avail, const CompletionParams& p, uint8_t* const* out,
+                         size_t cap, uint32_t* lens, size_t* rec_len,
+                         size_t* share_len) noexcept;
+
+// Record size and data share (as bulk_plan charges them) of the request at rec[0, avail)
+// under `status`: for stepping over a request that bulk_plan refused.
+void bulk_extent(const uint8_t* rec, size_t avail, uint8_t status, size_t* rec_len,
+                 size_t* share_len) noexcept;
+
+// The bytes of `data` the request record `rec` (TLP prefixes included) takes under `status`:
+// Length * 4 for a read under SC, else 0 (what bulk_build charges, also to rejected reads).
+size_t bulk_data_share(const uint8_t* rec, uint8_t status) noexcept;
+
 }  // namespace mlx5tlp::tlp
