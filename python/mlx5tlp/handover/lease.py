@@ -47,6 +47,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Optional
 
+from mlx5tlp import _timeout
 from mlx5tlp._closing import Closing
 from mlx5tlp.errors import InvalidArgumentError, InvalidHandleError
 from mlx5tlp.handover.errors import HandoverError, LeaseHeldError
@@ -203,14 +204,21 @@ class Lease(Closing):
         return self._fd
 
     def read(self) -> Optional[LeaseRecord]:
-        """The current contents, or None for a lease nobody ever held.
+        """The current contents, or None for a lease nobody ever held (empty or all zeros).
 
         Raises:
-            InvalidArgumentError: ``EPROTO``: the file is not a lease (magic, version, size).
+            InvalidArgumentError: ``EPROTO``: the file is not a lease (magic, version, size,
+                a truncated record).
         """
         raw = os.pread(self._need(), LEASE_SIZE, 0)
-        if len(raw) < LEASE_SIZE or raw == bytes(LEASE_SIZE):
-            return None
+        if not raw or raw == bytes(LEASE_SIZE):
+            return None  # new (created empty), or never written
+        if len(raw) < LEASE_SIZE:
+            # Not "never held": a truncated record would restart the generation at 1, and
+            # generations fence stale handover messages (docs/handover.md).
+            raise InvalidArgumentError(
+                errno.EPROTO, f"lease file {self.path!r} is damaged: {len(raw)} bytes, a "
+                f"lease record is {LEASE_SIZE}", "handover")
         magic, version, size, gen, pid, succ, start, beat, sver, _r, digest, _r2 = (
             _RECORD.unpack(raw))
         if magic != LEASE_MAGIC or version != LEASE_VERSION or size != LEASE_SIZE:
@@ -250,16 +258,18 @@ class Lease(Closing):
         self.generation = gen
         return True
 
-    def acquire(self, timeout: float = 0.0) -> int:
-        """:meth:`try_acquire`, retrying until `timeout` seconds; returns the new generation.
+    def acquire(self, timeout: Optional[float] = 0.0) -> int:
+        """:meth:`try_acquire`, retrying until `timeout` seconds (None or inf: until the holder
+        is gone); returns the new generation.
 
         Raises:
             LeaseHeldError: ``EBUSY``: another process is primary (named with its generation).
+            InvalidArgumentError: ``EINVAL``: a NaN or negative `timeout`.
         """
-        deadline = time.monotonic() + timeout
+        deadline = _timeout.deadline(timeout, "lease timeout")
         pause = 20e-6
         while not self.try_acquire():
-            if time.monotonic() >= deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 rec = self.read()
                 who = ("nobody recorded" if rec is None else
                        f"pid {rec.pid} at generation {rec.generation}"
@@ -273,7 +283,7 @@ class Lease(Closing):
             pause = min(pause * 2, 1e-3)
         return self.generation
 
-    def reclaim(self, generation: int, timeout: float = 0.0) -> int:
+    def reclaim(self, generation: int, timeout: Optional[float] = 0.0) -> int:
         """Take the lease back after a planned handover that did not complete.
 
         If nobody took it since this process released it at `generation` (the record is still
@@ -283,10 +293,11 @@ class Lease(Closing):
 
         Raises:
             LeaseHeldError: ``EBUSY``: the successor holds it (it serves; step down).
+            InvalidArgumentError: ``EINVAL``: a NaN or negative `timeout`.
         """
+        deadline = _timeout.deadline(timeout, "lease timeout")
         if self.held:
             return self.generation
-        deadline = time.monotonic() + timeout
         pause = 20e-6
         while True:
             if self._lock(fcntl.F_WRLCK):
@@ -303,8 +314,8 @@ class Lease(Closing):
                 finally:
                     if not self.held:
                         self._lock(fcntl.F_UNLCK)
-                return self.acquire(max(deadline - time.monotonic(), 0.0))
-            if time.monotonic() >= deadline:
+                return self.acquire(_timeout.remaining(deadline))
+            if deadline is not None and time.monotonic() >= deadline:
                 return self.acquire(0.0)  # raises LeaseHeldError naming the holder
             time.sleep(pause)
             pause = min(pause * 2, 1e-3)

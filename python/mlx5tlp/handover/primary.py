@@ -25,7 +25,7 @@ from mlx5tlp.handover.errors import HandoverError, LeaseHeldError
 from mlx5tlp.handover.lease import Lease
 from mlx5tlp.handover.node import Events, Node, bind_listener, default_spec
 from mlx5tlp.handover.state import STATE_VERSION, seal_snapshot
-from mlx5tlp.handover.wire import Wire, check_key
+from mlx5tlp.handover.wire import Message, Wire, check_key
 from mlx5tlp.share import ProtocolError
 
 if TYPE_CHECKING:
@@ -212,7 +212,9 @@ class Primary:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        sock.setblocking(True)
+        # Blocking, but bounded: a peer that stops reading must not hold this thread (it
+        # serves) in a send once the socket buffer is full — the send fails, the peer is dropped.
+        sock.settimeout(_STEP_TIMEOUT)
         self.peers.append(_Peer(sock))
 
     def _drop(self, peer: _Peer) -> None:
@@ -243,7 +245,17 @@ class Primary:
             self._drop(peer)
             return
         msg.close_fds()
-        kind = msg.type
+        try:
+            self._dispatch(peer, msg.type, msg)
+        except (ConnectionError, TimeoutError) as exc:
+            # The peer hung up before our answer (EPIPE/ECONNRESET: an operator killed after
+            # its request, a standby gone after "join") or stopped reading: drop it and serve
+            # on — before, this escaped run() and ended the function.
+            self._emit("dropped", peer_pid=peer.pid, error=str(exc))
+            self._drop(peer)
+
+    def _dispatch(self, peer: _Peer, kind: str, msg: Message) -> None:
+        assert peer.wire is not None
         if kind == "join" and peer.role == "standby":
             peer.wire.send("objects", dict(self.node.describe(), generation=self.generation),
                            payloads=self.node.exports(self.key), fds=self.node.fds())
@@ -280,9 +292,15 @@ class Primary:
                 op.wire.send("error", {"errno": errno.ENOENT,
                                        "message": "no standby is connected and ready"})
                 return
-            self._operator = op
             # The standby asks (protocol), the operator only tells it to.
-            standby.wire.send("go", {"generation": self.generation})
+            try:
+                standby.wire.send("go", {"generation": self.generation})
+            except (ConnectionError, TimeoutError) as exc:
+                self._drop(standby)  # gone: the operator hears why, and may ask again
+                op.wire.send("error", {"errno": errno.ENOENT,
+                                       "message": f"the ready standby went away: {exc}"})
+                return
+            self._operator = op
         else:
             op.wire.send("error", {"errno": errno.EINVAL, "message": f"unknown action {action!r}"})
 

@@ -32,6 +32,7 @@ import time
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+from mlx5tlp import _timeout
 from mlx5tlp.errors import Error
 from mlx5tlp.function import FunctionSpec
 from mlx5tlp.handover.errors import (
@@ -54,14 +55,15 @@ if TYPE_CHECKING:
 __all__ = ["Standby", "connect"]
 
 
-def connect(path: str, timeout: float = 5.0) -> socket.socket:
+def connect(path: str, timeout: Optional[float] = 5.0) -> socket.socket:
     """Connect to the control socket at `path`, retrying while nobody listens (a successor may
-    be binding it) until `timeout`.
+    be binding it) until `timeout` (None or inf: no limit).
 
     Raises:
         HandoverError: ``ECONNREFUSED``/``ENOENT`` after the timeout.
+        InvalidArgumentError: ``EINVAL``: a NaN or negative `timeout`.
     """
-    deadline = time.monotonic() + timeout
+    deadline = _timeout.deadline(timeout, "connect timeout")
     pause = 1e-4
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -70,7 +72,7 @@ def connect(path: str, timeout: float = 5.0) -> socket.socket:
             return s
         except (ConnectionRefusedError, FileNotFoundError) as exc:
             s.close()
-            if time.monotonic() >= deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise HandoverError(exc.errno, f"no primary listens at {path!r}: "
                                     f"{exc.strerror}", "connect") from None
             time.sleep(pause)
@@ -110,7 +112,7 @@ class Standby:
     def __init__(self, path: str, key: bytes, *, spec: Optional[FunctionSpec] = None,
                  state_version: int = STATE_VERSION,
                  allow_uids: Optional[Collection[int]] = None,
-                 events: Optional[Events] = None, timeout: float = 5.0,
+                 events: Optional[Events] = None, timeout: Optional[float] = 5.0,
                  regions: Optional[Sequence[Region]] = None) -> None:
         self.path = os.path.abspath(path)
         self.key = check_key(key)
@@ -118,7 +120,9 @@ class Standby:
         self.state_version = state_version
         self.allow_uids = allow_uids
         self.events = events
-        self.timeout = timeout
+        # Each step's bound (connect, every reply); None or inf: no limit. Checked here, not
+        # deep in a socket call (NaN and negative values are refused with EINVAL).
+        self.timeout = _timeout.seconds(timeout, "standby timeout")
         self.regions = regions
         self.lease = Lease(self.path + ".lease", state_version=state_version)
         self.node: Optional[Union[Node, EngineNode]] = None
@@ -215,13 +219,14 @@ class Standby:
         Raises:
             HandoverError: a takeover or handover step failed (this process stays standby if it
                 can; check :attr:`node`).
+            InvalidArgumentError: ``EINVAL``: a NaN or negative `timeout` (inf: no limit).
         """
-        end = None if timeout is None else time.monotonic() + timeout
+        end = _timeout.deadline(timeout, "wait timeout")
         if self._shutdown:
             return None
         while True:
             assert self.sock is not None and self.wire is not None
-            left = None if end is None else max(end - time.monotonic(), 0.0)
+            left = _timeout.remaining(end)
             fds: list[Any] = [self.sock] + ([self._pidfd] if self._pidfd >= 0 else [])
             if self._pidfd < 0:
                 return self.take_over()
