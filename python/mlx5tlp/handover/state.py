@@ -43,7 +43,7 @@ import hmac
 import mmap
 import os
 import struct
-from typing import Optional
+from typing import Optional, Union
 
 from mlx5tlp._closing import Closing
 from mlx5tlp._memfd import check_sealed, sealed_memfd
@@ -242,7 +242,7 @@ class SharedState(Closing):
     def summary(self) -> bytes:
         """:func:`state_summary` of the block as it is now, hashed in place (no copy)."""
         with memoryview(self.map) as m, m[: HEADER_SIZE + FUNCTION_STATE_SIZE] as block:
-            return bytes(block[:HEADER_SIZE]) + hashlib.sha256(block).digest()
+            return state_summary(block)
 
     def release_function(self) -> None:
         """Drop the function model (a primary that handed over: the successor owns it now)."""
@@ -270,11 +270,11 @@ class SharedState(Closing):
             self.fd = -1
 
 
-def state_summary(block: bytes) -> bytes:
+def state_summary(block: Union[bytes, memoryview]) -> bytes:
     """The header of a state block followed by the SHA-256 of the whole block: what a planned
     handover seals instead of the 37 KB block itself (the successor has the block shared and
     checks that it hashes the same)."""
-    return block[:HEADER_SIZE] + hashlib.sha256(block).digest()
+    return bytes(block[:HEADER_SIZE]) + hashlib.sha256(block).digest()
 
 
 def seal_snapshot(state: bytes, key: bytes, generation: int) -> bytes:
