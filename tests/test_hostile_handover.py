@@ -10,6 +10,8 @@ import math
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,8 +21,8 @@ from typing import Any
 import pytest
 
 import mlx5tlp
-from handover_rig import Rig, cfg_read, collect, stop
-from mlx5tlp import engine, handover, share
+from handover_rig import EventProc, Rig, cfg_read, collect, stop
+from mlx5tlp import engine, handover, share, sim
 from mlx5tlp import function as fn
 from mlx5tlp.handover.standby import connect
 from mlx5tlp.handover.wire import Wire
@@ -106,7 +108,7 @@ def test_engine_timeouts(ctx: mlx5tlp.Context, call: str) -> None:
             assert dev.pause(5.0)
         f = getattr(dev, call)
         for bad in BAD_TIMEOUTS:
-            with pytest.raises(mlx5tlp.InvalidArgumentError, match="NaN|negative"):
+            with pytest.raises(mlx5tlp.InvalidArgumentError, match=r"NaN|negative"):
                 f(bad)
         if call == "wait_first_answer":
             assert f(-0.0) == 0 and f(0.0) == 0
@@ -133,8 +135,9 @@ def test_lease_timeouts(private: Path) -> None:
         for zero in (0.0, -0.0, 0):
             with pytest.raises(handover.LeaseHeldError):
                 other.acquire(zero)
-        with pytest.raises(TypeError):
-            other.acquire("1")  # type: ignore[arg-type]
+        for not_a_number in ("1", True, b"1"):
+            with pytest.raises(mlx5tlp.InvalidArgumentError, match="number of seconds"):
+                other.acquire(not_a_number)  # type: ignore[arg-type]
         # No limit: waits until the holder lets go (here, a release from another thread).
         threading.Timer(0.1, holder.release).start()
         t0 = time.monotonic()
@@ -165,7 +168,7 @@ def test_recv_fds_timeouts() -> None:
     a, b = socket.socketpair()
     with a, b:
         for bad in BAD_TIMEOUTS:
-            with pytest.raises(ValueError, match="NaN|negative"):
+            with pytest.raises(ValueError, match=r"NaN|negative"):
                 share.recv_fds(b, timeout=bad)
         for huge in NO_LIMIT:
             # Before: OverflowError from settimeout() (inf, 1e300) once a message began.
@@ -197,9 +200,6 @@ def test_standby_wait_timeouts(rig: Rig) -> None:
 
 
 def test_cli_handover_timeout_is_checked(rig: Rig) -> None:
-    import subprocess
-    import sys
-
     for bad in ("nan", "-1", "inf", "1e300"):
         r = subprocess.run([sys.executable, "-m", "mlx5tlp", "handover", rig.path, "--key-file",
                             str(rig.key_file), "--action", "status", "--timeout", bad],
@@ -231,8 +231,6 @@ def test_peer_that_hangs_up_before_the_answer_does_not_kill_the_primary(rig: Rig
                                                                         what: str) -> None:
     """Before: the primary's reply to a peer that had already closed raised BrokenPipeError
     out of Primary.run() — an operator killed after sending "status" ended the function."""
-    from mlx5tlp import sim
-
     with sim.Host(rig.device) as host:
         p0 = rig.primary()
         for tag in range(3):
@@ -255,8 +253,6 @@ def test_peer_that_hangs_up_before_the_answer_does_not_kill_the_primary(rig: Rig
 
 
 def test_silent_and_junk_peers_do_not_stop_serving(rig: Rig) -> None:
-    from mlx5tlp import sim
-
     with sim.Host(rig.device) as host:
         p0 = rig.primary()
         silent = [connect(rig.path) for _ in range(20)]  # connect and never speak
@@ -345,3 +341,91 @@ def test_lease_record_of_another_living_successor(private: Path) -> None:
     path.write_bytes(bytes(raw))
     with handover.Lease(str(path)) as lease:
         assert lease.acquire(0.0) == 2
+
+
+# ---- descriptors: many connections, fd numbers past 1024, RLIMIT_NOFILE ----
+
+
+def test_a_thousand_idle_connections_do_not_stop_the_primary(rig: Rig) -> None:
+    """Before: select() in the primary's loop raised ValueError for an fd >= 1024 (1021 idle
+    connections ended run()); now poll(), and at most 32 connections that never said hello
+    are kept (the oldest are hung up on)."""
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        conns: list[socket.socket] = []
+        try:
+            for _ in range(1100):
+                conns.append(connect(rig.path, 10.0))
+            _still_serves(rig, p0, host, 1)
+            # The primary keeps only the newest silent ones: the oldest see EOF.
+            conns[0].settimeout(10)
+            assert conns[0].recv(1) == b""
+            fds = len(os.listdir(f"/proc/{p0.pid}/fd"))
+            assert fds < 200, f"the primary holds {fds} fds"
+        finally:
+            for c in conns:
+                c.close()
+        stop(rig)
+        assert p0.p.wait(30) == 0
+
+
+LOW_NOFILE = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit}))
+from mlx5tlp.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_primary_out_of_descriptors_keeps_serving(rig: Rig) -> None:
+    """accept() failing with EMFILE ended run(); now it is reported (`refused`), the oldest
+    silent connection is dropped to make room, and the primary serves on."""
+    with sim.Host(rig.device) as host:
+        argv = [sys.executable, "-c", LOW_NOFILE.format(limit=48), "serve", "--control",
+                rig.path, "--key-file", str(rig.key_file), "--device", rig.device, "--events",
+                "--engine", rig.engine]
+        p0 = EventProc("P0", argv, rig.env)
+        rig.procs.append(p0)  # type: ignore[arg-type]
+        p0.wait_event("serving")
+        conns: list[socket.socket] = []
+        try:
+            for _ in range(60):  # more than the primary's descriptors
+                conns.append(connect(rig.path, 10.0))
+            ev = p0.wait_event("refused")
+            assert "Too many open files" in ev["error"] or "EMFILE" in ev["error"], ev
+            for c in conns[:40]:
+                c.close()
+            _still_serves(rig, p0, host, 1)
+        finally:
+            for c in conns:
+                c.close()
+        stop(rig)
+        assert p0.p.wait(30) == 0
+
+
+STANDBY_LOW_NOFILE = """
+import os, resource, sys
+from mlx5tlp import handover
+# Room for the interpreter and the control socket, not for the objects message's fds.
+used = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (used + 2, used + 2))
+try:
+    handover.Standby({path!r}, {key!r}, timeout=10)
+except Exception as exc:
+    print(type(exc).__name__, exc)
+    sys.exit(3)
+sys.exit(0)
+"""
+
+
+def test_standby_out_of_descriptors_is_refused_clearly(rig: Rig) -> None:
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        code = STANDBY_LOW_NOFILE.format(path=rig.path, key=rig.key)
+        r = subprocess.run([sys.executable, "-c", code], env=rig.env, timeout=60,
+                           capture_output=True, text=True)
+        assert r.returncode == 3, (r.stdout, r.stderr)
+        assert "RLIMIT_NOFILE" in r.stdout or "Too many open files" in r.stdout, r.stdout
+        _still_serves(rig, p0, host, 1)
+        stop(rig)
+        assert p0.p.wait(30) == 0

@@ -49,7 +49,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from mlx5tlp import _timeout
+from mlx5tlp._deadline import Deadline
 from mlx5tlp.errors import (
     Error,
     InvalidArgumentError,
@@ -220,8 +220,9 @@ class _Reader:
             if flags & socket.MSG_CTRUNC:
                 raise ProtocolError(
                     errno.EMSGSIZE,
-                    f"the peer sent more fds than max_fds={self.max_fds} (control data "
-                    f"truncated; {len(self.fds)} received and closed)",
+                    f"the peer sent more fds than max_fds={self.max_fds}, or this process "
+                    f"is out of file descriptors (RLIMIT_NOFILE) (control data truncated; "
+                    f"{len(self.fds)} received and closed)",
                 )
             if len(self.fds) > self.max_fds:
                 raise ProtocolError(
@@ -290,7 +291,7 @@ def recv_fds(
         raise ValueError(f"max_fds must be in 0..{MAX_FDS}, got {max_fds}")
     # NaN/negative refused (InvalidArgumentError, a ValueError); inf/huge: no limit (a
     # deadline past time_t's range would overflow socket.settimeout mid-message).
-    limit = _timeout.seconds(timeout, "timeout", "recv_fds")
+    limit = Deadline.in_seconds(timeout, "recv_fds timeout")
 
     creds = peer_credentials(sock)
     allowed = {os.getuid()} if allow_uids is None else set(allow_uids)
@@ -303,7 +304,7 @@ def recv_fds(
         )
 
     old_timeout = sock.gettimeout()
-    deadline = None if limit is None else time.monotonic() + limit
+    deadline = limit.end
     reader = _Reader(sock, max_fds, deadline)
     try:
         magic, version, nfds, npayloads = _PREFIX.unpack(reader.read(_PREFIX.size, "header"))

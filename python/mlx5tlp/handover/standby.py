@@ -32,7 +32,7 @@ import time
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from mlx5tlp import _timeout
+from mlx5tlp._deadline import Deadline
 from mlx5tlp.errors import Error
 from mlx5tlp.function import FunctionSpec
 from mlx5tlp.handover.errors import (
@@ -61,9 +61,9 @@ def connect(path: str, timeout: Optional[float] = 5.0) -> socket.socket:
 
     Raises:
         HandoverError: ``ECONNREFUSED``/``ENOENT`` after the timeout.
-        InvalidArgumentError: ``EINVAL``: a NaN or negative `timeout`.
+        InvalidArgumentError: ``EINVAL``: `timeout` is NaN or negative.
     """
-    deadline = _timeout.deadline(timeout, "connect timeout")
+    deadline = Deadline.in_seconds(timeout, "connect timeout")
     pause = 1e-4
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -72,7 +72,7 @@ def connect(path: str, timeout: Optional[float] = 5.0) -> socket.socket:
             return s
         except (ConnectionRefusedError, FileNotFoundError) as exc:
             s.close()
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline.expired():
                 raise HandoverError(exc.errno, f"no primary listens at {path!r}: "
                                     f"{exc.strerror}", "connect") from None
             time.sleep(pause)
@@ -80,6 +80,26 @@ def connect(path: str, timeout: Optional[float] = 5.0) -> socket.socket:
         except BaseException:
             s.close()
             raise
+
+
+def _readable(fds: Sequence[Any], timeout: Optional[float]) -> set[int]:
+    """The fd numbers of `fds` (ints or sockets) readable (or hung up) within `timeout` (None:
+    no limit). poll(2), not select(2): select() refuses fds >= 1024 (ValueError)."""
+    poller = select.poll()
+    for f in fds:
+        poller.register(f, select.POLLIN)
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if end is None else max(end - time.monotonic(), 0.0)
+        # poll() takes a C int of milliseconds (OverflowError beyond ~24.8 days): long waits
+        # go in steps of a day.
+        ms = None if left is None else min(left * 1000.0, _POLL_STEP_MS)
+        ready = {fd for fd, _ev in poller.poll(ms)}
+        if ready or left is None or left * 1000.0 <= _POLL_STEP_MS:
+            return ready
+
+
+_POLL_STEP_MS = 86_400_000.0
 
 
 class Standby:
@@ -120,9 +140,10 @@ class Standby:
         self.state_version = state_version
         self.allow_uids = allow_uids
         self.events = events
-        # Each step's bound (connect, every reply); None or inf: no limit. Checked here, not
-        # deep in a socket call (NaN and negative values are refused with EINVAL).
-        self.timeout = _timeout.seconds(timeout, "standby timeout")
+        # Each step's bound (connect, every reply), checked here rather than deep in a socket
+        # call: NaN/negative refused (EINVAL), None/inf/huge = no limit (None: a huge value
+        # would overflow socket.settimeout).
+        self.timeout = Deadline.checked(timeout, "standby timeout")
         self.regions = regions
         self.lease = Lease(self.path + ".lease", state_version=state_version)
         self.node: Optional[Union[Node, EngineNode]] = None
@@ -205,8 +226,7 @@ class Standby:
     def _primary_dead(self, wait: float) -> bool:
         if self._pidfd < 0:
             return True
-        r, _, _ = select.select([self._pidfd], [], [], wait)
-        return bool(r)
+        return bool(_readable([self._pidfd], wait))
 
     def wait(self, timeout: Optional[float] = None) -> Optional[Primary]:
         """Wait until this standby must act, and act.
@@ -219,24 +239,23 @@ class Standby:
         Raises:
             HandoverError: a takeover or handover step failed (this process stays standby if it
                 can; check :attr:`node`).
-            InvalidArgumentError: ``EINVAL``: a NaN or negative `timeout` (inf: no limit).
         """
-        end = _timeout.deadline(timeout, "wait timeout")
+        end = Deadline.in_seconds(timeout, "standby wait timeout")
         if self._shutdown:
             return None
         while True:
             assert self.sock is not None and self.wire is not None
-            left = _timeout.remaining(end)
+            left = end.remaining()
             fds: list[Any] = [self.sock] + ([self._pidfd] if self._pidfd >= 0 else [])
             if self._pidfd < 0:
                 return self.take_over()
-            r, _, _ = select.select(fds, [], [], left)
+            r = _readable(fds, left)
             if not r:
                 return None
             # Dead. But a primary that stopped the function sent "shutdown" before it exited
             # (and freed the objects): read what it left before taking over.
-            if self._pidfd in r and self.sock not in r \
-                    and not select.select([self.sock], [], [], 0)[0]:
+            if self._pidfd in r and self.sock.fileno() not in r \
+                    and not _readable([self.sock], 0):
                 return self.take_over()
             try:
                 msg = self.wire.recv(timeout=self.timeout)
