@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -126,6 +127,23 @@ class Rig:
     def close(self) -> None:
         for p in self.procs:
             p.close()
+
+
+@contextlib.contextmanager
+def private_control(tmp_path: Path) -> Iterator[tuple[str, bytes, dict[str, str]]]:
+    """A control socket path in a private (0700) directory, an operator key, and the
+    environment for child processes: the page locks in their own private directory, set for
+    this process too (a standby that runs in the test's process)."""
+    d = tmp_path / "ho"
+    d.mkdir(mode=0o700)
+    locks = d / "locks"
+    locks.mkdir(mode=0o700)
+    env = dict(os.environ, MLX5TLP_LOCK_DIR=str(locks))
+    os.environ["MLX5TLP_LOCK_DIR"] = str(locks)
+    try:
+        yield str(d / "ctl"), os.urandom(32).hex().encode(), env
+    finally:
+        os.environ.pop("MLX5TLP_LOCK_DIR", None)
 
 
 def cfg_read(reg: int, tag: int) -> bytes:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import pytest
 
-from handover_rig import REQUESTER, EventProc, collect
+from handover_rig import REQUESTER, EventProc, cfg_write, collect, private_control
 from mlx5tlp import engine, handover, sim, tlp
 from mlx5tlp.function import Bar, FunctionSpec, Identity
 
@@ -79,14 +79,8 @@ def successor_handler(reqs: list[engine.Request]) -> list[Optional[bytes]]:
 
 @pytest.fixture
 def setup(tmp_path: Path, device: str) -> Iterator[tuple[str, bytes, dict[str, str]]]:
-    d = tmp_path / "ho"
-    d.mkdir(mode=0o700)
-    locks = d / "locks"
-    locks.mkdir(mode=0o700)
-    env = dict(os.environ, MLX5TLP_LOCK_DIR=str(locks))
-    os.environ["MLX5TLP_LOCK_DIR"] = str(locks)  # the standby in this process too
-    yield str(d / "ctl"), os.urandom(32).hex().encode(), env
-    os.environ.pop("MLX5TLP_LOCK_DIR", None)
+    with private_control(tmp_path) as ctl:
+        yield ctl
     for c in _children:
         c.close()
     _children.clear()
@@ -104,11 +98,6 @@ def start_primary(setup: tuple[str, bytes, dict[str, str]], device: str,
     _children.append(c)
     c.wait_event("serving")
     return c
-
-
-def cfg_write(reg: int, value: int, tag: int) -> bytes:
-    return tlp.Tlp.cfg_write(FUNCTION, reg, value.to_bytes(4, "little"), requester_id=REQUESTER,
-                             tag=tag).encode()
 
 
 def mem_read(off: int, n: int, tag: int) -> bytes:

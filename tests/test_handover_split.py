@@ -26,12 +26,11 @@ from typing import Any, Optional
 
 import pytest
 
-from handover_rig import REQUESTER, EventProc, Rig, collect
+from handover_rig import REQUESTER, EventProc, Rig, cfg_write, collect, private_control
 from mlx5tlp import engine, handover, sim, tlp
 from mlx5tlp.function import Bar, FunctionSpec, Identity
 from mlx5tlp.handover.node import DEFAULT_BAR_BASE, DEFAULT_BAR_SIZE, memory_pattern
 
-FUNCTION = 0x0100
 BAR_BASE = 0xE000_0000
 PAGE_RECORDS = 15  # docs/sim.md: a 4 KiB gateway page of 256-byte slots (0x80 header)
 
@@ -74,19 +73,8 @@ def regions() -> list[engine.Region]:
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[str, bytes, dict[str, str]]]:
-    d = tmp_path / "ho"
-    d.mkdir(mode=0o700)
-    locks = d / "locks"
-    locks.mkdir(mode=0o700)
-    env = dict(os.environ, MLX5TLP_LOCK_DIR=str(locks))
-    os.environ["MLX5TLP_LOCK_DIR"] = str(locks)  # the standby in this process too
-    yield str(d / "ctl"), os.urandom(32).hex().encode(), env
-    os.environ.pop("MLX5TLP_LOCK_DIR", None)
-
-
-def cfg_write(reg: int, value: int, tag: int) -> bytes:
-    return tlp.Tlp.cfg_write(FUNCTION, reg, value.to_bytes(4, "little"), requester_id=REQUESTER,
-                             tag=tag).encode()
+    with private_control(tmp_path) as ctl:
+        yield ctl
 
 
 def doorbell(page: mmap.mmap) -> int:

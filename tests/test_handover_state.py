@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mlx5tlp import handover
+from mlx5tlp.errors import InvalidArgumentError
 from mlx5tlp.function import Bar, FunctionSpec, Identity
 from mlx5tlp.handover.node import default_spec
 from mlx5tlp.handover.state import HEADER_SIZE, SharedState, open_snapshot, seal_snapshot
@@ -144,3 +148,38 @@ def test_lease_reclaim_keeps_the_generation_nobody_took(tmp_path: Path) -> None:
             b.close()
     finally:
         a.close()
+
+
+@pytest.mark.parametrize("bad", [math.nan, -1e-9, -math.inf, "soon"])
+def test_lease_waits_refuse_nan_negative_and_non_numbers(tmp_path: Path, bad: Any) -> None:
+    """The lease's waits take seconds as the core's Deadline does (deadline.hpp): NaN and
+    negative values are an error naming the parameter, never a wait that cannot end (a NaN
+    deadline never compares as expired)."""
+    d = os.path.join(str(tmp_path), "ctl")
+    os.mkdir(d, 0o700)
+    holder = handover.Lease(os.path.join(d, "fn.lease"))
+    other = handover.Lease(os.path.join(d, "fn.lease"))
+    try:
+        assert holder.acquire(0.0) == 1
+        for call in (lambda: other.acquire(bad), lambda: other.reclaim(1, bad)):
+            with pytest.raises(InvalidArgumentError, match="lease timeout") as exc:
+                call()
+            assert exc.value.errno == errno.EINVAL
+        # A huge timeout is "no limit", not an overflow: the holder goes, the wait ends.
+        t = threading.Timer(0.05, holder.close)
+        t.start()
+        assert other.acquire(1e300) == 2
+        t.join()
+    finally:
+        holder.close()
+        other.close()
+
+
+def test_connect_refuses_a_nan_timeout_before_trying(tmp_path: Path) -> None:
+    from mlx5tlp.handover.standby import connect
+
+    with pytest.raises(InvalidArgumentError, match="connect timeout is NaN"):
+        connect(str(tmp_path / "nobody"), math.nan)
+    with pytest.raises(handover.HandoverError) as exc:  # 0: one attempt, then the error
+        connect(str(tmp_path / "nobody"), 0.0)
+    assert exc.value.errno == errno.ENOENT

@@ -22,6 +22,20 @@ using pci::hex;
   throw Error(ErrorKind::invalid_argument, "define region", EINVAL, "region '" + name + "': " + what);
 }
 
+// A new memfd of `size` zero bytes whose size is sealed (memfd_create(2) MFD_ALLOW_SEALING,
+// fcntl(2) "File Sealing"): F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL. A handover successor
+// maps these fds (docs/handover.md); once sealed nobody can truncate them, so no process
+// mapping one can be made to fault with SIGBUS, and a receiver can check it (F_GET_SEALS).
+UniqueFd sealed_memfd(const std::string& name, uint64_t size, const std::string& what) {
+  UniqueFd fd(::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!fd) throw_errno(what, errno_or_eio(), false, "memfd_create");
+  if (::ftruncate(fd.get(), off_t(size)) != 0)
+    throw_errno(what, errno_or_eio(), false, "ftruncate to " + std::to_string(size));
+  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
+    throw_errno(what, errno_or_eio(), false, "fcntl(F_ADD_SEALS)");
+  return fd;
+}
+
 }  // namespace
 
 const char* region_kind_name(RegionKind k) noexcept {
@@ -69,10 +83,7 @@ MemoryRegion::~MemoryRegion() {
 
 std::unique_ptr<MemoryRegion> MemoryRegion::create_memfd(std::string name, int bar, uint64_t offset,
                                                          uint64_t size) {
-  UniqueFd fd(::memfd_create(("mlx5tlp-region-" + name).c_str(), MFD_CLOEXEC));
-  if (!fd) throw_errno("create memory region '" + name + "'", errno_or_eio(), false, "memfd_create");
-  if (::ftruncate(fd.get(), off_t(size)) != 0)
-    throw_errno("create memory region '" + name + "'", errno_or_eio(), false, "ftruncate to " + std::to_string(size));
+  UniqueFd fd = sealed_memfd("mlx5tlp-region-" + name, size, "create memory region '" + name + "'");
   return map_fd(std::move(name), bar, offset, size, fd.get());
 }
 
@@ -158,9 +169,7 @@ RegisterRegion::RegisterRegion(std::string name, int bar, uint64_t offset, uint6
   const size_t need = std::max<size_t>(regs_.size(), 1) * sizeof(uint64_t);
   const std::string what = "register file of region '" + this->name() + "'";
   if (fd < 0) {
-    fd_ = UniqueFd(::memfd_create(("mlx5tlp-registers-" + this->name()).c_str(), MFD_CLOEXEC));
-    if (!fd_) throw_errno("create " + what, errno_or_eio(), false, "memfd_create");
-    if (::ftruncate(fd_.get(), off_t(need)) != 0) throw_errno("create " + what, errno_or_eio(), false, "ftruncate");
+    fd_ = sealed_memfd("mlx5tlp-registers-" + this->name(), need, "create " + what);
   } else {
     struct stat st{};
     if (::fstat(fd, &st) != 0) throw_errno("adopt " + what, errno_or_eio(), false, "fstat");

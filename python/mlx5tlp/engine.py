@@ -72,8 +72,10 @@ class MemoryRegion:
         offset: start within the BAR (DW aligned).
         size: bytes (a positive multiple of 4).
         fd: an existing memfd/regular file of at least ``size`` bytes to map (the region dups
-            it), or None for a new zeroed memfd. Either way the bytes are ``MAP_SHARED``: any
-            process that maps :attr:`fd` sees and changes what the host sees.
+            it), or None for a new zeroed memfd (sealed at ``size``: ``F_SEAL_SHRINK |
+            F_SEAL_GROW | F_SEAL_SEAL``, so nobody can truncate it under a mapping). Either
+            way the bytes are ``MAP_SHARED``: any process that maps :attr:`fd` sees and
+            changes what the host sees.
         name: for errors and statistics.
 
     Thread-safety: :meth:`read`/:meth:`write` from any thread, concurrently with the engine
@@ -143,7 +145,8 @@ class Register:
 class RegisterRegion:
     """A register file in a BAR range. Bytes no register covers read 0 and ignore writes.
 
-    The values live in a memfd (:attr:`fd`), so that they outlive the process for a successor;
+    The values live in a memfd (:attr:`fd`, sealed at its size like a new
+    :class:`MemoryRegion`'s), so that they outlive the process for a successor;
     ``fd``: continue from an existing one (each value masked to its register's width) instead
     of starting at the reset values.
 

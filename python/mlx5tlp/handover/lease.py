@@ -44,10 +44,12 @@ import stat
 import struct
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
 from mlx5tlp._closing import Closing
+from mlx5tlp._deadline import Deadline
 from mlx5tlp.errors import InvalidArgumentError, InvalidHandleError
 from mlx5tlp.handover.errors import HandoverError, LeaseHeldError
 
@@ -250,30 +252,16 @@ class Lease(Closing):
         self.generation = gen
         return True
 
-    def acquire(self, timeout: float = 0.0) -> int:
+    def acquire(self, timeout: Optional[float] = 0.0) -> int:
         """:meth:`try_acquire`, retrying until `timeout` seconds; returns the new generation.
 
         Raises:
             LeaseHeldError: ``EBUSY``: another process is primary (named with its generation).
+            InvalidArgumentError: ``EINVAL``: `timeout` is NaN or negative.
         """
-        deadline = time.monotonic() + timeout
-        pause = 20e-6
-        while not self.try_acquire():
-            if time.monotonic() >= deadline:
-                rec = self.read()
-                who = ("nobody recorded" if rec is None else
-                       f"pid {rec.pid} at generation {rec.generation}"
-                       + (f", handing over to pid {rec.successor}" if rec.successor else ""))
-                raise LeaseHeldError(
-                    errno.EBUSY, f"the function already has a primary ({who}; lease "
-                    f"{self.path!r}): at most one primary per function", "handover")
-            # Only after a death (the kernel drops the lock as the dead process's files close)
-            # or mid-commit: short, bounded waits, not a serving path.
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
-        return self.generation
+        return self._retry(self.try_acquire, Deadline.in_seconds(timeout, "lease timeout"))
 
-    def reclaim(self, generation: int, timeout: float = 0.0) -> int:
+    def reclaim(self, generation: int, timeout: Optional[float] = 0.0) -> int:
         """Take the lease back after a planned handover that did not complete.
 
         If nobody took it since this process released it at `generation` (the record is still
@@ -283,31 +271,47 @@ class Lease(Closing):
 
         Raises:
             LeaseHeldError: ``EBUSY``: the successor holds it (it serves; step down).
+            InvalidArgumentError: ``EINVAL``: `timeout` is NaN or negative.
         """
+        deadline = Deadline.in_seconds(timeout, "lease timeout")
         if self.held:
             return self.generation
-        deadline = time.monotonic() + timeout
+        return self._retry(lambda: self._try_reclaim(generation), deadline)
+
+    def _try_reclaim(self, generation: int) -> bool:
+        if not self._lock(fcntl.F_WRLCK):
+            return False
+        try:
+            rec = self.read()
+            me = os.getpid()
+            if rec is not None and rec.generation == generation and rec.pid == me:
+                self._write(LeaseRecord(rec.generation, me, 0, rec.start_time,
+                                        time.monotonic_ns(), rec.state_version, rec.digest))
+                self.held = True
+                self.generation = generation
+                return True
+        finally:
+            if not self.held:
+                self._lock(fcntl.F_UNLCK)
+        return self.try_acquire()  # the successor took it and let it go: a new generation
+
+    def _retry(self, attempt: Callable[[], bool], deadline: Deadline) -> int:
         pause = 20e-6
-        while True:
-            if self._lock(fcntl.F_WRLCK):
-                try:
-                    rec = self.read()
-                    me = os.getpid()
-                    if rec is not None and rec.generation == generation and rec.pid == me:
-                        self._write(LeaseRecord(rec.generation, me, 0, rec.start_time,
-                                                time.monotonic_ns(), rec.state_version,
-                                                rec.digest))
-                        self.held = True
-                        self.generation = generation
-                        return generation
-                finally:
-                    if not self.held:
-                        self._lock(fcntl.F_UNLCK)
-                return self.acquire(max(deadline - time.monotonic(), 0.0))
-            if time.monotonic() >= deadline:
-                return self.acquire(0.0)  # raises LeaseHeldError naming the holder
-            time.sleep(pause)
+        while not attempt():
+            if deadline.expired():
+                rec = self.read()
+                who = ("nobody recorded" if rec is None else
+                       f"pid {rec.pid} at generation {rec.generation}"
+                       + (f", handing over to pid {rec.successor}" if rec.successor else ""))
+                raise LeaseHeldError(
+                    errno.EBUSY, f"the function already has a primary ({who}; lease "
+                    f"{self.path!r}): at most one primary per function", "handover")
+            # Only after a death (the kernel drops the lock as the dead process's files close)
+            # or mid-commit: short, bounded waits, not a serving path.
+            left = deadline.remaining()
+            time.sleep(pause if left is None else min(pause, left))
             pause = min(pause * 2, 1e-3)
+        return self.generation
 
     def heartbeat(self) -> None:
         """Refresh the heartbeat (holder only; a hint for operators, not for takeover)."""

@@ -19,6 +19,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+from mlx5tlp._deadline import Deadline
 from mlx5tlp.errors import Error, InvalidArgumentError
 from mlx5tlp.function import FunctionSpec
 from mlx5tlp.handover.errors import HandoverError, LeaseHeldError
@@ -145,7 +146,7 @@ class Primary:
 
     def run(self, *, max_seconds: Optional[float] = None) -> str:
         """Serve and answer the control socket until stopped or handed over."""
-        end = None if max_seconds is None else time.monotonic() + max_seconds
+        end = Deadline.in_seconds(max_seconds, "max_seconds")
         server = self.server
         idle = 0
         last_beat = time.monotonic()
@@ -173,7 +174,7 @@ class Primary:
             if now - last_beat > 0.5:
                 self.lease.heartbeat()
                 last_beat = now
-                if end is not None and now > end:
+                if end.expired():
                     break
         if not self.outcome:
             self.outcome = "stopped"

@@ -32,6 +32,7 @@ import time
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+from mlx5tlp._deadline import Deadline
 from mlx5tlp.errors import Error
 from mlx5tlp.function import FunctionSpec
 from mlx5tlp.handover.errors import (
@@ -61,7 +62,7 @@ def connect(path: str, timeout: float = 5.0) -> socket.socket:
     Raises:
         HandoverError: ``ECONNREFUSED``/``ENOENT`` after the timeout.
     """
-    deadline = time.monotonic() + timeout
+    deadline = Deadline.in_seconds(timeout, "connect timeout")
     pause = 1e-4
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -70,7 +71,7 @@ def connect(path: str, timeout: float = 5.0) -> socket.socket:
             return s
         except (ConnectionRefusedError, FileNotFoundError) as exc:
             s.close()
-            if time.monotonic() >= deadline:
+            if deadline.expired():
                 raise HandoverError(exc.errno, f"no primary listens at {path!r}: "
                                     f"{exc.strerror}", "connect") from None
             time.sleep(pause)
@@ -216,12 +217,12 @@ class Standby:
             HandoverError: a takeover or handover step failed (this process stays standby if it
                 can; check :attr:`node`).
         """
-        end = None if timeout is None else time.monotonic() + timeout
+        end = Deadline.in_seconds(timeout, "standby wait timeout")
         if self._shutdown:
             return None
         while True:
             assert self.sock is not None and self.wire is not None
-            left = None if end is None else max(end - time.monotonic(), 0.0)
+            left = end.remaining()
             fds: list[Any] = [self.sock] + ([self._pidfd] if self._pidfd >= 0 else [])
             if self._pidfd < 0:
                 return self.take_over()
