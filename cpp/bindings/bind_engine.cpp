@@ -229,6 +229,7 @@ py::dict stats_dict(const EngineStats& s) {
   d["err_cor_unsent"] = s.err_cor_unsent;
   d["err_nonfatal_unsent"] = s.err_nonfatal_unsent;
   d["err_fatal_unsent"] = s.err_fatal_unsent;
+  d["errors_logged_before"] = s.errors_logged_before;
   d["latency_ns_log2"] = std::vector<uint64_t>(s.latency_ns_log2.begin(), s.latency_ns_log2.end());
   py::list regions;
   for (const RegionCounters& r : s.regions) {

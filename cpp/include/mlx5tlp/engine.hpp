@@ -131,6 +131,9 @@ struct EngineStats {
   // Error Messages (ERR_COR / ERR_NONFATAL / ERR_FATAL) the function's enables and masks
   // called for after logging an error (§6.2.5): not sent — this engine sends no error Messages.
   uint64_t err_cor_unsent = 0, err_nonfatal_unsent = 0, err_fatal_unsent = 0;
+  // Errors of redelivered requests not logged again: their dead claimer had logged them
+  // (kRequestLogged; PCIe Base 6.x §6.2.5, one detection, one log and Message).
+  uint64_t errors_logged_before = 0;
   std::array<uint64_t, kLatencyBuckets> latency_ns_log2{};  // take -> in the page, per request
   std::vector<RegionCounters> regions;  // by region index
 };
