@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from handover_rig import REQUESTER, EventProc, collect
+from handover_rig import REQUESTER, EventProc, collect, private_control
 from mlx5tlp import engine, handover, sim, tlp
 from mlx5tlp import function as fn
 from test_handover_split import PAGE_RECORDS, doorbell, take_exactly, wait_doorbell
@@ -89,14 +88,8 @@ def regions() -> list[engine.Region]:
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[str, bytes, dict[str, str]]]:
-    d = tmp_path / "ho"
-    d.mkdir(mode=0o700)
-    locks = d / "locks"
-    locks.mkdir(mode=0o700)
-    env = dict(os.environ, MLX5TLP_LOCK_DIR=str(locks))
-    os.environ["MLX5TLP_LOCK_DIR"] = str(locks)  # the standby in this process too
-    yield str(d / "ctl"), os.urandom(32).hex().encode(), env
-    os.environ.pop("MLX5TLP_LOCK_DIR", None)
+    with private_control(tmp_path) as ctl:
+        yield ctl
 
 
 def wait_stats(p: EventProc, want: dict[str, int], timeout: float = 30.0) -> dict[str, Any]:
