@@ -1261,6 +1261,10 @@ static void stop_locked(Engine::Impl& impl) noexcept {
     }
   }
   impl.state.store(kStateStopped);
+  // A thread in wait_first_answer() (no ctl_mu) would otherwise sleep until its deadline —
+  // forever for none — on an engine its owner is about to destroy: wake it to see "stopped".
+  impl.answered_bell.fetch_add(1, std::memory_order_release);
+  futex_wake(impl.answered_bell);
 }
 
 void Engine::start() {
@@ -1371,6 +1375,9 @@ uint64_t Engine::wait_first_answer(Deadline deadline) const noexcept {
     const uint32_t seen = impl_->answered_bell.load(std::memory_order_acquire);
     const uint64_t t = first_answer_ns();
     if (t != 0) return t;
+    // Stopped: no lane will answer again. stop() rings the bell after storing the state, so a
+    // waiter that loaded `seen` before the ring does not sleep through it (the futex compares).
+    if (impl_->state.load() == kStateStopped) return 0;
     // Blocking point: until a lane's first answer wakes the bell, or the deadline.
     if (!futex_wait(impl_->answered_bell, seen, deadline)) return first_answer_ns();
   }
@@ -1516,6 +1523,7 @@ EngineStats Engine::stats() const {
       s.regions[r].batched += ld(l.rc[r].batched);
     }
   }
+  for (size_t r = 0; r < impl_->regions.size(); ++r) s.regions[r].backing_lost = impl_->regions[r]->backing_lost();
   return s;
 }
 

@@ -107,6 +107,7 @@ struct EngineOptions {
 // What one lane (or, summed, the engine) did. Counters only grow.
 struct RegionCounters {
   uint64_t reads = 0, writes = 0, read_bytes = 0, write_bytes = 0, batched = 0;
+  bool backing_lost = false;  // Region::backing_lost(): its file was truncated while served
 };
 inline constexpr size_t kLatencyBuckets = 40;  // bucket b: [2^b, 2^(b+1)) ns; last: above
 
@@ -213,8 +214,8 @@ class Engine {
   // CLOCK_MONOTONIC ns of the first request answered (in the page and retired) since the last
   // start() / resume() / reattach_gateways(), the earliest over the lanes; 0: none yet.
   uint64_t first_answer_ns() const noexcept;
-  // Blocks until first_answer_ns() is not 0 or the deadline passes; returns it (0: none by
-  // the deadline). A successor's control thread waits here after start() so that the lanes,
+  // Blocks until first_answer_ns() is not 0, the deadline passes or the engine is stopped
+  // (stop() from another thread wakes it); returns it (0: none by the deadline / stopped). A successor's control thread waits here after start() so that the lanes,
   // not its own bookkeeping, get the CPU for the first answers of a handover.
   uint64_t wait_first_answer(Deadline deadline) const noexcept;
   const char* state() const noexcept;  // "created", "running", "paused", "stopped"
