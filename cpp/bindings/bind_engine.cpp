@@ -6,9 +6,11 @@
 #include <pybind11/stl.h>
 
 #include <cerrno>
+#include <chrono>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bind.hpp"
@@ -77,7 +79,7 @@ class PyEngine {
     pci::FunctionState* st = take_state(state);
     o.completer_word = take_completer(completer);
     try {
-      engine_ = std::make_unique<Engine>(layout, std::move(regions), o, st,
+      engine_ = std::make_shared<Engine>(layout, std::move(regions), o, st,
                                          adopt ? pci::Function::Adopt::keep : pci::Function::Adopt::reset);
     } catch (...) {
       release_view();
@@ -91,13 +93,22 @@ class PyEngine {
   }
   PyEngine(const PyEngine&) = delete;
   PyEngine& operator=(const PyEngine&) = delete;
+  // For calls that keep the GIL throughout: close() destroys the engine only after it took
+  // the GIL back and cleared engine_, so the reference cannot dangle during such a call.
   Engine& e() {
     if (!engine_) throw Error(ErrorKind::invalid_handle, "engine", EBADF, "the device was closed");
     return *engine_;
   }
+  // For calls that release the GIL: a share of the engine, taken with the GIL, so a close()
+  // from another thread meanwhile cannot free it under the call (it waits for the share).
+  std::shared_ptr<Engine> hold() {
+    if (!engine_ || closing_) throw Error(ErrorKind::invalid_handle, "engine", EBADF, "the device was closed");
+    return engine_;
+  }
   // Engine::adopt_state with Python buffers (held until close, as the constructor's).
   void adopt_state(const py::object& state, const py::object& completer) {
-    Engine& en = e();
+    const std::shared_ptr<Engine> share = hold();  // the GIL is released below
+    Engine& en = *share;
     if (have_view_ || have_cview_)
       throw Error(ErrorKind::invalid_argument, "adopt state", EINVAL, "the engine already serves from a caller's state");
     if (state.is_none()) throw py::type_error("state must be a writable buffer, not None");
@@ -112,14 +123,30 @@ class PyEngine {
       throw;
     }
   }
+  // Under the GIL. Another thread may be inside a call that released the GIL (hold()):
+  // wait_first_answer() is woken by stop(); pause/drain/... hold the engine's control mutex,
+  // so stop() runs after them. The engine is destroyed once the last share is dropped — here,
+  // before the state buffers are released (a call still running must not see them unmapped).
+  // A second close() while one runs returns at once (the first finishes the job).
   void close() {
+    if (!engine_ || closing_) return;
+    closing_ = true;  // hold() refuses from here: no new GIL-released call starts
+    std::shared_ptr<Engine> en = engine_;
     {
       py::gil_scoped_release r;
-      // Stop first: a lane in the handler still answers through e() while it finishes (reset()
-      // clears the pointer before the destructor joins the lanes).
-      if (engine_) engine_->stop();
-      engine_.reset();
+      // Stop first: a lane in the handler still answers through e() while it finishes.
+      en->stop();
     }
+    engine_.reset();  // with the GIL: e() callers are not mid-call
+    {
+      py::gil_scoped_release r;
+      // Callers still holding a share are past their blocking point (woken or finished) and
+      // only need the GIL to return; wait for them without it. Bounded: stop() has woken them.
+      for (unsigned spin = 0; en.use_count() > 1; ++spin)
+        std::this_thread::sleep_for(std::chrono::microseconds(spin < 100 ? 10 : 1000));
+      en.reset();
+    }
+    closing_ = false;
     release_view();  // the state buffer's owner may be closed after this (handover)
   }
 
@@ -164,13 +191,21 @@ class PyEngine {
   bool have_view_ = false;
   Py_buffer cview_{};  // the shared Completer ID word (handover), or none
   bool have_cview_ = false;
-  std::unique_ptr<Engine> engine_;
+  std::shared_ptr<Engine> engine_;
+  bool closing_ = false;  // under the GIL
 };
 
 uint8_t status_of(const std::string& s) {
   if (s == "UR") return uint8_t(tlp::CplStatus::UR);
   if (s == "CA") return uint8_t(tlp::CplStatus::CA);
   throw py::value_error("status must be 'UR' or 'CA', not '" + s + "'");
+}
+
+// A region whose backing file was truncated under it (sigbus_guard.hpp): EIO, an Error.
+[[noreturn]] void throw_backing_lost(const Region& r, const char* op) {
+  throw Error(ErrorKind::generic, std::string(op) + " region '" + r.name() + "'", EIO,
+              "its backing file was truncated by another process while mapped: the bytes are "
+              "lost (the mapping now holds zero pages; docs/engine.md \"Shared backing files\")");
 }
 
 py::dict stats_dict(const EngineStats& s) {
@@ -201,6 +236,7 @@ py::dict stats_dict(const EngineStats& s) {
   d["err_cor_unsent"] = s.err_cor_unsent;
   d["err_nonfatal_unsent"] = s.err_nonfatal_unsent;
   d["err_fatal_unsent"] = s.err_fatal_unsent;
+  d["errors_logged_before"] = s.errors_logged_before;
   d["latency_ns_log2"] = std::vector<uint64_t>(s.latency_ns_log2.begin(), s.latency_ns_log2.end());
   py::list regions;
   for (const RegionCounters& r : s.regions) {
@@ -210,6 +246,7 @@ py::dict stats_dict(const EngineStats& s) {
     x["read_bytes"] = r.read_bytes;
     x["write_bytes"] = r.write_bytes;
     x["batched"] = r.batched;
+    x["backing_lost"] = r.backing_lost;
     regions.append(x);
   }
   d["regions"] = regions;
@@ -235,7 +272,8 @@ void bind_engine(py::module_& root) {
       .def_property_readonly("bar", &Region::bar)
       .def_property_readonly("offset", &Region::offset)
       .def_property_readonly("size", &Region::size)
-      .def_property_readonly("kind", [](const Region& r) { return std::string(region_kind_name(r.kind())); });
+      .def_property_readonly("kind", [](const Region& r) { return std::string(region_kind_name(r.kind())); })
+      .def_property_readonly("backing_lost", &Region::backing_lost);
 
   py::class_<MemoryRegion, Region, std::shared_ptr<MemoryRegion>>(m, "MemoryRegion")
       .def_static("create", [](const std::string& name, int bar, uint64_t offset, uint64_t size, int fd) {
@@ -244,14 +282,20 @@ void bind_engine(py::module_& root) {
         return std::shared_ptr<MemoryRegion>(std::move(r));
       }, py::arg("name"), py::arg("bar"), py::arg("offset"), py::arg("size"), py::arg("fd"))
       .def_property_readonly("fd", &MemoryRegion::fd)
+      .def_property_readonly("guarded", &MemoryRegion::guarded)
       .def("read", [](const MemoryRegion& r, uint64_t off, uint64_t n) {
         if (off > r.size() || n > r.size() - off) throw py::value_error("read beyond the region");
-        return py::bytes(reinterpret_cast<const char*>(r.data() + off), n);
+        // The copy runs under the SIGBUS guard like the engine's (a truncation mid-copy ends on
+        // zero pages); checked after it, so that zeros are never returned as the bytes.
+        py::bytes out(reinterpret_cast<const char*>(r.data() + off), n);
+        if (r.backing_lost()) throw_backing_lost(r, "read");
+        return out;
       }, py::arg("offset"), py::arg("length"))
       .def("write", [](MemoryRegion& r, uint64_t off, const py::bytes& b) {
         const std::string s = b;
         if (off > r.size() || s.size() > r.size() - off) throw py::value_error("write beyond the region");
         std::memcpy(r.data() + off, s.data(), s.size());
+        if (r.backing_lost()) throw_backing_lost(r, "write");
       }, py::arg("offset"), py::arg("data"));
 
   py::class_<RegisterRegion, Region, std::shared_ptr<RegisterRegion>>(m, "RegisterRegion")
@@ -281,8 +325,15 @@ void bind_engine(py::module_& root) {
       }), py::arg("name"), py::arg("bar"), py::arg("offset"), py::arg("size"), py::arg("registers"), py::arg("fd") = -1)
       .def_property_readonly("fd", &RegisterRegion::fd)
       .def("find", [](const RegisterRegion& r, uint64_t off) { return r.find(off); }, py::arg("offset"))
-      .def("value", [](const RegisterRegion& r, size_t i) { return r.value(i); }, py::arg("index"))
-      .def("set_value", [](RegisterRegion& r, size_t i, uint64_t v) { r.set_value(i, v); }, py::arg("index"), py::arg("value"))
+      .def("value", [](const RegisterRegion& r, size_t i) {
+        const uint64_t v = r.value(i);
+        if (r.backing_lost()) throw_backing_lost(r, "read");
+        return v;
+      }, py::arg("index"))
+      .def("set_value", [](RegisterRegion& r, size_t i, uint64_t v) {
+        r.set_value(i, v);
+        if (r.backing_lost()) throw_backing_lost(r, "write");
+      }, py::arg("index"), py::arg("value"))
       .def("reset", &RegisterRegion::reset)
       .def("names", [](const RegisterRegion& r) {
         std::vector<std::tuple<std::string, uint32_t, uint32_t>> out;
@@ -308,7 +359,8 @@ void bind_engine(py::module_& root) {
       }), py::arg("spec"), py::arg("regions"), py::arg("batch"), py::arg("deferred_max"), py::arg("trace_entries"),
          py::arg("dispatch"), py::arg("state"), py::arg("adopt"), py::arg("completer") = py::none())
       .def("add_sim_lane", [](PyEngine& p, std::shared_ptr<Var> var, uint32_t channels, double spin_us, bool attach) {
-        Engine& e = p.e();
+        const std::shared_ptr<Engine> en = p.hold();
+        Engine& e = *en;
         auto ctx = var->context();
         py::gil_scoped_release r;
         auto src = std::make_unique<SimRequestSource>(ctx, channels, 64,
@@ -321,44 +373,51 @@ void bind_engine(py::module_& root) {
       }, py::arg("var"), py::arg("channels"), py::arg("spin_us"), py::arg("attach") = true)
       .def("adopt_state", &PyEngine::adopt_state, py::arg("state"), py::arg("completer"))
       .def("attach_gateways", [](PyEngine& p) {
-        Engine& e = p.e();
+        const std::shared_ptr<Engine> en = p.hold();
+        Engine& e = *en;
         py::gil_scoped_release r;
         e.attach_gateways();
       })
       .def("start", [](PyEngine& p) { p.e().start(); })
       .def("pause", [](PyEngine& p, const py::object& timeout) {
         const Deadline d = to_deadline(timeout);
-        Engine& e = p.e();
+        const std::shared_ptr<Engine> en = p.hold();
+        Engine& e = *en;
         py::gil_scoped_release r;
         return e.pause(d);
       }, py::arg("timeout"))
       .def("resume", [](PyEngine& p) { p.e().resume(); })
       .def("drain_deferred", [](PyEngine& p, const py::object& timeout) {
         const Deadline d = to_deadline(timeout);
-        Engine& e = p.e();
+        const std::shared_ptr<Engine> en = p.hold();
+        Engine& e = *en;
         py::gil_scoped_release r;
         return e.drain_deferred(d);
       }, py::arg("timeout"))
       .def_property_readonly("first_answer_ns", [](PyEngine& p) { return p.e().first_answer_ns(); })
       .def("wait_first_answer", [](PyEngine& p, const py::object& timeout) {
         const Deadline d = to_deadline(timeout);
-        Engine& e = p.e();
+        const std::shared_ptr<Engine> en = p.hold();
+        Engine& e = *en;
         py::gil_scoped_release r;
         return e.wait_first_answer(d);
       }, py::arg("timeout"))
       .def("stop", [](PyEngine& p) {
-        Engine& e = p.e();
+        const std::shared_ptr<Engine> en = p.hold();
+        Engine& e = *en;
         py::gil_scoped_release r;
         e.stop();
       })
       .def("close", &PyEngine::close)
       .def("release_gateways", [](PyEngine& p) {
-        Engine& e = p.e();
+        const std::shared_ptr<Engine> en = p.hold();
+        Engine& e = *en;
         py::gil_scoped_release r;
         e.release_gateways(std::chrono::seconds(1));
       })
       .def("reattach_gateways", [](PyEngine& p) {
-        Engine& e = p.e();
+        const std::shared_ptr<Engine> en = p.hold();
+        Engine& e = *en;
         py::gil_scoped_release r;
         e.reattach_gateways();
       })
@@ -374,7 +433,8 @@ void bind_engine(py::module_& root) {
         return p.e().fail_deferred(id, status_of(status));
       }, py::arg("id"), py::arg("status"))
       .def("trace_dump", [](PyEngine& p, const std::string& path) {
-        Engine& e = p.e();
+        const std::shared_ptr<Engine> en = p.hold();
+        Engine& e = *en;
         py::gil_scoped_release r;
         return e.trace_dump(path);
       }, py::arg("path"))

@@ -160,6 +160,7 @@ struct Claimer {
     out.claim = pos;
     out.flags = flags;
     out.length = n;
+    if (w & kWordLogged) out.flags |= M5A_SIM_CLAIM_LOGGED;
     if (w & kWordMarked) {
       // A private copy: the file is another process's input, checked once and then trusted.
       const MarkRecord m = s.mark[(w & kWordMarkSelect) ? 1 : 0];
@@ -216,7 +217,7 @@ struct Claimer {
       if (pos == ~uint64_t(0)) continue;
       if (ch.slot[i].len > len) return -ENOBUFS;
       const uint64_t next =
-          claimed_word(pos, session, gen, (w & (kWordMarked | kWordMarkSelect)) | kWordRedelivered);
+          claimed_word(pos, session, gen, (w & (kWordMarked | kWordMarkSelect | kWordLogged)) | kWordRedelivered);
       // acq_rel: exactly one taker wins; it sees the data and mark the dead claimer wrote.
       if (!ch.word[i].compare_exchange_strong(w, next, std::memory_order_acq_rel)) continue;
       const ssize_t n = copy_out(i, next, buf, len, info, pos, M5A_SIM_CLAIM_REDELIVERED);
@@ -327,6 +328,16 @@ struct Claimer {
     return 0;
   }
 
+  int note_logged(uint64_t claim) {
+    int err = 0;
+    uint64_t w = own(claim, &err);
+    if (w == 0) return err;
+    // acq_rel: as mark(); a successor's redelivery CAS sees the bit with the claim's marks.
+    if (!ch.word[claim % kRequestSlots].compare_exchange_strong(w, w | kWordLogged, std::memory_order_acq_rel))
+      return ESTALE;
+    return 0;
+  }
+
   int retire(uint64_t claim) {
     int err = 0;
     uint64_t w = own(claim, &err);
@@ -392,6 +403,14 @@ M5A_EXPORT int mlx5tlp_sim_function_mark_progress(m5a_ibv_context* context, uint
   Claimer* cl = nullptr;
   if (int rc = make_claimer(context, channel, &cl, mem)) return rc;
   return cl->mark(claim, page_id, seq, before, after);
+}
+
+M5A_EXPORT int mlx5tlp_sim_function_note_logged(m5a_ibv_context* context, uint32_t channel,
+                                                uint64_t claim) {
+  alignas(Claimer) unsigned char mem[sizeof(Claimer)];
+  Claimer* cl = nullptr;
+  if (int rc = make_claimer(context, channel, &cl, mem)) return rc;
+  return cl->note_logged(claim);
 }
 
 M5A_EXPORT int mlx5tlp_sim_function_retire(m5a_ibv_context* context, uint32_t channel, uint64_t claim) {

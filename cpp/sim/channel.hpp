@@ -8,6 +8,7 @@
 //   bit  36      MARKED: the claimer recorded where its answer is published (slot mark_*)
 //   bit  37      REDELIVERED: a dead claimer's claim, handed to another session
 //   bit  38      MARK_SELECT: which of the slot's two mark records is the current one
+//   bit  39      LOGGED: the claimer logged the error the request caused (note_logged)
 //   bits 40..47  claimer session slot        (CLAIMED only)
 //   bits 48..63  claimer session generation  (low 16 bits; CLAIMED only)
 // The host is the only producer (one device model per device) and fills positions in order; a
@@ -26,6 +27,7 @@ constexpr uint32_t kSlotFree = 0, kSlotReady = 1, kSlotClaimed = 2;
 constexpr uint64_t kWordMarked = uint64_t(1) << 36;
 constexpr uint64_t kWordRedelivered = uint64_t(1) << 37;
 constexpr uint64_t kWordMarkSelect = uint64_t(1) << 38;
+constexpr uint64_t kWordLogged = uint64_t(1) << 39;
 
 inline uint32_t slot_pos32(uint64_t w) { return uint32_t(w); }
 inline uint32_t slot_state(uint64_t w) { return uint32_t(w >> 32) & 0xf; }
@@ -40,7 +42,7 @@ inline uint64_t claimed_word(uint64_t pos, uint32_t session, uint32_t gen, uint6
 }
 // The same claim, ignoring its flags.
 inline bool same_claim(uint64_t a, uint64_t b) {
-  const uint64_t flags = kWordMarked | kWordRedelivered | kWordMarkSelect;
+  const uint64_t flags = kWordMarked | kWordRedelivered | kWordMarkSelect | kWordLogged;
   return (a & ~flags) == (b & ~flags);
 }
 

@@ -154,7 +154,8 @@ struct Lane {
   bool poisoned_write(Slot& s);
   void route_memory(size_t i, Slot& s, bool io);
   void answer(Slot& s, const uint8_t* data, size_t len, uint8_t status, bool log_it = true);
-  void log_error(pci::RxError e, bool completion_sent, const uint8_t* tlp, size_t len) noexcept;
+  void log_error(pci::RxError e, bool completion_sent, const uint8_t* tlp, size_t len,
+                 const Request* req) noexcept;
   void log_slot_error(const Slot& s, pci::RxError e, bool completion_sent) noexcept;
   void add_batch_item(size_t i, Slot& s, Region& r, uint32_t region_index, uint64_t off, uint32_t len, bool write);
   void run_handler();
@@ -226,7 +227,8 @@ struct Lane {
   Counter batches{0}, completions{0}, ur{0}, ca{0}, unsupported_posted{0}, malformed{0}, poisoned{0},
       unexpected{0}, messages{0}, redelivered{0}, published{0}, partial{0}, stale{0}, deferred{0},
       deferred_completed{0}, deferred_expired{0}, deferred_open{0}, handler_batches{0},
-      interrupts{0}, config_writes{0}, err_cor_unsent{0}, err_nonfatal_unsent{0}, err_fatal_unsent{0};
+      interrupts{0}, config_writes{0}, err_cor_unsent{0}, err_nonfatal_unsent{0}, err_fatal_unsent{0},
+      logged_before{0};
   std::array<Counter, kLatencyBuckets> lat{};
   std::unique_ptr<RegionCountersA[]> rc;
   // trace ring
@@ -460,7 +462,18 @@ void Lane::answer(Slot& s, const uint8_t* data, size_t len, uint8_t status, bool
   out_used += used;
 }
 
-void Lane::log_error(pci::RxError err, bool completion_sent, const uint8_t* tlp, size_t len) noexcept {
+void Lane::log_error(pci::RxError err, bool completion_sent, const uint8_t* tlp, size_t len,
+                     const Request* req) noexcept {
+  // PCIe Base 6.x §6.2.5 (Figure 6-2): one detected error is logged once and signalled by one
+  // Message. A redelivered request whose dead claimer logged its error already (and noted so
+  // on the claim) is answered again but not a second detection: its status bits, First Error
+  // Pointer and Header Log are in the shared configuration space as that claimer left them
+  // (logging again could record its header late, once the host freed the log), and its
+  // Message was called for then. Counted, so that a takeover's skipped logs are visible.
+  if (req != nullptr && (req->flags & kRequestLogged) != 0) {
+    bump(logged_before);
+    return;
+  }
   // The function's own error logging in configuration space (Function::log_error,
   // cpp/src/error_logging.cpp: device-side writes, RW1C for the host). Errors are rare: the
   // function's mutex is fine here, and nothing allocates.
@@ -475,6 +488,10 @@ void Lane::log_error(pci::RxError err, bool completion_sent, const uint8_t* tlp,
   if (m == pci::ErrorMessage::err_cor) bump(err_cor_unsent);
   else if (m == pci::ErrorMessage::err_nonfatal) bump(err_nonfatal_unsent);
   else if (m == pci::ErrorMessage::err_fatal) bump(err_fatal_unsent);
+  // After logging, not before: a process killed in between leaves the claim unnoted, and its
+  // successor logs the error again (status bits are idempotent; one Message too many) rather
+  // than never. ESTALE (a new host epoch discarded the request) or ENOTSUP: nothing to keep.
+  if (req != nullptr) (void)src->note_logged(*req);
 }
 
 void Lane::log_slot_error(const Slot& s, pci::RxError err, bool completion_sent) noexcept {
@@ -483,13 +500,13 @@ void Lane::log_slot_error(const Slot& s, pci::RxError err, bool completion_sent)
   const std::less<const Slot*> lt;
   if (!lt(&s, slots.data()) && lt(&s, slots.data() + slots.size())) {
     const Request& r = reqs[size_t(&s - slots.data())];
-    return log_error(err, completion_sent, r.tlp, r.tlp != nullptr ? r.len : 0);
+    return log_error(err, completion_sent, r.tlp, r.tlp != nullptr ? r.len : 0, &r);
   }
   if (s.deferred < dslots.size()) {
     const Deferred& d = dslots[s.deferred];
-    return log_error(err, completion_sent, d.hdr, d.hdr_len);
+    return log_error(err, completion_sent, d.hdr, d.hdr_len, &d.req);
   }
-  log_error(err, completion_sent, nullptr, 0);
+  log_error(err, completion_sent, nullptr, 0, nullptr);
 }
 
 void Lane::add_batch_item(size_t i, Slot& s, Region& r, uint32_t region_index, uint64_t off, uint32_t len, bool write) {
@@ -655,7 +672,7 @@ void Lane::process(size_t i) {
     s.action = Action::retire_only;
     s.status = kTraceMalformed;
     bump(malformed);
-    log_error(pci::RxError::malformed_tlp, false, r.tlp, r.tlp != nullptr ? r.len : 0);
+    log_error(pci::RxError::malformed_tlp, false, r.tlp, r.tlp != nullptr ? r.len : 0, &r);
     return;
   }
   const tlp::Tlp& t = s.t;
@@ -679,7 +696,7 @@ void Lane::process(size_t i) {
     s.action = Action::retire_only;
     s.status = kTraceMalformed;
     bump(malformed);
-    log_error(pci::RxError::malformed_tlp, false, r.tlp, r.len);
+    log_error(pci::RxError::malformed_tlp, false, r.tlp, r.len, &r);
     return;
   }
   if (t.ep && poisoned_write(s)) return;
@@ -731,7 +748,7 @@ void Lane::process(size_t i) {
     default:  // completions: the function has no request outstanding but MSI-X writes
       bump(unexpected);
       s.action = Action::retire_only;
-      log_error(pci::RxError::unexpected_completion, false, r.tlp, r.len);
+      log_error(pci::RxError::unexpected_completion, false, r.tlp, r.len, &r);
       return;
   }
 }
@@ -1244,6 +1261,10 @@ static void stop_locked(Engine::Impl& impl) noexcept {
     }
   }
   impl.state.store(kStateStopped);
+  // A thread in wait_first_answer() (no ctl_mu) would otherwise sleep until its deadline —
+  // forever for none — on an engine its owner is about to destroy: wake it to see "stopped".
+  impl.answered_bell.fetch_add(1, std::memory_order_release);
+  futex_wake(impl.answered_bell);
 }
 
 void Engine::start() {
@@ -1354,6 +1375,9 @@ uint64_t Engine::wait_first_answer(Deadline deadline) const noexcept {
     const uint32_t seen = impl_->answered_bell.load(std::memory_order_acquire);
     const uint64_t t = first_answer_ns();
     if (t != 0) return t;
+    // Stopped: no lane will answer again. stop() rings the bell after storing the state, so a
+    // waiter that loaded `seen` before the ring does not sleep through it (the futex compares).
+    if (impl_->state.load() == kStateStopped) return 0;
     // Blocking point: until a lane's first answer wakes the bell, or the deadline.
     if (!futex_wait(impl_->answered_bell, seen, deadline)) return first_answer_ns();
   }
@@ -1489,6 +1513,7 @@ EngineStats Engine::stats() const {
     s.err_cor_unsent += ld(l.err_cor_unsent);
     s.err_nonfatal_unsent += ld(l.err_nonfatal_unsent);
     s.err_fatal_unsent += ld(l.err_fatal_unsent);
+    s.errors_logged_before += ld(l.logged_before);
     for (size_t b = 0; b < kLatencyBuckets; ++b) s.latency_ns_log2[b] += ld(l.lat[b]);
     for (size_t r = 0; r < impl_->regions.size(); ++r) {
       s.regions[r].reads += ld(l.rc[r].reads);
@@ -1498,6 +1523,7 @@ EngineStats Engine::stats() const {
       s.regions[r].batched += ld(l.rc[r].batched);
     }
   }
+  for (size_t r = 0; r < impl_->regions.size(); ++r) s.regions[r].backing_lost = impl_->regions[r]->backing_lost();
   return s;
 }
 

@@ -262,6 +262,8 @@ std::shared_ptr<const Library> Library::open(Backend backend, const std::string&
     resolve(verbs, s.sim.function_mark_progress, "mlx5tlp_sim_function_mark_progress",
             M5A_SIM_VERSION_NODE_1_1);
     resolve(verbs, s.sim.function_retire, "mlx5tlp_sim_function_retire", node);
+    resolve(verbs, s.sim.function_note_logged, "mlx5tlp_sim_function_note_logged",
+            M5A_SIM_VERSION_NODE_1_2);
     resolve(verbs, s.sim.import_check, "mlx5tlp_sim_import_check", node);
     resolve(verbs, s.sim.last_error, "mlx5tlp_sim_last_error", node);
     resolve(verbs, s.sim.function_wait, "mlx5tlp_sim_function_wait", node);

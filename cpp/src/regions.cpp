@@ -22,6 +22,27 @@ using pci::hex;
   throw Error(ErrorKind::invalid_argument, "define region", EINVAL, "region '" + name + "': " + what);
 }
 
+// A new memfd of `size` zero bytes whose size is sealed (memfd_create(2) MFD_ALLOW_SEALING,
+// fcntl(2) "File Sealing"): F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL. A handover successor
+// maps these fds (docs/handover.md); once sealed nobody can truncate them, so no process
+// mapping one can be made to fault with SIGBUS, and a receiver can check it (F_GET_SEALS).
+// Whether nobody can shrink the file: F_GET_SEALS answers EINVAL for a file that cannot
+// carry seals (fcntl(2)), which is then as unsealed.
+bool shrink_sealed(int fd) noexcept {
+  const int seals = ::fcntl(fd, F_GET_SEALS);
+  return seals >= 0 && (seals & F_SEAL_SHRINK) != 0;
+}
+
+UniqueFd sealed_memfd(const std::string& name, uint64_t size, const std::string& what) {
+  UniqueFd fd(::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!fd) throw_errno(what, errno_or_eio(), false, "memfd_create");
+  if (::ftruncate(fd.get(), off_t(size)) != 0)
+    throw_errno(what, errno_or_eio(), false, "ftruncate to " + std::to_string(size));
+  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
+    throw_errno(what, errno_or_eio(), false, "fcntl(F_ADD_SEALS)");
+  return fd;
+}
+
 }  // namespace
 
 const char* region_kind_name(RegionKind k) noexcept {
@@ -54,25 +75,25 @@ Region::Region(RegionKind kind, std::string name, int bar, uint64_t offset, uint
 // ---------------------------------------------------------------- memory
 
 MemoryRegion::MemoryRegion(std::string name, int bar, uint64_t offset, uint64_t size, uint8_t* base)
-    : MemoryRegion(std::move(name), bar, offset, size, base, UniqueFd(), 0) {
+    : MemoryRegion(std::move(name), bar, offset, size, base, UniqueFd(), 0, SigbusGuard()) {
   if (base == nullptr) region_error(this->name(), "buffer: no memory");
 }
 
 MemoryRegion::MemoryRegion(std::string name, int bar, uint64_t offset, uint64_t size, uint8_t* base,
-                           UniqueFd fd, size_t map_len)
+                           UniqueFd fd, size_t map_len, SigbusGuard guard)
     : Region(RegionKind::memory, std::move(name), bar, offset, size), base_(base), fd_(std::move(fd)),
-      map_len_(map_len) {}
+      map_len_(map_len), guard_(std::move(guard)) {}
 
 MemoryRegion::~MemoryRegion() {
+  // Unregister first: once unmapped the address may be reused by another mapping, which the
+  // SIGBUS handler must never replace with zero pages.
+  guard_.reset();
   if (map_len_ != 0) ::munmap(base_, map_len_);
 }
 
 std::unique_ptr<MemoryRegion> MemoryRegion::create_memfd(std::string name, int bar, uint64_t offset,
                                                          uint64_t size) {
-  UniqueFd fd(::memfd_create(("mlx5tlp-region-" + name).c_str(), MFD_CLOEXEC));
-  if (!fd) throw_errno("create memory region '" + name + "'", errno_or_eio(), false, "memfd_create");
-  if (::ftruncate(fd.get(), off_t(size)) != 0)
-    throw_errno("create memory region '" + name + "'", errno_or_eio(), false, "ftruncate to " + std::to_string(size));
+  UniqueFd fd = sealed_memfd("mlx5tlp-region-" + name, size, "create memory region '" + name + "'");
   return map_fd(std::move(name), bar, offset, size, fd.get());
 }
 
@@ -89,22 +110,31 @@ std::unique_ptr<MemoryRegion> MemoryRegion::map_fd(std::string name, int bar, ui
   void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, own.get(), 0);
   if (p == MAP_FAILED) throw_errno("map memory region '" + name + "'", errno_or_eio(), false, "mmap");
   try {
+    // A file someone can still shrink (a spec's `shared` file, an application's memfd): a
+    // truncation while serving must cost the region its bytes, not the process its life.
+    SigbusGuard guard = shrink_sealed(own.get())
+                            ? SigbusGuard()
+                            : SigbusGuard(p, size, PROT_READ | PROT_WRITE, "memory region '" + name + "'");
     return std::unique_ptr<MemoryRegion>(new MemoryRegion(std::move(name), bar, offset, size,
-                                                          static_cast<uint8_t*>(p), std::move(own), size));
+                                                          static_cast<uint8_t*>(p), std::move(own), size,
+                                                          std::move(guard)));
   } catch (...) {
-    ::munmap(p, size);
+    ::munmap(p, size);  // the guard (if any) was released by the unwinding first
     throw;
   }
 }
 
 bool MemoryRegion::read(uint64_t off, uint32_t len, uint8_t* out) noexcept {
   std::memcpy(out, base_ + off, len);
-  return true;
+  // Checked after the copy: a copy that faulted on a truncated file finished on zero pages,
+  // which are not the region's bytes. Completer Abort (PCIe Base §2.3.1: the Completer cannot
+  // complete the request) rather than zeros presented as data.
+  return !guard_.lost();
 }
 
 void MemoryRegion::write(uint64_t off, const uint8_t* data, uint32_t len, uint8_t first_be,
                          uint8_t last_be) noexcept {
-  if (len == 0) return;
+  if (len == 0 || guard_.lost()) return;  // nothing left to write to: dropped
   uint8_t* dst = base_ + off;
   const bool full_first = (first_be & 0xf) == 0xf;
   const bool full_last = len <= 4 || (last_be & 0xf) == 0xf;
@@ -158,9 +188,7 @@ RegisterRegion::RegisterRegion(std::string name, int bar, uint64_t offset, uint6
   const size_t need = std::max<size_t>(regs_.size(), 1) * sizeof(uint64_t);
   const std::string what = "register file of region '" + this->name() + "'";
   if (fd < 0) {
-    fd_ = UniqueFd(::memfd_create(("mlx5tlp-registers-" + this->name()).c_str(), MFD_CLOEXEC));
-    if (!fd_) throw_errno("create " + what, errno_or_eio(), false, "memfd_create");
-    if (::ftruncate(fd_.get(), off_t(need)) != 0) throw_errno("create " + what, errno_or_eio(), false, "ftruncate");
+    fd_ = sealed_memfd("mlx5tlp-registers-" + this->name(), need, "create " + what);
   } else {
     struct stat st{};
     if (::fstat(fd, &st) != 0) throw_errno("adopt " + what, errno_or_eio(), false, "fstat");
@@ -174,6 +202,16 @@ RegisterRegion::RegisterRegion(std::string name, int bar, uint64_t offset, uint6
   if (p == MAP_FAILED) throw_errno("map " + what, errno_or_eio(), false, "mmap");
   values_ = static_cast<uint64_t*>(p);
   map_len_ = need;
+  // Our own memfds are sealed; an adopted one may not be (see MemoryRegion::map_fd). The
+  // destructor does not run if this throws: unmap here.
+  if (!shrink_sealed(fd_.get())) {
+    try {
+      guard_ = SigbusGuard(p, need, PROT_READ | PROT_WRITE, what);
+    } catch (...) {
+      ::munmap(p, need);
+      throw;
+    }
+  }
   if (fd < 0) {
     reset();
     return;
@@ -184,6 +222,7 @@ RegisterRegion::RegisterRegion(std::string name, int bar, uint64_t offset, uint6
 }
 
 RegisterRegion::~RegisterRegion() {
+  guard_.reset();  // before the munmap, as in ~MemoryRegion
   if (values_ != nullptr) ::munmap(values_, map_len_);
 }
 
@@ -252,7 +291,7 @@ bool RegisterRegion::read(uint64_t off, uint32_t len, uint8_t* out) noexcept {
     const unsigned byte = unsigned(off + k - regs_[size_t(i)].offset);
     out[k] = uint8_t(values_[size_t(i)] >> (8 * byte));
   }
-  return true;
+  return !guard_.lost();  // as MemoryRegion::read: the values are gone, Completer Abort
 }
 
 void RegisterRegion::write(uint64_t off, const uint8_t* data, uint32_t len, uint8_t first_be,

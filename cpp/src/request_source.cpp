@@ -42,6 +42,7 @@ SimRequestSource::SimRequestSource(std::shared_ptr<Context> ctx, uint32_t channe
   ctx_->lib().need(sym_->function_claim, "mlx5tlp_sim_function_claim");
   ctx_->lib().need(sym_->function_wait, "mlx5tlp_sim_function_wait");
   ctx_->lib().need(sym_->function_mark_progress, "mlx5tlp_sim_function_mark_progress@" M5A_SIM_VERSION_NODE_1_1);
+  ctx_->lib().need(sym_->function_note_logged, "mlx5tlp_sim_function_note_logged@" M5A_SIM_VERSION_NODE_1_2);
   buf_.resize(batch_max_ * kMaxRequest);
 }
 
@@ -75,6 +76,7 @@ size_t SimRequestSource::claim_some(m5a_ibv_context* raw, Request* out, size_t n
     if (info.flags & M5A_SIM_CLAIM_PUBLISHED) r.flags |= kRequestPublished;
     if (info.flags & M5A_SIM_CLAIM_PAGE_GONE) r.flags |= kRequestPageGone;
     if (info.flags & M5A_SIM_CLAIM_PARTIAL) r.flags |= kRequestPartial;
+    if (info.flags & M5A_SIM_CLAIM_LOGGED) r.flags |= kRequestLogged;
     r.mark_page = info.page_id;
     r.mark_seq = info.seq;
     r.progress = info.progress;
@@ -118,6 +120,15 @@ int SimRequestSource::retire(const Request& r) noexcept {
   try {
     Context::Use u(*ctx_);
     return sym_->function_retire(u.get(), r.channel, r.claim);
+  } catch (...) {
+    return EBADF;
+  }
+}
+
+int SimRequestSource::note_logged(const Request& r) noexcept {
+  try {
+    Context::Use u(*ctx_);
+    return sym_->function_note_logged(u.get(), r.channel, r.claim);
   } catch (...) {
     return EBADF;
   }

@@ -199,7 +199,7 @@ def add_parsers(sub: argparse._SubParsersAction, run: Callable[[Handler], Handle
     ho.add_argument("path", metavar="PATH")
     ho.add_argument("--key-file", required=True, help="operator HMAC key (a 0600 file)")
     ho.add_argument("--action", choices=["handover", "stop", "status"], default="handover")
-    ho.add_argument("--timeout", type=float, default=10.0, help="seconds (10)")
+    ho.add_argument("--timeout", type=_positive_seconds, default=10.0, help="seconds (10)")
     ho.set_defaults(func=run(_handover))
     dm = sub.add_parser("handover-demo", help="planned handovers and killed primaries under "
                         "load, every completion checked (docs/handover.md)")
@@ -210,7 +210,8 @@ def add_parsers(sub: argparse._SubParsersAction, run: Callable[[Handler], Handle
                     help="SIGKILL the primary at a random point of every N requests (0: none)")
     dm.add_argument("--seed", type=int, default=1, help="seed (1)")
     dm.add_argument("--window", type=int, default=16, help="requests in flight (16)")
-    dm.add_argument("--timeout", type=float, default=600.0, help="give up after (600 s)")
+    dm.add_argument("--timeout", type=_positive_seconds, default=600.0,
+                    help="give up after (600 s)")
     dm.add_argument("--json", action="store_true", help="one line of JSON")
     dm.add_argument("--engine", choices=["native", "python"], default="native",
                     help="who serves in each primary (native)")

@@ -34,14 +34,28 @@ class Deadline:
         Raises:
             InvalidArgumentError: ``EINVAL``: NaN, negative, or not a number (names `what`).
         """
+        s = cls.checked(seconds, what)
+        return cls(None if s is None else time.monotonic() + s)
+
+    @staticmethod
+    def checked(seconds: Optional[float], what: str = "timeout") -> Optional[float]:
+        """`seconds` checked as :meth:`in_seconds` does: a float >= 0, or None for no limit
+        (None / inf / huge) — for a duration kept and applied per step (``settimeout``).
+
+        Raises:
+            InvalidArgumentError: ``EINVAL``: NaN, negative, or not a number (names `what`).
+        """
         if seconds is None:
-            return cls(None)
-        try:
-            s = float(seconds)
-        except (TypeError, ValueError):
+            return None
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            # As the core's seconds_of: not "1" or True (float() would take them).
             raise InvalidArgumentError(
                 errno.EINVAL, f"{what} must be a number of seconds or None, not "
-                f"{type(seconds).__name__}", what) from None
+                f"{type(seconds).__name__}", what)
+        try:
+            s = float(seconds)
+        except OverflowError:  # an int beyond float range: a limit nobody reaches
+            s = -math.inf if seconds < 0 else math.inf
         if math.isnan(s):
             raise InvalidArgumentError(
                 errno.EINVAL, f"{what} is NaN: give seconds >= 0, or None/inf for no limit", what)
@@ -50,12 +64,17 @@ class Deadline:
                 errno.EINVAL, f"{what} is negative ({s}): give seconds >= 0, or None/inf for "
                 "no limit", what)
         if s > MAX_SECONDS:
-            return cls(None)
-        return cls(time.monotonic() + s)
+            return None
+        return s + 0.0  # -0.0 -> 0.0
 
     @property
     def never(self) -> bool:
         return self._end is None
+
+    @property
+    def end(self) -> Optional[float]:
+        """The ``time.monotonic()`` value it expires at, or None for never."""
+        return self._end
 
     def remaining(self) -> Optional[float]:
         """Seconds left (>= 0), or None for never (the form ``select``/``settimeout`` take)."""

@@ -49,6 +49,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from mlx5tlp._deadline import Deadline
 from mlx5tlp.errors import (
     Error,
     InvalidArgumentError,
@@ -219,8 +220,9 @@ class _Reader:
             if flags & socket.MSG_CTRUNC:
                 raise ProtocolError(
                     errno.EMSGSIZE,
-                    f"the peer sent more fds than max_fds={self.max_fds} (control data "
-                    f"truncated; {len(self.fds)} received and closed)",
+                    f"the peer sent more fds than max_fds={self.max_fds}, or this process "
+                    f"is out of file descriptors (RLIMIT_NOFILE) (control data truncated; "
+                    f"{len(self.fds)} received and closed)",
                 )
             if len(self.fds) > self.max_fds:
                 raise ProtocolError(
@@ -287,8 +289,9 @@ def recv_fds(
         raise TypeError(f"max_fds must be int, not {type(max_fds).__name__}")
     if not 0 <= max_fds <= MAX_FDS:
         raise ValueError(f"max_fds must be in 0..{MAX_FDS}, got {max_fds}")
-    if timeout is not None and timeout < 0:
-        raise ValueError(f"timeout must be >= 0, got {timeout}")
+    # NaN/negative refused (InvalidArgumentError, a ValueError); inf/huge: no limit (a
+    # deadline past time_t's range would overflow socket.settimeout mid-message).
+    limit = Deadline.in_seconds(timeout, "recv_fds timeout")
 
     creds = peer_credentials(sock)
     allowed = {os.getuid()} if allow_uids is None else set(allow_uids)
@@ -301,7 +304,7 @@ def recv_fds(
         )
 
     old_timeout = sock.gettimeout()
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = limit.end
     reader = _Reader(sock, max_fds, deadline)
     try:
         magic, version, nfds, npayloads = _PREFIX.unpack(reader.read(_PREFIX.size, "header"))

@@ -506,6 +506,46 @@ void mark_records() {
   r.collect(r.collected + 1);
 }
 
+// A note that the request's error was logged (MLX5TLP_SIM_1.2): a redelivered claim carries
+// it (M5A_SIM_CLAIM_LOGGED), with its mark, to exactly one successor; it is refused on a claim
+// that is not the caller's or no longer exists; a claim never noted does not carry it.
+void logged_notes() {
+  Rig r;
+  uint8_t buf[4096];
+  m5a_sim_claim_info info{};
+  CHECK(ss().function_note_logged != nullptr);  // resolved under its own version node
+  for (const bool note : {true, false}) {
+    r.send(9, note ? 20 : 21);
+    int ready[2];
+    CHECK(pipe(ready) == 0);
+    const pid_t pid = fork();
+    if (pid == 0) {
+      m5a_sim_claim_info ci{};
+      if (ss().function_claim(r.ctx, 0, buf, sizeof buf, &ci) <= 0) _exit(2);
+      if (note && ss().function_note_logged(r.ctx, 0, ci.claim) != 0) _exit(3);
+      // Marked after the note (the engine's order): the mark keeps it.
+      if (ss().function_mark(r.ctx, 0, ci.claim, r.var->page_id, load64(r.page, kDoorbell) + 1) != 0) _exit(4);
+      if (write(ready[1], &ci.claim, sizeof ci.claim) != sizeof ci.claim) _exit(5);
+      for (;;) pause();
+    }
+    uint64_t claim = 0;
+    CHECK(read(ready[0], &claim, sizeof claim) == sizeof claim);
+    // Another live claimer's claim: not ours to note.
+    CHECK(ss().function_note_logged(r.ctx, 0, claim) == EPERM);
+    kill(pid, SIGKILL);
+    waitpid(pid, nullptr, 0);
+    close(ready[0]);
+    close(ready[1]);
+    CHECK(ss().function_recover(r.ctx, 0, buf, sizeof buf, &info) == 12 && info.claim == claim);
+    const uint32_t want = M5A_SIM_CLAIM_REDELIVERED | M5A_SIM_CLAIM_MARKED | (note ? uint32_t(M5A_SIM_CLAIM_LOGGED) : 0u);
+    CHECK(info.flags == want);
+    CHECK(ss().function_recover(r.ctx, 0, buf, sizeof buf, &info) == 0);  // exactly once
+    CHECK(ss().function_note_logged(r.ctx, 0, claim) == 0);  // now ours: may note it again
+    CHECK(ss().function_retire(r.ctx, 0, claim) == 0);
+    CHECK(ss().function_note_logged(r.ctx, 0, claim) == ESTALE);  // retired
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -519,6 +559,7 @@ int main() {
     epochs();
     killed_host();
     mark_records();
+    logged_notes();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "unexpected exception: %s\n", e.what());
     ++mlx5tlp_test::failures();

@@ -107,6 +107,7 @@ struct EngineOptions {
 // What one lane (or, summed, the engine) did. Counters only grow.
 struct RegionCounters {
   uint64_t reads = 0, writes = 0, read_bytes = 0, write_bytes = 0, batched = 0;
+  bool backing_lost = false;  // Region::backing_lost(): its file was truncated while served
 };
 inline constexpr size_t kLatencyBuckets = 40;  // bucket b: [2^b, 2^(b+1)) ns; last: above
 
@@ -131,6 +132,9 @@ struct EngineStats {
   // Error Messages (ERR_COR / ERR_NONFATAL / ERR_FATAL) the function's enables and masks
   // called for after logging an error (§6.2.5): not sent — this engine sends no error Messages.
   uint64_t err_cor_unsent = 0, err_nonfatal_unsent = 0, err_fatal_unsent = 0;
+  // Errors of redelivered requests not logged again: their dead claimer had logged them
+  // (kRequestLogged; PCIe Base 6.x §6.2.5, one detection, one log and Message).
+  uint64_t errors_logged_before = 0;
   std::array<uint64_t, kLatencyBuckets> latency_ns_log2{};  // take -> in the page, per request
   std::vector<RegionCounters> regions;  // by region index
 };
@@ -210,8 +214,8 @@ class Engine {
   // CLOCK_MONOTONIC ns of the first request answered (in the page and retired) since the last
   // start() / resume() / reattach_gateways(), the earliest over the lanes; 0: none yet.
   uint64_t first_answer_ns() const noexcept;
-  // Blocks until first_answer_ns() is not 0 or the deadline passes; returns it (0: none by
-  // the deadline). A successor's control thread waits here after start() so that the lanes,
+  // Blocks until first_answer_ns() is not 0, the deadline passes or the engine is stopped
+  // (stop() from another thread wakes it); returns it (0: none by the deadline / stopped). A successor's control thread waits here after start() so that the lanes,
   // not its own bookkeeping, get the CPU for the first answers of a handover.
   uint64_t wait_first_answer(Deadline deadline) const noexcept;
   const char* state() const noexcept;  // "created", "running", "paused", "stopped"

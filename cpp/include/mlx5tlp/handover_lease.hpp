@@ -106,14 +106,17 @@ class Lease {
       fail(EPERM, "it is not a private regular file of this user");
   }
 
-  // The current record, or nullopt for a lease nobody ever held; EPROTO if damaged.
+  // The current record, or nullopt for a lease nobody ever held (empty or all zeros); EPROTO
+  // if damaged — a truncated record too: read as "never held" it would restart the
+  // generation, which fences stale handover messages (lease.py does the same).
   std::optional<LeaseRecord> read() const {
     LeaseRecord r{};
     const ssize_t n = ::pread(fd_.get(), &r, sizeof r, 0);
     if (n < 0) fail(errno, "read");
     static const LeaseRecord zero{};
-    if (n < static_cast<ssize_t>(sizeof r) || std::memcmp(&r, &zero, sizeof r) == 0)
+    if (n == 0 || (n == static_cast<ssize_t>(sizeof r) && std::memcmp(&r, &zero, sizeof r) == 0))
       return std::nullopt;
+    if (n < static_cast<ssize_t>(sizeof r)) fail(EPROTO, "damaged: a truncated record");
     if (std::memcmp(r.magic, "M5LS", 4) != 0 || r.version != kLeaseVersion || r.size != 64)
       fail(EPROTO, "damaged or of another layout version");
     return r;

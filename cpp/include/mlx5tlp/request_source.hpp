@@ -30,6 +30,7 @@
 #pragma once
 
 #include <atomic>
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -46,6 +47,7 @@ inline constexpr uint32_t kRequestMarked = 1u << 1;       // it marked it answer
 inline constexpr uint32_t kRequestPublished = 1u << 2;    // ...and that answer reached the host
 inline constexpr uint32_t kRequestPageGone = 1u << 3;     // ...but the page was freed since
 inline constexpr uint32_t kRequestPartial = 1u << 4;      // ...part of it did: Request::progress
+inline constexpr uint32_t kRequestLogged = 1u << 5;       // it logged the request's error (note_logged)
 inline constexpr uint32_t kProgressAll = 0xffffffffu;     // mark(): the whole answer
 
 struct Request {
@@ -71,6 +73,14 @@ class RequestSource {
   virtual int mark(const Request& r, uint32_t page_id, uint64_t seq, uint32_t before,
                    uint32_t after) noexcept = 0;
   virtual int retire(const Request& r) noexcept = 0;
+  // Records that the error `r` caused was logged (PCIe Base 6.x §6.2.5: one detection, one
+  // log and one Message), so that a successor it is redelivered to (kRequestLogged) does not
+  // log it again. 0 or an errno as mark(); ENOTSUP for a source that cannot carry it (its
+  // redeliveries are then logged again: at least once, never lost).
+  virtual int note_logged(const Request& r) noexcept {
+    (void)r;
+    return ENOTSUP;
+  }
   // Every request a dead claimer left, now ours (flag kRedelivered), up to n; 0 when none.
   virtual size_t recover(Request* out, size_t n) = 0;
   // Makes a blocked (or the next) take() return 0 soon. Any thread; may wake other waiters of
@@ -93,6 +103,7 @@ class SimRequestSource final : public RequestSource {
   int mark(const Request& r, uint32_t page_id, uint64_t seq, uint32_t before,
            uint32_t after) noexcept override;
   int retire(const Request& r) noexcept override;
+  int note_logged(const Request& r) noexcept override;
   size_t recover(Request* out, size_t n) override;
   void wake() noexcept override;
 

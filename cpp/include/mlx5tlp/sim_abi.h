@@ -4,9 +4,10 @@
  * Beside the rdma-core subset (same names, same symbol versions), the software device exports
  * these functions under the version node MLX5TLP_SIM_1.0: device management, the "kernel"
  * mmap handler, and the device model that plays the PCIe host; MLX5TLP_SIM_1.1 (which inherits
- * 1.0) adds marks with progress (mlx5tlp_sim_function_mark_progress). The core resolves them
- * through the same loader (they are null for the rdma backend, and a 1.1 symbol is null in a
- * library that has only 1.0).
+ * 1.0) adds marks with progress (mlx5tlp_sim_function_mark_progress); MLX5TLP_SIM_1.2 (which
+ * inherits 1.1) notes on a claim that its error was logged (mlx5tlp_sim_function_note_logged).
+ * The core resolves them through the same loader (they are null for the rdma backend, and a
+ * 1.1 or 1.2 symbol is null in a library that lacks its node).
  *
  * Return conventions: int functions return 0 or a positive errno value; pointer functions
  * return NULL and set errno; ssize_t functions return a length, 0 for "nothing", or -errno.
@@ -27,6 +28,7 @@ extern "C" {
 
 #define M5A_SIM_VERSION_NODE "MLX5TLP_SIM_1.0"
 #define M5A_SIM_VERSION_NODE_1_1 "MLX5TLP_SIM_1.1"
+#define M5A_SIM_VERSION_NODE_1_2 "MLX5TLP_SIM_1.2"
 #define M5A_SIM_DEFAULT_DEVICE "mlx5_sim0"
 
 struct m5a_sim_device_config {
@@ -121,6 +123,8 @@ enum {
 	M5A_SIM_CLAIM_PAGE_GONE = 1u << 3,   /* ...but that page was freed (or reallocated) since */
 	M5A_SIM_CLAIM_PARTIAL = 1u << 4,     /* ...and part of the answer reached the host
 						(0 < progress < ALL): answer only the rest (1.1) */
+	M5A_SIM_CLAIM_LOGGED = 1u << 5,      /* the dead claimer logged the request's error
+						(note_logged): do not log it again (1.2) */
 };
 
 /* What mlx5tlp_sim_reset_device discarded. */
@@ -316,6 +320,14 @@ typedef int (*m5a_sim_function_mark_fn)(struct m5a_ibv_context *ctx, uint32_t ch
 typedef int (*m5a_sim_function_mark_progress_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
 						 uint64_t claim, uint32_t page_id, uint64_t seq,
 						 uint32_t before, uint32_t after);
+/* MLX5TLP_SIM_1.2. Record on `claim` that the error its request caused was logged (the
+ * function's error logging in configuration space, PCIe Base 6.x §6.2.5: status bits, Header
+ * Log, the error Message): a successor it is redelivered to sees M5A_SIM_CLAIM_LOGGED and does
+ * not log — or signal — the same detection again. Call it right after logging (a claimer
+ * killed in between leaves the claim unnoted: logged again, never lost). Marks keep it; one
+ * CAS on the claim's word, no system call. 0, ESTALE, EPERM. */
+typedef int (*m5a_sim_function_note_logged_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
+					       uint64_t claim);
 /* Retire a claim (its slot returns to the host). 0, ESTALE, EPERM. */
 typedef int (*m5a_sim_function_retire_fn)(struct m5a_ibv_context *ctx, uint32_t channel,
 					  uint64_t claim);
@@ -353,6 +365,7 @@ struct SimSymbols {
 	m5a_sim_function_mark_fn function_mark = nullptr;
 	m5a_sim_function_mark_progress_fn function_mark_progress = nullptr;  /* 1.1 */
 	m5a_sim_function_retire_fn function_retire = nullptr;
+	m5a_sim_function_note_logged_fn function_note_logged = nullptr;  /* 1.2 */
 	m5a_sim_last_error_fn last_error = nullptr;
 	m5a_sim_function_wait_fn function_wait = nullptr;
 	m5a_sim_function_wake_fn function_wake = nullptr;

@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import json
 import math
+import mmap
 import multiprocessing
 import os
 import random
@@ -40,6 +41,7 @@ from typing import Any, Optional
 
 import mlx5tlp
 from mlx5tlp import share, sim, tlp
+from mlx5tlp._memfd import sealed_memfd
 from mlx5tlp.demo import endpoint, native
 from mlx5tlp.demo.host import (
     FUNCTION_ID,
@@ -157,7 +159,9 @@ def _run(opts: Options, stop: threading.Event) -> tuple[dict[str, Any], int]:
                 f"--workers {opts.workers}: {opts.device} has {caps.gw_num_pages} TLP gateway "
                 "pages, one per worker is needed")
         bar = random.Random(opts.seed).randbytes(opts.bar_size)
-        memfd = os.memfd_create("mlx5tlp-demo-bar")
+        # Sealed at its (page-rounded) size: the workers map it (see mlx5tlp._memfd).
+        page = mmap.PAGESIZE
+        memfd = sealed_memfd("mlx5tlp-demo-bar", (opts.bar_size + page - 1) // page * page)
         try:
             report.update(_run_with(ctx, opts, bar, memfd, stop))
         finally:

@@ -17,7 +17,9 @@ import time
 from typing import Any
 
 from mlx5tlp import share, sim, tlp
+from mlx5tlp._memfd import check_sealed
 from mlx5tlp.context import Context
+from mlx5tlp.errors import Error
 
 __all__ = ["Function", "serve"]
 
@@ -73,6 +75,10 @@ class Function:
         )
 
 
+def _demo_error(err: int, message: str) -> Error:
+    return Error(err, message, "demo worker")
+
+
 def serve(sock: socket.socket) -> None:
     """Worker process entry point (multiprocessing target)."""
     # The terminal sends Ctrl-C to the whole process group: the control process decides.
@@ -81,6 +87,8 @@ def serve(sock: socket.socket) -> None:
         fds, payloads, _peer = share.recv_fds(sock, max_fds=2, timeout=30)
         cfg = json.loads(payloads[0])
         try:
+            # The control process sealed the BAR memfd: checked before it is mapped.
+            check_sealed(fds[1], int(cfg["bar_size"]), "the BAR memfd", _demo_error)
             ctx = Context.import_fd(fds[0], backend="sim")
             bar = mmap.mmap(fds[1], int(cfg["bar_size"]), mmap.MAP_SHARED, mmap.PROT_READ)
         finally:

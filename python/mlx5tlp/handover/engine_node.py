@@ -39,7 +39,7 @@ from mlx5tlp.errors import Error
 from mlx5tlp.function import FunctionSpec
 from mlx5tlp.handover.errors import HandoverError, StateMismatchError
 from mlx5tlp.handover.node import Events, bind_listener
-from mlx5tlp.handover.state import STATE_VERSION, SharedState
+from mlx5tlp.handover.state import STATE_VERSION, SharedState, check_shared_fds, state_size
 from mlx5tlp.var import Var
 
 if TYPE_CHECKING:
@@ -70,6 +70,24 @@ def _shared_fd(r: engine.Region) -> Optional[int]:
     if isinstance(r, (engine.MemoryRegion, engine.RegisterRegion)):
         return r.fd
     return None
+
+
+def _shared_needs(layout: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(bytes, which memfd) of each memory / register region's memfd, in message order."""
+    out: list[tuple[int, str]] = []
+    for i, d in enumerate(layout):
+        try:
+            kind = d.get("kind")
+            if kind == "memory":
+                out.append((int(d["size"]), f"memory memfd of regions[{i}] ({d['name']!r})"))
+            elif kind == "registers":
+                # One u64 per register (at least one): RegisterRegion's layout (regions.cpp).
+                out.append((8 * max(len(d["registers"]), 1),
+                            f"register memfd of regions[{i}] ({d['name']!r})"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HandoverError(errno.EPROTO, f"objects message: regions[{i}] is malformed "
+                                f"({exc!r})", "handover") from exc
+    return out
 
 
 class EngineServer:
@@ -264,6 +282,13 @@ class EngineNode:
                 spec = FunctionSpec.from_dict(json.loads(fields["spec"]))
             if regions is not None:
                 check_layout(regions, layout)
+            # Before anything is imported or mapped: a peer's memfd it could still shrink
+            # would let it kill this process (or its engine thread) with SIGBUS.
+            of = f"of {want_fds}"
+            check_shared_fds([(state_fd, state_size(), f"the state memfd (message fd 2 {of})"),
+                              *((fd, need, f"the {what} (message fd {3 + i} {of})")
+                                for i, (fd, (need, what)) in
+                                enumerate(zip(region_fds, _shared_needs(layout), strict=True)))])
             ctx = Context.import_fd(cmd_fd, backend="sim")
             os.close(cmd_fd)
             cmd_fd = -1

@@ -205,14 +205,21 @@ class Lease(Closing):
         return self._fd
 
     def read(self) -> Optional[LeaseRecord]:
-        """The current contents, or None for a lease nobody ever held.
+        """The current contents, or None for a lease nobody ever held (empty or all zeros).
 
         Raises:
-            InvalidArgumentError: ``EPROTO``: the file is not a lease (magic, version, size).
+            InvalidArgumentError: ``EPROTO``: the file is not a lease (magic, version, size,
+                a truncated record).
         """
         raw = os.pread(self._need(), LEASE_SIZE, 0)
-        if len(raw) < LEASE_SIZE or raw == bytes(LEASE_SIZE):
-            return None
+        if not raw or raw == bytes(LEASE_SIZE):
+            return None  # new (created empty), or never written
+        if len(raw) < LEASE_SIZE:
+            # Not "never held": a truncated record would restart the generation at 1, and
+            # generations fence stale handover messages (docs/handover.md).
+            raise InvalidArgumentError(
+                errno.EPROTO, f"lease file {self.path!r} is damaged: {len(raw)} bytes, a "
+                f"lease record is {LEASE_SIZE}", "handover")
         magic, version, size, gen, pid, succ, start, beat, sver, _r, digest, _r2 = (
             _RECORD.unpack(raw))
         if magic != LEASE_MAGIC or version != LEASE_VERSION or size != LEASE_SIZE:

@@ -23,12 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from mlx5tlp._memfd import sealed_memfd
 from mlx5tlp.context import Context, open_device
 from mlx5tlp.errors import Error
 from mlx5tlp.function import Bar, FunctionSpec, Identity, VendorCap
 from mlx5tlp.handover.lease import check_private_dir
 from mlx5tlp.handover.server import Responder, Server
-from mlx5tlp.handover.state import SharedState
+from mlx5tlp.handover.state import SharedState, check_shared_fds, state_size
 from mlx5tlp.var import Var
 
 __all__ = ["DEFAULT_BAR_BASE", "DEFAULT_BAR_SIZE", "Node", "default_spec", "memory_pattern",
@@ -107,8 +108,8 @@ class Node:
         try:
             var = ctx.alloc_var(tlp=True)
             state = SharedState.create(spec, generation, channels=_mask(channels))
-            mfd = os.memfd_create("mlx5tlp-handover-memory", os.MFD_CLOEXEC)
-            os.ftruncate(mfd, memory_size)
+            # Sealed at its size: a standby maps it (see mlx5tlp._memfd).
+            mfd = sealed_memfd("mlx5tlp-handover-memory", memory_size)
             mem = mmap.mmap(mfd, memory_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             mem[:] = memory_pattern(memory_size)
         except BaseException:
@@ -150,18 +151,22 @@ class Node:
             raise HandoverError(71, f"objects message with {len(fds)} fds and {len(envelopes)} "
                                 "envelopes (want 3 and 1)", "handover")
         cmd_fd, state_fd, mem_fd = fds
-        if spec is None:
-            spec = FunctionSpec.from_dict(json.loads(fields["spec"]))
         ctx: Optional[Context] = None
         var: Optional[Var] = None
         try:
+            if spec is None:
+                spec = FunctionSpec.from_dict(json.loads(fields["spec"]))
+            size = int(fields["memory_size"])
+            # Before anything is imported or mapped: a peer's memfd it could still shrink
+            # would let it kill this process with SIGBUS on the next access.
+            check_shared_fds([(state_fd, state_size(), "the state memfd (message fd 2 of 3)"),
+                              (mem_fd, size, "the memory memfd (message fd 3 of 3)")])
             ctx = Context.import_fd(cmd_fd, backend="sim")
             os.close(cmd_fd)
             cmd_fd = -1
             var = ctx.import_var(envelopes[0], key=key)
             fd, state_fd = state_fd, -1
             state = SharedState.attach(fd, spec, version=state_version)  # owns fd now
-            size = int(fields["memory_size"])
             mem = mmap.mmap(mem_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             for fd in (cmd_fd, state_fd, mem_fd):

@@ -26,7 +26,7 @@ from mlx5tlp.handover.errors import HandoverError, LeaseHeldError
 from mlx5tlp.handover.lease import Lease
 from mlx5tlp.handover.node import Events, Node, bind_listener, default_spec
 from mlx5tlp.handover.state import STATE_VERSION, seal_snapshot
-from mlx5tlp.handover.wire import Wire, check_key
+from mlx5tlp.handover.wire import Message, Wire, check_key
 from mlx5tlp.share import ProtocolError
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["Primary"]
 
 _STEP_TIMEOUT = 2.0  # a peer that does not answer a handover step within this is failed
+_MAX_UNWELCOMED = 32  # connections that have not said hello yet, at most (each holds an fd)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Primary:
         self.rollbacks = 0
         self._stop = False
         self._operator: Optional[_Peer] = None
+        self._accept_failing = False  # accept() failed (EMFILE...): reported once
         self.origin: dict[str, Any] = {}  # how this primary started (t_stop / t_detect)
         self.server: Union[Server, EngineServer] = node.make_server()
         self.server.open()
@@ -192,20 +194,36 @@ class Primary:
             # A successor binds the control socket only after it answered its first request
             # (or went idle): standbys retry their connect meanwhile, the host does not wait.
             self.listener = bind_listener(self.path)
-        rlist = [self.listener, *(p.sock for p in self.peers)]
+        # poll(2), not select(2): select() refuses fds >= FD_SETSIZE (1024) with ValueError, so
+        # a thousand idle connections (or an application with many files open) ended run().
+        poller = select.poll()
+        by_fd: dict[int, Optional[_Peer]] = {self.listener.fileno(): None}
+        poller.register(self.listener, select.POLLIN)
+        for p in self.peers:
+            by_fd[p.sock.fileno()] = p
+            poller.register(p.sock, select.POLLIN)
         try:
-            ready, _, _ = select.select(rlist, [], [], timeout)
+            if 0 < timeout < 1e-3:
+                # poll() counts whole milliseconds (rounded up); a sub-millisecond idle wait
+                # looks once and sleeps, as select() with its microseconds did.
+                ready = poller.poll(0)
+                if not ready:
+                    time.sleep(timeout)
+                    return
+            else:
+                ready = poller.poll(timeout * 1000.0)
         except InterruptedError:
             return
-        for s in ready:
+        for fd, _events in ready:
             if self.outcome:
                 return
-            if s is self.listener:
+            if fd not in by_fd:
+                continue
+            peer = by_fd[fd]
+            if peer is None:
                 self._accept()
-            else:
-                peer = next((p for p in self.peers if p.sock is s), None)
-                if peer is not None:
-                    self._on_message(peer)
+            elif peer in self.peers:  # not dropped by an earlier message of this round
+                self._on_message(peer)
 
     def _accept(self) -> None:
         try:
@@ -213,8 +231,29 @@ class Primary:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        sock.setblocking(True)
+        except OSError as exc:
+            # EMFILE/ENFILE/ENOBUFS: out of descriptors or memory. Make room by dropping the
+            # oldest peer that never said hello; the connection stays queued for the next look.
+            # Serving goes on either way (before, this ended run()).
+            if not self._accept_failing:
+                self._emit("refused", peer_pid=0, error=f"cannot accept a connection: {exc}")
+            self._accept_failing = True
+            self._evict_unwelcomed()
+            return
+        self._accept_failing = False
+        # Blocking, but bounded: a peer that stops reading must not hold this thread (it
+        # serves) in a send once the socket buffer is full — the send fails, the peer is dropped.
+        sock.settimeout(_STEP_TIMEOUT)
+        if sum(p.wire is None for p in self.peers) >= _MAX_UNWELCOMED:
+            # Connections that never say hello cost nothing while silent, but each holds an
+            # fd: at most this many; the oldest goes first.
+            self._evict_unwelcomed()
         self.peers.append(_Peer(sock))
+
+    def _evict_unwelcomed(self) -> None:
+        old = next((p for p in self.peers if p.wire is None), None)
+        if old is not None:
+            self._drop(old)
 
     def _drop(self, peer: _Peer) -> None:
         peer.close()
@@ -244,7 +283,17 @@ class Primary:
             self._drop(peer)
             return
         msg.close_fds()
-        kind = msg.type
+        try:
+            self._dispatch(peer, msg.type, msg)
+        except (ConnectionError, TimeoutError) as exc:
+            # The peer hung up before our answer (EPIPE/ECONNRESET: an operator killed after
+            # its request, a standby gone after "join") or stopped reading: drop it and serve
+            # on — before, this escaped run() and ended the function.
+            self._emit("dropped", peer_pid=peer.pid, error=str(exc))
+            self._drop(peer)
+
+    def _dispatch(self, peer: _Peer, kind: str, msg: Message) -> None:
+        assert peer.wire is not None
         if kind == "join" and peer.role == "standby":
             peer.wire.send("objects", dict(self.node.describe(), generation=self.generation),
                            payloads=self.node.exports(self.key), fds=self.node.fds())
@@ -281,9 +330,15 @@ class Primary:
                 op.wire.send("error", {"errno": errno.ENOENT,
                                        "message": "no standby is connected and ready"})
                 return
-            self._operator = op
             # The standby asks (protocol), the operator only tells it to.
-            standby.wire.send("go", {"generation": self.generation})
+            try:
+                standby.wire.send("go", {"generation": self.generation})
+            except (ConnectionError, TimeoutError) as exc:
+                self._drop(standby)  # gone: the operator hears why, and may ask again
+                op.wire.send("error", {"errno": errno.ENOENT,
+                                       "message": f"the ready standby went away: {exc}"})
+                return
+            self._operator = op
         else:
             op.wire.send("error", {"errno": errno.EINVAL, "message": f"unknown action {action!r}"})
 

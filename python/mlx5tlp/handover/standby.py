@@ -55,12 +55,13 @@ if TYPE_CHECKING:
 __all__ = ["Standby", "connect"]
 
 
-def connect(path: str, timeout: float = 5.0) -> socket.socket:
+def connect(path: str, timeout: Optional[float] = 5.0) -> socket.socket:
     """Connect to the control socket at `path`, retrying while nobody listens (a successor may
-    be binding it) until `timeout`.
+    be binding it) until `timeout` (None or inf: no limit).
 
     Raises:
         HandoverError: ``ECONNREFUSED``/``ENOENT`` after the timeout.
+        InvalidArgumentError: ``EINVAL``: `timeout` is NaN or negative.
     """
     deadline = Deadline.in_seconds(timeout, "connect timeout")
     pause = 1e-4
@@ -79,6 +80,26 @@ def connect(path: str, timeout: float = 5.0) -> socket.socket:
         except BaseException:
             s.close()
             raise
+
+
+def _readable(fds: Sequence[Any], timeout: Optional[float]) -> set[int]:
+    """The fd numbers of `fds` (ints or sockets) readable (or hung up) within `timeout` (None:
+    no limit). poll(2), not select(2): select() refuses fds >= 1024 (ValueError)."""
+    poller = select.poll()
+    for f in fds:
+        poller.register(f, select.POLLIN)
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if end is None else max(end - time.monotonic(), 0.0)
+        # poll() takes a C int of milliseconds (OverflowError beyond ~24.8 days): long waits
+        # go in steps of a day.
+        ms = None if left is None else min(left * 1000.0, _POLL_STEP_MS)
+        ready = {fd for fd, _ev in poller.poll(ms)}
+        if ready or left is None or left * 1000.0 <= _POLL_STEP_MS:
+            return ready
+
+
+_POLL_STEP_MS = 86_400_000.0
 
 
 class Standby:
@@ -111,7 +132,7 @@ class Standby:
     def __init__(self, path: str, key: bytes, *, spec: Optional[FunctionSpec] = None,
                  state_version: int = STATE_VERSION,
                  allow_uids: Optional[Collection[int]] = None,
-                 events: Optional[Events] = None, timeout: float = 5.0,
+                 events: Optional[Events] = None, timeout: Optional[float] = 5.0,
                  regions: Optional[Sequence[Region]] = None) -> None:
         self.path = os.path.abspath(path)
         self.key = check_key(key)
@@ -119,7 +140,10 @@ class Standby:
         self.state_version = state_version
         self.allow_uids = allow_uids
         self.events = events
-        self.timeout = timeout
+        # Each step's bound (connect, every reply), checked here rather than deep in a socket
+        # call: NaN/negative refused (EINVAL), None/inf/huge = no limit (None: a huge value
+        # would overflow socket.settimeout).
+        self.timeout = Deadline.checked(timeout, "standby timeout")
         self.regions = regions
         self.lease = Lease(self.path + ".lease", state_version=state_version)
         self.node: Optional[Union[Node, EngineNode]] = None
@@ -202,8 +226,7 @@ class Standby:
     def _primary_dead(self, wait: float) -> bool:
         if self._pidfd < 0:
             return True
-        r, _, _ = select.select([self._pidfd], [], [], wait)
-        return bool(r)
+        return bool(_readable([self._pidfd], wait))
 
     def wait(self, timeout: Optional[float] = None) -> Optional[Primary]:
         """Wait until this standby must act, and act.
@@ -226,13 +249,13 @@ class Standby:
             fds: list[Any] = [self.sock] + ([self._pidfd] if self._pidfd >= 0 else [])
             if self._pidfd < 0:
                 return self.take_over()
-            r, _, _ = select.select(fds, [], [], left)
+            r = _readable(fds, left)
             if not r:
                 return None
             # Dead. But a primary that stopped the function sent "shutdown" before it exited
             # (and freed the objects): read what it left before taking over.
-            if self._pidfd in r and self.sock not in r \
-                    and not select.select([self.sock], [], [], 0)[0]:
+            if self._pidfd in r and self.sock.fileno() not in r \
+                    and not _readable([self.sock], 0):
                 return self.take_over()
             try:
                 msg = self.wire.recv(timeout=self.timeout)

@@ -46,6 +46,7 @@ import struct
 from typing import Optional, Union
 
 from mlx5tlp._closing import Closing
+from mlx5tlp._memfd import check_sealed, sealed_memfd
 from mlx5tlp.function import STATE_SIZE as FUNCTION_STATE_SIZE
 from mlx5tlp.function import STATE_VERSION as FUNCTION_STATE_VERSION
 from mlx5tlp.function import Function, FunctionSpec
@@ -56,8 +57,10 @@ __all__ = [
     "STATE_MAGIC",
     "STATE_VERSION",
     "SharedState",
+    "check_shared_fds",
     "open_snapshot",
     "seal_snapshot",
+    "state_size",
     "state_summary",
 ]
 
@@ -75,6 +78,26 @@ FLAG_PAUSED = 1
 def _size() -> int:
     total = HEADER_SIZE + FUNCTION_STATE_SIZE
     return (total + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+def _mismatch(err: int, message: str) -> StateMismatchError:
+    return StateMismatchError(err, message, "handover")
+
+
+def state_size() -> int:
+    """Bytes of a state memfd (header + function state, whole pages)."""
+    return _size()
+
+
+def check_shared_fds(fds: list[tuple[int, int, str]]) -> None:
+    """Each ``(fd, bytes needed, which fd)`` a peer sent must be a memfd sealed against
+    shrinking (``F_SEAL_SHRINK``) of at least that size, checked before it is mapped.
+
+    Raises:
+        StateMismatchError: ``EPROTO``, naming the fd, its size and the size needed.
+    """
+    for fd, need, what in fds:
+        check_sealed(fd, need, what, _mismatch)
 
 
 def _check_header(raw: bytes, digest: int, what: str, *,
@@ -118,8 +141,8 @@ class SharedState(Closing):
     @classmethod
     def create(cls, spec: FunctionSpec, generation: int, channels: int = 1) -> SharedState:
         """A new state block (reset function state) in a new memfd."""
-        fd = os.memfd_create("mlx5tlp-handover-state", os.MFD_CLOEXEC)
-        os.ftruncate(fd, _size())
+        # Sealed at its size: a standby that maps it must not get SIGBUS (see _memfd).
+        fd = sealed_memfd("mlx5tlp-handover-state", _size())
         probe = Function(spec)
         st = cls(fd, spec, probe.digest)
         probe.close()
@@ -135,15 +158,16 @@ class SharedState(Closing):
         """Map a predecessor's state block (`fd` is now owned by the result) and check it.
 
         Raises:
-            StateMismatchError: another version (``EPROTO``) or another function (``EINVAL``).
+            StateMismatchError: another version (``EPROTO``) or another function (``EINVAL``);
+                a memfd not sealed against shrinking, or smaller than a state block
+                (``EPROTO``): checked before it is mapped, so that its creator cannot make
+                this process fault (SIGBUS) by truncating it.
         """
         probe = Function(spec)
         digest = probe.digest
         probe.close()
         try:
-            if os.fstat(fd).st_size < _size():
-                raise StateMismatchError(errno.EPROTO, "the state memfd is too small",
-                                         "handover")
+            check_sealed(fd, _size(), "the state memfd", _mismatch)
             st = cls(fd, spec, digest)
         except BaseException:
             os.close(fd)

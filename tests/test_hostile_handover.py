@@ -1,0 +1,431 @@
+"""Hostile tests of the handover and the engine's newest calls: bad timeouts, peers that hang
+up or stall, closes racing blocked threads, damaged lease files. Real processes and sockets,
+no mocks; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mlx5tlp
+from handover_rig import EventProc, Rig, cfg_read, collect, stop
+from mlx5tlp import engine, handover, share, sim
+from mlx5tlp import function as fn
+from mlx5tlp.handover.standby import connect
+from mlx5tlp.handover.wire import Wire
+
+BAD_TIMEOUTS = [float("nan"), -1.0, -1e300, float("-inf")]
+# No limit: must not overflow select()/settimeout() (OverflowError above ~9.2e9 s).
+NO_LIMIT = [float("inf"), 1e300, 1e10, 10**400]
+
+
+def _spec() -> fn.FunctionSpec:
+    return fn.FunctionSpec(
+        identity=fn.Identity(vendor_id=0x15B3, device_id=0x1234, class_code=0x020000),
+        bars=[fn.Bar(0, "mem32", 1 << 16), fn.Bar(2, "mem32", 1 << 14)],
+        msix=fn.Msix(vectors=4, table_bar=2, table_offset=0x2000, pba_bar=2, pba_offset=0x3000),
+    )
+
+
+@pytest.fixture
+def rig(tmp_path: Path, device: str) -> Iterator[Rig]:
+    r = Rig(tmp_path, device, engine="python")
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def private(tmp_path: Path) -> Path:
+    d = tmp_path / "priv"
+    d.mkdir(mode=0o700)
+    return d
+
+
+def _in_thread(fn_: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+
+    def body() -> None:
+        try:
+            out.append(fn_(*args))
+        except BaseException as exc:  # reported to the test, not lost in the thread
+            out.append(exc)
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    return t, out
+
+
+# ---- the engine: close while another thread blocks in wait_first_answer ----
+
+
+def test_close_wakes_a_thread_in_wait_first_answer(ctx: mlx5tlp.Context) -> None:
+    """Before: close() destroyed the engine while the waiter slept on its futex word (a use
+    after free; the waiter never returned). Now close() wakes it (0: no answer) and frees the
+    engine only after the waiter left."""
+    dev = engine.Device(ctx, _spec(), [engine.MemoryRegion(0, 0, 0x1000)])
+    try:
+        t, got = _in_thread(dev.wait_first_answer, None)
+        time.sleep(0.05)
+        assert t.is_alive()  # blocked: nothing was sent
+        t0 = time.monotonic()
+        dev.close()
+        t.join(5.0)
+        assert not t.is_alive(), "the waiter still sleeps on a closed device"
+        assert got == [0] and time.monotonic() - t0 < 5.0
+    finally:
+        dev.close()
+    with pytest.raises(mlx5tlp.InvalidHandleError):
+        dev.wait_first_answer(0.0)
+
+
+def test_stop_wakes_a_thread_in_wait_first_answer(ctx: mlx5tlp.Context) -> None:
+    with engine.Device(ctx, _spec(), [engine.MemoryRegion(0, 0, 0x1000)]) as dev:
+        t, got = _in_thread(dev.wait_first_answer, 30.0)
+        time.sleep(0.05)
+        dev.stop()
+        t.join(5.0)
+        assert not t.is_alive() and got == [0]
+        assert dev.wait_first_answer(None) == 0  # stopped: returns at once
+
+
+@pytest.mark.parametrize("call", ["wait_first_answer", "pause", "drain_deferred"])
+def test_engine_timeouts(ctx: mlx5tlp.Context, call: str) -> None:
+    with engine.Device(ctx, _spec(), [engine.MemoryRegion(0, 0, 0x1000)]) as dev:
+        if call == "drain_deferred":
+            assert dev.pause(5.0)
+        f = getattr(dev, call)
+        for bad in BAD_TIMEOUTS:
+            with pytest.raises(mlx5tlp.InvalidArgumentError, match=r"NaN|negative"):
+                f(bad)
+        if call == "wait_first_answer":
+            assert f(-0.0) == 0 and f(0.0) == 0
+        else:
+            t0 = time.monotonic()
+            assert f(-0.0) in (True, False) and time.monotonic() - t0 < 1.0  # try once
+            assert f(1e300) is True and f(float("inf")) is True
+
+
+# ---- timeouts of the Python side ----
+
+
+def test_lease_timeouts(private: Path) -> None:
+    holder = handover.Lease(str(private / "f.lease"))
+    other = handover.Lease(str(private / "f.lease"))
+    try:
+        assert holder.acquire(0.0) == 1
+        for bad in BAD_TIMEOUTS:
+            # Before: NaN made the retry loop's deadline compare false forever (a hang).
+            with pytest.raises(mlx5tlp.InvalidArgumentError, match="lease timeout"):
+                other.acquire(bad)
+            with pytest.raises(mlx5tlp.InvalidArgumentError, match="lease timeout"):
+                other.reclaim(1, bad)
+        for zero in (0.0, -0.0, 0):
+            with pytest.raises(handover.LeaseHeldError):
+                other.acquire(zero)
+        for not_a_number in ("1", True, b"1"):
+            with pytest.raises(mlx5tlp.InvalidArgumentError, match="number of seconds"):
+                other.acquire(not_a_number)  # type: ignore[arg-type]
+        # No limit: waits until the holder lets go (here, a release from another thread).
+        threading.Timer(0.1, holder.release).start()
+        t0 = time.monotonic()
+        assert other.acquire(math.inf) == 2 and time.monotonic() - t0 < 5
+        other.release()
+        assert holder.reclaim(2, 1e300) == 2  # same process: the record is still "ours"
+    finally:
+        holder.close()
+        other.close()
+
+
+def test_connect_and_standby_timeouts(private: Path) -> None:
+    path = str(private / "ctl")
+    for bad in BAD_TIMEOUTS:
+        # Before: connect() with NaN retried forever when nobody listened.
+        with pytest.raises(mlx5tlp.InvalidArgumentError, match="connect timeout"):
+            connect(path, bad)
+        with pytest.raises(mlx5tlp.InvalidArgumentError, match="standby timeout"):
+            handover.Standby(path, b"k" * 32, timeout=bad)
+        with pytest.raises(mlx5tlp.InvalidArgumentError, match="connect timeout"):
+            handover.request(path, b"k" * 32, "status", timeout=bad)
+    with pytest.raises(handover.HandoverError) as exc:
+        connect(path, -0.0)
+    assert exc.value.errno == errno.ENOENT
+
+
+def test_recv_fds_timeouts() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        for bad in BAD_TIMEOUTS:
+            with pytest.raises(ValueError, match=r"NaN|negative"):
+                share.recv_fds(b, timeout=bad)
+        for huge in NO_LIMIT:
+            # Before: OverflowError from settimeout() (inf, 1e300) once a message began.
+            share.send_fds(a, [], [b"x" * 10])
+            fds, payloads, _ = share.recv_fds(b, timeout=huge)
+            assert (fds, payloads) == ([], [b"x" * 10])
+        share.send_fds(a, [], [b"y"])
+        assert share.recv_fds(b, timeout=-0.0)[1] == [b"y"]
+
+
+def test_standby_wait_timeouts(rig: Rig) -> None:
+    p0 = rig.primary()
+    sb = handover.Standby(rig.path, rig.key, timeout=math.inf)
+    try:
+        for bad in BAD_TIMEOUTS:
+            with pytest.raises(mlx5tlp.InvalidArgumentError, match="wait timeout"):
+                sb.wait(bad)
+        assert sb.wait(-0.0) is None and sb.wait(0.0) is None
+        # inf: no limit — before, select() raised OverflowError at once.
+        t, got = _in_thread(sb.wait, math.inf)
+        time.sleep(0.1)
+        assert t.is_alive()
+        stop(rig)  # the primary tells its standbys to shut down
+        t.join(10)
+        assert not t.is_alive() and got == [None], got
+    finally:
+        sb.close()
+    assert p0.p.wait(30) == 0
+
+
+def test_cli_handover_timeout_is_checked(rig: Rig) -> None:
+    for bad in ("nan", "-1", "inf", "1e300"):
+        r = subprocess.run([sys.executable, "-m", "mlx5tlp", "handover", rig.path, "--key-file",
+                            str(rig.key_file), "--action", "status", "--timeout", bad],
+                           env=rig.env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "--timeout" in r.stderr, (bad, r.stderr)
+
+
+# ---- the control socket: peers that hang up, stall or send junk ----
+
+
+def _operator(rig: Rig) -> tuple[socket.socket, Wire]:
+    sock = connect(rig.path)
+    wire, welcome = Wire.client(sock, rig.key, {"role": "operator", "pid": os.getpid()},
+                                timeout=10)
+    welcome.close_fds()
+    return sock, wire
+
+
+def _still_serves(rig: Rig, p0: Any, host: Any, tag: int) -> None:
+    assert p0.p.poll() is None, p0.p.stderr.read() if p0.p.stderr else ""
+    assert host.send_request(cfg_read(0, tag))
+    assert len(collect(host, 1, timeout=10)) == 1
+    st = handover.request(rig.path, rig.key, "status", timeout=10)
+    assert st["pid"] == p0.pid
+
+
+@pytest.mark.parametrize("what", ["status", "join", "unexpected"])
+def test_peer_that_hangs_up_before_the_answer_does_not_kill_the_primary(rig: Rig,
+                                                                        what: str) -> None:
+    """Before: the primary's reply to a peer that had already closed raised BrokenPipeError
+    out of Primary.run() — an operator killed after sending "status" ended the function."""
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        for tag in range(3):
+            if what == "join":
+                sock = connect(rig.path)
+                wire, _ = Wire.client(sock, rig.key, {"role": "standby", "pid": os.getpid(),
+                                                      "state_version": handover.STATE_VERSION},
+                                      timeout=10)
+                wire.send("join", {})
+            else:
+                sock, wire = _operator(rig)
+                if what == "status":
+                    wire.send("request", {"action": "status"})
+                else:
+                    wire.send("ready", {})  # not an operator's message: answered "error"
+            sock.close()  # gone before the primary answers
+            _still_serves(rig, p0, host, tag)
+        stop(rig)
+        assert p0.p.wait(30) == 0
+
+
+def test_silent_and_junk_peers_do_not_stop_serving(rig: Rig) -> None:
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        silent = [connect(rig.path) for _ in range(20)]  # connect and never speak
+        junk = connect(rig.path)
+        junk.sendall(b"\xff" * 64)  # not a message: refused, dropped
+        partial = connect(rig.path)
+        partial.sendall(share.WIRE_MAGIC[:2])  # a header that never completes
+        wrong_key = connect(rig.path)
+        Wire(wrong_key, b"w" * 32, is_server=False).send("hello", {"role": "operator"})
+        try:
+            t0 = time.monotonic()
+            for tag in range(5):
+                _still_serves(rig, p0, host, tag)
+            assert time.monotonic() - t0 < 15
+            assert p0.wait_event("refused")
+            # The peer with the wrong key was hung up on.
+            wrong_key.settimeout(5)
+            assert wrong_key.recv(1) == b""
+        finally:
+            for s in [*silent, junk, partial, wrong_key]:
+                s.close()
+        t0 = time.monotonic()
+        stop(rig)  # silent peers do not hold up the stop
+        assert p0.p.wait(30) == 0 and time.monotonic() - t0 < 15
+
+
+# ---- damaged lease files ----
+
+
+def test_damaged_lease_files_are_refused(private: Path) -> None:
+    path = private / "f.lease"
+    path.write_bytes(b"garbage!" * 8)
+    path.chmod(0o600)
+    with handover.Lease(str(path)) as lease, pytest.raises(mlx5tlp.InvalidArgumentError) as exc:
+        lease.acquire(0.0)
+    assert exc.value.errno == errno.EPROTO and "damaged" in str(exc.value)
+    with handover.Lease(str(path)) as a, handover.Lease(str(path)) as b:
+        with pytest.raises(mlx5tlp.InvalidArgumentError):
+            a.try_acquire()
+        assert not a.held
+        # a gave the lock back when it refused: b gets the same refusal, not EBUSY.
+        with pytest.raises(mlx5tlp.InvalidArgumentError):
+            b.try_acquire()
+    # A truncated record (a lease that was held: its generation must not restart at 1).
+    good = handover.Lease(str(private / "g.lease"))
+    assert good.acquire(0.0) == 1
+    good.release()
+    good.close()
+    raw = (private / "g.lease").read_bytes()
+    (private / "g.lease").write_bytes(raw[:20])
+    with handover.Lease(str(private / "g.lease")) as lease, \
+            pytest.raises(mlx5tlp.InvalidArgumentError) as exc:
+        lease.acquire(0.0)
+    assert exc.value.errno == errno.EPROTO and "20 bytes" in str(exc.value)
+
+
+def test_lease_file_symlink_and_foreign_modes_are_refused(private: Path, tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    (private / "s.lease").symlink_to(target)
+    with pytest.raises(mlx5tlp.InvalidArgumentError) as exc:
+        handover.Lease(str(private / "s.lease"))
+    assert exc.value.errno == errno.ELOOP
+    (private / "w.lease").write_bytes(b"")
+    (private / "w.lease").chmod(0o666)
+    with pytest.raises(mlx5tlp.InvalidArgumentError, match="private regular file"):
+        handover.Lease(str(private / "w.lease"))
+    os.mkfifo(private / "p.lease", 0o600)
+    with pytest.raises(mlx5tlp.InvalidArgumentError, match="private regular file"):
+        handover.Lease(str(private / "p.lease"))
+    os.mkdir(private / "d.lease", 0o700)
+    with pytest.raises(mlx5tlp.InvalidArgumentError):
+        handover.Lease(str(private / "d.lease"))
+
+
+def test_lease_record_of_another_living_successor(private: Path) -> None:
+    """A record naming a living successor that is not us: we do not take the lease."""
+    path = private / "f.lease"
+    with handover.Lease(str(path)) as lease:
+        assert lease.acquire(0.0) == 1
+        lease.release(successor=1)  # pid 1 lives (init)
+        with pytest.raises(handover.LeaseHeldError, match="handing over to pid 1"):
+            lease.acquire(0.05)
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<I", raw, 20, 0)  # no successor
+    path.write_bytes(bytes(raw))
+    with handover.Lease(str(path)) as lease:
+        assert lease.acquire(0.0) == 2
+
+
+# ---- descriptors: many connections, fd numbers past 1024, RLIMIT_NOFILE ----
+
+
+def test_a_thousand_idle_connections_do_not_stop_the_primary(rig: Rig) -> None:
+    """Before: select() in the primary's loop raised ValueError for an fd >= 1024 (1021 idle
+    connections ended run()); now poll(), and at most 32 connections that never said hello
+    are kept (the oldest are hung up on)."""
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        conns: list[socket.socket] = []
+        try:
+            for _ in range(1100):
+                conns.append(connect(rig.path, 10.0))
+            _still_serves(rig, p0, host, 1)
+            # The primary keeps only the newest silent ones: the oldest see EOF.
+            conns[0].settimeout(10)
+            assert conns[0].recv(1) == b""
+            fds = len(os.listdir(f"/proc/{p0.pid}/fd"))
+            assert fds < 200, f"the primary holds {fds} fds"
+        finally:
+            for c in conns:
+                c.close()
+        stop(rig)
+        assert p0.p.wait(30) == 0
+
+
+LOW_NOFILE = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit}))
+from mlx5tlp.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_primary_out_of_descriptors_keeps_serving(rig: Rig) -> None:
+    """accept() failing with EMFILE ended run(); now it is reported (`refused`), the oldest
+    silent connection is dropped to make room, and the primary serves on."""
+    with sim.Host(rig.device) as host:
+        argv = [sys.executable, "-c", LOW_NOFILE.format(limit=48), "serve", "--control",
+                rig.path, "--key-file", str(rig.key_file), "--device", rig.device, "--events",
+                "--engine", rig.engine]
+        p0 = EventProc("P0", argv, rig.env)
+        rig.procs.append(p0)  # type: ignore[arg-type]
+        p0.wait_event("serving")
+        conns: list[socket.socket] = []
+        try:
+            for _ in range(60):  # more than the primary's descriptors
+                conns.append(connect(rig.path, 10.0))
+            ev = p0.wait_event("refused")
+            assert "Too many open files" in ev["error"] or "EMFILE" in ev["error"], ev
+            for c in conns[:40]:
+                c.close()
+            _still_serves(rig, p0, host, 1)
+        finally:
+            for c in conns:
+                c.close()
+        stop(rig)
+        assert p0.p.wait(30) == 0
+
+
+STANDBY_LOW_NOFILE = """
+import os, resource, sys
+from mlx5tlp import handover
+# Room for the interpreter and the control socket, not for the objects message's fds.
+used = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (used + 2, used + 2))
+try:
+    handover.Standby({path!r}, {key!r}, timeout=10)
+except Exception as exc:
+    print(type(exc).__name__, exc)
+    sys.exit(3)
+sys.exit(0)
+"""
+
+
+def test_standby_out_of_descriptors_is_refused_clearly(rig: Rig) -> None:
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        code = STANDBY_LOW_NOFILE.format(path=rig.path, key=rig.key)
+        r = subprocess.run([sys.executable, "-c", code], env=rig.env, timeout=60,
+                           capture_output=True, text=True)
+        assert r.returncode == 3, (r.stdout, r.stderr)
+        assert "RLIMIT_NOFILE" in r.stdout or "Too many open files" in r.stdout, r.stdout
+        _still_serves(rig, p0, host, 1)
+        stop(rig)
+        assert p0.p.wait(30) == 0
