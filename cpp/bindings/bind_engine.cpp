@@ -201,6 +201,13 @@ uint8_t status_of(const std::string& s) {
   throw py::value_error("status must be 'UR' or 'CA', not '" + s + "'");
 }
 
+// A region whose backing file was truncated under it (sigbus_guard.hpp): EIO, an Error.
+[[noreturn]] void throw_backing_lost(const Region& r, const char* op) {
+  throw Error(ErrorKind::generic, std::string(op) + " region '" + r.name() + "'", EIO,
+              "its backing file was truncated by another process while mapped: the bytes are "
+              "lost (the mapping now holds zero pages; docs/engine.md \"Shared backing files\")");
+}
+
 py::dict stats_dict(const EngineStats& s) {
   py::dict d;
   py::dict kinds;
@@ -239,6 +246,7 @@ py::dict stats_dict(const EngineStats& s) {
     x["read_bytes"] = r.read_bytes;
     x["write_bytes"] = r.write_bytes;
     x["batched"] = r.batched;
+    x["backing_lost"] = r.backing_lost;
     regions.append(x);
   }
   d["regions"] = regions;
@@ -249,6 +257,21 @@ py::tuple trace_tuple(const TraceEntry& t) {
   return py::make_tuple(t.time_ns, t.lane, t.kind, t.status, t.address, t.length_dw, t.requester_id, t.tag,
                         t.first_be, t.last_be, t.completions, int(t.region) - 1, t.latency_ns,
                         py::bytes(reinterpret_cast<const char*>(t.header), 16));
+}
+
+// A bounded wait of the engine (pause, drain_deferred, wait_first_answer): the timeout is
+// checked and a share of the engine taken (hold(): a close() meanwhile cannot free it) with the
+// GIL held — to_deadline raises the project's errors for a bad timeout — and the wait runs
+// without it, so that the lanes' Python hooks and handlers can finish meanwhile.
+template <auto Wait>
+auto deadline_call() {
+  return [](PyEngine& p, const py::object& timeout) {
+    const Deadline d = to_deadline(timeout);
+    const std::shared_ptr<Engine> en = p.hold();
+    Engine& e = *en;
+    py::gil_scoped_release r;
+    return (e.*Wait)(d);
+  };
 }
 
 }  // namespace
@@ -264,7 +287,8 @@ void bind_engine(py::module_& root) {
       .def_property_readonly("bar", &Region::bar)
       .def_property_readonly("offset", &Region::offset)
       .def_property_readonly("size", &Region::size)
-      .def_property_readonly("kind", [](const Region& r) { return std::string(region_kind_name(r.kind())); });
+      .def_property_readonly("kind", [](const Region& r) { return std::string(region_kind_name(r.kind())); })
+      .def_property_readonly("backing_lost", &Region::backing_lost);
 
   py::class_<MemoryRegion, Region, std::shared_ptr<MemoryRegion>>(m, "MemoryRegion")
       .def_static("create", [](const std::string& name, int bar, uint64_t offset, uint64_t size, int fd) {
@@ -273,14 +297,20 @@ void bind_engine(py::module_& root) {
         return std::shared_ptr<MemoryRegion>(std::move(r));
       }, py::arg("name"), py::arg("bar"), py::arg("offset"), py::arg("size"), py::arg("fd"))
       .def_property_readonly("fd", &MemoryRegion::fd)
+      .def_property_readonly("guarded", &MemoryRegion::guarded)
       .def("read", [](const MemoryRegion& r, uint64_t off, uint64_t n) {
         if (off > r.size() || n > r.size() - off) throw py::value_error("read beyond the region");
-        return py::bytes(reinterpret_cast<const char*>(r.data() + off), n);
+        // The copy runs under the SIGBUS guard like the engine's (a truncation mid-copy ends on
+        // zero pages); checked after it, so that zeros are never returned as the bytes.
+        py::bytes out(reinterpret_cast<const char*>(r.data() + off), n);
+        if (r.backing_lost()) throw_backing_lost(r, "read");
+        return out;
       }, py::arg("offset"), py::arg("length"))
       .def("write", [](MemoryRegion& r, uint64_t off, const py::bytes& b) {
         const std::string s = b;
         if (off > r.size() || s.size() > r.size() - off) throw py::value_error("write beyond the region");
         std::memcpy(r.data() + off, s.data(), s.size());
+        if (r.backing_lost()) throw_backing_lost(r, "write");
       }, py::arg("offset"), py::arg("data"));
 
   py::class_<RegisterRegion, Region, std::shared_ptr<RegisterRegion>>(m, "RegisterRegion")
@@ -310,8 +340,15 @@ void bind_engine(py::module_& root) {
       }), py::arg("name"), py::arg("bar"), py::arg("offset"), py::arg("size"), py::arg("registers"), py::arg("fd") = -1)
       .def_property_readonly("fd", &RegisterRegion::fd)
       .def("find", [](const RegisterRegion& r, uint64_t off) { return r.find(off); }, py::arg("offset"))
-      .def("value", [](const RegisterRegion& r, size_t i) { return r.value(i); }, py::arg("index"))
-      .def("set_value", [](RegisterRegion& r, size_t i, uint64_t v) { r.set_value(i, v); }, py::arg("index"), py::arg("value"))
+      .def("value", [](const RegisterRegion& r, size_t i) {
+        const uint64_t v = r.value(i);
+        if (r.backing_lost()) throw_backing_lost(r, "read");
+        return v;
+      }, py::arg("index"))
+      .def("set_value", [](RegisterRegion& r, size_t i, uint64_t v) {
+        r.set_value(i, v);
+        if (r.backing_lost()) throw_backing_lost(r, "write");
+      }, py::arg("index"), py::arg("value"))
       .def("reset", &RegisterRegion::reset)
       .def("names", [](const RegisterRegion& r) {
         std::vector<std::tuple<std::string, uint32_t, uint32_t>> out;
@@ -357,29 +394,11 @@ void bind_engine(py::module_& root) {
         e.attach_gateways();
       })
       .def("start", [](PyEngine& p) { p.e().start(); })
-      .def("pause", [](PyEngine& p, const py::object& timeout) {
-        const Deadline d = to_deadline(timeout);
-        const std::shared_ptr<Engine> en = p.hold();
-        Engine& e = *en;
-        py::gil_scoped_release r;
-        return e.pause(d);
-      }, py::arg("timeout"))
+      .def("pause", deadline_call<&Engine::pause>(), py::arg("timeout"))
       .def("resume", [](PyEngine& p) { p.e().resume(); })
-      .def("drain_deferred", [](PyEngine& p, const py::object& timeout) {
-        const Deadline d = to_deadline(timeout);
-        const std::shared_ptr<Engine> en = p.hold();
-        Engine& e = *en;
-        py::gil_scoped_release r;
-        return e.drain_deferred(d);
-      }, py::arg("timeout"))
+      .def("drain_deferred", deadline_call<&Engine::drain_deferred>(), py::arg("timeout"))
       .def_property_readonly("first_answer_ns", [](PyEngine& p) { return p.e().first_answer_ns(); })
-      .def("wait_first_answer", [](PyEngine& p, const py::object& timeout) {
-        const Deadline d = to_deadline(timeout);
-        const std::shared_ptr<Engine> en = p.hold();
-        Engine& e = *en;
-        py::gil_scoped_release r;
-        return e.wait_first_answer(d);
-      }, py::arg("timeout"))
+      .def("wait_first_answer", deadline_call<&Engine::wait_first_answer>(), py::arg("timeout"))
       .def("stop", [](PyEngine& p) {
         const std::shared_ptr<Engine> en = p.hold();
         Engine& e = *en;

@@ -1523,6 +1523,7 @@ EngineStats Engine::stats() const {
       s.regions[r].batched += ld(l.rc[r].batched);
     }
   }
+  for (size_t r = 0; r < impl_->regions.size(); ++r) s.regions[r].backing_lost = impl_->regions[r]->backing_lost();
   return s;
 }
 

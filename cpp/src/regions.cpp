@@ -26,6 +26,13 @@ using pci::hex;
 // fcntl(2) "File Sealing"): F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL. A handover successor
 // maps these fds (docs/handover.md); once sealed nobody can truncate them, so no process
 // mapping one can be made to fault with SIGBUS, and a receiver can check it (F_GET_SEALS).
+// Whether nobody can shrink the file: F_GET_SEALS answers EINVAL for a file that cannot
+// carry seals (fcntl(2)), which is then as unsealed.
+bool shrink_sealed(int fd) noexcept {
+  const int seals = ::fcntl(fd, F_GET_SEALS);
+  return seals >= 0 && (seals & F_SEAL_SHRINK) != 0;
+}
+
 UniqueFd sealed_memfd(const std::string& name, uint64_t size, const std::string& what) {
   UniqueFd fd(::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
   if (!fd) throw_errno(what, errno_or_eio(), false, "memfd_create");
@@ -68,16 +75,19 @@ Region::Region(RegionKind kind, std::string name, int bar, uint64_t offset, uint
 // ---------------------------------------------------------------- memory
 
 MemoryRegion::MemoryRegion(std::string name, int bar, uint64_t offset, uint64_t size, uint8_t* base)
-    : MemoryRegion(std::move(name), bar, offset, size, base, UniqueFd(), 0) {
+    : MemoryRegion(std::move(name), bar, offset, size, base, UniqueFd(), 0, SigbusGuard()) {
   if (base == nullptr) region_error(this->name(), "buffer: no memory");
 }
 
 MemoryRegion::MemoryRegion(std::string name, int bar, uint64_t offset, uint64_t size, uint8_t* base,
-                           UniqueFd fd, size_t map_len)
+                           UniqueFd fd, size_t map_len, SigbusGuard guard)
     : Region(RegionKind::memory, std::move(name), bar, offset, size), base_(base), fd_(std::move(fd)),
-      map_len_(map_len) {}
+      map_len_(map_len), guard_(std::move(guard)) {}
 
 MemoryRegion::~MemoryRegion() {
+  // Unregister first: once unmapped the address may be reused by another mapping, which the
+  // SIGBUS handler must never replace with zero pages.
+  guard_.reset();
   if (map_len_ != 0) ::munmap(base_, map_len_);
 }
 
@@ -100,22 +110,31 @@ std::unique_ptr<MemoryRegion> MemoryRegion::map_fd(std::string name, int bar, ui
   void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, own.get(), 0);
   if (p == MAP_FAILED) throw_errno("map memory region '" + name + "'", errno_or_eio(), false, "mmap");
   try {
+    // A file someone can still shrink (a spec's `shared` file, an application's memfd): a
+    // truncation while serving must cost the region its bytes, not the process its life.
+    SigbusGuard guard = shrink_sealed(own.get())
+                            ? SigbusGuard()
+                            : SigbusGuard(p, size, PROT_READ | PROT_WRITE, "memory region '" + name + "'");
     return std::unique_ptr<MemoryRegion>(new MemoryRegion(std::move(name), bar, offset, size,
-                                                          static_cast<uint8_t*>(p), std::move(own), size));
+                                                          static_cast<uint8_t*>(p), std::move(own), size,
+                                                          std::move(guard)));
   } catch (...) {
-    ::munmap(p, size);
+    ::munmap(p, size);  // the guard (if any) was released by the unwinding first
     throw;
   }
 }
 
 bool MemoryRegion::read(uint64_t off, uint32_t len, uint8_t* out) noexcept {
   std::memcpy(out, base_ + off, len);
-  return true;
+  // Checked after the copy: a copy that faulted on a truncated file finished on zero pages,
+  // which are not the region's bytes. Completer Abort (PCIe Base §2.3.1: the Completer cannot
+  // complete the request) rather than zeros presented as data.
+  return !guard_.lost();
 }
 
 void MemoryRegion::write(uint64_t off, const uint8_t* data, uint32_t len, uint8_t first_be,
                          uint8_t last_be) noexcept {
-  if (len == 0) return;
+  if (len == 0 || guard_.lost()) return;  // nothing left to write to: dropped
   uint8_t* dst = base_ + off;
   const bool full_first = (first_be & 0xf) == 0xf;
   const bool full_last = len <= 4 || (last_be & 0xf) == 0xf;
@@ -183,6 +202,16 @@ RegisterRegion::RegisterRegion(std::string name, int bar, uint64_t offset, uint6
   if (p == MAP_FAILED) throw_errno("map " + what, errno_or_eio(), false, "mmap");
   values_ = static_cast<uint64_t*>(p);
   map_len_ = need;
+  // Our own memfds are sealed; an adopted one may not be (see MemoryRegion::map_fd). The
+  // destructor does not run if this throws: unmap here.
+  if (!shrink_sealed(fd_.get())) {
+    try {
+      guard_ = SigbusGuard(p, need, PROT_READ | PROT_WRITE, what);
+    } catch (...) {
+      ::munmap(p, need);
+      throw;
+    }
+  }
   if (fd < 0) {
     reset();
     return;
@@ -193,6 +222,7 @@ RegisterRegion::RegisterRegion(std::string name, int bar, uint64_t offset, uint6
 }
 
 RegisterRegion::~RegisterRegion() {
+  guard_.reset();  // before the munmap, as in ~MemoryRegion
   if (values_ != nullptr) ::munmap(values_, map_len_);
 }
 
@@ -261,7 +291,7 @@ bool RegisterRegion::read(uint64_t off, uint32_t len, uint8_t* out) noexcept {
     const unsigned byte = unsigned(off + k - regs_[size_t(i)].offset);
     out[k] = uint8_t(values_[size_t(i)] >> (8 * byte));
   }
-  return true;
+  return !guard_.lost();  // as MemoryRegion::read: the values are gone, Completer Abort
 }
 
 void RegisterRegion::write(uint64_t off, const uint8_t* data, uint32_t len, uint8_t first_be,

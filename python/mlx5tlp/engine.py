@@ -99,12 +99,32 @@ class MemoryRegion:
         """Bytes in the region."""
         return int(self._core.size)
 
+    @property
+    def backing_lost(self) -> bool:
+        """Whether the file behind :attr:`fd` was truncated by another process while mapped.
+
+        A file that is not sealed against shrinking (a spec's ``shared`` file, an
+        application's fd) is mapped under the native SIGBUS guard: a truncation costs the
+        region its bytes (the mapping becomes private zero pages) instead of killing the
+        process. From then on the engine answers reads Completer Abort and drops writes, and
+        :meth:`read`/:meth:`write` raise :class:`~mlx5tlp.Error` (``EIO``). Never true for a
+        region's own (sealed) memfd. See docs/engine.md, "Shared backing files"."""
+        return bool(self._core.backing_lost)
+
     def read(self, offset: int, length: int) -> bytes:
-        """A copy of ``length`` bytes at region offset ``offset``."""
+        """A copy of ``length`` bytes at region offset ``offset``.
+
+        Raises:
+            Error: ``EIO``: the backing file was truncated (:attr:`backing_lost`).
+        """
         return bytes(self._core.read(offset, length))
 
     def write(self, offset: int, data: bytes) -> None:
-        """Store ``data`` at region offset ``offset`` (the device side changing its memory)."""
+        """Store ``data`` at region offset ``offset`` (the device side changing its memory).
+
+        Raises:
+            Error: ``EIO``: the backing file was truncated (:attr:`backing_lost`).
+        """
         self._core.write(offset, bytes(data))
 
 
@@ -187,6 +207,13 @@ class RegisterRegion:
         owned by the region: dup it to keep it). A successor passes it as ``fd`` to continue
         from these values (docs/handover.md)."""
         return int(self._core.fd)
+
+    @property
+    def backing_lost(self) -> bool:
+        """Whether an adopted, unsealed :attr:`fd` was truncated under the mapping (see
+        :attr:`MemoryRegion.backing_lost`): reads are answered Completer Abort, and item
+        access raises :class:`~mlx5tlp.Error` (``EIO``)."""
+        return bool(self._core.backing_lost)
 
     def __getitem__(self, name: str) -> int:
         """The register's current value."""
@@ -656,7 +683,8 @@ class Device(Closing):
     def stats(self) -> dict[str, Any]:
         """Counters: ``requests`` by kind, ``completions``, ``ur``, ``ca``, ``malformed``,
         ``poisoned`` (EP writes discarded, PCIe Base §2.7.2.2), ``deferred*``, ``regions``
-        (per region: reads, writes, bytes, batched),
+        (per region: reads, writes, bytes, batched, and ``backing_lost``: its backing file
+        was truncated while served, see :attr:`MemoryRegion.backing_lost`),
         ``latency_ns_log2`` (bucket b counts requests that took [2^b, 2^(b+1)) ns from take
         to in the page), and ``hook_errors`` (register hooks and callback handlers that
         raised; see :attr:`last_hook_error`)."""

@@ -33,6 +33,7 @@ import signal
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -524,6 +525,33 @@ def _describe(r: engine.Region) -> dict[str, Any]:
     return out
 
 
+_WATCH_S = 0.25  # how soon a lost backing file is reported (docs/engine.md)
+
+
+def _watch_backing(dev: engine.Device, stop: threading.Event, max_seconds: Optional[float],
+                   emit: Optional[Callable[[dict[str, Any]], None]]) -> list[str]:
+    """Wait for ``stop`` (or ``max_seconds``), emitting a ``backing_lost`` event for each
+    region whose shared file another process truncated meanwhile (the SIGBUS guard kept the
+    process alive: docs/engine.md "Shared backing files"). Returns the lost regions' names."""
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    lost: list[str] = []
+    while True:
+        for r in dev.regions:
+            if isinstance(r, (engine.MemoryRegion, engine.RegisterRegion)) \
+                    and r.name not in lost and r.backing_lost:
+                lost.append(r.name)
+                if emit is not None:
+                    emit({"event": "backing_lost", "pid": os.getpid(), "region": r.name,
+                          "bar": r._core.bar, "offset": r._core.offset,
+                          "detail": "its backing file was truncated by another process: "
+                                    "reads are answered Completer Abort, writes dropped"})
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return lost
+        if stop.wait(_WATCH_S if left is None else min(_WATCH_S, left)):
+            return lost
+
+
 def _give_up(why: str) -> None:
     # Nothing more can be freed from Python: the process ends, the device reclaims the rest.
     sys.stderr.write(f"mlx5tlp serve: {why}; ending the process\n")
@@ -590,7 +618,7 @@ def serve(spec: ServedSpec, *, device: str, pages: int = 1, batch: int = 32,
                          "regions": [_describe(r) for r in dev.regions]}
                 if emit is not None:
                     emit(event)
-                stop.wait(max_seconds)
+                lost = _watch_backing(dev, stop, max_seconds, emit)
                 open_deferred = dev.stats()["deferred_outstanding"]
                 # Stop the lanes (deferred requests still open: answered Completer Abort)
                 # within a bound: a hook that never returns must not hold the command.
@@ -610,7 +638,8 @@ def serve(spec: ServedSpec, *, device: str, pages: int = 1, batch: int = 32,
     out = {"event": "stopped", "pid": os.getpid(),
            "requests": sum(final["requests"].values()), "completions": final["completions"],
            "ur": final["ur"], "ca": final["ca"], "hook_errors": final["hook_errors"],
-           "deferred_answered_ca_at_stop": open_deferred, "last_hook_error": last_error}
+           "deferred_answered_ca_at_stop": open_deferred, "last_hook_error": last_error,
+           "backing_lost": lost}
     if emit is not None:
         emit(out)
     return out

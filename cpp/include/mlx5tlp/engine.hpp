@@ -107,6 +107,7 @@ struct EngineOptions {
 // What one lane (or, summed, the engine) did. Counters only grow.
 struct RegionCounters {
   uint64_t reads = 0, writes = 0, read_bytes = 0, write_bytes = 0, batched = 0;
+  bool backing_lost = false;  // Region::backing_lost(): its file was truncated while served
 };
 inline constexpr size_t kLatencyBuckets = 40;  // bucket b: [2^b, 2^(b+1)) ns; last: above
 

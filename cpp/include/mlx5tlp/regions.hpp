@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "mlx5tlp/sigbus_guard.hpp"
 #include "mlx5tlp/unique_fd.hpp"
 
 namespace mlx5tlp {
@@ -60,6 +61,10 @@ class Region {
   virtual bool read(uint64_t off, uint32_t len, uint8_t* out) noexcept = 0;
   virtual void write(uint64_t off, const uint8_t* data, uint32_t len, uint8_t first_be,
                      uint8_t last_be) noexcept = 0;
+  // Whether the file behind the region's mapping was truncated under it (SIGBUS guard hit,
+  // sigbus_guard.hpp): its bytes are gone, reads are answered Completer Abort, writes are
+  // dropped. Always false for memory the region does not map from an unsealed file.
+  virtual bool backing_lost() const noexcept { return false; }
 
  private:
   RegionKind kind_;
@@ -84,6 +89,9 @@ class MemoryRegion final : public Region {
   static std::unique_ptr<MemoryRegion> create_memfd(std::string name, int bar, uint64_t offset,
                                                     uint64_t size);
   // An existing memfd / file of at least `size` bytes (dup()ed: the caller keeps its fd).
+  // Unless the file is sealed against shrinking (F_SEAL_SHRINK), the mapping is registered
+  // with the SIGBUS guard: if another process truncates the file while it is served, the
+  // region becomes backing_lost() instead of the process dying of SIGBUS.
   static std::unique_ptr<MemoryRegion> map_fd(std::string name, int bar, uint64_t offset,
                                               uint64_t size, int fd);
   ~MemoryRegion() override;
@@ -95,13 +103,16 @@ class MemoryRegion final : public Region {
   bool read(uint64_t off, uint32_t len, uint8_t* out) noexcept override;
   void write(uint64_t off, const uint8_t* data, uint32_t len, uint8_t first_be,
              uint8_t last_be) noexcept override;
+  bool backing_lost() const noexcept override { return guard_.lost(); }
+  bool guarded() const noexcept { return guard_.active(); }
 
  private:
   MemoryRegion(std::string name, int bar, uint64_t offset, uint64_t size, uint8_t* base,
-               UniqueFd fd, size_t map_len);
+               UniqueFd fd, size_t map_len, SigbusGuard guard);
   uint8_t* base_;
   UniqueFd fd_;
   size_t map_len_ = 0;  // > 0: we mmap()ed it
+  SigbusGuard guard_;   // reset in the destructor before the munmap
 };
 
 enum class RegAccess : uint8_t { ro = 0, rw = 1, rw1c = 2, wo = 3 };
@@ -149,12 +160,15 @@ class RegisterRegion final : public Region {
              uint8_t last_be) noexcept override;
   bool has_write_hook(uint64_t off, uint32_t len) const noexcept;
   bool has_read_hook(uint64_t off, uint32_t len) const noexcept;
+  // An adopted fd that is not sealed against shrinking is guarded like MemoryRegion::map_fd.
+  bool backing_lost() const noexcept override { return guard_.lost(); }
 
  private:
   std::vector<RegisterSpec> regs_;      // sorted by offset
   UniqueFd fd_;
   uint64_t* values_ = nullptr;  // MAP_SHARED on fd_: one u64 per register
   size_t map_len_ = 0;
+  SigbusGuard guard_;  // reset in the destructor before the munmap
   mutable std::mutex mu_;  // blocking point: brief, never held while calling out
 };
 

@@ -8,6 +8,9 @@ import typing
 __all__: list[str] = ['CallbackRegion', 'Engine', 'MemoryRegion', 'Region', 'RegisterRegion', 'TRACE_ENTRY_BYTES', 'TRACE_MAGIC', 'TRACE_VERSION', 'read_trace']
 class Region:
     @property
+    def backing_lost(self) -> bool:
+        ...
+    @property
     def bar(self) -> int:
         ...
     @property
@@ -32,6 +35,9 @@ class MemoryRegion(Region):
         ...
     @property
     def fd(self) -> int:
+        ...
+    @property
+    def guarded(self) -> bool:
         ...
 class RegisterRegion(Region):
     def __init__(self, name: str, bar: typing.SupportsInt | typing.SupportsIndex, offset: typing.SupportsInt | typing.SupportsIndex, size: typing.SupportsInt | typing.SupportsIndex, registers: list, fd: typing.SupportsInt | typing.SupportsIndex = -1) -> None:
