@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from handover_rig import REQUESTER, EventProc, collect
+from handover_rig import REQUESTER, EventProc, collect, private_control
 from mlx5tlp import engine, handover, sim, tlp
 from mlx5tlp import function as fn
 from test_handover_split import PAGE_RECORDS, doorbell, take_exactly, wait_doorbell
@@ -65,7 +64,7 @@ dev = engine.Device(ctx, spec(), regions(), handover=True)
 def report():  # what this process logged and counted, for the test to see before the kill
     while True:
         st = dev.stats()
-        emit({{"event": "stats", **{{k: st[k] for k in {keys!r}}}}})
+        emit({{"event": "stats", "mrd": st["requests"]["MRd"], **{{k: st[k] for k in {keys!r}}}}})
         time.sleep(0.02)
 
 threading.Thread(target=report, daemon=True).start()
@@ -89,14 +88,8 @@ def regions() -> list[engine.Region]:
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[str, bytes, dict[str, str]]]:
-    d = tmp_path / "ho"
-    d.mkdir(mode=0o700)
-    locks = d / "locks"
-    locks.mkdir(mode=0o700)
-    env = dict(os.environ, MLX5TLP_LOCK_DIR=str(locks))
-    os.environ["MLX5TLP_LOCK_DIR"] = str(locks)  # the standby in this process too
-    yield str(d / "ctl"), os.urandom(32).hex().encode(), env
-    os.environ.pop("MLX5TLP_LOCK_DIR", None)
+    with private_control(tmp_path) as ctl:
+        yield ctl
 
 
 def wait_stats(p: EventProc, want: dict[str, int], timeout: float = 30.0) -> dict[str, Any]:
@@ -147,7 +140,7 @@ def test_error_of_a_redelivered_request_is_logged_once(
             assert host.send_request(mem_read(BAR_BASE + 4 * k, 1, k))
         wait_doorbell(page, base + PAGE_RECORDS)
         assert host.send_request(mem_read(BAR_BASE, 480, 30))
-        time.sleep(0.2)  # taken: the lane waits for room with it
+        wait_stats(primary, {"mrd": PAGE_RECORDS + 1})  # taken: the lane waits for room with it
         # Queued behind it, taken together once the host frees the page for the long read:
         # then the page is full again and the UR read's completion waits, logged, unretired.
         assert host.send_request(posted_ur)
