@@ -64,7 +64,7 @@ dev = engine.Device(ctx, spec(), regions(), handover=True)
 def report():  # what this process logged and counted, for the test to see before the kill
     while True:
         st = dev.stats()
-        emit({{"event": "stats", **{{k: st[k] for k in {keys!r}}}}})
+        emit({{"event": "stats", "mrd": st["requests"]["MRd"], **{{k: st[k] for k in {keys!r}}}}})
         time.sleep(0.02)
 
 threading.Thread(target=report, daemon=True).start()
@@ -140,7 +140,7 @@ def test_error_of_a_redelivered_request_is_logged_once(
             assert host.send_request(mem_read(BAR_BASE + 4 * k, 1, k))
         wait_doorbell(page, base + PAGE_RECORDS)
         assert host.send_request(mem_read(BAR_BASE, 480, 30))
-        time.sleep(0.2)  # taken: the lane waits for room with it
+        wait_stats(primary, {"mrd": PAGE_RECORDS + 1})  # taken: the lane waits for room with it
         # Queued behind it, taken together once the host frees the page for the long read:
         # then the page is full again and the UR read's completion waits, logged, unretired.
         assert host.send_request(posted_ur)

@@ -429,3 +429,118 @@ def test_standby_out_of_descriptors_is_refused_clearly(rig: Rig) -> None:
         _still_serves(rig, p0, host, 1)
         stop(rig)
         assert p0.p.wait(30) == 0
+
+
+# ---- close while another thread blocks ----
+
+
+def test_standby_close_wakes_a_thread_in_wait(rig: Rig) -> None:
+    """Before: close() closed the socket and pidfd under a wait() in another thread, which
+    slept on (poll is not woken by a close) and, once the primary stopped, failed with an
+    AttributeError on the torn-down wire. Now close() wakes it (None) and waits for it."""
+    p0 = rig.primary()
+    sb = handover.Standby(rig.path, rig.key)
+    t, got = _in_thread(sb.wait, None)
+    time.sleep(0.1)
+    assert t.is_alive()
+    with pytest.raises(handover.HandoverError) as exc:
+        sb.wait(0.0)  # one waiter at a time
+    assert exc.value.errno == errno.EBUSY
+    t0 = time.monotonic()
+    sb.close()
+    t.join(5)
+    assert not t.is_alive() and got == [None] and time.monotonic() - t0 < 5
+    with pytest.raises(mlx5tlp.InvalidHandleError):
+        sb.wait(0.0)
+    sb.close()  # idempotent
+    # The primary is unaffected and still sees no ready standby.
+    assert handover.request(rig.path, rig.key, "status", timeout=10)["standbys"] == 0
+    stop(rig)
+    assert p0.p.wait(30) == 0
+
+
+@pytest.mark.parametrize("engine_kind", ["python", "native"])
+def test_primary_close_while_run_serves_in_another_thread(private: Path, device: str,
+                                                          engine_kind: str) -> None:
+    """Before: close() freed the objects under run(), which then failed with EBADF (python)
+    or a ValueError for fd -1 (native). Now close() stops run() and waits for it."""
+    p = handover.Primary.create(str(private / "ctl"), b"k" * 32, device=device,
+                                engine=engine_kind)
+    t, got = _in_thread(p.run)
+    time.sleep(0.2)
+    assert t.is_alive()
+    with pytest.raises(handover.HandoverError) as exc:
+        p.run(max_seconds=0.01)  # one runner at a time
+    assert exc.value.errno == errno.EBUSY
+    t0 = time.monotonic()
+    assert p.close() == "freed"
+    t.join(5)
+    assert not t.is_alive() and got == ["stopped"], got
+    assert time.monotonic() - t0 < 5
+    assert p.close() is None  # idempotent
+    with pytest.raises(mlx5tlp.InvalidHandleError):
+        p.run()
+    assert not (private / "ctl").exists()
+
+
+def test_fds_sent_to_the_primary_are_not_kept(rig: Rig) -> None:
+    """fds on a HELLO (signed or not), or more than a control message may carry: the primary
+    closes what the kernel gave it and keeps serving."""
+    p0 = rig.primary()
+    handover.request(rig.path, rig.key, "status", timeout=10)  # warm: lazy fds opened
+    before = len(os.listdir(f"/proc/{p0.pid}/fd"))
+    r, w = os.pipe()
+    try:
+        for n in (1, 8, 9, 200):
+            s = connect(rig.path)
+            share.send_fds(s, [r] * n, [b"\x00" * 40])  # unsigned junk with n fds
+            s.close()
+            s = connect(rig.path)
+            Wire(s, rig.key, is_server=False).send("hello", {"role": "operator"},
+                                                   fds=[w] * min(n, 8))
+            s.settimeout(10)
+            s.recv(65536)  # welcomed (the fds were closed)
+            s.close()
+        st = handover.request(rig.path, rig.key, "status", timeout=10)
+        assert st["pid"] == p0.pid
+        after = len(os.listdir(f"/proc/{p0.pid}/fd"))
+        assert after <= before, (before, after)
+    finally:
+        os.close(r)
+        os.close(w)
+    stop(rig)
+    assert p0.p.wait(30) == 0
+
+
+def test_sigterm_ends_a_standby(rig: Rig) -> None:
+    """Before: `mlx5tlp serve --standby` ignored SIGTERM (the handler only stopped a primary)
+    and had to be SIGKILLed. Now it ends its wait and exits 0; the primary serves on."""
+    import signal
+
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        s1 = rig.standby("S1", p0)
+        os.kill(s1.pid, signal.SIGTERM)
+        assert s1.p.wait(10) == 0
+        _still_serves(rig, p0, host, 1)
+        assert handover.request(rig.path, rig.key, "status", timeout=10)["standbys"] == 0
+        stop(rig)
+        assert p0.p.wait(30) == 0
+
+
+def test_standby_interrupt(rig: Rig) -> None:
+    p0 = rig.primary()
+    sb = handover.Standby(rig.path, rig.key)
+    try:
+        sb.interrupt()
+        assert sb.wait(None) is None  # at once: the interrupt came first
+        t, got = _in_thread(sb.wait, 30.0)
+        time.sleep(0.1)
+        assert t.is_alive()  # consumed: this wait waits
+        sb.interrupt()
+        t.join(5)
+        assert not t.is_alive() and got == [None]
+    finally:
+        sb.close()
+    stop(rig)
+    assert p0.p.wait(30) == 0

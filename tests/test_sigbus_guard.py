@@ -237,3 +237,65 @@ def test_a_sigbus_outside_guarded_ranges_still_kills(tmp_path: Path, how: str,
     assert out.returncode == -signal.SIGBUS, (out.returncode, out.stderr)
     if python_flags:
         assert "Fatal Python error: Bus error" in out.stderr  # faulthandler ran: chained
+
+
+SIM_FILES = r"""
+import os, subprocess, sys
+import mlx5tlp
+from mlx5tlp import sim, tlp
+name, path = sys.argv[1], sys.argv[2]
+
+def attempt(what, fn):
+    try:
+        fn()
+        print(what, "ok", flush=True)
+    except mlx5tlp.Error as exc:
+        print(what, exc.errno, str(exc).replace("\n", " "), flush=True)
+
+ctx = mlx5tlp.open_device(name, backend="sim")
+var = ctx.alloc_var(tlp=True)
+gw = var.gateway(direct=True)  # the page mapped by the core (the bar file, guarded)
+host = sim.Host(name)
+record = tlp.Tlp.completion(completer_id=0x0100, requester_id=0x0200, tag=1,
+                            data=b"abcd").encode()
+assert gw.write(record, timeout=1)
+print("serving", flush=True)
+subprocess.run([sys.executable, "-c", "import os, sys; [os.truncate(p, 0) for p in sys.argv[1:]]",
+                os.path.join(path, "state"), os.path.join(path, "bar")], check=True)
+# Lock-free paths run on zero pages instead of faulting; locked ones report the loss.
+attempt("write", lambda: gw.write(record, timeout=0.1))
+attempt("send", lambda: host.send_request(tlp.Tlp.mem_read(0x1000, 1, tag=1).encode()))
+attempt("completions", lambda: host.completions(0.05))
+attempt("stats", lambda: sim.device_stats(name))
+attempt("alloc_var", lambda: ctx.alloc_var(tlp=True))
+print("alive", flush=True)
+os._exit(0)  # the device is gone: nothing to close cleanly
+"""
+
+
+def test_the_software_devices_truncated_files_are_errors(sim_dir: str) -> None:
+    """docs/sim.md "Devices and their files": the state and bar files live in a directory of
+    this user's, so any of its processes can truncate them under every process that maps
+    them. The device's own mappings and the core's mapping of a gateway page are guarded:
+    lock-free accesses run on zero pages, locked operations fail with EIO naming the file."""
+    name = f"t{os.getpid()}_sigbus"
+    sim.create_device(name)
+    path = os.path.join(sim_dir, name)
+    try:
+        out = subprocess.run([sys.executable, "-c", SIM_FILES, name, path],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, (out.returncode, out.stdout, out.stderr)
+        lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+        assert out.stdout.splitlines()[0] == "serving" and "alive" in out.stdout, out.stdout
+        for what in ("stats", "alloc_var"):
+            assert lines[what].startswith(f"{errno.EIO} "), (what, lines[what])
+        assert f"software device '{name}': its state file was truncated" in lines["stats"]
+        assert "remove and re-create the device" in lines["stats"]
+        # A process that opens it afterwards is refused as for any damaged state (EPROTO).
+        with pytest.raises(mlx5tlp.Error) as exc:
+            sim.device_stats(name)
+        assert exc.value.errno == errno.EPROTO and "state" in str(exc.value)
+    finally:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)

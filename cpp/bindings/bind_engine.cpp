@@ -259,6 +259,21 @@ py::tuple trace_tuple(const TraceEntry& t) {
                         py::bytes(reinterpret_cast<const char*>(t.header), 16));
 }
 
+// A bounded wait of the engine (pause, drain_deferred, wait_first_answer): the timeout is
+// checked and a share of the engine taken (hold(): a close() meanwhile cannot free it) with the
+// GIL held — to_deadline raises the project's errors for a bad timeout — and the wait runs
+// without it, so that the lanes' Python hooks and handlers can finish meanwhile.
+template <auto Wait>
+auto deadline_call() {
+  return [](PyEngine& p, const py::object& timeout) {
+    const Deadline d = to_deadline(timeout);
+    const std::shared_ptr<Engine> en = p.hold();
+    Engine& e = *en;
+    py::gil_scoped_release r;
+    return (e.*Wait)(d);
+  };
+}
+
 }  // namespace
 
 void bind_engine(py::module_& root) {
@@ -379,29 +394,11 @@ void bind_engine(py::module_& root) {
         e.attach_gateways();
       })
       .def("start", [](PyEngine& p) { p.e().start(); })
-      .def("pause", [](PyEngine& p, const py::object& timeout) {
-        const Deadline d = to_deadline(timeout);
-        const std::shared_ptr<Engine> en = p.hold();
-        Engine& e = *en;
-        py::gil_scoped_release r;
-        return e.pause(d);
-      }, py::arg("timeout"))
+      .def("pause", deadline_call<&Engine::pause>(), py::arg("timeout"))
       .def("resume", [](PyEngine& p) { p.e().resume(); })
-      .def("drain_deferred", [](PyEngine& p, const py::object& timeout) {
-        const Deadline d = to_deadline(timeout);
-        const std::shared_ptr<Engine> en = p.hold();
-        Engine& e = *en;
-        py::gil_scoped_release r;
-        return e.drain_deferred(d);
-      }, py::arg("timeout"))
+      .def("drain_deferred", deadline_call<&Engine::drain_deferred>(), py::arg("timeout"))
       .def_property_readonly("first_answer_ns", [](PyEngine& p) { return p.e().first_answer_ns(); })
-      .def("wait_first_answer", [](PyEngine& p, const py::object& timeout) {
-        const Deadline d = to_deadline(timeout);
-        const std::shared_ptr<Engine> en = p.hold();
-        Engine& e = *en;
-        py::gil_scoped_release r;
-        return e.wait_first_answer(d);
-      }, py::arg("timeout"))
+      .def("wait_first_answer", deadline_call<&Engine::wait_first_answer>(), py::arg("timeout"))
       .def("stop", [](PyEngine& p) {
         const std::shared_ptr<Engine> en = p.hold();
         Engine& e = *en;

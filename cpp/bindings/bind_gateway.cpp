@@ -131,20 +131,12 @@ py::tuple post_completions(Gateway& g, const py::object& reqs, const py::object&
     ~Trim() { s.trim(); }
   } trim{sc};
   // The plan and the build both parse the requests and statuses without the GIL, so they must
-  // see the same bytes: bytes objects are immutable and read in place; any other buffer is
-  // copied once, here. The data is read from its pinned buffer (its contents are only carried;
-  // its length is fixed while pinned).
-  const uint8_t* rp = nullptr;
-  size_t rn = 0;
-  if (PyBytes_Check(reqs.ptr())) {
-    rp = reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(reqs.ptr()));
-    rn = size_t(PyBytes_GET_SIZE(reqs.ptr()));
-  } else {
-    const BufferView rv(reqs, "requests");
-    rv.copy_to(&sc.reqs);
-    rp = sc.reqs.data();
-    rn = sc.reqs.size();
-  }
+  // see the same bytes (stable_bytes: in place for bytes, else one copy into the thread's
+  // scratch); the statuses are copied. The data is read from its pinned buffer (its contents
+  // are only carried; its length is fixed while pinned).
+  const StableBytes rq = stable_bytes(reqs, "requests", &sc.reqs);
+  const uint8_t* const rp = rq.data;
+  const size_t rn = rq.size;
   const BufferView d(data, "data");
   const uint8_t* sp = nullptr;
   size_t sn = 0;

@@ -176,21 +176,11 @@ void bind_tlp(py::module_& m) {
                          const py::object& statuses, int completer_id, int max_payload, int rcb,
                          int status) -> py::tuple {
     // The requests size the outputs (bulk_measure) and are parsed again to fill them
-    // (bulk_build), without the GIL: both passes must see the same bytes. bytes objects are
-    // immutable; any other buffer is copied once, here, and only the copy is parsed.
-    std::optional<BufferView> rv;
+    // (bulk_build), without the GIL: both passes must see the same bytes (stable_bytes).
     std::vector<uint8_t> reqs_copy;
-    const uint8_t* rp = nullptr;
-    size_t rn = 0;
-    if (PyBytes_Check(reqs.ptr())) {
-      rp = reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(reqs.ptr()));
-      rn = size_t(PyBytes_GET_SIZE(reqs.ptr()));
-    } else {
-      rv.emplace(reqs, "requests");
-      reqs_copy = rv->snapshot();
-      rp = reqs_copy.data();
-      rn = reqs_copy.size();
-    }
+    const StableBytes rq = stable_bytes(reqs, "requests", &reqs_copy);
+    const uint8_t* const rp = rq.data;
+    const size_t rn = rq.size;
     // data and statuses are only read (bounded by the lengths taken here), from pinned buffers.
     const BufferView d(data, "data");
     std::optional<BufferView> st;

@@ -153,4 +153,22 @@ inline std::vector<uint8_t> copy_bytes(const pybind11::handle& obj, const char* 
   return BufferView(obj, what).snapshot();
 }
 
+// Input that several passes parse without the GIL (a plan, then a build), which must all see
+// the same bytes: a bytes object is immutable, so it is read in place (no copy on the hot path);
+// any other buffer (bytearray, memoryview) may change under another thread, so it is copied
+// once into *scratch and only the copy is parsed. Reuse *scratch across calls to stay
+// allocation-free. The span is valid while `obj` (bytes) or *scratch lives and is not changed.
+struct StableBytes {
+  const uint8_t* data = nullptr;
+  size_t size = 0;
+};
+inline StableBytes stable_bytes(const pybind11::handle& obj, const char* what,
+                                std::vector<uint8_t>* scratch) {
+  if (PyBytes_Check(obj.ptr()))
+    return {reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(obj.ptr())),
+            static_cast<size_t>(PyBytes_GET_SIZE(obj.ptr()))};
+  BufferView(obj, what).copy_to(scratch);
+  return {scratch->data(), scratch->size()};
+}
+
 }  // namespace mlx5tlp::bind

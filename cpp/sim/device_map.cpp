@@ -35,6 +35,8 @@ DeviceMap::DeviceMap() {
 
 DeviceMap::~DeviceMap() {
   register_map(this, false);
+  st_guard_.reset();  // unregistered before the address can be reused (sigbus_guard.hpp)
+  bar_guard_.reset();
   if (bar_ != nullptr) munmap(bar_, bar_len_);
   if (st_ != nullptr) munmap(st_, sizeof(DeviceState));
 }
@@ -65,6 +67,11 @@ struct DeviceOpener {
       return nullptr;
     }
     d->st_ = static_cast<DeviceState*>(p);
+    d->st_guard_ = SigbusGuard::add(p, sizeof(DeviceState), PROT_READ | PROT_WRITE);
+    if (!d->st_guard_.active()) {
+      fail(errno, "cannot guard '%s/state' against truncation: %s", path.c_str(), std::strerror(errno));
+      return nullptr;
+    }
     d->probe_fd_ = open_device_file(d->dir_fd_.get(), path, "bar", &bsb);
     if (!d->probe_fd_) return nullptr;
     d->bar_dev_ = bsb.st_dev;
@@ -86,6 +93,11 @@ struct DeviceOpener {
       return nullptr;
     }
     d->bar_ = static_cast<uint8_t*>(b);
+    d->bar_guard_ = SigbusGuard::add(b, d->bar_len_, PROT_READ | PROT_WRITE);
+    if (!d->bar_guard_.active()) {
+      fail(errno, "cannot guard '%s/bar' against truncation: %s", path.c_str(), std::strerror(errno));
+      return nullptr;
+    }
     return d;
   }
 };
@@ -159,6 +171,27 @@ bool DeviceMap::lock() {
       return false;
     }
   }
+  if (files_truncated()) {
+    unlock();
+    errno = EIO;
+    return false;
+  }
+  return true;
+}
+
+bool DeviceMap::files_truncated() {
+  // fstat first: a locked operation then fails before it touches a page past the end; the
+  // guard's flag covers a truncation after this check (the access ran on zero pages).
+  struct stat ss{}, bs{};
+  const bool st_short = st_guard_.lost() || (fstat(state_fd_.get(), &ss) == 0 &&
+                                             size_t(ss.st_size) < sizeof(DeviceState));
+  const bool bar_short = bar_guard_.lost() || (probe_fd_ && fstat(probe_fd_.get(), &bs) == 0 &&
+                                               size_t(bs.st_size) < bar_len_);
+  if (!st_short && !bar_short) return false;
+  fail(EIO, "software device '%s': its %s file was truncated by another process while mapped "
+       "(state %lld of %zu bytes, bar %lld of %zu): its state is lost; remove and re-create "
+       "the device", name_.c_str(), st_short ? "state" : "bar", (long long)ss.st_size,
+       sizeof(DeviceState), (long long)bs.st_size, bar_len_);
   return true;
 }
 

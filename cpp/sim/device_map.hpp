@@ -20,6 +20,7 @@
 
 #include "fork_mutex.hpp"
 #include "last_error.hpp"
+#include "mlx5tlp/sigbus_guard.hpp"
 #include "mlx5tlp/unique_fd.hpp"
 #include "state.hpp"
 
@@ -54,7 +55,8 @@ class DeviceMap {
   bool same_bar(int fd) const;
   bool same_bar(const struct stat& sb) const { return sb.st_dev == bar_dev_ && sb.st_ino == bar_ino_; }
 
-  // Device mutex. lock() returns false (errno set) only on an unrecoverable error.
+  // Device mutex. lock() returns false (errno set) only on an unrecoverable error — among
+  // them EIO when another process truncated the state or bar file (files_truncated()).
   bool lock();
   void unlock();
   // Is the lock byte `at` of the bar file held by any OFD (other than the probe's)?
@@ -99,6 +101,10 @@ class DeviceMap {
   friend void fork_child();
 
   bool renew_lock_fd();
+  // Whether the state or bar file is shorter than its mapping (another process truncated it:
+  // the SIGBUS guard replaced the mapping with zero pages, or would at the next access).
+  // Sets last_error (EIO) naming the file and both sizes.
+  bool files_truncated();
 
   std::string name_, dir_;
   UniqueFd dir_fd_;
@@ -112,6 +118,9 @@ class DeviceMap {
   DeviceState* st_ = nullptr;
   uint8_t* bar_ = nullptr;
   size_t bar_len_ = 0;
+  // The files are in a directory of this user's: any process of the user can truncate them
+  // (docs/sim.md "Devices and their files"). Reset before the munmaps (~DeviceMap).
+  SigbusGuard st_guard_, bar_guard_;
   m5a_sim_device_config cfg_{};
   dev_t bar_dev_ = 0, state_dev_ = 0;
   ino_t bar_ino_ = 0, state_ino_ = 0;

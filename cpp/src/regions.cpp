@@ -33,6 +33,18 @@ bool shrink_sealed(int fd) noexcept {
   return seals >= 0 && (seals & F_SEAL_SHRINK) != 0;
 }
 
+// The mapping [p, p + len) of `what` under the SIGBUS guard (sigbus_guard.hpp), or an error:
+// a full guard table is ENOSPC (ResourceExhaustedError), not a silently unguarded mapping.
+SigbusGuard guard(void* p, size_t len, const std::string& what) {
+  SigbusGuard g = SigbusGuard::add(p, len, PROT_READ | PROT_WRITE);
+  if (g.active()) return g;
+  if (errno == ENOSPC)
+    throw Error(ErrorKind::resource_exhausted, "guard " + what + " against truncation", ENOSPC,
+                "all " + std::to_string(SigbusGuard::kSlots) + " SIGBUS guard slots of this process "
+                "are in use (one per mapped file that is not sealed against shrinking)");
+  throw_errno("install the SIGBUS guard for " + what, errno_or_eio(), false, "sigaction");
+}
+
 UniqueFd sealed_memfd(const std::string& name, uint64_t size, const std::string& what) {
   UniqueFd fd(::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
   if (!fd) throw_errno(what, errno_or_eio(), false, "memfd_create");
@@ -112,12 +124,10 @@ std::unique_ptr<MemoryRegion> MemoryRegion::map_fd(std::string name, int bar, ui
   try {
     // A file someone can still shrink (a spec's `shared` file, an application's memfd): a
     // truncation while serving must cost the region its bytes, not the process its life.
-    SigbusGuard guard = shrink_sealed(own.get())
-                            ? SigbusGuard()
-                            : SigbusGuard(p, size, PROT_READ | PROT_WRITE, "memory region '" + name + "'");
+    SigbusGuard g = shrink_sealed(own.get()) ? SigbusGuard() : guard(p, size, "memory region '" + name + "'");
     return std::unique_ptr<MemoryRegion>(new MemoryRegion(std::move(name), bar, offset, size,
                                                           static_cast<uint8_t*>(p), std::move(own), size,
-                                                          std::move(guard)));
+                                                          std::move(g)));
   } catch (...) {
     ::munmap(p, size);  // the guard (if any) was released by the unwinding first
     throw;
@@ -206,7 +216,7 @@ RegisterRegion::RegisterRegion(std::string name, int bar, uint64_t offset, uint6
   // destructor does not run if this throws: unmap here.
   if (!shrink_sealed(fd_.get())) {
     try {
-      guard_ = SigbusGuard(p, need, PROT_READ | PROT_WRITE, what);
+      guard_ = guard(p, need, what);
     } catch (...) {
       ::munmap(p, need);
       throw;

@@ -106,32 +106,30 @@ size_t SimRequestSource::take(Request* out, size_t n, Deadline deadline) {
   }
 }
 
+// One claim operation of the device, fn(raw context, channel, claim) -> 0 or an errno: EBADF
+// once the context was closed (Context::Use throws then; these are called from noexcept lane
+// code that maps any non-zero to "stale").
+template <typename Fn>
+int SimRequestSource::on_claim(const Request& r, Fn&& fn) noexcept {
+  try {
+    Context::Use u(*ctx_);
+    return fn(u.get(), r.channel, r.claim);
+  } catch (...) {
+    return EBADF;
+  }
+}
+
 int SimRequestSource::mark(const Request& r, uint32_t page_id, uint64_t seq, uint32_t before,
                            uint32_t after) noexcept {
-  try {
-    Context::Use u(*ctx_);
-    return sym_->function_mark_progress(u.get(), r.channel, r.claim, page_id, seq, before, after);
-  } catch (...) {
-    return EBADF;  // the context was closed
-  }
+  return on_claim(r, [&](m5a_ibv_context* c, uint32_t ch, uint64_t claim) {
+    return sym_->function_mark_progress(c, ch, claim, page_id, seq, before, after);
+  });
 }
 
-int SimRequestSource::retire(const Request& r) noexcept {
-  try {
-    Context::Use u(*ctx_);
-    return sym_->function_retire(u.get(), r.channel, r.claim);
-  } catch (...) {
-    return EBADF;
-  }
-}
+int SimRequestSource::retire(const Request& r) noexcept { return on_claim(r, sym_->function_retire); }
 
 int SimRequestSource::note_logged(const Request& r) noexcept {
-  try {
-    Context::Use u(*ctx_);
-    return sym_->function_note_logged(u.get(), r.channel, r.claim);
-  } catch (...) {
-    return EBADF;
-  }
+  return on_claim(r, sym_->function_note_logged);
 }
 
 size_t SimRequestSource::recover(Request* out, size_t n) {

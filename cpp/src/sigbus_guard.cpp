@@ -8,8 +8,6 @@
 #include <cerrno>
 #include <mutex>
 
-#include "mlx5tlp/error.hpp"
-
 namespace mlx5tlp {
 
 namespace {
@@ -118,12 +116,11 @@ void on_sigbus(int sig, siginfo_t* info, void* uctx) {
   errno = saved;
 }
 
-void install() {
+bool install() noexcept {
   std::lock_guard<std::mutex> g(g_install_mu);
-  if (g_installed) return;
+  if (g_installed) return true;
   struct sigaction prev {};
-  if (::sigaction(SIGBUS, nullptr, &prev) != 0)
-    throw_errno("install the SIGBUS guard", errno_or_eio(), false, "sigaction");
+  if (::sigaction(SIGBUS, nullptr, &prev) != 0) return false;
   g_previous = prev;
   struct sigaction sa {};
   sa.sa_sigaction = on_sigbus;
@@ -132,15 +129,16 @@ void install() {
   // a second SIGBUS inside the handler would be a bug of the handler; the kernel then kills
   // the process (a blocked synchronous signal), which is the right outcome.
   sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
-  if (::sigaction(SIGBUS, &sa, nullptr) != 0)
-    throw_errno("install the SIGBUS guard", errno_or_eio(), false, "sigaction");
+  if (::sigaction(SIGBUS, &sa, nullptr) != 0) return false;
   g_installed = true;
+  return true;
 }
 
 }  // namespace
 
-SigbusGuard::SigbusGuard(void* base, size_t len, int prot, const std::string& what) {
-  install();
+SigbusGuard SigbusGuard::add(void* base, size_t len, int prot) noexcept {
+  SigbusGuard out;
+  if (!install()) return out;  // errno from sigaction
   const auto page = size_t(::sysconf(_SC_PAGESIZE));
   const auto b = reinterpret_cast<uintptr_t>(base);
   const uintptr_t e = b + (len + page - 1) / page * page;
@@ -157,12 +155,11 @@ SigbusGuard::SigbusGuard(void* base, size_t len, int prot, const std::string& wh
     }
     s.state.store(kActive, std::memory_order_seq_cst);  // publishes begin/end/prot
     g_registered.fetch_add(1, std::memory_order_relaxed);
-    slot_ = int(i);
-    return;
+    out.slot_ = int(i);
+    return out;
   }
-  throw Error(ErrorKind::resource_exhausted, "guard " + what + " against truncation", ENOSPC,
-              "all " + std::to_string(kSlots) + " SIGBUS guard slots of this process are in use " +
-                  "(one per mapped file that is not sealed against shrinking)");
+  errno = ENOSPC;
+  return out;
 }
 
 SigbusGuard& SigbusGuard::operator=(SigbusGuard&& o) noexcept {

@@ -7,13 +7,13 @@
 
 namespace mlx5tlp {
 
-Mapping::Mapping(std::shared_ptr<Var> var, void* addr, size_t len) noexcept
-    : var_(std::move(var)), addr_(addr), len_(len) {}
+Mapping::Mapping(std::shared_ptr<Var> var, void* addr, size_t len, SigbusGuard guard) noexcept
+    : var_(std::move(var)), addr_(addr), len_(len), guard_(std::move(guard)) {}
 
 Mapping::~Mapping() { reset(); }
 
 Mapping::Mapping(Mapping&& o) noexcept
-    : var_(std::move(o.var_)), addr_(o.addr_), len_(o.len_) {
+    : var_(std::move(o.var_)), addr_(o.addr_), len_(o.len_), guard_(std::move(o.guard_)) {
   o.addr_ = nullptr;
   o.len_ = 0;
 }
@@ -24,6 +24,7 @@ Mapping& Mapping::operator=(Mapping&& o) noexcept {
     var_ = std::move(o.var_);
     addr_ = o.addr_;
     len_ = o.len_;
+    guard_ = std::move(o.guard_);
     o.addr_ = nullptr;
     o.len_ = 0;
   }
@@ -31,6 +32,7 @@ Mapping& Mapping::operator=(Mapping&& o) noexcept {
 }
 
 void Mapping::reset() noexcept {
+  guard_.reset();  // before the munmap: the address may be reused at once
   if (addr_ != nullptr) {
     munmap(addr_, len_);
     var_->mappings_.fetch_sub(1, std::memory_order_relaxed);
@@ -149,8 +151,21 @@ void* Var::map_raw(int prot) {
 Mapping Var::map(int prot) {
   auto l = use("map VAR");
   void* p = map_raw(prot);
+  SigbusGuard guard;
+  if (ctx_->lib().sym().sim.mmap != nullptr) {
+    // The software device's cmd_fd is its bar file, which any process of the user can
+    // truncate (docs/sim.md): the page is guarded. Hardware pages are device memory.
+    guard = SigbusGuard::add(p, length_, prot);
+    if (!guard.active()) {
+      const int e = errno_or_eio();
+      munmap(p, length_);
+      throw Error(e == ENOSPC ? ErrorKind::resource_exhausted : ErrorKind::generic,
+                  "map VAR page " + std::to_string(page_id_), e,
+                  "cannot guard the software device's page against truncation (SIGBUS guard)");
+    }
+  }
   mappings_.fetch_add(1, std::memory_order_relaxed);
-  return Mapping(shared_from_this(), p, length_);
+  return Mapping(shared_from_this(), p, length_, std::move(guard));
 }
 
 bool Var::probe() {

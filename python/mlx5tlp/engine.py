@@ -610,8 +610,9 @@ class Device(Closing):
 
     def wait_first_answer(self, timeout: Optional[float]) -> int:
         """Block (without the GIL) until :attr:`first_answer_ns` is set or `timeout` seconds
-        pass (None: no limit); returns it, 0 at the timeout. A successor calls this right
-        after :meth:`start` so that its lanes get the CPU for the first answers.
+        pass (None: no limit); returns it, 0 at the timeout or once the device is stopped or
+        closed (:meth:`stop` / :meth:`close` from another thread wake it). A successor calls
+        this right after :meth:`start` so that its lanes get the CPU for the first answers.
 
         Raises:
             InvalidArgumentError: a negative or NaN timeout (``EINVAL``).

@@ -115,6 +115,8 @@ class SimRequestSource final : public RequestSource {
 
  private:
   size_t claim_some(m5a_ibv_context* raw, Request* out, size_t n, bool recover);
+  template <typename Fn>
+  int on_claim(const Request& r, Fn&& fn) noexcept;
 
   std::shared_ptr<Context> ctx_;
   const SimSymbols* sym_;

@@ -32,7 +32,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <string>
 
 namespace mlx5tlp {
 
@@ -41,10 +40,13 @@ class SigbusGuard {
   static constexpr size_t kSlots = 1024;  // ranges guarded at once in a process
 
   SigbusGuard() noexcept = default;
-  // Guards [base, base + len) (page aligned: an mmap result and its length), mapped with
-  // `prot`. Throws Error(resource_exhausted, ENOSPC) naming `what` when all kSlots are taken,
-  // Error(generic) if the handler cannot be installed.
-  SigbusGuard(void* base, size_t len, int prot, const std::string& what);
+  // Guards [base, base + len) (an mmap result and its length; rounded up to whole pages),
+  // mapped with `prot`. On failure an inactive guard with errno set: ENOSPC when all kSlots
+  // are taken, sigaction's errno if the handler cannot be installed. No exceptions and no
+  // dependency on the core's errors, so that the software device (which does not link the
+  // core) guards its own files with the same code (its own copy, its own table and handler,
+  // chained like any other).
+  static SigbusGuard add(void* base, size_t len, int prot) noexcept;
   ~SigbusGuard() { reset(); }
   SigbusGuard(SigbusGuard&& o) noexcept : slot_(o.slot_) { o.slot_ = -1; }
   SigbusGuard& operator=(SigbusGuard&& o) noexcept;

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "mlx5tlp/handle.hpp"
+#include "mlx5tlp/sigbus_guard.hpp"
 
 namespace mlx5tlp {
 
@@ -26,7 +27,7 @@ class Var;
 class Mapping {
  public:
   Mapping() = default;
-  Mapping(std::shared_ptr<Var> var, void* addr, size_t len) noexcept;
+  Mapping(std::shared_ptr<Var> var, void* addr, size_t len, SigbusGuard guard = {}) noexcept;
   ~Mapping();
   Mapping(Mapping&& o) noexcept;
   Mapping& operator=(Mapping&& o) noexcept;
@@ -37,11 +38,15 @@ class Mapping {
   size_t size() const noexcept { return len_; }
   const std::shared_ptr<Var>& var() const noexcept { return var_; }
   void reset() noexcept;
+  // The software device's page is its bar file: truncated by another process, the mapping
+  // turns into zero pages (sigbus_guard.hpp) and this is true; writes then reach nobody.
+  bool lost() const noexcept { return guard_.lost(); }
 
  private:
   std::shared_ptr<Var> var_;
   void* addr_ = nullptr;
   size_t len_ = 0;
+  SigbusGuard guard_;  // the software device only; reset before the munmap
 };
 
 // A mapping of the page made outside the core (the Python façade's Var.mmap()): counted like a

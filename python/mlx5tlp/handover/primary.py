@@ -14,13 +14,14 @@ import errno
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from mlx5tlp._deadline import Deadline
-from mlx5tlp.errors import Error, InvalidArgumentError
+from mlx5tlp.errors import Error, InvalidArgumentError, InvalidHandleError
 from mlx5tlp.function import FunctionSpec
 from mlx5tlp.handover.errors import HandoverError, LeaseHeldError
 from mlx5tlp.handover.lease import Lease
@@ -84,6 +85,8 @@ class Primary:
         self._stop = False
         self._operator: Optional[_Peer] = None
         self._accept_failing = False  # accept() failed (EMFILE...): reported once
+        self._running = threading.Lock()  # held by run(): close() waits for it to return
+        self._closed = False
         self.origin: dict[str, Any] = {}  # how this primary started (t_stop / t_detect)
         self.server: Union[Server, EngineServer] = node.make_server()
         self.server.open()
@@ -147,8 +150,23 @@ class Primary:
         self._stop = True
 
     def run(self, *, max_seconds: Optional[float] = None) -> str:
-        """Serve and answer the control socket until stopped or handed over."""
+        """Serve and answer the control socket until stopped or handed over.
+
+        Raises:
+            InvalidHandleError: ``EBADF``: closed. HandoverError: ``EBUSY``: another thread
+                runs it.
+        """
         end = Deadline.in_seconds(max_seconds, "max_seconds")
+        if self._closed:
+            raise InvalidHandleError(errno.EBADF, "the primary was closed", "handover")
+        if not self._running.acquire(blocking=False):
+            raise HandoverError(errno.EBUSY, "another thread runs this primary", "handover")
+        try:
+            return self._run(end)
+        finally:
+            self._running.release()
+
+    def _run(self, end: Deadline) -> str:
         server = self.server
         idle = 0
         last_beat = time.monotonic()
@@ -444,7 +462,30 @@ class Primary:
 
     def close(self, *, free: Optional[bool] = None) -> Optional[str]:
         """Release everything. `free` (default: when stopped, not handed over) destroys the
-        gateway VAR. Returns how the VAR went (see ``Node.close``). Idempotent."""
+        gateway VAR. Returns how the VAR went (see ``Node.close``). Idempotent.
+
+        From another thread while :meth:`run` serves: stops it and waits for it to return
+        (its current step ends within a few seconds) before releasing anything — before,
+        the objects went away under the serving loop, which failed with whatever it touched
+        next.
+
+        Raises:
+            HandoverError: ``EBUSY``: :meth:`run` did not return in time; nothing was closed.
+        """
+        self.stop()
+        bound = 2 * _STEP_TIMEOUT + 1.0  # a handover step, then its rollback's reclaim
+        if not self._running.acquire(timeout=bound):
+            raise HandoverError(errno.EBUSY, f"run() did not return within {bound:g} s: "
+                                "nothing was closed", "handover")
+        try:
+            if self._closed:
+                return None
+            self._closed = True
+            return self._close(free)
+        finally:
+            self._running.release()
+
+    def _close(self, free: Optional[bool]) -> Optional[str]:
         for p in list(self.peers):
             self._drop(p)
         if self.listener is not None:

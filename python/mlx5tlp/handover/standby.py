@@ -28,12 +28,13 @@ import errno
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from mlx5tlp._deadline import Deadline
-from mlx5tlp.errors import Error
+from mlx5tlp.errors import Error, InvalidHandleError
 from mlx5tlp.function import FunctionSpec
 from mlx5tlp.handover.errors import (
     HandoverAborted,
@@ -153,6 +154,12 @@ class Standby:
         self._pidfd = -1
         self._lease_given = False  # the lease went to the Primary this standby became
         self._shutdown = False     # the primary stopped the function while we joined
+        # close() from another thread wakes a wait() through this eventfd, then waits for it
+        # to leave before tearing down the socket and pidfd that wait() polls (closing an fd
+        # does not wake a poll(); its number could be reused meanwhile).
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._busy = threading.Lock()  # held by wait()
+        self._closed = False
         try:
             self._connect()
         except BaseException:
@@ -234,22 +241,41 @@ class Standby:
         Returns:
             A :class:`Primary` (serving) after a takeover or a planned handover the primary's
             operator started (``go``); None when the primary stopped the function
-            (``shutdown``) or `timeout` passed.
+            (``shutdown``), `timeout` passed, or :meth:`close` was called from another thread.
 
         Raises:
             HandoverError: a takeover or handover step failed (this process stays standby if it
-                can; check :attr:`node`).
+                can; check :attr:`node`); ``EBUSY``: another thread is in :meth:`wait`.
+            InvalidHandleError: ``EBADF``: the standby was closed.
         """
         end = Deadline.in_seconds(timeout, "standby wait timeout")
+        if not self._busy.acquire(blocking=False):
+            raise HandoverError(errno.EBUSY, "another thread is waiting on this standby",
+                                "handover")
+        try:
+            return self._wait(end)
+        finally:
+            self._busy.release()
+
+    def _wait(self, end: Deadline) -> Optional[Primary]:
+        if self._closed:
+            raise InvalidHandleError(errno.EBADF, "the standby was closed", "handover")
         if self._shutdown:
             return None
         while True:
+            if self._closed:
+                return None
             assert self.sock is not None and self.wire is not None
             left = end.remaining()
-            fds: list[Any] = [self.sock] + ([self._pidfd] if self._pidfd >= 0 else [])
+            fds: list[Any] = [self.sock, self._wake] + (
+                [self._pidfd] if self._pidfd >= 0 else [])
             if self._pidfd < 0:
                 return self.take_over()
             r = _readable(fds, left)
+            if self._wake in r:
+                with contextlib.suppress(OSError):
+                    os.eventfd_read(self._wake)  # consumed: a later wait() waits again
+                return None
             if not r:
                 return None
             # Dead. But a primary that stopped the function sent "shutdown" before it exited
@@ -404,8 +430,37 @@ class Standby:
         self._lease_given = True
         return p
 
+    def interrupt(self) -> None:
+        """Make the :meth:`wait` in progress (or the next one) return None. Safe from a signal
+        handler and from another thread (one ``eventfd`` write)."""
+        if self._wake >= 0:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._wake, 1)
+
     def close(self) -> None:
-        """Disconnect and drop the imports (frees nothing). Idempotent."""
-        self._disconnect()
-        if not self._lease_given:
-            self.lease.close()
+        """Disconnect and drop the imports (frees nothing). Idempotent. From another thread
+        while one is in :meth:`wait`: wakes it (it returns None) and waits for it to leave
+        first — bounded by a step in progress (a takeover or handover step, ``timeout``).
+
+        Raises:
+            HandoverError: ``EBUSY``: the thread in :meth:`wait` did not leave within that
+                bound (still in a step); nothing was closed — close again later.
+        """
+        if self._wake < 0:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._wake, 1)
+        bound = min(2 * (self.timeout if self.timeout is not None else 5.0) + 1.0, 60.0)
+        if not self._busy.acquire(timeout=bound):
+            raise HandoverError(errno.EBUSY, f"a thread is still in wait() after {bound:g} s "
+                                "(a takeover or handover step): close again after it "
+                                "returns", "handover")
+        try:
+            self._disconnect()
+            if not self._lease_given:
+                self.lease.close()
+            os.close(self._wake)
+            self._wake = -1
+        finally:
+            self._busy.release()
