@@ -510,3 +510,37 @@ def test_fds_sent_to_the_primary_are_not_kept(rig: Rig) -> None:
         os.close(w)
     stop(rig)
     assert p0.p.wait(30) == 0
+
+
+def test_sigterm_ends_a_standby(rig: Rig) -> None:
+    """Before: `mlx5tlp serve --standby` ignored SIGTERM (the handler only stopped a primary)
+    and had to be SIGKILLed. Now it ends its wait and exits 0; the primary serves on."""
+    import signal
+
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        s1 = rig.standby("S1", p0)
+        os.kill(s1.pid, signal.SIGTERM)
+        assert s1.p.wait(10) == 0
+        _still_serves(rig, p0, host, 1)
+        assert handover.request(rig.path, rig.key, "status", timeout=10)["standbys"] == 0
+        stop(rig)
+        assert p0.p.wait(30) == 0
+
+
+def test_standby_interrupt(rig: Rig) -> None:
+    p0 = rig.primary()
+    sb = handover.Standby(rig.path, rig.key)
+    try:
+        sb.interrupt()
+        assert sb.wait(None) is None  # at once: the interrupt came first
+        t, got = _in_thread(sb.wait, 30.0)
+        time.sleep(0.1)
+        assert t.is_alive()  # consumed: this wait waits
+        sb.interrupt()
+        t.join(5)
+        assert not t.is_alive() and got == [None]
+    finally:
+        sb.close()
+    stop(rig)
+    assert p0.p.wait(30) == 0

@@ -111,15 +111,36 @@ def _serve(args: argparse.Namespace) -> int:
     if args.standby is None:
         primary = Primary.create(path, key, device=args.device, events=events,
                                  engine=args.engine)
-    signal.signal(signal.SIGTERM, lambda *_: primary.stop() if primary is not None else None)
+    sb: Optional[Standby] = None
+    terminated = False
+
+    def on_sigterm(*_: object) -> None:
+        # A primary stops serving; a standby's wait() returns (before, SIGTERM was ignored
+        # while standing by: the handler only knew the primary); while connecting, unwind.
+        nonlocal terminated
+        terminated = True
+        if primary is not None:
+            primary.stop()
+        elif sb is not None:
+            sb.interrupt()
+        else:
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     while True:
         if primary is None:
+            if terminated:
+                break
             sb = Standby(path, key, events=events)
             got = sb.wait()
             if got is None:
                 sb.close()
+                sb = None
                 break
             primary = got
+            sb = None
+        if terminated:
+            primary.stop()  # SIGTERM came between the takeover and this
         outcome = primary.run(max_seconds=args.max_seconds)
         if outcome == "stopped":
             how = primary.close()

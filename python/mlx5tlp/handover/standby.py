@@ -272,7 +272,11 @@ class Standby:
             if self._pidfd < 0:
                 return self.take_over()
             r = _readable(fds, left)
-            if not r or self._wake in r:
+            if self._wake in r:
+                with contextlib.suppress(OSError):
+                    os.eventfd_read(self._wake)  # consumed: a later wait() waits again
+                return None
+            if not r:
                 return None
             # Dead. But a primary that stopped the function sent "shutdown" before it exited
             # (and freed the objects): read what it left before taking over.
@@ -425,6 +429,13 @@ class Standby:
         self.node = None
         self._lease_given = True
         return p
+
+    def interrupt(self) -> None:
+        """Make the :meth:`wait` in progress (or the next one) return None. Safe from a signal
+        handler and from another thread (one ``eventfd`` write)."""
+        if self._wake >= 0:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._wake, 1)
 
     def close(self) -> None:
         """Disconnect and drop the imports (frees nothing). Idempotent. From another thread
