@@ -91,6 +91,12 @@ std::shared_ptr<Var> Var::alloc(std::shared_ptr<Context> ctx, bool tlp) {
     else if (err == ENOMEM)
       why = std::string("every ") + (tlp ? "TLP gateway" : "VirtIO VAR") +
             " page of device '" + ctx->name() + "' is allocated";
+    else if (err == EIO && lib.sym().sim.last_error != nullptr) {
+      // The software device names the cause (e.g. its files were truncated: docs/sim.md).
+      char buf[512] = "";
+      lib.sym().sim.last_error(buf, sizeof buf);
+      why = buf;
+    }
     throw_errno(tlp ? "mlx5dv_alloc_var(MLX5DV_VAR_ALLOC_FLAG_TLP)" : "mlx5dv_alloc_var", err,
                 false, why);
   }
