@@ -308,7 +308,9 @@ def _drive(host: sim.Host, lease: Lease, procs: _Procs, key: bytes, path: str, r
             if pending_ho is not None and sent >= cap and committed():
                 cap += handover_every
             limit = min(limit, cap)
-        if next_kill is not None and not awaiting:
+        if next_kill is not None and not awaiting and pending_ho is None:
+            # (Not while a handover is in flight: the kill waits for it to finish, and holding
+            # requests back meanwhile would leave its successor nothing to answer.)
             limit = min(limit, next_kill)
         while sent < limit and len(checker.outstanding) < window:
             tag = tags[sent % 256]
@@ -395,7 +397,7 @@ def _drive(host: sim.Host, lease: Lease, procs: _Procs, key: bytes, path: str, r
             # The successor is whichever standby takes the lease: the first "takeover" event.
             while True:
                 pump_host()
-                pump_events(0.001)
+                pump_events(0.0002)  # the host keeps draining the page for the successor
                 taker = took_over.pop(0) if took_over else None
                 if taker is not None or time.monotonic() > end:
                     break
