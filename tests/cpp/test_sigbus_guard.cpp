@@ -3,6 +3,10 @@
 // past the end of the file raises SIGBUS, BUS_ADRERR); the table is bounded (ENOSPC, no
 // exception); and a fault outside every range — never registered, or unregistered — or a
 // SIGBUS sent with kill(2) still ends the process with SIGBUS.
+// Not in the ThreadSanitizer run (tests/test_native.py): TSan models the handler's MAP_FIXED
+// mmap as a plain write of the range, so a thread that reads a page after another thread's
+// handler replaced it — without faulting itself — is reported as a race; the kernel swaps the
+// page-table entries atomically, and no byte is written by mmap that a reader could tear.
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
