@@ -44,7 +44,20 @@ void Mapping::reset() noexcept {
 
 MappingHold::MappingHold(std::shared_ptr<Var> var) noexcept : var_(std::move(var)) {}
 
+bool MappingHold::guard(void* addr, size_t len, int prot) {
+  if (!var_ || guard_.active() || var_->context()->lib().sym().sim.mmap == nullptr) return false;
+  guard_ = SigbusGuard::add(addr, len, prot);
+  if (!guard_.active()) {
+    const int e = errno_or_eio();
+    throw Error(e == ENOSPC ? ErrorKind::resource_exhausted : ErrorKind::generic,
+                "map VAR page " + std::to_string(var_->page_id()), e,
+                "cannot guard the software device's page against truncation (SIGBUS guard)");
+  }
+  return true;
+}
+
 void MappingHold::release() noexcept {
+  guard_.reset();
   if (!var_) return;
   var_->mappings_.fetch_sub(1, std::memory_order_relaxed);
   var_.reset();
