@@ -183,3 +183,22 @@ def test_connect_refuses_a_nan_timeout_before_trying(tmp_path: Path) -> None:
     with pytest.raises(handover.HandoverError) as exc:  # 0: one attempt, then the error
         connect(str(tmp_path / "nobody"), 0.0)
     assert exc.value.errno == errno.ENOENT
+
+
+def test_no_gc_holds_collection_off_and_restores_what_was() -> None:
+    import gc
+
+    from mlx5tlp.handover.gcpause import no_gc
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), no_gc():
+        assert not gc.isenabled()
+        raise RuntimeError("a failed step re-enables it too")
+    assert gc.isenabled()
+    gc.disable()  # a process that runs without automatic collection keeps it so
+    try:
+        with no_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

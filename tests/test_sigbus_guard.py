@@ -240,7 +240,7 @@ def test_a_sigbus_outside_guarded_ranges_still_kills(tmp_path: Path, how: str,
 
 
 SIM_FILES = r"""
-import os, subprocess, sys
+import mmap, os, subprocess, sys
 import mlx5tlp
 from mlx5tlp import sim, tlp
 name, path = sys.argv[1], sys.argv[2]
@@ -255,6 +255,8 @@ def attempt(what, fn):
 ctx = mlx5tlp.open_device(name, backend="sim")
 var = ctx.alloc_var(tlp=True)
 gw = var.gateway(direct=True)  # the page mapped by the core (the bar file, guarded)
+page = ctx.alloc_var(tlp=True).mmap(mmap.PROT_READ | mmap.PROT_WRITE)  # ... and by Python
+page[8] = 1
 host = sim.Host(name)
 record = tlp.Tlp.completion(completer_id=0x0100, requester_id=0x0200, tag=1,
                             data=b"abcd").encode()
@@ -266,6 +268,8 @@ subprocess.run([sys.executable, "-c", "import os, sys; [os.truncate(p, 0) for p 
 attempt("write", lambda: gw.write(record, timeout=0.1))
 attempt("send", lambda: host.send_request(tlp.Tlp.mem_read(0x1000, 1, tag=1).encode()))
 attempt("completions", lambda: host.completions(0.05))
+attempt("python_page", lambda: print("page_byte", page[8], flush=True))
+page.close()  # unguarded before the munmap
 attempt("stats", lambda: sim.device_stats(name))
 attempt("alloc_var", lambda: ctx.alloc_var(tlp=True))
 print("alive", flush=True)
@@ -289,8 +293,10 @@ def test_the_software_devices_truncated_files_are_errors(sim_dir: str) -> None:
         assert out.stdout.splitlines()[0] == "serving" and "alive" in out.stdout, out.stdout
         for what in ("stats", "alloc_var"):
             assert lines[what].startswith(f"{errno.EIO} "), (what, lines[what])
-        assert f"software device '{name}': its state file was truncated" in lines["stats"]
-        assert "remove and re-create the device" in lines["stats"]
+        assert (lines["python_page"], lines["page_byte"]) == ("ok", "0")  # zero pages: no SIGBUS
+        for what in ("stats", "alloc_var"):
+            assert f"software device '{name}': its state file was truncated" in lines[what]
+            assert "remove and re-create the device" in lines[what]
         # A process that opens it afterwards is refused as for any damaged state (EPROTO).
         with pytest.raises(mlx5tlp.Error) as exc:
             sim.device_stats(name)

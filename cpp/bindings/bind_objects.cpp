@@ -34,7 +34,21 @@ void bind_handle(Cls& cls) {
 void bind_objects(py::module_& m) {
   py::class_<MappingHold>(m, "MappingHold")
       .def("release", &MappingHold::release, "Uncount the mapping (idempotent).")
-      .def_property_readonly("released", &MappingHold::released);
+      .def_property_readonly("released", &MappingHold::released)
+      .def("guard", [](MappingHold& h, const py::buffer& mapping, int prot) {
+        // Only the address and length are taken; the buffer export ends with this call.
+        void* addr = nullptr;
+        size_t len = 0;
+        {
+          const py::buffer_info info = mapping.request();
+          addr = info.ptr;
+          len = size_t(info.size * info.itemsize);
+        }
+        return h.guard(addr, len, prot);
+      }, py::arg("mapping"), py::arg("prot"),
+           "Guard the outside mapping (an mmap) against SIGBUS (the software device's page only).")
+      .def("unguard", &MappingHold::unguard, "Unregister the guard: before the munmap.")
+      .def_property_readonly("lost", &MappingHold::lost);
 
   py::class_<Var, std::shared_ptr<Var>> var(m, "Var");
   bind_handle<Var>(var);

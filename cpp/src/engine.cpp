@@ -14,6 +14,7 @@
 
 #include "mlx5tlp/error.hpp"
 #include "mlx5tlp/futex.hpp"
+#include "mlx5tlp/ring_wait.hpp"
 #include "mlx5tlp/spawn.hpp"
 #include "mlx5tlp/tlp_completion.hpp"
 #include "mlx5tlp/unique_fd.hpp"
@@ -45,6 +46,7 @@ constexpr uint32_t kCmdRun = 0, kCmdPause = 1, kCmdStop = 2, kCmdRelease = 3, kC
                    kCmdHold = 5;  // spawned by attach_gateways(), waiting for start()
 constexpr int kStateCreated = 0, kStateRunning = 1, kStatePaused = 2, kStateStopped = 3;
 constexpr size_t kMaxDataPerRequest = 4096;
+constexpr uint64_t kAckSpinNs = 30000;  // a lane / wait_acks polls this long before sleeping
 constexpr size_t kMaxCplBytesPerRequest = kMaxDataPerRequest + tlp::kMaxCompletions * 16;
 
 struct RegionCountersA {
@@ -1110,6 +1112,11 @@ void Lane::run() noexcept {
         }
         ack.store(c, std::memory_order_release);  // release: everything before is done
         futex_wake(ack);
+        // A handover's commands come in quick succession (pause, release): look for the next
+        // one briefly before sleeping, so that it does not wait for this thread's wake-up.
+        for (const uint64_t until = now_ns() + kAckSpinNs;
+             cmd.load(std::memory_order_acquire) == c && now_ns() < until;)
+          ring_detail::cpu_relax();
         if (cmd.load(std::memory_order_acquire) == c) wait_bell(seen);
         continue;
       }
@@ -1300,7 +1307,15 @@ void Engine::start() {
 
 namespace {
 bool wait_acks(std::vector<std::unique_ptr<Lane>>& lanes, uint32_t want, Deadline deadline) {
+  // A lane acknowledges a command within microseconds when it runs (it was woken, or spun on
+  // its request source): poll for that long before sleeping, so that the commands of a
+  // handover's pause (pause, release) do not each add a wake-up of this thread — on a loaded
+  // machine with a non-preemptible kernel that is tens of microseconds at p50, more in the tail.
+  const uint64_t spin_until = now_ns() + kAckSpinNs;
   for (auto& l : lanes) {
+    for (uint32_t a; (a = l->ack.load(std::memory_order_acquire)) != want && a != kCmdStop &&
+                     now_ns() < spin_until;)
+      ring_detail::cpu_relax();
     for (;;) {
       const uint32_t a = l->ack.load(std::memory_order_acquire);  // acquire: the lane's work
       if (a == want || a == kCmdStop) break;

@@ -44,7 +44,20 @@ void Mapping::reset() noexcept {
 
 MappingHold::MappingHold(std::shared_ptr<Var> var) noexcept : var_(std::move(var)) {}
 
+bool MappingHold::guard(void* addr, size_t len, int prot) {
+  if (!var_ || guard_.active() || var_->context()->lib().sym().sim.mmap == nullptr) return false;
+  guard_ = SigbusGuard::add(addr, len, prot);
+  if (!guard_.active()) {
+    const int e = errno_or_eio();
+    throw Error(e == ENOSPC ? ErrorKind::resource_exhausted : ErrorKind::generic,
+                "map VAR page " + std::to_string(var_->page_id()), e,
+                "cannot guard the software device's page against truncation (SIGBUS guard)");
+  }
+  return true;
+}
+
 void MappingHold::release() noexcept {
+  guard_.reset();
   if (!var_) return;
   var_->mappings_.fetch_sub(1, std::memory_order_relaxed);
   var_.reset();
@@ -91,6 +104,12 @@ std::shared_ptr<Var> Var::alloc(std::shared_ptr<Context> ctx, bool tlp) {
     else if (err == ENOMEM)
       why = std::string("every ") + (tlp ? "TLP gateway" : "VirtIO VAR") +
             " page of device '" + ctx->name() + "' is allocated";
+    else if (err == EIO && lib.sym().sim.last_error != nullptr) {
+      // The software device names the cause (e.g. its files were truncated: docs/sim.md).
+      char buf[512] = "";
+      lib.sym().sim.last_error(buf, sizeof buf);
+      why = buf;
+    }
     throw_errno(tlp ? "mlx5dv_alloc_var(MLX5DV_VAR_ALLOC_FLAG_TLP)" : "mlx5dv_alloc_var", err,
                 false, why);
   }

@@ -580,7 +580,9 @@ def serve(spec: ServedSpec, *, device: str, pages: int = 1, batch: int = 32,
     SIGTERM arrives (main thread only), or ``max_seconds`` pass; then close everything.
 
     ``emit`` receives a ``serving`` event once the device answers (pid, device, gateway
-    pages, regions with their BAR placement) and a ``stopped`` event with the final counters.
+    pages, regions with their BAR placement), a ``backing_lost`` event for a region whose
+    ``shared`` file another process truncated (docs/engine.md "Shared backing files"), and a
+    ``stopped`` event with the final counters.
 
     Returns:
         The ``stopped`` event.

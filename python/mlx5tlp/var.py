@@ -20,15 +20,27 @@ __all__ = ["Var"]
 
 
 class _PageMapping(mmap.mmap):
-    """A Python mapping of a VAR page that the VAR counts until it is closed (see Var.mmap)."""
+    """A Python mapping of a VAR page that the VAR counts until it is closed (see Var.mmap).
+
+    On the software device the page is its ``bar`` file, which another process can truncate:
+    the mapping is registered with the SIGBUS guard (docs/sim.md), and unregistered before it
+    is unmapped — in :meth:`close`, and in ``__del__`` for a mapping dropped without it
+    (``__del__`` runs before ``mmap``'s own deallocation unmaps; a weakref callback would not).
+    """
 
     _hold: _core.MappingHold
 
     def close(self) -> None:
+        self._hold.unguard()  # before the munmap: the address may be reused at once
         try:
             super().close()
         finally:
             self._hold.release()
+
+    def __del__(self) -> None:
+        hold = getattr(self, "_hold", None)
+        if hold is not None:
+            hold.unguard()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -122,6 +134,11 @@ class Var(DeviceObject):
             hold.release()
             raise
         m._hold = hold
+        try:
+            hold.guard(m, prot)
+        except BaseException:
+            m.close()
+            raise
         # A mapping dropped without close() is unmapped by the collector: uncount it then too.
         weakref.finalize(m, hold.release)
         return m

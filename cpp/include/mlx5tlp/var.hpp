@@ -59,9 +59,16 @@ class MappingHold {
   MappingHold& operator=(const MappingHold&) = delete;
   void release() noexcept;
   bool released() const noexcept { return !var_; }
+  // The software device's page is its bar file (see Mapping::lost): guard the outside mapping
+  // [addr, addr + len) too. No-op (false) on hardware. Throws Error(ENOSPC) on a full table.
+  bool guard(void* addr, size_t len, int prot);
+  // Unregister the guard: call BEFORE the outside mapping is unmapped (release() does too).
+  void unguard() noexcept { guard_.reset(); }
+  bool lost() const noexcept { return guard_.lost(); }
 
  private:
   std::shared_ptr<Var> var_;
+  SigbusGuard guard_;
 };
 
 class Var final : public Handle, public std::enable_shared_from_this<Var> {

@@ -3,6 +3,7 @@ mlx5tlp C++ core (private: use the mlx5tlp package)
 """
 from __future__ import annotations
 import typing
+import typing_extensions
 from . import tlp
 from . import sim
 from . import function
@@ -47,10 +48,21 @@ class Context:
     def rdma_core_version(self) -> str:
         ...
 class MappingHold:
+    def guard(self, mapping: typing_extensions.Buffer, prot: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        """
+        Guard the outside mapping (an mmap) against SIGBUS (the software device's page only).
+        """
     def release(self) -> None:
         """
         Uncount the mapping (idempotent).
         """
+    def unguard(self) -> None:
+        """
+        Unregister the guard: before the munmap.
+        """
+    @property
+    def lost(self) -> bool:
+        ...
     @property
     def released(self) -> bool:
         ...

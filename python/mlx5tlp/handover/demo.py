@@ -156,13 +156,16 @@ def run(*, requests: int = 2000, handover_every: int = 0, kill_every: int = 0, s
         engine: str = "native", realtime: Optional[int] = None) -> dict[str, Any]:
     """Run the demo; returns the report (see the module docstring). `engine`: who serves in
     each primary, ``"native"`` (the engine's lanes) or ``"python"``. `realtime`: run the
-    serving processes (``serve --realtime``) and this process — the host model — under
-    ``SCHED_FIFO`` at that priority (:func:`mlx5tlp.realtime.use_fifo`; the calling thread
+    serving processes (``serve --realtime``) under ``SCHED_FIFO`` at that priority, and this
+    process — the host model — one below it (:func:`mlx5tlp.realtime.use_fifo`; the calling thread
     keeps the policy afterwards, so a library caller runs this in a thread of its own)."""
     if realtime is not None:
         from mlx5tlp.realtime import use_fifo
 
-        use_fifo(realtime)
+        # The host model stands in for another machine: one priority below the serving
+        # processes, so it never holds a CPU a successor's thread is woken for (at equal
+        # SCHED_FIFO priority a woken thread waits until the running one blocks).
+        use_fifo(max(1, realtime - 1))
     rng = random.Random(seed ^ 0x5EED)
     work = tempfile.mkdtemp(prefix="mlx5tlp-handover-")  # 0700
     key = os.urandom(32).hex().encode()
@@ -299,11 +302,15 @@ def _drive(host: sim.Host, lease: Lease, procs: _Procs, key: bytes, path: str, r
             # taking requests (the lease names its successor), requests flow again, as a
             # host's do: held back, the successor found nothing to answer until the
             # operator's reply reached this loop (2-4 ms at load, which was the pause p99).
+            # (Up to the end of the interval after: the next handover is due at this cap and
+            # starts once this one's reply arrives, so every interval still gets its own.)
             cap = next_handover + (handover_every if pending_ho else 0)
             if pending_ho is not None and sent >= cap and committed():
-                cap = requests
+                cap += handover_every
             limit = min(limit, cap)
-        if next_kill is not None and not awaiting:
+        if next_kill is not None and not awaiting and pending_ho is None:
+            # (Not while a handover is in flight: the kill waits for it to finish, and holding
+            # requests back meanwhile would leave its successor nothing to answer.)
             limit = min(limit, next_kill)
         while sent < limit and len(checker.outstanding) < window:
             tag = tags[sent % 256]
@@ -390,7 +397,7 @@ def _drive(host: sim.Host, lease: Lease, procs: _Procs, key: bytes, path: str, r
             # The successor is whichever standby takes the lease: the first "takeover" event.
             while True:
                 pump_host()
-                pump_events(0.001)
+                pump_events(0.0002)  # the host keeps draining the page for the successor
                 taker = took_over.pop(0) if took_over else None
                 if taker is not None or time.monotonic() > end:
                     break

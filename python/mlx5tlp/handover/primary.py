@@ -24,6 +24,7 @@ from mlx5tlp._deadline import Deadline
 from mlx5tlp.errors import Error, InvalidArgumentError, InvalidHandleError
 from mlx5tlp.function import FunctionSpec
 from mlx5tlp.handover.errors import HandoverError, LeaseHeldError
+from mlx5tlp.handover.gcpause import no_gc
 from mlx5tlp.handover.lease import Lease
 from mlx5tlp.handover.node import Events, Node, bind_listener, default_spec
 from mlx5tlp.handover.state import STATE_VERSION, seal_snapshot
@@ -319,7 +320,8 @@ class Primary:
             peer.role = "ready"
             self._emit("standby", standby_pid=peer.pid)
         elif kind == "handover" and peer.role == "ready":
-            self._handover(peer)
+            with no_gc():  # a collection here would be the pause (gcpause.py)
+                self._handover(peer)
         elif kind == "request" and peer.role == "operator":
             self._operator_request(peer, str(msg.fields.get("action", "")))
         else:

@@ -42,6 +42,7 @@ from mlx5tlp.handover.errors import (
     LeaseHeldError,
     StateMismatchError,
 )
+from mlx5tlp.handover.gcpause import no_gc
 from mlx5tlp.handover.lease import Lease
 from mlx5tlp.handover.node import Events, Node
 from mlx5tlp.handover.primary import Primary
@@ -359,6 +360,10 @@ class Standby:
                 process refused before taking the lease; the old primary serves again at its
                 own generation).
         """
+        with no_gc():  # a collection here would be the pause (gcpause.py)
+            return self._promote()
+
+    def _promote(self) -> Primary:
         wire, node = self.wire, self.node
         assert wire is not None and node is not None
         prebuild = getattr(node, "prebuild", None)
