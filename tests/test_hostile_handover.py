@@ -583,3 +583,25 @@ def test_hostile_message_bodies_do_not_end_the_primary(rig: Rig) -> None:
         _still_serves(rig, p0, host, 1)
         stop(rig)
         assert p0.p.wait(30) == 0
+
+
+def test_control_path_too_long_for_a_unix_socket(private: Path, device: str) -> None:
+    """Before: a bare OSError("AF_UNIX path too long") from bind()/connect()."""
+    path = str(private / ("c" * 120))
+    with pytest.raises(mlx5tlp.InvalidArgumentError) as exc:
+        handover.Primary.create(path, b"k" * 32, device=device, engine="python")
+    assert exc.value.errno == errno.ENAMETOOLONG and "at most" in str(exc.value)
+    assert not os.path.exists(path + ".lease")  # refused before anything was taken
+    for make in (lambda: handover.Standby(path, b"k" * 32, timeout=0.1),
+                 lambda: handover.request(path, b"k" * 32, "status", timeout=0.1)):
+        with pytest.raises(mlx5tlp.InvalidArgumentError) as exc:
+            make()
+        assert exc.value.errno == errno.ENAMETOOLONG
+    # Just short enough for connect() but not for the listener's temporary name.
+    room = 107 - len(os.fsencode(str(private))) - 1
+    edge = str(private / ("e" * room))
+    assert len(os.fsencode(edge)) == 107
+    with pytest.raises(mlx5tlp.InvalidArgumentError, match="at most"):
+        handover.Primary.create(edge, b"k" * 32, device=device, engine="native")
+    with pytest.raises(handover.HandoverError):  # fits: nobody listens
+        connect(edge, 0.0)

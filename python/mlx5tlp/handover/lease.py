@@ -60,6 +60,7 @@ __all__ = [
     "Lease",
     "LeaseRecord",
     "check_private_dir",
+    "check_socket_path",
     "pid_start_time",
 ]
 
@@ -97,6 +98,25 @@ def check_private_dir(path: str, what: str = "control socket directory") -> None
         raise InvalidArgumentError(
             errno.EPERM, f"{what} {path!r} has mode {st.st_mode & 0o7777:04o}: group/others "
             "may write it; it must be private to this user (0700)", "handover")
+
+
+#: The longest ``AF_UNIX`` socket path: ``sun_path`` is 108 bytes with its NUL (unix(7)).
+UNIX_PATH_MAX = 107
+
+
+def check_socket_path(path: str, extra: int = 0) -> None:
+    """Refuse a control socket path ``AF_UNIX`` cannot hold (with `extra` bytes appended, as
+    the temporary name a listener binds before its rename).
+
+    Raises:
+        InvalidArgumentError: ``ENAMETOOLONG`` naming the path, its length and the limit.
+    """
+    n = len(os.fsencode(path))
+    if n + extra > UNIX_PATH_MAX:
+        raise InvalidArgumentError(
+            errno.ENAMETOOLONG, f"control socket path {path!r} is {n} bytes; a UNIX socket "
+            f"path holds at most {UNIX_PATH_MAX - extra} here (unix(7) sun_path): use a "
+            "shorter directory", "handover")
 
 
 def pid_start_time(pid: int) -> int:

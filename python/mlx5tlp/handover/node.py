@@ -27,7 +27,7 @@ from mlx5tlp._memfd import sealed_memfd
 from mlx5tlp.context import Context, open_device
 from mlx5tlp.errors import Error
 from mlx5tlp.function import Bar, FunctionSpec, Identity, VendorCap
-from mlx5tlp.handover.lease import check_private_dir
+from mlx5tlp.handover.lease import check_private_dir, check_socket_path
 from mlx5tlp.handover.server import Responder, Server
 from mlx5tlp.handover.state import SharedState, check_shared_fds, state_size
 from mlx5tlp.var import Var
@@ -63,6 +63,7 @@ def bind_listener(path: str) -> socket.socket:
     path = os.path.abspath(path)
     check_private_dir(os.path.dirname(path))
     tmp = f"{path}.{os.getpid()}.tmp"
+    check_socket_path(path, len(tmp) - len(path))  # else bind() raises a bare OSError
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -25,7 +25,7 @@ from mlx5tlp.errors import Error, InvalidArgumentError, InvalidHandleError
 from mlx5tlp.function import FunctionSpec
 from mlx5tlp.handover.errors import HandoverError, LeaseHeldError
 from mlx5tlp.handover.gcpause import no_gc
-from mlx5tlp.handover.lease import Lease
+from mlx5tlp.handover.lease import Lease, check_socket_path
 from mlx5tlp.handover.node import Events, Node, bind_listener, default_spec
 from mlx5tlp.handover.state import STATE_VERSION, seal_snapshot
 from mlx5tlp.handover.wire import Message, Wire, check_key
@@ -112,6 +112,8 @@ class Primary:
         """
         key = check_key(key)
         spec = spec or default_spec()
+        # Before the lease and the objects: the listener binds `path` + ".<pid>.tmp".
+        check_socket_path(os.path.abspath(path), len(f".{os.getpid()}.tmp"))
         if engine == "native":
             from mlx5tlp.handover.engine_node import create_primary
 

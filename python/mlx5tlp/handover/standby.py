@@ -43,7 +43,7 @@ from mlx5tlp.handover.errors import (
     StateMismatchError,
 )
 from mlx5tlp.handover.gcpause import no_gc
-from mlx5tlp.handover.lease import Lease
+from mlx5tlp.handover.lease import Lease, check_socket_path
 from mlx5tlp.handover.node import Events, Node
 from mlx5tlp.handover.primary import Primary
 from mlx5tlp.handover.state import STATE_VERSION, open_snapshot
@@ -63,9 +63,11 @@ def connect(path: str, timeout: Optional[float] = 5.0) -> socket.socket:
 
     Raises:
         HandoverError: ``ECONNREFUSED``/``ENOENT`` after the timeout.
-        InvalidArgumentError: ``EINVAL``: `timeout` is NaN or negative.
+        InvalidArgumentError: ``EINVAL``: `timeout` is NaN or negative; ``ENAMETOOLONG``:
+            `path` is too long for a UNIX socket.
     """
     deadline = Deadline.in_seconds(timeout, "connect timeout")
+    check_socket_path(path)  # else connect() raises a bare OSError
     pause = 1e-4
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
