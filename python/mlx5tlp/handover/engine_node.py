@@ -164,6 +164,7 @@ class EngineServer:
         if d.state == "created":
             d.start()
         elif d.state == "paused":
+            d.prepare_pause(False)  # a rolled-back handover: take whole batches again
             d.resume()
         else:
             return 0
@@ -171,6 +172,13 @@ class EngineServer:
         # thread goes on with its bookkeeping (bounded: a host may have nothing in flight).
         d.wait_first_answer(_FIRST_ANSWER_WAIT)
         return 0
+
+    def prepare_pause(self, on: bool) -> None:
+        """A handover was asked for: lanes take only what their page can take until the pause
+        (:meth:`mlx5tlp.engine.Device.prepare_pause`)."""
+        d = self.node.device
+        if d is not None and not d.closed:
+            d.prepare_pause(on)
 
     def close_gateway(self) -> None:
         """Stop taking requests, finish the taken and the deferred ones, give the pages back.
