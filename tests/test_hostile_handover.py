@@ -544,3 +544,42 @@ def test_standby_interrupt(rig: Rig) -> None:
         sb.close()
     stop(rig)
     assert p0.p.wait(30) == 0
+
+
+def test_hostile_message_bodies_do_not_end_the_primary(rig: Rig) -> None:
+    """Before: the body's JSON was parsed before its HMAC was checked, and a deeply nested one
+    (no key needed) raised RecursionError out of run(); a signed "error" whose errno was not
+    an int raised ValueError the same way."""
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        deep = b"[" * 20_000 + b"]" * 20_000  # past any recursion limit; fits a socket buffer
+        for body in (deep, b'{"t":"hello","nonce":' + deep + b"}", b"\xff\xfe", b"{}"):
+            s = connect(rig.path)
+            share.send_fds(s, [], [os.urandom(32) + body])  # any MAC: refused before parsing
+            s.settimeout(10)
+            assert s.recv(1) == b""  # hung up on
+            s.close()
+        ev = p0.wait_event("refused")
+        assert "HMAC" in ev["error"], ev
+        for code in ("junk", [1], 10**30, -5, True, None):
+            s, wire = _operator(rig)
+            wire.send("error", {"errno": code, "message": "hostile"})
+            s.settimeout(10)
+            assert s.recv(1) == b""  # refused and dropped
+            s.close()
+        # A signed body that is deeply nested JSON: malformed, not a RecursionError.
+        a, b = socket.socketpair()
+        with a, b:
+            client = Wire(a, rig.key, is_server=False)
+            client.send("hello", {})
+            srv, _ = Wire.server(b, rig.key, timeout=5)
+            mac_body = deep
+            from mlx5tlp.handover import wire as wire_mod
+
+            mac = wire_mod._mac(rig.key, b"C>S", srv.nonce, 1, [mac_body])
+            share.send_fds(a, [], [mac + mac_body])
+            with pytest.raises(handover.AuthenticationError, match="malformed"):
+                srv.recv(timeout=5)
+        _still_serves(rig, p0, host, 1)
+        stop(rig)
+        assert p0.p.wait(30) == 0

@@ -162,21 +162,24 @@ class Wire:
                 raise AuthenticationError(errno.EBADMSG, "control message without a signed "
                                           "body", "handover")
             mac, body = payloads[0][:_MAC], payloads[0][_MAC:]
-            try:
-                fields = json.loads(body)
-                peer_nonce = bytes.fromhex(fields["nonce"])
-                mtype = str(fields["t"])
-            except (ValueError, KeyError, TypeError):
-                raise AuthenticationError(errno.EBADMSG, "malformed control message body",
-                                          "handover") from None
-            # The server's first message (HELLO) is bound to zeros (see send()).
+            # The MAC first, the JSON after: nothing an unauthenticated peer sends is parsed
+            # (a deeply nested body made json.loads raise RecursionError, which ended the
+            # primary). The MAC is bound to our own nonce, so it needs nothing from the body;
+            # the server's first message (HELLO) is bound to zeros (see send()).
             nonce = bytes(NONCE_BYTES) if first and self._in == b"C>S" else self.nonce
             want = _mac(self.key, self._in, nonce, self._recv_seq, [body, *payloads[1:]])
             if not hmac.compare_digest(mac, want):
                 raise AuthenticationError(
-                    errno.EBADMSG, f"control message {mtype!r} from pid {creds.pid} failed its "
-                    "HMAC check (another key, a forgery, or a replay from another connection)",
+                    errno.EBADMSG, f"control message from pid {creds.pid} failed its HMAC "
+                    "check (another key, a forgery, or a replay from another connection)",
                     "handover")
+            try:
+                fields = json.loads(body)
+                peer_nonce = bytes.fromhex(fields["nonce"])
+                mtype = str(fields["t"])
+            except (ValueError, KeyError, TypeError, RecursionError):
+                raise AuthenticationError(errno.EBADMSG, "malformed control message body",
+                                          "handover") from None
             if self.peer_nonce and peer_nonce != self.peer_nonce:
                 raise AuthenticationError(errno.EBADMSG, "the peer's nonce changed mid-"
                                           "connection (a spliced replay)", "handover")
@@ -189,6 +192,11 @@ class Wire:
         msg.type, msg.fields = mtype, fields
         if mtype == "error":
             msg.close_fds()
-            raise HandoverError(int(fields.get("errno", errno.EPROTO)),
-                                f"the peer refused: {fields.get('message', '?')}", "handover")
+            code = fields.get("errno")
+            # Signed, but still the peer's word: an errno that is not a small int is EPROTO
+            # (int("junk") raised ValueError out of the primary's loop).
+            if isinstance(code, bool) or not isinstance(code, int) or not 0 < code < 4096:
+                code = errno.EPROTO
+            raise HandoverError(code, f"the peer refused: {fields.get('message', '?')}",
+                                "handover")
         return msg
