@@ -39,7 +39,13 @@ from mlx5tlp.errors import Error
 from mlx5tlp.function import FunctionSpec
 from mlx5tlp.handover.errors import HandoverError, StateMismatchError
 from mlx5tlp.handover.node import Events, bind_listener
-from mlx5tlp.handover.state import STATE_VERSION, SharedState, check_shared_fds, state_size
+from mlx5tlp.handover.state import (
+    STATE_VERSION,
+    SharedState,
+    check_region_fds,
+    check_shared_fds,
+    state_size,
+)
 from mlx5tlp.var import Var
 
 if TYPE_CHECKING:
@@ -291,12 +297,14 @@ class EngineNode:
             if regions is not None:
                 check_layout(regions, layout)
             # Before anything is imported or mapped: a peer's memfd it could still shrink
-            # would let it kill this process (or its engine thread) with SIGBUS.
+            # would let it kill this process with SIGBUS. The state block is mapped here, so it
+            # must be sealed; the regions' files only the engine maps, under the SIGBUS guard
+            # when unsealed (so a spec's `shared` file can be handed over).
             of = f"of {want_fds}"
-            check_shared_fds([(state_fd, state_size(), f"the state memfd (message fd 2 {of})"),
-                              *((fd, need, f"the {what} (message fd {3 + i} {of})")
-                                for i, (fd, (need, what)) in
-                                enumerate(zip(region_fds, _shared_needs(layout), strict=True)))])
+            check_shared_fds([(state_fd, state_size(), f"the state memfd (message fd 2 {of})")])
+            check_region_fds([(fd, need, f"the {what} (message fd {3 + i} {of})")
+                              for i, (fd, (need, what)) in
+                              enumerate(zip(region_fds, _shared_needs(layout), strict=True))])
             ctx = Context.import_fd(cmd_fd, backend="sim")
             os.close(cmd_fd)
             cmd_fd = -1
