@@ -422,3 +422,38 @@ def test_requests_a_dead_claimer_left_are_answered_once(device: str, host: sim.H
             assert dev.stats()["redelivered"] == 2
         assert host.completions(0.05) == []
         assert host.stats()["errors"] == 0
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_prepare_pause_takes_only_what_the_page_can_take(ctx: mlx5tlp.Context, host: sim.Host,
+                                                         device: str, lean: bool) -> None:
+    """40 one-completion reads wait while the host consumes nothing; the page holds 15
+    records (docs/sim.md). A lane takes a whole batch (32): 15 written, all 32 claimed until
+    the batch is written (a pause would wait for the host to consume 17 more). After
+    prepare_pause() it takes what the page can take (15), then one at a time: 1 claimed and
+    waiting, 24 left in the channel for whoever serves next. Either way every read is
+    answered once when the host consumes."""
+    mem = engine.MemoryRegion(0, 0, 0x1000)
+    with _served(ctx, [mem], batch=32) as dev:
+        bus = Bus(host)
+        bus.enumerate()
+        assert dev.pause(5.0)
+        tags = []
+        for i in range(40):
+            tags.append(bus.next_tag())
+            bus.send(tlp.Tlp.mem_read(BAR0 + 4 * i, 1, tag=tags[-1]))
+        dev.prepare_pause(lean)
+        dev.resume()
+        want = (1, 24) if lean else (32, 8)
+        deadline = time.monotonic() + 10
+        while True:
+            st = sim.device_stats(device)
+            now = (st["requests_claimed"], st["requests_pending"])
+            if now == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
+        assert now == want, st
+        got = bus.collect(40)
+        assert sorted(c.tag for c in got) == sorted(tags)
+        assert all(c.status == tlp.Status.SC for c in got)
+        dev.prepare_pause(False)

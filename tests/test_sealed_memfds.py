@@ -20,6 +20,7 @@ import pytest
 
 from mlx5tlp import engine, handover
 from mlx5tlp._memfd import SEALS, sealed_memfd
+from mlx5tlp.errors import InvalidHandleError
 from mlx5tlp.handover.engine_node import EngineNode, region_layout
 from mlx5tlp.handover.node import Node, default_spec
 from mlx5tlp.handover.state import STATE_VERSION, SharedState, state_size
@@ -133,16 +134,25 @@ def test_engine_objects_message_checks_every_region_memfd(state: SharedState) ->
         return [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), os.dup(state.fd),
                 os.dup(mem.fd), reg_fd]
 
-    fds = message(unsealed_copy(b"", 16))
+    # Not a regular file (a pipe): refused before anything is imported.
+    r, w = os.pipe()
+    os.close(w)
+    fds = message(r)
     with pytest.raises(handover.StateMismatchError) as exc:
         EngineNode.from_message(fields, fds, [b""], b"k" * 32, None, STATE_VERSION, None)
     msg = str(exc.value)
     assert exc.value.errno == errno.EPROTO
     assert "the register memfd of regions[1] ('regs') (message fd 4 of 4)" in msg
-    assert "has 16 bytes, 16 needed" in msg and "not sealed against shrinking" in msg
+    assert "is not a regular file" in msg
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
+    # Unsealed but large enough (a spec's `shared` file is a regular file that cannot be
+    # sealed): the engine maps it under the SIGBUS guard, so the check lets it through — this
+    # forged message then fails at its command fd (/dev/null), not at the region.
+    fds = message(unsealed_copy(b"", 16))
+    with pytest.raises(InvalidHandleError, match="is not a device context's command fd"):
+        EngineNode.from_message(fields, fds, [b""], b"k" * 32, None, STATE_VERSION, None)
     fds = message(sealed_memfd("test-short", 8))
     with pytest.raises(handover.StateMismatchError) as exc:
         EngineNode.from_message(fields, fds, [b""], b"k" * 32, None, STATE_VERSION, None)

@@ -399,6 +399,7 @@ void bind_engine(py::module_& root) {
       .def("drain_deferred", deadline_call<&Engine::drain_deferred>(), py::arg("timeout"))
       .def_property_readonly("first_answer_ns", [](PyEngine& p) { return p.e().first_answer_ns(); })
       .def("wait_first_answer", deadline_call<&Engine::wait_first_answer>(), py::arg("timeout"))
+      .def("set_lean", [](PyEngine& p, bool on) { p.e().set_lean(on); }, py::arg("on"))
       .def("stop", [](PyEngine& p) {
         const std::shared_ptr<Engine> en = p.hold();
         Engine& e = *en;

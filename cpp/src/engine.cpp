@@ -134,6 +134,7 @@ struct Engine::Impl {
   // Bumped (and woken) by a lane's first answer since a (re)start: wait_first_answer() sleeps
   // on it, so a successor's control thread gives its CPU to the lanes instead of competing.
   std::atomic<uint32_t> answered_bell{0};
+  std::atomic<bool> lean{false};  // set_lean(): lanes take what the page can take now
   BatchHandler* handler = nullptr;
   std::vector<std::unique_ptr<Lane>> lanes;
   std::mutex ctl_mu;  // blocking point: lifecycle calls
@@ -170,6 +171,12 @@ struct Lane {
   void build_deferred(Deferred& d, uint32_t index);
   void poke() noexcept;
   void wait_bell(uint32_t seen) noexcept;
+  // A whole batch, or under set_lean() what the page can take now (at least one request).
+  size_t take_limit() noexcept {
+    if (!gw || !e->lean.load(std::memory_order_relaxed)) return batch;  // relaxed: a hint
+    const size_t room = gw->credits();
+    return room >= batch ? batch : std::max<size_t>(room, 1);
+  }
   bool want_stop() const noexcept { return cmd.load(std::memory_order_acquire) == kCmdStop; }
 
   Engine::Impl* e;
@@ -1127,8 +1134,9 @@ void Lane::run() noexcept {
       if (next_expiry != UINT64_MAX)
         d = d.earliest(Deadline::after(std::chrono::nanoseconds(next_expiry > now ? next_expiry - now : 0)));
       size_t n = 0;
-      if (nextra == 0 && ncpl == 0 && !dready_flag.load(std::memory_order_acquire)) n = src->take(reqs.data(), batch, d);
-      else n = src->take(reqs.data(), batch, Deadline::poll());
+      const size_t want = take_limit();
+      if (nextra == 0 && ncpl == 0 && !dready_flag.load(std::memory_order_acquire)) n = src->take(reqs.data(), want, d);
+      else n = src->take(reqs.data(), want, Deadline::poll());
       if (n != 0) serve_batch(n);
       else if (nextra != 0 || ncpl != 0) publish(0, 0);
     }
@@ -1285,6 +1293,7 @@ void Engine::start() {
     const uint32_t w = impl_->opt.completer_word->load(std::memory_order_relaxed);
     if (w != 0) impl_->completer.store((w - 1) & 0xfff8u, std::memory_order_relaxed);
   }
+  impl_->lean.store(false, std::memory_order_relaxed);
   for (size_t i = 0; i < impl_->lanes.size(); ++i) {
     Lane* p = impl_->lanes[i].get();
     p->first_answer.store(0, std::memory_order_relaxed);
@@ -1342,6 +1351,8 @@ bool Engine::pause(Deadline deadline) {
   impl_->state.store(kStatePaused);
   return true;
 }
+
+void Engine::set_lean(bool on) noexcept { impl_->lean.store(on, std::memory_order_relaxed); }
 
 void Engine::resume() {
   std::lock_guard<std::mutex> g(impl_->ctl_mu);

@@ -19,7 +19,7 @@ import fcntl
 import os
 from collections.abc import Callable
 
-__all__ = ["SEALS", "check_sealed", "sealed_memfd", "seals_of"]
+__all__ = ["SEALS", "check_guarded", "check_sealed", "sealed_memfd", "seals_of"]
 
 #: What :func:`sealed_memfd` adds: the size can neither shrink nor grow, the seals are final.
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -63,3 +63,23 @@ def check_sealed(fd: int, need: int, what: str,
                     "truncate it under the mapping (SIGBUS)")
     if size < need:
         raise error(errno.EPROTO, f"{what}: fd {fd} has {size} bytes, {need} needed")
+
+
+def check_guarded(fd: int, need: int, what: str,
+                  error: Callable[[int, str], BaseException]) -> None:
+    """Raise ``error(errno, message)`` unless `fd` is a regular file (a memfd or a file of the
+    application's, e.g. a spec's ``shared`` file) of at least `need` bytes: what a receiver
+    checks of an fd that only the engine maps, under the native SIGBUS guard when it is not
+    sealed (a truncation then loses the region's bytes, it does not kill the process)."""
+    import errno
+    import stat
+
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise error(errno.EBADF, f"{what}: fd {fd}: fstat failed: {exc.strerror}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise error(errno.EPROTO, f"{what}: fd {fd} is not a regular file "
+                    f"(mode {stat.filemode(st.st_mode)})")
+    if st.st_size < need:
+        raise error(errno.EPROTO, f"{what}: fd {fd} has {st.st_size} bytes, {need} needed")

@@ -619,6 +619,14 @@ class Device(Closing):
         """
         return int(self._engine.wait_first_answer(timeout))
 
+    def prepare_pause(self, on: bool = True) -> None:
+        """A :meth:`pause` is coming (a planned handover was asked for): until
+        ``prepare_pause(False)`` (or :meth:`start`) each lane takes no more requests than its
+        gateway page can take now (at least one) instead of a whole batch, so that the pause
+        waits for the host to consume little. A hint: nothing taken is lost either way.
+        Thread-safety: any thread."""
+        self._engine.set_lean(bool(on))
+
     @property
     def vars(self) -> list[Var]:
         """The gateway VARs the lanes commit to (lane order)."""

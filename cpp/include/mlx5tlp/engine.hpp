@@ -219,6 +219,13 @@ class Engine {
   // not its own bookkeeping, get the CPU for the first answers of a handover.
   uint64_t wait_first_answer(Deadline deadline) const noexcept;
   const char* state() const noexcept;  // "created", "running", "paused", "stopped"
+  // Lean taking (a pause is coming: a planned handover was asked for): each lane takes no more
+  // requests than its gateway page can take now (at least one), instead of a whole batch, so
+  // that a request it claimed waits in the lane only while the page is busy and the coming
+  // pause() waits for the host to consume little. Cleared by start() and set_lean(false) (a
+  // handover that rolls back clears it before resume()). Any thread; a hint: what was taken
+  // is answered either way.
+  void set_lean(bool on) noexcept;
 
   // Deferred reads (BatchItem::deferred_id): answer with data (exactly the read's len bytes)
   // or a status (UR/CA). 0, or ENOENT (unknown / already answered / expired), EINVAL (bad

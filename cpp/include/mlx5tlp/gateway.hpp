@@ -122,6 +122,8 @@ class Gateway final : public Child, public std::enable_shared_from_this<Gateway>
   // (GatewayLayout::published), so the caller can mark a request "answered at seq" before it
   // writes the answer (request_source.hpp).
   uint64_t published() const noexcept { return layout_->published(); }
+  // Direct mode, the writing thread: records the page can take now without waiting.
+  size_t credits() noexcept { return layout_->credits(); }
   // Direct mode: the most records one write_groups() group publishes under one doorbell (the
   // page's capacity, at most batch_max): a longer answer takes several doorbells.
   size_t group_max() const noexcept { return std::min(layout_->capacity(), batch_max_); }

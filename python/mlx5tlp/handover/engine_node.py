@@ -39,7 +39,13 @@ from mlx5tlp.errors import Error
 from mlx5tlp.function import FunctionSpec
 from mlx5tlp.handover.errors import HandoverError, StateMismatchError
 from mlx5tlp.handover.node import Events, bind_listener
-from mlx5tlp.handover.state import STATE_VERSION, SharedState, check_shared_fds, state_size
+from mlx5tlp.handover.state import (
+    STATE_VERSION,
+    SharedState,
+    check_region_fds,
+    check_shared_fds,
+    state_size,
+)
 from mlx5tlp.var import Var
 
 if TYPE_CHECKING:
@@ -164,6 +170,7 @@ class EngineServer:
         if d.state == "created":
             d.start()
         elif d.state == "paused":
+            d.prepare_pause(False)  # a rolled-back handover: take whole batches again
             d.resume()
         else:
             return 0
@@ -171,6 +178,13 @@ class EngineServer:
         # thread goes on with its bookkeeping (bounded: a host may have nothing in flight).
         d.wait_first_answer(_FIRST_ANSWER_WAIT)
         return 0
+
+    def prepare_pause(self, on: bool) -> None:
+        """A handover was asked for: lanes take only what their page can take until the pause
+        (:meth:`mlx5tlp.engine.Device.prepare_pause`)."""
+        d = self.node.device
+        if d is not None and not d.closed:
+            d.prepare_pause(on)
 
     def close_gateway(self) -> None:
         """Stop taking requests, finish the taken and the deferred ones, give the pages back.
@@ -283,12 +297,14 @@ class EngineNode:
             if regions is not None:
                 check_layout(regions, layout)
             # Before anything is imported or mapped: a peer's memfd it could still shrink
-            # would let it kill this process (or its engine thread) with SIGBUS.
+            # would let it kill this process with SIGBUS. The state block is mapped here, so it
+            # must be sealed; the regions' files only the engine maps, under the SIGBUS guard
+            # when unsealed (so a spec's `shared` file can be handed over).
             of = f"of {want_fds}"
-            check_shared_fds([(state_fd, state_size(), f"the state memfd (message fd 2 {of})"),
-                              *((fd, need, f"the {what} (message fd {3 + i} {of})")
-                                for i, (fd, (need, what)) in
-                                enumerate(zip(region_fds, _shared_needs(layout), strict=True)))])
+            check_shared_fds([(state_fd, state_size(), f"the state memfd (message fd 2 {of})")])
+            check_region_fds([(fd, need, f"the {what} (message fd {3 + i} {of})")
+                              for i, (fd, (need, what)) in
+                              enumerate(zip(region_fds, _shared_needs(layout), strict=True))])
             ctx = Context.import_fd(cmd_fd, backend="sim")
             os.close(cmd_fd)
             cmd_fd = -1

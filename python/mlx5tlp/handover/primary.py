@@ -85,6 +85,7 @@ class Primary:
         self.rollbacks = 0
         self._stop = False
         self._operator: Optional[_Peer] = None
+        self._going: Optional[_Peer] = None  # the standby told "go", until it asks
         self._accept_failing = False  # accept() failed (EMFILE...): reported once
         self._running = threading.Lock()  # held by run(): close() waits for it to return
         self._closed = False
@@ -277,6 +278,9 @@ class Primary:
             self._drop(old)
 
     def _drop(self, peer: _Peer) -> None:
+        if peer is self._going:  # told to ask for the function, gone before it asked
+            self._going = None
+            self.server.prepare_pause(False)
         peer.close()
         if peer in self.peers:
             self.peers.remove(peer)
@@ -352,7 +356,10 @@ class Primary:
                 op.wire.send("error", {"errno": errno.ENOENT,
                                        "message": "no standby is connected and ready"})
                 return
-            # The standby asks (protocol), the operator only tells it to.
+            # The standby asks (protocol), the operator only tells it to. Meanwhile the lanes
+            # take only what the page can take, so that the coming pause waits for little.
+            self._going = standby
+            self.server.prepare_pause(True)
             try:
                 standby.wire.send("go", {"generation": self.generation})
             except (ConnectionError, TimeoutError) as exc:
@@ -379,6 +386,7 @@ class Primary:
         assert wire is not None
         state = self.node.state
         t_stop = time.monotonic_ns()  # stop taking: nothing is in flight between requests
+        self._going = None  # (a rollback's server.recover() ends lean taking)
         try:
             # Python server: nothing queued (direct mode), the page lock goes. Engine: pause,
             # finish deferred requests, release the gateways (engine_node.EngineServer).

@@ -130,6 +130,9 @@ class Server:
             self.page = self.var.mmap(mmap.PROT_READ)
         self.first_served_ns = 0
 
+    def prepare_pause(self, on: bool) -> None:
+        """Nothing to prepare: this loop takes a few requests at a time (``serve(budget)``)."""
+
     def close_gateway(self) -> None:
         """Give the page back (its page lock with it): a successor may open it. Idempotent."""
         if self.gw is not None:

@@ -46,7 +46,7 @@ import struct
 from typing import Optional, Union
 
 from mlx5tlp._closing import Closing
-from mlx5tlp._memfd import check_sealed, sealed_memfd
+from mlx5tlp._memfd import check_guarded, check_sealed, sealed_memfd
 from mlx5tlp.function import STATE_SIZE as FUNCTION_STATE_SIZE
 from mlx5tlp.function import STATE_VERSION as FUNCTION_STATE_VERSION
 from mlx5tlp.function import Function, FunctionSpec
@@ -98,6 +98,19 @@ def check_shared_fds(fds: list[tuple[int, int, str]]) -> None:
     """
     for fd, need, what in fds:
         check_sealed(fd, need, what, _mismatch)
+
+
+def check_region_fds(fds: list[tuple[int, int, str]]) -> None:
+    """Each ``(fd, bytes needed, which fd)`` of an engine region a peer sent must be a regular
+    file of at least that size. It need not be sealed: the engine maps an unsealed one under
+    the SIGBUS guard (docs/engine.md, "Shared backing files"), so a spec's ``shared`` file can
+    be handed over.
+
+    Raises:
+        StateMismatchError: ``EPROTO``, naming the fd, its size and the size needed.
+    """
+    for fd, need, what in fds:
+        check_guarded(fd, need, what, _mismatch)
 
 
 def _check_header(raw: bytes, digest: int, what: str, *,
