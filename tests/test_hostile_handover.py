@@ -605,3 +605,34 @@ def test_control_path_too_long_for_a_unix_socket(private: Path, device: str) -> 
         handover.Primary.create(edge, b"k" * 32, device=device, engine="native")
     with pytest.raises(handover.HandoverError):  # fits: nobody listens
         connect(edge, 0.0)
+
+
+def test_concurrent_handover_requests_and_a_standby_that_vanishes(rig: Rig) -> None:
+    """Before: a second operator's handover request replaced the first (who never heard how
+    its handover went), and a standby gone after "go" left the operator waiting for its whole
+    timeout. Now the second is refused (EBUSY) and the first told at once (ECANCELED)."""
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        sock = connect(rig.path)
+        wire, _ = Wire.client(sock, rig.key, {"role": "standby", "pid": os.getpid(),
+                                               "state_version": handover.STATE_VERSION},
+                              timeout=10)
+        wire.send("join", {})
+        wire.recv(timeout=10).close_fds()
+        wire.send("ready", {})
+        p0.wait_event("standby")
+        t, got = _in_thread(lambda: handover.request(rig.path, rig.key, "handover",
+                                                     timeout=20))
+        assert wire.recv(timeout=10).type == "go"  # the primary told us; we do not ask
+        with pytest.raises(handover.HandoverError) as exc:
+            handover.request(rig.path, rig.key, "handover", timeout=10)
+        assert exc.value.errno == errno.EBUSY and "in progress" in str(exc.value)
+        t0 = time.monotonic()
+        sock.close()  # the standby vanishes before asking
+        t.join(15)
+        assert not t.is_alive() and time.monotonic() - t0 < 5
+        assert isinstance(got[0], handover.HandoverError), got
+        assert got[0].errno == errno.ECANCELED and "went away" in str(got[0])
+        _still_serves(rig, p0, host, 1)
+        stop(rig)
+        assert p0.p.wait(30) == 0

@@ -281,6 +281,10 @@ class Primary:
         if peer is self._going:  # told to ask for the function, gone before it asked
             self._going = None
             self.server.prepare_pause(False)
+            # The operator waiting for this handover would otherwise hear nothing until its
+            # own timeout.
+            self._tell_operator("error", {"errno": errno.ECANCELED, "message": "the standby "
+                                          "went away before it asked for the function"})
         peer.close()
         if peer in self.peers:
             self.peers.remove(peer)
@@ -351,6 +355,12 @@ class Primary:
             self._stop = True
             op.wire.send("stopped", self.status())
         elif action == "handover":
+            if self._operator is not None:
+                # One at a time: a second request replaced the first operator, who then never
+                # heard how its handover went.
+                op.wire.send("error", {"errno": errno.EBUSY, "message": "a handover is already "
+                                       "in progress"})
+                return
             standby = next((p for p in self.peers if p.role == "ready"), None)
             if standby is None or standby.wire is None:
                 op.wire.send("error", {"errno": errno.ENOENT,
