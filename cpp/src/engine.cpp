@@ -46,8 +46,8 @@ constexpr uint32_t kCmdRun = 0, kCmdPause = 1, kCmdStop = 2, kCmdRelease = 3, kC
                    kCmdHold = 5;  // spawned by attach_gateways(), waiting for start()
 constexpr int kStateCreated = 0, kStateRunning = 1, kStatePaused = 2, kStateStopped = 3;
 constexpr size_t kMaxDataPerRequest = 4096;
-constexpr uint64_t kAckSpinNs = 30000;  // a lane / wait_acks polls this long before sleeping
 constexpr size_t kMaxCplBytesPerRequest = kMaxDataPerRequest + tlp::kMaxCompletions * 16;
+constexpr uint64_t kAckSpinNs = 30000;  // a lane / wait_acks polls this long before sleeping
 
 struct RegionCountersA {
   Counter reads{0}, writes{0}, read_bytes{0}, write_bytes{0}, batched{0};
