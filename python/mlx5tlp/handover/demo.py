@@ -285,6 +285,7 @@ def _drive(host: sim.Host, lease: Lease, procs: _Procs, key: bytes, path: str, r
     rng.shuffle(tags)
 
     lease_gen = [0]  # the generation when the handover in flight was asked for
+    ho_base = 0  # requests sent (or its due point, if later) when it was asked for
 
     def committed() -> bool:
         rec = lease.read()
@@ -294,20 +295,25 @@ def _drive(host: sim.Host, lease: Lease, procs: _Procs, key: bytes, path: str, r
         nonlocal sent
         # Hold new requests at a due event until it starts (it needs a ready standby).
         limit = requests if enumerated else sent
-        if awaiting:
-            pass  # a successor's first answer is due: requests must flow
+        if any(how == "takeover" for how, _ in awaiting.values()):
+            pass  # a killed primary's successor's first answer is due: requests must flow
         elif next_handover is not None:
-            # Each interval of requests gets its own handover: while one is in flight the old
-            # primary serves no further than the next due point. But once it has stopped
-            # taking requests (the lease names its successor), requests flow again, as a
-            # host's do: held back, the successor found nothing to answer until the
-            # operator's reply reached this loop (2-4 ms at load, which was the pause p99).
-            # (Up to the end of the interval after: the next handover is due at this cap and
-            # starts once this one's reply arrives, so every interval still gets its own.)
-            cap = next_handover + (handover_every if pending_ho else 0)
-            if pending_ho is not None and sent >= cap and committed():
-                cap += handover_every
-            limit = min(limit, cap)
+            if pending_ho is None and not awaiting:
+                limit = min(limit, next_handover)  # the next handover starts there
+            else:
+                # Each interval of requests gets its own handover: while one is in flight
+                # the old primary serves no further than one interval past where it started.
+                # But once it has stopped taking requests (the lease names its successor),
+                # requests flow again, as a host's do — held back, the successor found nothing
+                # to answer until the operator's reply reached this loop (2-4 ms at load:
+                # that was the pause p99) — one window more, enough for the successor's first
+                # answers without letting the interval run on. Counted from where it started,
+                # not from its due point: a host that ran past a due point must not be held
+                # back for the whole handover.
+                cap = ho_base + handover_every
+                if awaiting or (sent >= cap and committed()):
+                    cap += window
+                limit = min(limit, cap)
         if next_kill is not None and not awaiting and pending_ho is None:
             # (Not while a handover is in flight: the kill waits for it to finish, and holding
             # requests back meanwhile would leave its successor nothing to answer.)
@@ -373,6 +379,7 @@ def _drive(host: sim.Host, lease: Lease, procs: _Procs, key: bytes, path: str, r
 
             rec = lease.read()
             lease_gen[0] = rec.generation if rec is not None else 0
+            ho_base = max(next_handover, sent)
             pending_ho = threading.Thread(target=do_handover, daemon=True)
             pending_ho.start()
         if pending_ho is not None and not pending_ho.is_alive():
@@ -397,6 +404,8 @@ def _drive(host: sim.Host, lease: Lease, procs: _Procs, key: bytes, path: str, r
             procs.kill(primary)
             first_served.pop(primary, None)
             next_kill = (next_kill // kill_every + 1) * kill_every + rng.randrange(0, kill_every)
+            # Requests flow until the successor is known (pid 0: not yet), as after it.
+            awaiting[0] = ("takeover", t_kill)
             pump_events()
             # The successor is whichever standby takes the lease: the first "takeover" event.
             while True:
@@ -405,6 +414,7 @@ def _drive(host: sim.Host, lease: Lease, procs: _Procs, key: bytes, path: str, r
                 taker = took_over.pop(0) if took_over else None
                 if taker is not None or time.monotonic() > end:
                     break
+            del awaiting[0]
             if taker is None:
                 break
             awaiting[taker] = ("takeover", t_kill)
