@@ -146,6 +146,36 @@ def private_control(tmp_path: Path) -> Iterator[tuple[str, bytes, dict[str, str]
         os.environ.pop("MLX5TLP_LOCK_DIR", None)
 
 
+_ENGINE_PRIMARY = r"""
+import json, os, sys, threading, time
+from mlx5tlp import engine, open_device
+sys.path[:0] = [{tests!r}]
+from {module} import {names}
+
+def emit(ev):
+    sys.stdout.write(json.dumps(ev) + "\n")
+    sys.stdout.flush()
+{setup}
+ctx = open_device({device!r}, backend="sim")
+dev = engine.Device(ctx, spec(), {regions}, handover=True)
+p = dev.serve({path!r}, {key!r}, events=emit)
+emit({{"event": "outcome", "outcome": p.run(max_seconds=120)}})
+sys.stdout.flush()
+os._exit(0)  # a handed-over owner frees nothing: its successor serves the objects
+"""
+
+
+def engine_primary(module: str, *, device: str, path: str, key: bytes, regions: str,
+                   setup: str = "", names: str = "spec") -> list[str]:
+    """argv of a primary serving test module `module`'s ``spec()`` (`names`: what it imports
+    from there) with the engine regions the Python expression `regions` makes (after `setup`,
+    code run first), emitting its events and an ``outcome`` event on stdout."""
+    code = _ENGINE_PRIMARY.format(tests=str(Path(__file__).parent), module=module,
+                                  names=names, device=device, path=path, key=key,
+                                  regions=regions, setup=setup)
+    return [sys.executable, "-c", code]
+
+
 def cfg_read(reg: int, tag: int) -> bytes:
     return tlp.Tlp.cfg_read(FUNCTION, reg, requester_id=REQUESTER, tag=tag).encode()
 

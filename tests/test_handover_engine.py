@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,25 +19,23 @@ from typing import Any, Optional
 
 import pytest
 
-from handover_rig import REQUESTER, EventProc, cfg_write, collect, private_control
+from handover_rig import (
+    REQUESTER,
+    EventProc,
+    cfg_write,
+    collect,
+    engine_primary,
+    private_control,
+)
 from mlx5tlp import engine, handover, sim, tlp
 from mlx5tlp.function import Bar, FunctionSpec, Identity
 
 FUNCTION = 0x0100
 BAR_BASE = 0xE000_0000
 
-PRIMARY = r"""
-import json, sys, threading, time
-from mlx5tlp import engine, open_device
-sys.path[:0] = [{tests!r}]
-from test_handover_engine import regions, spec
-
-def emit(ev):
-    sys.stdout.write(json.dumps(ev) + "\n")
-    sys.stdout.flush()
-
+# Defers every read; answers them `delay` s later from another thread.
+LATER = """
 def later(reqs):
-    # Defers every read; answers them {delay} s later from another thread.
     emit({{"event": "deferred", "n": len(reqs)}})
     def answer():
         time.sleep({delay})
@@ -46,16 +43,7 @@ def later(reqs):
             if r.needs_answer:
                 r.complete(b"P" * r.length)
     threading.Thread(target=answer, daemon=True).start()
-
-ctx = open_device({device!r}, backend="sim")
-dev = engine.Device(ctx, spec(), regions(later), handover=True)
-p = dev.serve({path!r}, {key!r}, events=emit)
-emit({{"event": "outcome", "outcome": p.run(max_seconds=120)}})
-sys.stdout.flush()
-import os
-os._exit(0)  # a handed-over owner frees nothing: its successor serves the objects
 """
-
 
 def spec() -> FunctionSpec:
     """The function both processes declare."""
@@ -92,9 +80,10 @@ _children: list[EventProc] = []
 def start_primary(setup: tuple[str, bytes, dict[str, str]], device: str,
                   delay: float = 0.3) -> EventProc:
     path, key, env = setup
-    code = PRIMARY.format(tests=str(Path(__file__).parent), device=device, path=path, key=key,
-                          delay=delay)
-    c = EventProc("primary", [sys.executable, "-c", code], env)
+    argv = engine_primary("test_handover_engine", device=device, path=path, key=key,
+                          names="regions, spec", setup=LATER.format(delay=delay),
+                          regions="regions(later)")
+    c = EventProc("primary", argv, env)
     _children.append(c)
     c.wait_event("serving")
     return c

@@ -7,38 +7,23 @@ back from the successor, and what it writes after lands in the file."""
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from handover_rig import REQUESTER, EventProc, cfg_write, collect, private_control
+from handover_rig import (
+    REQUESTER,
+    EventProc,
+    cfg_write,
+    collect,
+    engine_primary,
+    private_control,
+)
 from mlx5tlp import handover, sim, tlp
 from mlx5tlp.function import Bar, FunctionSpec, Identity
 
 BAR_BASE = 0xE000_0000
-
-PRIMARY = r"""
-import json, os, sys
-from mlx5tlp import engine, open_device
-sys.path[:0] = [{tests!r}]
-from test_handover_shared_file import spec
-
-def emit(ev):
-    sys.stdout.write(json.dumps(ev) + "\n")
-    sys.stdout.flush()
-
-fd = os.open({backing!r}, os.O_RDWR | os.O_CLOEXEC)
-ctx = open_device({device!r}, backend="sim")
-dev = engine.Device(ctx, spec(), [engine.MemoryRegion(0, 0, 0x1000, fd=fd, name="mem")],
-                    handover=True)
-p = dev.serve({path!r}, {key!r}, events=emit)
-emit({{"event": "outcome", "outcome": p.run(max_seconds=120)}})
-sys.stdout.flush()
-os._exit(0)
-"""
-
 
 def spec() -> FunctionSpec:
     return FunctionSpec(identity=Identity(vendor_id=0x15B3, device_id=0x7F22, class_code=0x028000),
@@ -56,9 +41,11 @@ def test_a_region_backed_by_an_unsealable_file_is_handed_over(
     path, key, env = setup
     backing = tmp_path / "bar0.bin"
     backing.write_bytes(bytes(range(256)) * 16)  # a regular file: F_ADD_SEALS is refused
-    code = PRIMARY.format(tests=str(Path(__file__).parent), device=device, path=path,
-                          key=key, backing=str(backing))
-    primary = EventProc("primary", [sys.executable, "-c", code], env)
+    argv = engine_primary(
+        "test_handover_shared_file", device=device, path=path, key=key,
+        setup=f"fd = os.open({str(backing)!r}, os.O_RDWR | os.O_CLOEXEC)",
+        regions='[engine.MemoryRegion(0, 0, 0x1000, fd=fd, name="mem")]')
+    primary = EventProc("primary", argv, env)
     try:
         primary.wait_event("serving")
         with sim.Host(device) as host:
