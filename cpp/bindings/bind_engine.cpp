@@ -105,6 +105,13 @@ class PyEngine {
     if (!engine_ || closing_) throw Error(ErrorKind::invalid_handle, "engine", EBADF, "the device was closed");
     return engine_;
   }
+  // f(engine) without the GIL, on a share of the engine taken with it (hold()).
+  template <class F>
+  auto released(F&& f) {
+    const std::shared_ptr<Engine> en = hold();
+    py::gil_scoped_release r;
+    return f(*en);
+  }
   // Engine::adopt_state with Python buffers (held until close, as the constructor's).
   void adopt_state(const py::object& state, const py::object& completer) {
     const std::shared_ptr<Engine> share = hold();  // the GIL is released below
@@ -267,10 +274,7 @@ template <auto Wait>
 auto deadline_call() {
   return [](PyEngine& p, const py::object& timeout) {
     const Deadline d = to_deadline(timeout);
-    const std::shared_ptr<Engine> en = p.hold();
-    Engine& e = *en;
-    py::gil_scoped_release r;
-    return (e.*Wait)(d);
+    return p.released([d](Engine& e) { return (e.*Wait)(d); });
   };
 }
 
@@ -387,12 +391,7 @@ void bind_engine(py::module_& root) {
         e.add_lane(std::move(gw), std::move(src));
       }, py::arg("var"), py::arg("channels"), py::arg("spin_us"), py::arg("attach") = true)
       .def("adopt_state", &PyEngine::adopt_state, py::arg("state"), py::arg("completer"))
-      .def("attach_gateways", [](PyEngine& p) {
-        const std::shared_ptr<Engine> en = p.hold();
-        Engine& e = *en;
-        py::gil_scoped_release r;
-        e.attach_gateways();
-      })
+      .def("attach_gateways", [](PyEngine& p) { p.released([](Engine& e) { e.attach_gateways(); }); })
       .def("start", [](PyEngine& p) { p.e().start(); })
       .def("pause", deadline_call<&Engine::pause>(), py::arg("timeout"))
       .def("resume", [](PyEngine& p) { p.e().resume(); })
@@ -400,25 +399,10 @@ void bind_engine(py::module_& root) {
       .def_property_readonly("first_answer_ns", [](PyEngine& p) { return p.e().first_answer_ns(); })
       .def("wait_first_answer", deadline_call<&Engine::wait_first_answer>(), py::arg("timeout"))
       .def("set_lean", [](PyEngine& p, bool on) { p.e().set_lean(on); }, py::arg("on"))
-      .def("stop", [](PyEngine& p) {
-        const std::shared_ptr<Engine> en = p.hold();
-        Engine& e = *en;
-        py::gil_scoped_release r;
-        e.stop();
-      })
+      .def("stop", [](PyEngine& p) { p.released([](Engine& e) { e.stop(); }); })
       .def("close", &PyEngine::close)
-      .def("release_gateways", [](PyEngine& p) {
-        const std::shared_ptr<Engine> en = p.hold();
-        Engine& e = *en;
-        py::gil_scoped_release r;
-        e.release_gateways(std::chrono::seconds(1));
-      })
-      .def("reattach_gateways", [](PyEngine& p) {
-        const std::shared_ptr<Engine> en = p.hold();
-        Engine& e = *en;
-        py::gil_scoped_release r;
-        e.reattach_gateways();
-      })
+      .def("release_gateways", [](PyEngine& p) { p.released([](Engine& e) { e.release_gateways(std::chrono::seconds(1)); }); })
+      .def("reattach_gateways", [](PyEngine& p) { p.released([](Engine& e) { e.reattach_gateways(); }); })
       .def_property_readonly("state", [](PyEngine& p) { return std::string(p.e().state()); })
       .def_property_readonly("lanes", [](PyEngine& p) { return p.e().lanes(); })
       .def_property_readonly("completer_id", [](PyEngine& p) { return p.e().completer_id(); })
@@ -431,10 +415,7 @@ void bind_engine(py::module_& root) {
         return p.e().fail_deferred(id, status_of(status));
       }, py::arg("id"), py::arg("status"))
       .def("trace_dump", [](PyEngine& p, const std::string& path) {
-        const std::shared_ptr<Engine> en = p.hold();
-        Engine& e = *en;
-        py::gil_scoped_release r;
-        return e.trace_dump(path);
+        return p.released([&path](Engine& e) { return e.trace_dump(path); });
       }, py::arg("path"))
       .def("config_read", [](PyEngine& p, uint32_t off) {
         if (off > 0xffff) throw Error(ErrorKind::invalid_argument, "config read", EINVAL, "offset above 0xffff");
