@@ -68,10 +68,6 @@ class Deadline:
         return s + 0.0  # -0.0 -> 0.0
 
     @property
-    def never(self) -> bool:
-        return self._end is None
-
-    @property
     def end(self) -> Optional[float]:
         """The ``time.monotonic()`` value it expires at, or None for never."""
         return self._end

@@ -15,8 +15,10 @@ guard instead (docs/engine.md, "Shared backing files").
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 from collections.abc import Callable
 
 __all__ = ["SEALS", "check_guarded", "check_sealed", "sealed_memfd", "seals_of"]
@@ -46,17 +48,19 @@ def seals_of(fd: int) -> int:
         return 0
 
 
+def _stat(fd: int, what: str, error: Callable[[int, str], BaseException]) -> os.stat_result:
+    try:
+        return os.fstat(fd)
+    except OSError as exc:
+        raise error(errno.EBADF, f"{what}: fd {fd}: fstat failed: {exc.strerror}") from exc
+
+
 def check_sealed(fd: int, need: int, what: str,
                  error: Callable[[int, str], BaseException]) -> None:
     """Raise ``error(errno, message)`` unless `fd` is sealed against shrinking and holds at
     least `need` bytes: what a receiver checks before it maps a peer's fd. The message names
     `what` (which fd), its size, `need` and which part failed."""
-    import errno
-
-    try:
-        size = os.fstat(fd).st_size
-    except OSError as exc:
-        raise error(errno.EBADF, f"{what}: fd {fd}: fstat failed: {exc.strerror}") from exc
+    size = _stat(fd, what, error).st_size
     if not seals_of(fd) & fcntl.F_SEAL_SHRINK:
         raise error(errno.EPROTO, f"{what}: fd {fd} has {size} bytes, {need} needed, and is "
                     "not sealed against shrinking (F_SEAL_SHRINK): another process could "
@@ -71,13 +75,7 @@ def check_guarded(fd: int, need: int, what: str,
     application's, e.g. a spec's ``shared`` file) of at least `need` bytes: what a receiver
     checks of an fd that only the engine maps, under the native SIGBUS guard when it is not
     sealed (a truncation then loses the region's bytes, it does not kill the process)."""
-    import errno
-    import stat
-
-    try:
-        st = os.fstat(fd)
-    except OSError as exc:
-        raise error(errno.EBADF, f"{what}: fd {fd}: fstat failed: {exc.strerror}") from exc
+    st = _stat(fd, what, error)
     if not stat.S_ISREG(st.st_mode):
         raise error(errno.EPROTO, f"{what}: fd {fd} is not a regular file "
                     f"(mode {stat.filemode(st.st_mode)})")

@@ -212,6 +212,11 @@ def run(*, requests: int = 2000, handover_every: int = 0, kill_every: int = 0, s
     return report
 
 
+# At most this many sends between two looks at the page: a real host takes completions while it
+# sends; this loop, refilling a window of 64, would leave the page full ~0.6 ms.
+_SEND_BURST = 8
+
+
 def _drive(host: sim.Host, lease: Lease, procs: _Procs, key: bytes, path: str, requests: int,
            handover_every: int, kill_every: int, rng: random.Random, mix: _Mix, window: int,
            timeout: float) -> dict[str, Any]:
@@ -284,12 +289,12 @@ def _drive(host: sim.Host, lease: Lease, procs: _Procs, key: bytes, path: str, r
     tags = list(range(256))
     rng.shuffle(tags)
 
-    lease_gen = [0]  # the generation when the handover in flight was asked for
+    ho_gen = 0  # the lease's generation when the handover in flight was asked for
     ho_base = 0  # requests sent (or its due point, if later) when it was asked for
 
     def committed() -> bool:
         rec = lease.read()
-        return rec is not None and (rec.successor != 0 or rec.generation > lease_gen[0])
+        return rec is not None and (rec.successor != 0 or rec.generation > ho_gen)
 
     def pump_host() -> None:
         nonlocal sent
@@ -318,10 +323,8 @@ def _drive(host: sim.Host, lease: Lease, procs: _Procs, key: bytes, path: str, r
             # (Not while a handover is in flight: the kill waits for it to finish, and holding
             # requests back meanwhile would leave its successor nothing to answer.)
             limit = min(limit, next_kill)
-        # At most 8 sends between two looks at the page: a real host takes completions while
-        # it sends; this loop, refilling a window of 64, would leave the page full ~0.6 ms.
         burst = 0
-        while sent < limit and len(checker.outstanding) < window and burst < 8:
+        while sent < limit and len(checker.outstanding) < window and burst < _SEND_BURST:
             burst += 1
             tag = tags[sent % 256]
             if tag in checker.outstanding:
@@ -337,7 +340,7 @@ def _drive(host: sim.Host, lease: Lease, procs: _Procs, key: bytes, path: str, r
         got = host.completion_records(timeout=0.0)
         for c in got:
             checker.completion(c.tlp)
-        if not got and burst < 8:
+        if not got and burst < _SEND_BURST:
             # The host shares the two cores with the processes it measures: a spinning host
             # would steal the successor's CPU and lengthen the very pause being measured.
             time.sleep(20e-6)
@@ -378,7 +381,7 @@ def _drive(host: sim.Host, lease: Lease, procs: _Procs, key: bytes, path: str, r
                     ho_result["error"] = str(exc)
 
             rec = lease.read()
-            lease_gen[0] = rec.generation if rec is not None else 0
+            ho_gen = rec.generation if rec is not None else 0
             ho_base = max(next_handover, sent)
             pending_ho = threading.Thread(target=do_handover, daemon=True)
             pending_ho.start()

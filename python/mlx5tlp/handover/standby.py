@@ -456,8 +456,7 @@ class Standby:
         if self._wake < 0:
             return
         self._closed = True
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake, 1)
+        self.interrupt()
         bound = min(2 * (self.timeout if self.timeout is not None else 5.0) + 1.0, 60.0)
         if not self._busy.acquire(timeout=bound):
             raise HandoverError(errno.EBUSY, f"a thread is still in wait() after {bound:g} s "
