@@ -75,8 +75,14 @@ class Function:
         )
 
 
-def _demo_error(err: int, message: str) -> Error:
-    return Error(err, message, "demo worker")
+def check_bar_memfd(fd: int, size: int) -> None:
+    """A worker's check of the BAR memfd the control process sealed, before it maps it (both
+    worker kinds: this one and :mod:`mlx5tlp.demo.native`).
+
+    Raises:
+        Error: ``EPROTO``: not sealed against shrinking, or smaller than `size`.
+    """
+    check_sealed(fd, size, "the BAR memfd", lambda err, msg: Error(err, msg, "demo worker"))
 
 
 def serve(sock: socket.socket) -> None:
@@ -88,7 +94,7 @@ def serve(sock: socket.socket) -> None:
         cfg = json.loads(payloads[0])
         try:
             # The control process sealed the BAR memfd: checked before it is mapped.
-            check_sealed(fds[1], int(cfg["bar_size"]), "the BAR memfd", _demo_error)
+            check_bar_memfd(fds[1], int(cfg["bar_size"]))
             ctx = Context.import_fd(fds[0], backend="sim")
             bar = mmap.mmap(fds[1], int(cfg["bar_size"]), mmap.MAP_SHARED, mmap.PROT_READ)
         finally:

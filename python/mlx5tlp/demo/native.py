@@ -24,9 +24,8 @@ from typing import Any
 
 from mlx5tlp import engine
 from mlx5tlp import function as fn
-from mlx5tlp._memfd import check_sealed
 from mlx5tlp.context import Context
-from mlx5tlp.errors import Error
+from mlx5tlp.demo.endpoint import check_bar_memfd
 from mlx5tlp.share import recv_fds
 
 __all__ = ["SCRATCH", "SpecConfig", "demo_spec", "serve", "setup_requests"]
@@ -86,10 +85,6 @@ def setup_requests(config: SpecConfig, bar_base: int, max_payload: int, rcb: int
     return out
 
 
-def _demo_error(err: int, message: str) -> Error:
-    return Error(err, message, "demo worker")
-
-
 def serve(sock: socket.socket) -> None:
     """Worker process entry point (multiprocessing target): the engine serves the worker's
     channel until the control process says ``stop``; the report goes back on ``sock``."""
@@ -99,7 +94,7 @@ def serve(sock: socket.socket) -> None:
         cfg = json.loads(payloads[0])
         try:
             # The control process sealed the BAR memfd: checked before it is mapped.
-            check_sealed(fds[1], int(cfg["bar_size"]), "the BAR memfd", _demo_error)
+            check_bar_memfd(fds[1], int(cfg["bar_size"]))
             ctx = Context.import_fd(fds[0], backend="sim")
             bar_fd = os.dup(fds[1])
         finally:
