@@ -370,8 +370,11 @@ def _drive(host: sim.Host, lease: Lease, procs: _Procs, key: bytes, path: str, r
         pump_events()
         if awaiting and sent >= requests and not checker.outstanding:
             break  # no request left to show the successor's first answer
+        # A kill that is due goes first: requests flow past it during handovers, and the next
+        # handover would otherwise always start before it (no kill in a short run).
+        kill_due = next_kill is not None and sent >= next_kill
         if next_handover is not None and sent >= next_handover and pending_ho is None \
-                and standbys and not awaiting:
+                and standbys and not awaiting and not kill_due:
             ho_result.clear()
 
             def do_handover() -> None:
