@@ -135,6 +135,7 @@ def test_memory_reads_split_per_mps_and_rcb(ctx: mlx5tlp.Context, host: sim.Host
         assert es["regions"][0]["read_bytes"] == nbytes
         assert es["completions"] >= len(cpls)
         assert sum(es["latency_ns_log2"]) == 4  # three config writes + the read
+        assert dev.answered == 4  # the same count, without building the stats
 
 
 def test_posted_write_then_read_back(ctx: mlx5tlp.Context, host: sim.Host) -> None:

@@ -397,6 +397,7 @@ void bind_engine(py::module_& root) {
       .def("resume", [](PyEngine& p) { p.e().resume(); })
       .def("drain_deferred", deadline_call<&Engine::drain_deferred>(), py::arg("timeout"))
       .def_property_readonly("first_answer_ns", [](PyEngine& p) { return p.e().first_answer_ns(); })
+      .def_property_readonly("answered", [](PyEngine& p) { return p.e().answered(); })
       .def("wait_first_answer", deadline_call<&Engine::wait_first_answer>(), py::arg("timeout"))
       .def("set_lean", [](PyEngine& p, bool on) { p.e().set_lean(on); }, py::arg("on"))
       .def("stop", [](PyEngine& p) { p.released([](Engine& e) { e.stop(); }); })

@@ -1396,6 +1396,13 @@ uint64_t Engine::first_answer_ns() const noexcept {
   return best;
 }
 
+uint64_t Engine::answered() const noexcept {
+  uint64_t n = 0;
+  for (const auto& l : impl_->lanes)
+    for (const Counter& c : l->lat) n += c.load(std::memory_order_relaxed);  // relaxed: a count
+  return n;
+}
+
 uint64_t Engine::wait_first_answer(Deadline deadline) const noexcept {
   for (;;) {
     const uint32_t seen = impl_->answered_bell.load(std::memory_order_acquire);

@@ -603,6 +603,12 @@ class Device(Closing):
         return bool(self._engine.drain_deferred(timeout))
 
     @property
+    def answered(self) -> int:
+        """Requests answered so far: ``sum(stats()["latency_ns_log2"])``, read without building
+        the stats (a planned handover's pause reads it)."""
+        return int(self._engine.answered)
+
+    @property
     def first_answer_ns(self) -> int:
         """``CLOCK_MONOTONIC`` ns of the first request answered since the last start, resume or
         reattach (0: none yet)."""

@@ -214,6 +214,9 @@ class Engine {
   // CLOCK_MONOTONIC ns of the first request answered (in the page and retired) since the last
   // start() / resume() / reattach_gateways(), the earliest over the lanes; 0: none yet.
   uint64_t first_answer_ns() const noexcept;
+  // Requests answered so far (the sum of stats().latency_ns_log2), without building the
+  // stats: a planned handover's pause reads it.
+  uint64_t answered() const noexcept;
   // Blocks until first_answer_ns() is not 0, the deadline passes or the engine is stopped
   // (stop() from another thread wakes it); returns it (0: none by the deadline / stopped). A successor's control thread waits here after start() so that the lanes,
   // not its own bookkeeping, get the CPU for the first answers of a handover.

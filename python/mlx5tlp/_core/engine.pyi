@@ -111,6 +111,9 @@ class Engine:
     def wait_first_answer(self, timeout: typing.Any) -> int:
         ...
     @property
+    def answered(self) -> int:
+        ...
+    @property
     def completer_id(self) -> int:
         ...
     @property

@@ -40,6 +40,7 @@ from mlx5tlp.function import Function
 from mlx5tlp.handover.lease import Lease
 from mlx5tlp.handover.node import DEFAULT_BAR_BASE, DEFAULT_BAR_SIZE, default_spec, memory_pattern
 from mlx5tlp.handover.operator import request
+from mlx5tlp.realtime import ordinary
 
 __all__ = ["failed", "run"]
 
@@ -88,10 +89,14 @@ class _Procs:
         self.procs: dict[int, subprocess.Popen[str]] = {}
 
     def spawn(self, *args: str) -> int:
-        p = subprocess.Popen(
-            [sys.executable, "-m", "mlx5tlp", "serve", *args, "--key-file", self.key_file,
-             "--device", self.device, "--events", "--engine", self.engine, *self.realtime],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env)
+        # A child inherits the forking thread's policy: at this host's real-time priority a
+        # child's interpreter start-up and join took a CPU for ~100 ms ahead of the handover
+        # being measured (the mixed run's pause tail). The child takes `--realtime` itself.
+        with ordinary():
+            p = subprocess.Popen(
+                [sys.executable, "-m", "mlx5tlp", "serve", *args, "--key-file", self.key_file,
+                 "--device", self.device, "--events", "--engine", self.engine, *self.realtime],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env)
         self.procs[p.pid] = p
         threading.Thread(target=self._read, args=(p,), daemon=True).start()
         return p.pid

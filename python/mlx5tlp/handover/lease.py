@@ -134,7 +134,8 @@ def pid_start_time(pid: int) -> int:
 _own_start: tuple[int, int] = (0, 0)  # (pid, start time): ours, read once per process
 
 
-def _own_start_time() -> int:
+def own_start_time() -> int:
+    """This process's start time (:func:`pid_start_time`), read once per process."""
     global _own_start
     me = os.getpid()
     if _own_start[0] != me:
@@ -270,7 +271,7 @@ class Lease(Closing):
                 self._lock(fcntl.F_UNLCK)
                 return False
             gen = (old.generation if old is not None else 0) + 1
-            self._write(LeaseRecord(gen, me, 0, _own_start_time(), time.monotonic_ns(),
+            self._write(LeaseRecord(gen, me, 0, own_start_time(), time.monotonic_ns(),
                                     self.state_version, self.digest))
         except BaseException:
             self._lock(fcntl.F_UNLCK)
