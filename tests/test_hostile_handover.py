@@ -279,6 +279,78 @@ def test_silent_and_junk_peers_do_not_stop_serving(rig: Rig) -> None:
         assert p0.p.wait(30) == 0 and time.monotonic() - t0 < 15
 
 
+def _half_hello(key: bytes) -> bytes:
+    """The first half of a correctly signed HELLO frame."""
+    a, b = socket.socketpair()
+    with a, b:
+        Wire(a, key, is_server=False).send("hello", {"role": "operator", "pid": os.getpid()})
+        frame = b.recv(65536)
+    return frame[: len(frame) // 2]
+
+
+def _stalling_peers(rig: Rig, n: int) -> list[socket.socket]:
+    """`n` connections the primary has accepted (a status request made after them was
+    answered: the listener accepts in order), each of which then sends half a HELLO and
+    stalls — all readable in the primary's next poll round."""
+    conns = [connect(rig.path) for _ in range(n)]
+    handover.request(rig.path, rig.key, "status", timeout=10)
+    half = _half_hello(rig.key)
+    for c in conns:
+        c.sendall(half)
+        c.setblocking(False)
+    return conns
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False  # still connected, nothing to read
+
+
+def test_peers_that_stall_mid_hello_do_not_hold_up_serving(rig: Rig) -> None:
+    """Before: the primary read a HELLO with a blocking recv (0.5 s bound) as soon as its
+    socket was readable, so ten peers that each sent half of one held the serving loop 5 s in
+    one poll round, and each was dropped before a request sent meanwhile was answered. Now the
+    HELLO is assembled from what has arrived (wire.Handshake) and a connection without a whole
+    one 2 s after its accept is dropped: the requests are answered while the stalled peers
+    are still connected (an order, not a time, is asserted), and a handover goes through
+    while others stall."""
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        s1 = rig.standby("S1", p0)
+        stalled = _stalling_peers(rig, 10)
+        try:
+            for tag in range(20):
+                assert host.send_request(cfg_read(0, tag))
+            got: list[Any] = []
+            end = time.monotonic() + 30
+            while len(got) < 20 and time.monotonic() < end:
+                got += host.completions(timeout=0.01)
+            status = handover.request(rig.path, rig.key, "status", timeout=10)
+            assert len(got) == 20 and status["pid"] == p0.pid
+            alive = [not _hung_up(c) for c in stalled]
+            assert all(alive), f"stalled peers dropped before the requests were answered: {alive}"
+            # ... and they are dropped in time (no complete HELLO).
+            end = time.monotonic() + 15
+            while not all(_hung_up(c) for c in stalled):
+                assert time.monotonic() < end, "the stalled peers are never dropped"
+                time.sleep(0.05)
+            assert "no complete hello" in p0.wait_event("refused")["error"]
+            # Another operator's handover while peers stall.
+            more = _stalling_peers(rig, 10)
+            stalled += more
+            out = handover.request(rig.path, rig.key, "handover", timeout=20)
+            assert out["successor"] == s1.pid
+            assert host.send_request(cfg_read(0, 99))
+            assert len(collect(host, 1, timeout=10)) == 1
+        finally:
+            for c in stalled:
+                c.close()
+        stop(rig)
+        assert s1.p.wait(30) == 0
+
+
 # ---- damaged lease files ----
 
 
