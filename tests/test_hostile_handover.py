@@ -5,6 +5,7 @@ no mocks; every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 import mlx5tlp
-from handover_rig import EventProc, Rig, cfg_read, collect, stop
+from handover_rig import EventProc, Rig, cfg_read, collect, private_control, stop
 from mlx5tlp import engine, handover, share, sim
 from mlx5tlp import function as fn
 from mlx5tlp.handover.standby import connect
@@ -277,6 +278,196 @@ def test_silent_and_junk_peers_do_not_stop_serving(rig: Rig) -> None:
         t0 = time.monotonic()
         stop(rig)  # silent peers do not hold up the stop
         assert p0.p.wait(30) == 0 and time.monotonic() - t0 < 15
+
+
+def _half_hello(key: bytes) -> bytes:
+    """The first half of a correctly signed HELLO frame."""
+    a, b = socket.socketpair()
+    with a, b:
+        Wire(a, key, is_server=False).send("hello", {"role": "operator", "pid": os.getpid()})
+        frame = b.recv(65536)
+    return frame[: len(frame) // 2]
+
+
+def _stalling_peers(rig: Rig, n: int) -> list[socket.socket]:
+    """`n` connections the primary has accepted (a status request made after them was
+    answered: the listener accepts in order), each of which then sends half a HELLO and
+    stalls — all readable in the primary's next poll round."""
+    conns = [connect(rig.path) for _ in range(n)]
+    handover.request(rig.path, rig.key, "status", timeout=10)
+    half = _half_hello(rig.key)
+    for c in conns:
+        c.sendall(half)
+        c.setblocking(False)
+    return conns
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False  # still connected, nothing to read
+
+
+def test_peers_that_stall_mid_hello_do_not_hold_up_serving(rig: Rig) -> None:
+    """Before: the primary read a HELLO with a blocking recv (0.5 s bound) as soon as its
+    socket was readable, so ten peers that each sent half of one held the serving loop 5 s in
+    one poll round, and each was dropped before a request sent meanwhile was answered. Now the
+    HELLO is assembled from what has arrived (wire.Handshake) and a connection without a whole
+    one 2 s after its accept is dropped: the requests are answered while the stalled peers
+    are still connected (an order, not a time, is asserted), and a handover goes through
+    while others stall."""
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        s1 = rig.standby("S1", p0)
+        stalled = _stalling_peers(rig, 10)
+        try:
+            for tag in range(20):
+                assert host.send_request(cfg_read(0, tag))
+            got: list[Any] = []
+            end = time.monotonic() + 30
+            while len(got) < 20 and time.monotonic() < end:
+                got += host.completions(timeout=0.01)
+            status = handover.request(rig.path, rig.key, "status", timeout=10)
+            assert len(got) == 20 and status["pid"] == p0.pid
+            alive = [not _hung_up(c) for c in stalled]
+            assert all(alive), f"stalled peers dropped before the requests were answered: {alive}"
+            # ... and they are dropped in time (no complete HELLO).
+            end = time.monotonic() + 15
+            while not all(_hung_up(c) for c in stalled):
+                assert time.monotonic() < end, "the stalled peers are never dropped"
+                time.sleep(0.05)
+            assert "no complete hello" in p0.wait_event("refused")["error"]
+            # Another operator's handover while peers stall.
+            more = _stalling_peers(rig, 10)
+            stalled += more
+            out = handover.request(rig.path, rig.key, "handover", timeout=20)
+            assert out["successor"] == s1.pid
+            assert host.send_request(cfg_read(0, 99))
+            assert len(collect(host, 1, timeout=10)) == 1
+        finally:
+            for c in stalled:
+                c.close()
+        stop(rig)
+        assert s1.p.wait(30) == 0
+
+
+# ---- a key holder's messages with forged field types (the standby checks each field) ----
+
+_GONE = object()  # the field is left out
+_REGION = {"kind": "memory", "name": "m", "bar": 0, "offset": 0, "size": 4096}
+FORGED = [
+    # (message, field, value, the name the error must give)
+    ("welcome", "state_version", "1", "state_version"),
+    ("welcome", "state_version", _GONE, "state_version"),
+    ("welcome", "generation", _GONE, "generation"),
+    ("welcome", "generation", 0, "generation"),
+    ("welcome", "pid", "12", "pid"),
+    ("objects", "memory_size", "65536", "memory_size"),
+    ("objects", "memory_size", -1, "memory_size"),
+    ("objects", "bar_base", 1.5, "bar_base"),
+    ("objects", "bar_base", _GONE, "bar_base"),
+    ("objects", "channels", "01", "channels"),
+    ("objects", "channels", [True], "channels"),
+    ("objects", "channels", [64], "channels"),
+    ("objects", "spec", 5, "spec"),
+    ("objects", "spec", "{", "spec"),
+    ("objects", "spec", '{"identity": 1}', "spec"),
+    ("objects", "engine", "memory", "engine"),
+    ("objects", "engine", [dict(_REGION, bar=9)], "engine[0].bar"),
+    ("objects", "engine", [dict(_REGION, kind="other")], "engine[0].kind"),
+    ("objects", "engine", [dict(_REGION, kind="registers")], "engine[0].registers"),
+    ("objects", "engine", [dict(_REGION, registers=[["r", "0", 4, 0, "rw"]])],
+     "engine[0].registers"),
+    ("objects", "pages", "1", "pages"),  # with a well-formed engine layout, below
+    ("commit", "generation", "1", "generation"),
+    ("commit", "generation", _GONE, "generation"),
+    ("commit", "t_stop", "now", "t_stop"),
+    ("abort", "message", {"x": 1}, "message"),
+]
+
+
+def _forging_primary(path: str, key: bytes, node: Any, forged: tuple[Any, ...],
+                     out: list[Any]) -> None:
+    """Plays the primary with the key: real objects, one field of one message forged."""
+    from mlx5tlp.handover.node import bind_listener
+
+    message, name, value, _ = forged
+    fields: dict[str, dict[str, Any]] = {
+        "welcome": {"generation": 1, "state_version": handover.STATE_VERSION,
+                    "digest": node.state.digest, "pid": os.getpid()},
+        "objects": dict(node.describe(), generation=1),
+        "commit": {"generation": 1, "t_stop": time.monotonic_ns()},
+        "abort": {"message": "no"},
+    }
+    if name == "pages":
+        fields["objects"]["engine"] = [_REGION]
+    if value is _GONE:
+        del fields[message][name]
+    else:
+        fields[message][name] = value
+    listener = bind_listener(path)
+    listener.settimeout(10)  # bind_listener's is non-blocking (the primary polls it)
+    try:
+        sock, _ = listener.accept()
+        with sock:
+            wire, hello = Wire.server(sock, key, timeout=10)
+            hello.close_fds()
+            wire.send("welcome", fields["welcome"])
+            if message != "welcome":
+                wire.recv(timeout=10).close_fds()  # join
+                wire.send("objects", fields["objects"], payloads=node.exports(key),
+                          fds=node.fds())
+            if message in ("commit", "abort"):
+                assert wire.recv(timeout=10).type == "ready"
+                wire.send("go", {"generation": 1})
+                assert wire.recv(timeout=10).type == "handover"
+                wire.send(message, fields[message], payloads=[b"summary"])
+            sock.settimeout(10)
+            with contextlib.suppress(OSError):
+                sock.recv(1)  # until the standby hangs up
+        out.append("done")
+    except BaseException as exc:
+        out.append(exc)
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("forged", FORGED, ids=lambda f: f"{f[0]}-{f[1]}-{f[2]!r}"[:60])
+def test_standby_checks_every_field_of_a_signed_message(tmp_path: Path, device: str,
+                                                        forged: tuple[Any, ...]) -> None:
+    """Before: the standby trusted the field types of a correctly signed message, so a wrong
+    type or a missing field escaped as KeyError/ValueError/TypeError/AttributeError — for the
+    commit's t_stop after the standby had taken the lease. Now each is a
+    HandoverProtocolError (EPROTO) naming the message and the field, raised before anything
+    is taken."""
+    from mlx5tlp.handover.node import Node
+
+    message, _, _, named = forged
+    with private_control(tmp_path) as (path, key, _env):
+        node = Node.create(device=device, spec=handover.default_spec(), generation=1,
+                           memory_size=1 << 16, channels=(0,))
+        node.state.adopt(1)
+        try:
+            out: list[Any] = []
+            t = threading.Thread(target=_forging_primary, args=(path, key, node, forged, out),
+                                 daemon=True)
+            t.start()
+            sb = None
+            try:
+                with pytest.raises(handover.HandoverError) as exc:
+                    sb = handover.Standby(path, key, timeout=10)
+                    sb.wait(10)
+            finally:
+                if sb is not None:
+                    sb.close()
+            assert type(exc.value) is handover.HandoverProtocolError, repr(exc.value)
+            assert exc.value.errno == errno.EPROTO
+            assert f"{message!r} message: field {named!r}" in str(exc.value), str(exc.value)
+            t.join(15)
+            assert out == ["done"], out
+        finally:
+            node.close(free=True)
 
 
 # ---- damaged lease files ----

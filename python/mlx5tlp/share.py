@@ -62,6 +62,7 @@ __all__ = [
     "MAX_FDS",
     "MAX_PAYLOADS",
     "MAX_PAYLOAD_BYTES",
+    "MessageAssembler",
     "WIRE_MAGIC",
     "WIRE_VERSION",
     "PeerCredentials",
@@ -206,9 +207,7 @@ class _Reader:
                 # 0 makes the socket non-blocking: what is already queued is still read.
                 self.sock.settimeout(max(self.deadline - time.monotonic(), 0.0))
             try:
-                data, ancdata, flags, _addr = self.sock.recvmsg(
-                    n - got, self.ancbufsize, _MSG_CMSG_CLOEXEC
-                )
+                data = self.some(n - got, what, got, n)
             except (TimeoutError, BlockingIOError) as exc:
                 if self.deadline is None and isinstance(exc, BlockingIOError):
                     raise  # the caller's own non-blocking socket
@@ -216,33 +215,108 @@ class _Reader:
                     errno.ETIMEDOUT, f"timed out waiting for the {what} ({got} of {n} bytes)",
                     "recv_fds",
                 ) from None
-            self._collect(ancdata)
-            if flags & socket.MSG_CTRUNC:
-                raise ProtocolError(
-                    errno.EMSGSIZE,
-                    f"the peer sent more fds than max_fds={self.max_fds}, or this process "
-                    f"is out of file descriptors (RLIMIT_NOFILE) (control data truncated; "
-                    f"{len(self.fds)} received and closed)",
-                )
-            if len(self.fds) > self.max_fds:
-                raise ProtocolError(
-                    errno.EMSGSIZE,
-                    f"the peer sent {len(self.fds)} fds, more than max_fds={self.max_fds}",
-                )
-            if not data:
-                raise ProtocolError(
-                    errno.ECONNRESET,
-                    f"the peer closed the connection during the {what} ({got} of {n} bytes)",
-                )
             chunks.append(data)
             got += len(data)
         return b"".join(chunks)
+
+    def some(self, want: int, what: str, got: int, n: int) -> bytes:
+        """One recvmsg of at most `want` bytes (`got` of the `what`'s `n` read before it)."""
+        data, ancdata, flags, _addr = self.sock.recvmsg(want, self.ancbufsize, _MSG_CMSG_CLOEXEC)
+        self._collect(ancdata)
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError(
+                errno.EMSGSIZE,
+                f"the peer sent more fds than max_fds={self.max_fds}, or this process "
+                f"is out of file descriptors (RLIMIT_NOFILE) (control data truncated; "
+                f"{len(self.fds)} received and closed)",
+            )
+        if len(self.fds) > self.max_fds:
+            raise ProtocolError(
+                errno.EMSGSIZE,
+                f"the peer sent {len(self.fds)} fds, more than max_fds={self.max_fds}",
+            )
+        if not data:
+            raise ProtocolError(
+                errno.ECONNRESET,
+                f"the peer closed the connection during the {what} ({got} of {n} bytes)",
+            )
+        return data
 
     def _collect(self, ancdata: list[tuple[int, int, bytes]]) -> None:
         for level, ctype, cdata in ancdata:
             if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
                 usable = len(cdata) - len(cdata) % _FD_SIZE
                 self.fds.extend(array.array("i", cdata[:usable]))
+
+
+class _Frame:
+    """The parse of one message, a part at a time: the prefix (checked), the payload lengths
+    (checked), the payloads. :attr:`need` is the byte count of the next part."""
+
+    def __init__(self, max_fds: int) -> None:
+        self.max_fds = max_fds
+        self.what = "header"
+        self.need = _PREFIX.size
+        self.nfds = 0
+        self.lengths: list[int] = []
+        self.body = b""
+        self._stage = 0
+        self._skip_empty()
+
+    @property
+    def done(self) -> bool:
+        return self._stage == 3
+
+    def take(self, data: bytes) -> None:
+        """Parse the next part (exactly :attr:`need` bytes)."""
+        if self._stage == 0:
+            magic, version, nfds, npayloads = _PREFIX.unpack(data)
+            if magic != WIRE_MAGIC:
+                raise ProtocolError(
+                    errno.EPROTO, f"bad message magic {magic!r}, want {WIRE_MAGIC!r}"
+                )
+            if version != WIRE_VERSION:
+                raise ProtocolError(
+                    errno.EPROTO, f"unsupported message version {version}, want {WIRE_VERSION}"
+                )
+            if npayloads > MAX_PAYLOADS:
+                raise ProtocolError(
+                    errno.EPROTO, f"message declares {npayloads} payloads, at most {MAX_PAYLOADS}"
+                )
+            if nfds > self.max_fds:
+                raise ProtocolError(
+                    errno.EMSGSIZE, f"message declares {nfds} fds, more than max_fds={self.max_fds}"
+                )
+            self.nfds, self.need, self._stage = nfds, _LEN.size * npayloads, 1
+        elif self._stage == 1:
+            self.lengths = [v for (v,) in _LEN.iter_unpack(data)]
+            total = sum(self.lengths)
+            if total > MAX_PAYLOAD_BYTES:
+                raise ProtocolError(
+                    errno.EPROTO,
+                    f"message declares {total} payload bytes, at most {MAX_PAYLOAD_BYTES}",
+                )
+            self.what, self.need, self._stage = "payload", total, 2
+        else:
+            self.body, self.need, self._stage = data, 0, 3
+        self._skip_empty()
+
+    def _skip_empty(self) -> None:
+        while self._stage in (1, 2) and self.need == 0:
+            self.take(b"")
+
+    def finish(self, fds: Sequence[int]) -> list[bytes]:
+        """The payloads, once the fds that arrived with the message are counted."""
+        if len(fds) != self.nfds:
+            raise ProtocolError(
+                errno.EPROTO, f"message declares {self.nfds} fds but {len(fds)} arrived"
+            )
+        payloads: list[bytes] = []
+        pos = 0
+        for n in self.lengths:
+            payloads.append(self.body[pos : pos + n])
+            pos += n
+        return payloads
 
 
 def _close_all(fds: Sequence[int]) -> None:
@@ -285,14 +359,37 @@ def recv_fds(
         OSError: the socket failed (received fds are closed).
     """
     _check_socket(sock)
+    _check_max_fds(max_fds)
+    # NaN/negative refused (InvalidArgumentError, a ValueError); inf/huge: no limit (a
+    # deadline past time_t's range would overflow socket.settimeout mid-message).
+    limit = Deadline.in_seconds(timeout, "recv_fds timeout")
+    creds = _allowed_peer(sock, allow_uids)
+
+    old_timeout = sock.gettimeout()
+    deadline = limit.end
+    reader = _Reader(sock, max_fds, deadline)
+    frame = _Frame(max_fds)
+    try:
+        while not frame.done:
+            frame.take(reader.read(frame.need, frame.what))
+        payloads = frame.finish(reader.fds)
+    except BaseException:
+        _close_all(reader.fds)
+        raise
+    finally:
+        if deadline is not None:
+            sock.settimeout(old_timeout)
+    return reader.fds, payloads, creds
+
+
+def _check_max_fds(max_fds: object) -> None:
     if isinstance(max_fds, bool) or not isinstance(max_fds, int):
         raise TypeError(f"max_fds must be int, not {type(max_fds).__name__}")
     if not 0 <= max_fds <= MAX_FDS:
         raise ValueError(f"max_fds must be in 0..{MAX_FDS}, got {max_fds}")
-    # NaN/negative refused (InvalidArgumentError, a ValueError); inf/huge: no limit (a
-    # deadline past time_t's range would overflow socket.settimeout mid-message).
-    limit = Deadline.in_seconds(timeout, "recv_fds timeout")
 
+
+def _allowed_peer(sock: socket.socket, allow_uids: Collection[int] | None) -> PeerCredentials:
     creds = peer_credentials(sock)
     allowed = {os.getuid()} if allow_uids is None else set(allow_uids)
     if creds.uid not in allowed:
@@ -302,54 +399,72 @@ def recv_fds(
             f"(allowed uids: {sorted(allowed)})",
             "recv_fds",
         )
+    return creds
 
-    old_timeout = sock.gettimeout()
-    deadline = limit.end
-    reader = _Reader(sock, max_fds, deadline)
-    try:
-        magic, version, nfds, npayloads = _PREFIX.unpack(reader.read(_PREFIX.size, "header"))
-        if magic != WIRE_MAGIC:
-            raise ProtocolError(errno.EPROTO, f"bad message magic {magic!r}, want {WIRE_MAGIC!r}")
-        if version != WIRE_VERSION:
-            raise ProtocolError(
-                errno.EPROTO, f"unsupported message version {version}, want {WIRE_VERSION}"
-            )
-        if npayloads > MAX_PAYLOADS:
-            raise ProtocolError(
-                errno.EPROTO, f"message declares {npayloads} payloads, at most {MAX_PAYLOADS}"
-            )
-        if nfds > max_fds:
-            raise ProtocolError(
-                errno.EMSGSIZE, f"message declares {nfds} fds, more than max_fds={max_fds}"
-            )
-        lengths = (
-            [v for (v,) in _LEN.iter_unpack(reader.read(_LEN.size * npayloads, "header"))]
-            if npayloads
-            else []
-        )
-        total = sum(lengths)
-        if total > MAX_PAYLOAD_BYTES:
-            raise ProtocolError(
-                errno.EPROTO, f"message declares {total} payload bytes, at most {MAX_PAYLOAD_BYTES}"
-            )
-        body = reader.read(total, "payload") if total else b""
-        if len(reader.fds) != nfds:
-            raise ProtocolError(
-                errno.EPROTO, f"message declares {nfds} fds but {len(reader.fds)} arrived"
-            )
-    except BaseException:
-        _close_all(reader.fds)
-        raise
-    finally:
-        if deadline is not None:
-            sock.settimeout(old_timeout)
 
-    payloads: list[bytes] = []
-    pos = 0
-    for n in lengths:
-        payloads.append(body[pos : pos + n])
-        pos += n
-    return reader.fds, payloads, creds
+class MessageAssembler:
+    """One :func:`send_fds` message received without ever blocking: each :meth:`step` reads
+    what has arrived and keeps it, so a peer that sends part of a message and stalls holds
+    nothing but this state (a caller serving others from a poll loop steps it when the socket
+    is readable, and bounds the whole message with its own deadline).
+
+    The checks are :func:`recv_fds`'s (credentials first, then the framing as it arrives).
+    The socket is made non-blocking for each step and its timeout restored.
+
+    Thread-safety: one thread per assembler (and per socket).
+    """
+
+    def __init__(self, sock: socket.socket, *, max_fds: int = 16,
+                 allow_uids: Collection[int] | None = None) -> None:
+        _check_socket(sock)
+        _check_max_fds(max_fds)
+        self.sock = sock
+        self.allow_uids = allow_uids
+        self._creds: PeerCredentials | None = None
+        self._reader = _Reader(sock, max_fds, None)
+        self._frame = _Frame(max_fds)
+        self._part: list[bytes] = []
+        self._got = 0
+
+    def step(self) -> tuple[list[int], list[bytes], PeerCredentials] | None:
+        """Read what has arrived; the message once it is complete, else None.
+
+        Raises:
+            PermissionDeniedError, ProtocolError, OSError: as :func:`recv_fds` (every fd
+                received so far is closed; the assembler is then spent).
+        """
+        old_timeout = self.sock.gettimeout()
+        if old_timeout != 0.0:
+            self.sock.settimeout(0.0)
+        try:
+            if self._creds is None:
+                self._creds = _allowed_peer(self.sock, self.allow_uids)
+            frame = self._frame
+            while not frame.done:
+                try:
+                    data = self._reader.some(frame.need - self._got, frame.what, self._got,
+                                             frame.need)
+                except BlockingIOError:
+                    return None
+                self._part.append(data)
+                self._got += len(data)
+                if self._got == frame.need:
+                    part, self._part, self._got = b"".join(self._part), [], 0
+                    frame.take(part)
+            payloads = frame.finish(self._reader.fds)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            if old_timeout != 0.0:
+                self.sock.settimeout(old_timeout)
+        fds, self._reader.fds = self._reader.fds, []
+        return fds, payloads, self._creds
+
+    def close(self) -> None:
+        """Close the fds received for an unfinished message (idempotent)."""
+        _close_all(self._reader.fds)
+        self._reader.fds = []
 
 
 def send(sock: socket.socket, ctx: Any, *objs: Any, key: bytes | None = None) -> None:

@@ -17,6 +17,7 @@ from mlx5tlp.handover.errors import (
     AuthenticationError,
     HandoverAborted,
     HandoverError,
+    HandoverProtocolError,
     LeaseHeldError,
     StateMismatchError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "AuthenticationError",
     "HandoverAborted",
     "HandoverError",
+    "HandoverProtocolError",
     "Lease",
     "LeaseHeldError",
     "LeaseRecord",

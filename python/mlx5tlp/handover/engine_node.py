@@ -37,7 +37,8 @@ from mlx5tlp import engine
 from mlx5tlp.context import Context
 from mlx5tlp.errors import Error
 from mlx5tlp.function import FunctionSpec
-from mlx5tlp.handover.errors import HandoverError, StateMismatchError
+from mlx5tlp.handover import _fields
+from mlx5tlp.handover.errors import HandoverError, HandoverProtocolError, StateMismatchError
 from mlx5tlp.handover.node import Events, bind_listener
 from mlx5tlp.handover.state import (
     STATE_VERSION,
@@ -279,9 +280,14 @@ class EngineNode:
                 (``EINVAL``, naming the region), or the state is of another version.
             HandoverError: a malformed message (``EPROTO``).
         """
-        layout = list(fields.get("engine", []))
-        want_fds = 2 + sum(d.get("kind") in ("memory", "registers") for d in layout)
-        pages = int(fields.get("pages", 0))
+        try:
+            layout = _fields.layout(fields, "objects")
+            pages = _fields.integer(fields, "pages", "objects", lo=1, hi=8)
+        except HandoverProtocolError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        want_fds = 2 + sum(d["kind"] in ("memory", "registers") for d in layout)
         if len(fds) != want_fds or len(envelopes) != pages or not 1 <= pages <= 8:
             for fd in fds:
                 os.close(fd)
@@ -293,7 +299,7 @@ class EngineNode:
         vars: list[Var] = []
         try:
             if spec is None:
-                spec = FunctionSpec.from_dict(json.loads(fields["spec"]))
+                spec = _fields.spec(fields, "objects")
             if regions is not None:
                 check_layout(regions, layout)
             # Before anything is imported or mapped: a peer's memfd it could still shrink

@@ -8,6 +8,7 @@ __all__ = [
     "AuthenticationError",
     "HandoverAborted",
     "HandoverError",
+    "HandoverProtocolError",
     "LeaseHeldError",
     "StateMismatchError",
 ]
@@ -15,6 +16,12 @@ __all__ = [
 
 class HandoverError(Error):
     """A handover or takeover step failed; the message names the step and the peer."""
+
+
+class HandoverProtocolError(HandoverError):
+    """A signed message broke the protocol: a field missing or of the wrong type or range
+    (``EPROTO``); names the message and the field. (Not a framing error or EOF, which are
+    :class:`mlx5tlp.share.ProtocolError`: the peer said something wrong, it did not go away.)"""
 
 
 class LeaseHeldError(HandoverError):

@@ -144,6 +144,7 @@ class Node:
     def from_message(cls, fields: dict[str, Any], fds: list[int], envelopes: list[bytes],
                      key: bytes, spec: Optional[FunctionSpec], state_version: int) -> Node:
         """A standby's parts from the primary's objects message (takes ownership of `fds`)."""
+        from mlx5tlp.handover import _fields
         from mlx5tlp.handover.errors import HandoverError
 
         if len(fds) != 3 or len(envelopes) != 1:
@@ -156,8 +157,11 @@ class Node:
         var: Optional[Var] = None
         try:
             if spec is None:
-                spec = FunctionSpec.from_dict(json.loads(fields["spec"]))
-            size = int(fields["memory_size"])
+                spec = _fields.spec(fields, "objects")
+            size = _fields.integer(fields, "memory_size", "objects", lo=1, hi=1 << 40)
+            # Checked here, before the imports (read at the end, a bad one left them behind).
+            bar_base = _fields.integer(fields, "bar_base", "objects")
+            channels = tuple(_fields.int_list(fields, "channels", "objects", 0, 63, 64))
             # Before anything is imported or mapped: a peer's memfd it could still shrink
             # would let it kill this process with SIGBUS on the next access.
             check_shared_fds([(state_fd, state_size(), "the state memfd (message fd 2 of 3)"),
@@ -178,8 +182,7 @@ class Node:
             if ctx is not None:
                 ctx.close()
             raise
-        return cls(ctx, var, state, mem_fd, mem, int(fields["bar_base"]),
-                   tuple(int(c) for c in fields["channels"]), spec)
+        return cls(ctx, var, state, mem_fd, mem, bar_base, channels, spec)
 
     def make_server(self) -> Server:
         """The request server on these parts (the function model must be adopted)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import select
 import socket
@@ -28,7 +29,7 @@ from mlx5tlp.handover.gcpause import no_gc
 from mlx5tlp.handover.lease import Lease, check_socket_path
 from mlx5tlp.handover.node import Events, Node, bind_listener, default_spec
 from mlx5tlp.handover.state import STATE_VERSION, seal_snapshot
-from mlx5tlp.handover.wire import Message, Wire, check_key
+from mlx5tlp.handover.wire import Handshake, Message, Wire, check_key
 from mlx5tlp.share import ProtocolError
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ __all__ = ["Primary"]
 
 _STEP_TIMEOUT = 2.0  # a peer that does not answer a handover step within this is failed
 _MAX_UNWELCOMED = 32  # connections that have not said hello yet, at most (each holds an fd)
+_HELLO_TIMEOUT = _STEP_TIMEOUT  # a connection without a whole HELLO this long after accept goes
 
 
 @dataclass
@@ -47,8 +49,12 @@ class _Peer:
     wire: Optional[Wire] = None
     role: str = "new"      # new -> standby (welcomed) -> ready; or operator
     pid: int = 0
+    hello: Optional[Handshake] = None  # until welcomed: the HELLO read so far
+    hello_by: float = math.inf  # monotonic time by which the HELLO must be complete
 
     def close(self) -> None:
+        if self.hello is not None:
+            self.hello.close()
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -87,6 +93,7 @@ class Primary:
         self._operator: Optional[_Peer] = None
         self._going: Optional[_Peer] = None  # the standby told "go", until it asks
         self._accept_failing = False  # accept() failed (EMFILE...): reported once
+        self._hello_due = math.inf  # the earliest hello_by of a peer not yet welcomed
         self._running = threading.Lock()  # held by run(): close() waits for it to return
         self._closed = False
         self.origin: dict[str, Any] = {}  # how this primary started (t_stop / t_detect)
@@ -246,6 +253,8 @@ class Primary:
                 self._accept()
             elif peer in self.peers:  # not dropped by an earlier message of this round
                 self._on_message(peer)
+        if self._hello_due <= time.monotonic():
+            self._expire_hellos()
 
     def _accept(self) -> None:
         try:
@@ -263,14 +272,33 @@ class Primary:
             self._evict_unwelcomed()
             return
         self._accept_failing = False
-        # Blocking, but bounded: a peer that stops reading must not hold this thread (it
-        # serves) in a send once the socket buffer is full — the send fails, the peer is dropped.
-        sock.settimeout(_STEP_TIMEOUT)
+        # Non-blocking until welcomed: the HELLO is read as it arrives, a part per readable
+        # poll (Handshake), so a peer that sends half of one and stalls holds up nothing —
+        # before, the serving loop blocked up to 0.5 s in its recv, per such peer and round.
+        sock.setblocking(False)
         if sum(p.wire is None for p in self.peers) >= _MAX_UNWELCOMED:
             # Connections that never say hello cost nothing while silent, but each holds an
             # fd: at most this many; the oldest goes first.
             self._evict_unwelcomed()
-        self.peers.append(_Peer(sock))
+        by = time.monotonic() + _HELLO_TIMEOUT
+        self.peers.append(_Peer(sock, hello=Handshake(sock, self.key, allow_uids=self.allow_uids),
+                                hello_by=by))
+        self._hello_due = min(self._hello_due, by)
+
+    def _expire_hellos(self) -> None:
+        """Drop the peers whose HELLO is not complete in time (silent or stalled mid-frame)."""
+        now = time.monotonic()
+        due = math.inf
+        for p in list(self.peers):
+            if p.wire is not None:
+                continue
+            if p.hello_by <= now:
+                self._emit("refused", peer_pid=p.pid,
+                           error=f"no complete hello within {_HELLO_TIMEOUT:g} s")
+                self._drop(p)
+            else:
+                due = min(due, p.hello_by)
+        self._hello_due = due
 
     def _evict_unwelcomed(self) -> None:
         old = next((p for p in self.peers if p.wire is None), None)
@@ -294,10 +322,16 @@ class Primary:
     def _on_message(self, peer: _Peer) -> None:
         try:
             if peer.wire is None:
-                # A peer that connects and stalls delays serving by at most this.
-                peer.wire, hello = Wire.server(peer.sock, self.key, allow_uids=self.allow_uids,
-                                               timeout=0.5)
+                assert peer.hello is not None
+                hello = peer.hello.step()  # never blocks: what has arrived of the HELLO
+                if hello is None:
+                    return  # the rest has not arrived yet (bounded by _expire_hellos)
                 hello.close_fds()
+                peer.wire, peer.hello = peer.hello.wire, None
+                # Blocking from here, but bounded: a peer that stops reading must not hold
+                # this thread (it serves) in a send once the socket buffer is full — the send
+                # fails, the peer is dropped.
+                peer.sock.settimeout(_STEP_TIMEOUT)
                 peer.pid = peer.wire.peer_pid
                 peer.role = str(hello.fields.get("role", "standby"))
                 peer.wire.send("welcome", {"generation": self.generation,

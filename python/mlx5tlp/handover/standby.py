@@ -36,9 +36,11 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from mlx5tlp._deadline import Deadline
 from mlx5tlp.errors import Error, InvalidHandleError
 from mlx5tlp.function import FunctionSpec
+from mlx5tlp.handover import _fields
 from mlx5tlp.handover.errors import (
     HandoverAborted,
     HandoverError,
+    HandoverProtocolError,
     LeaseHeldError,
     StateMismatchError,
 )
@@ -188,11 +190,17 @@ class Standby:
             {"role": "standby", "pid": os.getpid(), "state_version": self.state_version},
             allow_uids=self.allow_uids, timeout=self.timeout)
         welcome.close_fds()
+        if welcome.type != "welcome":
+            raise HandoverProtocolError(errno.EPROTO, f"expected welcome, got {welcome.type!r}",
+                                        "handover")
         f = welcome.fields
-        if int(f.get("state_version", -1)) != self.state_version:
+        version = _fields.integer(f, "state_version", "welcome", hi=0xFFFF_FFFF)
+        pid = _fields.integer(f, "pid", "welcome", lo=1, hi=0x7FFF_FFFF)
+        generation = _fields.integer(f, "generation", "welcome", lo=1)
+        if version != self.state_version:
             raise StateMismatchError(
-                errno.EPROTO, f"the primary (pid {f.get('pid')}) keeps handover state version "
-                f"{f.get('state_version')}; this process implements version "
+                errno.EPROTO, f"the primary (pid {pid}) keeps handover state version "
+                f"{version}; this process implements version "
                 f"{self.state_version}: it cannot be its successor without an explicit "
                 "migration", "handover")
         self.wire.send("join", {})
@@ -221,7 +229,7 @@ class Standby:
             self._pidfd = -1  # already gone: wait() takes over at once
         self._rehearse()
         self.wire.send("ready", {})
-        self._emit("standby", primary=self.primary_pid, generation=int(f["generation"]))
+        self._emit("standby", primary=self.primary_pid, generation=generation)
 
     def _rehearse(self) -> None:
         # What a commit runs for the first time in a process — cold code, the state block's
@@ -400,14 +408,17 @@ class Standby:
         commit.close_fds()
         marks = [time.monotonic_ns()]  # step times, reported with the first answer
         if commit.type == "abort":
-            raise HandoverAborted(errno.ECANCELED, "the primary could not stop: "
-                                  f"{commit.fields.get('message', '')}", "handover")
+            why = _fields.text(commit.fields, "message", "abort", default="")
+            raise HandoverAborted(errno.ECANCELED, f"the primary could not stop: {why}",
+                                  "handover")
         taken = opened = False
         try:
             if commit.type != "commit" or len(commit.payloads) != 1:
                 raise HandoverAborted(errno.EPROTO, f"expected commit, got {commit.type!r}",
                                       "handover")
-            gen = int(commit.fields["generation"])
+            gen = _fields.integer(commit.fields, "generation", "commit", lo=1)
+            # Read before anything is taken (it used to be read after the takeover).
+            t_stop = _fields.integer(commit.fields, "t_stop", "commit")
             # The primary released the lease naming us; nothing is taken until the summary
             # checks out, so a refusal leaves the primary its own generation.
             rec = self.lease.read()
@@ -454,7 +465,6 @@ class Standby:
         p = Primary(self.path, self.key, node, self.lease, None,
                     allow_uids=self.allow_uids, events=self.events)
         marks.append(time.monotonic_ns())
-        t_stop = int(commit.fields["t_stop"])
         p.origin = {"how": "handover", "t_stop": t_stop,
                     "steps_us": [(m - t_stop) // 1000 for m in marks]}
         self.node = None

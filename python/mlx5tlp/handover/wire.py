@@ -34,7 +34,7 @@ from typing import Any, Optional
 from mlx5tlp import share
 from mlx5tlp.handover.errors import AuthenticationError, HandoverError
 
-__all__ = ["MIN_KEY_BYTES", "NONCE_BYTES", "Message", "Wire", "check_key"]
+__all__ = ["MIN_KEY_BYTES", "NONCE_BYTES", "Handshake", "Message", "Wire", "check_key"]
 
 MIN_KEY_BYTES = 16
 NONCE_BYTES = 16
@@ -72,6 +72,10 @@ class Message:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds = []
+
+
+def _refused(exc: PermissionError) -> AuthenticationError:
+    return AuthenticationError(errno.EACCES, f"control connection refused: {exc}", "handover")
 
 
 def _mac(key: bytes, direction: bytes, nonce: bytes, seq: int, parts: Sequence[bytes]) -> bytes:
@@ -154,8 +158,12 @@ class Wire:
             fds, payloads, creds = share.recv_fds(self.sock, max_fds=_MAX_FDS,
                                                   allow_uids=self.allow_uids, timeout=timeout)
         except PermissionError as exc:
-            raise AuthenticationError(errno.EACCES, f"control connection refused: {exc}",
-                                      "handover") from None
+            raise _refused(exc) from None
+        return self._check(fds, payloads, creds, first)
+
+    def _check(self, fds: list[int], payloads: list[bytes], creds: share.PeerCredentials,
+               first: bool) -> Message:
+        """The received frame as a message, once its MAC, nonce and sequence passed."""
         msg = Message("", {}, payloads[1:], fds)
         try:
             if not payloads or len(payloads[0]) <= _MAC:
@@ -200,3 +208,42 @@ class Wire:
             raise HandoverError(code, f"the peer refused: {fields.get('message', '?')}",
                                 "handover")
         return msg
+
+
+class Handshake:
+    """The server side of the nonce exchange, advanced without blocking: for a loop that
+    serves others meanwhile (the primary). :meth:`step` when the socket is readable returns
+    the client's HELLO once all of it has arrived; a peer that sends part of it and stalls
+    costs that loop nothing but this state — the caller bounds the wait (drops the peer).
+
+    Checks as :meth:`Wire.server`. The caller answers with ``wire.send("welcome", ...)``.
+    """
+
+    def __init__(self, sock: socket.socket, key: bytes, *,
+                 allow_uids: Optional[Collection[int]] = None) -> None:
+        self.wire = Wire(sock, key, is_server=True, allow_uids=allow_uids)
+        self._frame = share.MessageAssembler(sock, max_fds=_MAX_FDS, allow_uids=allow_uids)
+
+    def step(self) -> Optional[Message]:
+        """The HELLO once complete, else None (nothing more has arrived yet).
+
+        Raises:
+            AuthenticationError: as :meth:`Wire.recv`, or the first message is not a HELLO.
+            share.ProtocolError: the peer closed the connection, or framing.
+        """
+        try:
+            got = self._frame.step()
+        except PermissionError as exc:
+            raise _refused(exc) from None
+        if got is None:
+            return None
+        hello = self.wire._check(*got, first=True)
+        if hello.type != "hello":
+            hello.close_fds()
+            raise AuthenticationError(errno.EBADMSG, f"expected hello, got {hello.type!r}",
+                                      "handover")
+        return hello
+
+    def close(self) -> None:
+        """Close the fds that came with an unfinished HELLO (idempotent)."""
+        self._frame.close()
