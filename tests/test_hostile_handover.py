@@ -839,3 +839,62 @@ def test_concurrent_handover_requests_and_a_standby_that_vanishes(rig: Rig) -> N
         _still_serves(rig, p0, host, 1)
         stop(rig)
         assert p0.p.wait(30) == 0
+
+
+# ---- the one poll(2) wrapper (handover/_poll.py) ----
+
+
+def test_poller_timeouts() -> None:
+    from mlx5tlp.handover._poll import Poller, readable
+
+    a, b = socket.socketpair()
+    with a, b:
+        p = Poller([b])
+        for bad in BAD_TIMEOUTS:
+            with pytest.raises(mlx5tlp.InvalidArgumentError, match="poll timeout"):
+                p.wait(bad)
+        assert p.wait(0.0) == [] and p.wait(-0.0) == [] and p.wait(1e-4) == []
+        a.send(b"x")
+        for huge in [*NO_LIMIT, None]:
+            # Ready at once; no OverflowError from poll()'s C int of milliseconds.
+            assert [fd for fd, _ in p.wait(huge)] == [b.fileno()]  # type: ignore[arg-type]
+        assert readable([b], 1e300) == {b.fileno()}
+        p.remove(b)
+        p.remove(b)  # not watched: a no-op
+        assert p.wait(1e-3) == []
+
+
+def test_primary_poll_registers_each_connection_once(private: Path, device: str) -> None:
+    """Before: every look of the serving loop (up to one per 16 requests) built a new poll
+    object and a dict of every connection. Now both are kept: a look with 30 idle
+    connections (fewer than the 32 silent ones
+    kept) allocates next to nothing (traced peak, not a time)."""
+    import tracemalloc
+
+    p = handover.Primary.create(str(private / "ctl"), b"k" * 32, device=device,
+                                engine="python")
+    conns: list[socket.socket] = []
+    try:
+        end = time.monotonic() + 10
+        for _ in range(30):
+            # One at a time: nobody runs the loop, and connect() blocks on a full backlog.
+            conns.append(connect(str(private / "ctl")))
+            while len(p.peers) < len(conns):  # one accept per look
+                assert time.monotonic() < end
+                p._poll(0.0)
+        p._poll(0.0)
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            for _ in range(200):
+                p._poll(0.0)
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+        assert peak < 1024, f"a look at 30 idle connections allocated up to {peak} bytes"
+        assert len(p.peers) == 30
+    finally:
+        for c in conns:
+            c.close()
+        p.close()

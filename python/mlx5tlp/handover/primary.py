@@ -13,7 +13,6 @@ import contextlib
 import errno
 import math
 import os
-import select
 import socket
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from mlx5tlp._deadline import Deadline
 from mlx5tlp.errors import Error, InvalidArgumentError, InvalidHandleError
 from mlx5tlp.function import FunctionSpec
+from mlx5tlp.handover._poll import Poller
 from mlx5tlp.handover.errors import HandoverError, LeaseHeldError
 from mlx5tlp.handover.gcpause import no_gc
 from mlx5tlp.handover.lease import Lease, check_socket_path
@@ -94,6 +94,11 @@ class Primary:
         self._going: Optional[_Peer] = None  # the standby told "go", until it asks
         self._accept_failing = False  # accept() failed (EMFILE...): reported once
         self._hello_due = math.inf  # the earliest hello_by of a peer not yet welcomed
+        # The control socket and every peer, registered once (not per look of the loop).
+        self._poller = Poller()
+        self._by_fd: dict[int, Optional[_Peer]] = {}
+        if listener is not None:
+            self._watch(listener, None)
         self._running = threading.Lock()  # held by run(): close() waits for it to return
         self._closed = False
         self.origin: dict[str, Any] = {}  # how this primary started (t_stop / t_detect)
@@ -223,38 +228,26 @@ class Primary:
             # A successor binds the control socket only after it answered its first request
             # (or went idle): standbys retry their connect meanwhile, the host does not wait.
             self.listener = bind_listener(self.path)
-        # poll(2), not select(2): select() refuses fds >= FD_SETSIZE (1024) with ValueError, so
-        # a thousand idle connections (or an application with many files open) ended run().
-        poller = select.poll()
-        by_fd: dict[int, Optional[_Peer]] = {self.listener.fileno(): None}
-        poller.register(self.listener, select.POLLIN)
-        for p in self.peers:
-            by_fd[p.sock.fileno()] = p
-            poller.register(p.sock, select.POLLIN)
-        try:
-            if 0 < timeout < 1e-3:
-                # poll() counts whole milliseconds (rounded up); a sub-millisecond idle wait
-                # looks once and sleeps, as select() with its microseconds did.
-                ready = poller.poll(0)
-                if not ready:
-                    time.sleep(timeout)
-                    return
-            else:
-                ready = poller.poll(timeout * 1000.0)
-        except InterruptedError:
-            return
-        for fd, _events in ready:
+            self._watch(self.listener, None)
+        by_fd = self._by_fd
+        for fd, _events in self._poller.wait(timeout):
             if self.outcome:
                 return
-            if fd not in by_fd:
+            try:
+                peer = by_fd[fd]
+            except KeyError:  # dropped earlier in this round
                 continue
-            peer = by_fd[fd]
             if peer is None:
                 self._accept()
             elif peer in self.peers:  # not dropped by an earlier message of this round
                 self._on_message(peer)
         if self._hello_due <= time.monotonic():
             self._expire_hellos()
+
+    def _watch(self, sock: socket.socket, peer: Optional[_Peer]) -> None:
+        fd = sock.fileno()
+        self._poller.add(fd)
+        self._by_fd[fd] = peer
 
     def _accept(self) -> None:
         try:
@@ -281,8 +274,10 @@ class Primary:
             # fd: at most this many; the oldest goes first.
             self._evict_unwelcomed()
         by = time.monotonic() + _HELLO_TIMEOUT
-        self.peers.append(_Peer(sock, hello=Handshake(sock, self.key, allow_uids=self.allow_uids),
-                                hello_by=by))
+        peer = _Peer(sock, hello=Handshake(sock, self.key, allow_uids=self.allow_uids),
+                     hello_by=by)
+        self.peers.append(peer)
+        self._watch(sock, peer)
         self._hello_due = min(self._hello_due, by)
 
     def _expire_hellos(self) -> None:
@@ -313,6 +308,10 @@ class Primary:
             # own timeout.
             self._tell_operator("error", {"errno": errno.ECANCELED, "message": "the standby "
                                           "went away before it asked for the function"})
+        fd = peer.sock.fileno()
+        if fd >= 0 and self._by_fd.get(fd) is peer:  # unwatched before its number is reused
+            self._poller.remove(fd)
+            del self._by_fd[fd]
         peer.close()
         if peer in self.peers:
             self.peers.remove(peer)
@@ -502,6 +501,7 @@ class Primary:
                     p.wire.send("moved", {"generation": self.generation})
             self._drop(p)
         if self.listener is not None:
+            self._poller.remove(self.listener)
             self.listener.close()  # the path is the successor's now: do not unlink it
         steps = getattr(self, "_steps", [])
         self._emit("handed-over", generation=self.generation, successor=successor,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import select
 import socket
 import threading
 import time
@@ -37,6 +36,7 @@ from mlx5tlp._deadline import Deadline
 from mlx5tlp.errors import Error, InvalidHandleError
 from mlx5tlp.function import FunctionSpec
 from mlx5tlp.handover import _fields
+from mlx5tlp.handover._poll import readable as _readable
 from mlx5tlp.handover.errors import (
     HandoverAborted,
     HandoverError,
@@ -87,26 +87,6 @@ def connect(path: str, timeout: Optional[float] = 5.0) -> socket.socket:
         except BaseException:
             s.close()
             raise
-
-
-def _readable(fds: Sequence[Any], timeout: Optional[float]) -> set[int]:
-    """The fd numbers of `fds` (ints or sockets) readable (or hung up) within `timeout` (None:
-    no limit). poll(2), not select(2): select() refuses fds >= 1024 (ValueError)."""
-    poller = select.poll()
-    for f in fds:
-        poller.register(f, select.POLLIN)
-    end = None if timeout is None else time.monotonic() + timeout
-    while True:
-        left = None if end is None else max(end - time.monotonic(), 0.0)
-        # poll() takes a C int of milliseconds (OverflowError beyond ~24.8 days): long waits
-        # go in steps of a day.
-        ms = None if left is None else min(left * 1000.0, _POLL_STEP_MS)
-        ready = {fd for fd, _ev in poller.poll(ms)}
-        if ready or left is None or left * 1000.0 <= _POLL_STEP_MS:
-            return ready
-
-
-_POLL_STEP_MS = 86_400_000.0
 
 
 class Standby:
