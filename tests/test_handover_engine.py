@@ -173,12 +173,11 @@ def test_engine_successor_with_other_regions_is_refused(
     assert exc.value.errno == errno.EINVAL and "regions[0]" in str(exc.value)
     assert "size" in str(exc.value)
     # Without the callback handler the standby cannot serve the primary's callback region:
-    # it finds out while it prepares its engine, before it asks (the primary never pauses).
-    sb = handover.Standby(path, key, spec=spec())
+    # it finds out when it joins (it builds its engine then, before it says ready), not when a
+    # handover is asked for or the primary has died (the primary never pauses).
     with pytest.raises(handover.StateMismatchError) as exc2:
-        sb.promote()
+        handover.Standby(path, key, spec=spec())
     assert "callback region 'cb'" in str(exc2.value)
-    sb.close()
     st = handover.request(path, key, "status")
     assert (st["generation"], st["handovers"], st["rollbacks"]) == (1, 0, 0), st
     handover.request(path, key, "stop")

@@ -5,7 +5,8 @@ under ``--realtime`` that imported the primary's objects at SCHED_FIFO took a CP
 serving primary's lanes (and from a handover in progress) for the whole import; it now joins
 under ``mlx5tlp.realtime.ordinary`` and waits at its own priority. The rehearsal runs a
 commit's first-time work (the state block's pages, our start time from ``/proc/<pid>/stat``)
-while standing by instead of inside the first pause.
+while standing by instead of inside the first pause, and builds its engine then: its lanes
+(threads created by the standby's thread) run at the standby's real-time policy.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def watched(*args, **kw):  # the real import, with the policy it ran under
 
 engine_node.EngineNode.from_message = watched
 sb = Standby(sys.argv[1], sys.argv[2].encode())
+tasks = [int(t) for t in os.listdir("/proc/self/task")]  # this thread and the parked lanes
 out = {"joined_under": seen, "waits_under": os.sched_getscheduler(0),
+       "threads": len(tasks), "thread_policies": sorted({os.sched_getscheduler(t) for t in tasks}),
        "priority": os.sched_getparam(0).sched_priority,
        "start_time_read": lease._own_start[0] == os.getpid()}
 sb.close()
@@ -56,6 +59,8 @@ def test_realtime_standby_joins_at_ordinary_priority(tmp_path: Path, device: str
         assert out["joined_under"] == [os.SCHED_OTHER], out
         assert (out["waits_under"], out["priority"]) == (os.SCHED_FIFO, 4), out
         assert out["start_time_read"], out
+        # The engine is built while standing by, its lanes at the policy they serve at.
+        assert out["threads"] > 1 and out["thread_policies"] == [os.SCHED_FIFO], out
         assert stop(rig) is not None
     finally:
         rig.close()

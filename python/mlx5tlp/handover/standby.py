@@ -109,7 +109,8 @@ class Standby:
 
     Raises:
         StateMismatchError: the primary's state is of another version (``EPROTO``) or
-            another function (``EINVAL``).
+            another function (``EINVAL``), or this process could not serve its regions (a
+            callback region without a handler in `regions`: the engine is built on joining).
         AuthenticationError: another key, or the peer's uid is not allowed.
         HandoverError: no primary at `path`.
 
@@ -161,9 +162,22 @@ class Standby:
         # at ordinary priority, so that it does not take a CPU from a serving primary's lanes
         # or a handover in progress (realtime.ordinary). It waits at its own priority.
         with ordinary():
-            self._join()
+            generation = self._join()
+        if self.node is None:
+            return  # the function stopped while we joined
+        prebuild = getattr(self.node, "prebuild", None)
+        if prebuild is not None:
+            # The engine, its lanes parked, now rather than when a handover is asked for (or,
+            # in a takeover, after the death): its threads take this thread's policy, the one
+            # they serve at — so not under ordinary().
+            prebuild()
+        self._rehearse()
+        assert self.wire is not None
+        self.wire.send("ready", {})
+        self._emit("standby", primary=self.primary_pid, generation=generation)
 
-    def _join(self) -> None:
+    def _join(self) -> int:
+        """Connect, check the welcome, import the objects; the primary's generation."""
         self.sock = connect(self.path, self.timeout)
         self.wire, welcome = Wire.client(
             self.sock, self.key,
@@ -189,7 +203,7 @@ class Standby:
             objs.close_fds()
             self._shutdown = True
             self._emit("shutdown")
-            return
+            return generation
         if objs.type != "objects":
             objs.close_fds()
             raise HandoverError(errno.EPROTO, f"expected objects, got {objs.type!r}", "handover")
@@ -207,9 +221,7 @@ class Standby:
             self._pidfd = os.pidfd_open(self.primary_pid)
         except ProcessLookupError:
             self._pidfd = -1  # already gone: wait() takes over at once
-        self._rehearse()
-        self.wire.send("ready", {})
-        self._emit("standby", primary=self.primary_pid, generation=generation)
+        return generation
 
     def _rehearse(self) -> None:
         # What a commit runs for the first time in a process — cold code, the state block's
@@ -380,9 +392,6 @@ class Standby:
     def _promote(self) -> Primary:
         wire, node = self.wire, self.node
         assert wire is not None and node is not None
-        prebuild = getattr(node, "prebuild", None)
-        if prebuild is not None:
-            prebuild()  # the engine, before the primary pauses: not part of the pause
         wire.send("handover", {})
         commit = wire.recv(timeout=self.timeout)
         commit.close_fds()
