@@ -92,6 +92,47 @@ def test_close_wakes_a_thread_in_wait_first_answer(ctx: mlx5tlp.Context) -> None
         dev.wait_first_answer(0.0)
 
 
+def _voluntary_switches() -> int:
+    """This thread's voluntary context switches (each sleep or blocking wait is one)."""
+    status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_close_sleeps_until_the_last_share_is_dropped(ctx: mlx5tlp.Context,
+                                                      tmp_path: Path) -> None:
+    """Before: close() waited for a call still holding a share of the engine in a nap loop
+    (10 us, then 1 ms: ~300 wake-ups in 0.3 s). Now it sleeps on a futex word the call that
+    drops the last share wakes. The share here: trace_dump, blocked (without the GIL) in
+    open() of a FIFO nobody reads — stop() does not wake it."""
+    fifo = tmp_path / "trace.fifo"
+    os.mkfifo(fifo)
+    dev = engine.Device(ctx, _spec(), [engine.MemoryRegion(0, 0, 0x1000)])
+    dump, dumped = _in_thread(dev.trace_dump, fifo)
+    time.sleep(0.1)
+    assert dump.is_alive()  # in open(), holding its share
+    switches: list[int] = []
+
+    def close() -> None:
+        before = _voluntary_switches()
+        dev.close()
+        switches.append(_voluntary_switches() - before)
+
+    closer = threading.Thread(target=close, daemon=True)
+    closer.start()
+    time.sleep(0.3)
+    assert closer.is_alive(), "close() did not wait for the call holding a share"
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the dump's open() returns
+    try:
+        closer.join(10)
+        dump.join(10)
+    finally:
+        os.close(fd)
+    assert not closer.is_alive() and not dump.is_alive()
+    assert dumped == [0], dumped
+    assert switches and switches[0] < 30, f"close() woke up {switches} times while it waited"
+    assert dev.closed
+
+
 def test_stop_wakes_a_thread_in_wait_first_answer(ctx: mlx5tlp.Context) -> None:
     with engine.Device(ctx, _spec(), [engine.MemoryRegion(0, 0, 0x1000)]) as dev:
         t, got = _in_thread(dev.wait_first_answer, 30.0)

@@ -10,13 +10,13 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "bind.hpp"
 #include "boundary.hpp"
 #include "mlx5tlp/engine.hpp"
 #include "mlx5tlp/error.hpp"
+#include "mlx5tlp/futex.hpp"
 
 namespace py = pybind11;
 
@@ -70,6 +70,36 @@ class PyHandler final : public BatchHandler {
   py::object dispatch_;
 };
 
+// A share of the engine for a call that runs without the GIL (PyEngine::hold()). The engine
+// stays alive while one exists; close() sleeps on `count` (a futex word) until the last share
+// is dropped, and the share that drops it to 0 wakes it.
+class EngineShare {
+ public:
+  EngineShare(std::shared_ptr<Engine> e, std::atomic<uint32_t>& count) noexcept
+      : engine_(std::move(e)), count_(&count) {
+    count_->fetch_add(1, std::memory_order_relaxed);  // under the GIL, as close()'s check
+  }
+  ~EngineShare() {
+    if (count_ == nullptr) return;
+    // Our reference goes first, so close() destroys the engine on its own thread once woken.
+    // The word outlives this: the PyEngine cannot be freed while a call on it is running.
+    engine_.reset();
+    if (count_->fetch_sub(1, std::memory_order_acq_rel) == 1) futex_wake(*count_);
+  }
+  EngineShare(EngineShare&& o) noexcept : engine_(std::move(o.engine_)), count_(o.count_) {
+    o.count_ = nullptr;
+  }
+  EngineShare(const EngineShare&) = delete;
+  EngineShare& operator=(const EngineShare&) = delete;
+  EngineShare& operator=(EngineShare&&) = delete;
+  Engine& operator*() const noexcept { return *engine_; }
+  Engine* operator->() const noexcept { return engine_.get(); }
+
+ private:
+  std::shared_ptr<Engine> engine_;
+  std::atomic<uint32_t>* count_;
+};
+
 class PyEngine {
  public:
   PyEngine(const py::dict& spec, std::vector<std::shared_ptr<Region>> regions, EngineOptions o,
@@ -101,20 +131,20 @@ class PyEngine {
   }
   // For calls that release the GIL: a share of the engine, taken with the GIL, so a close()
   // from another thread meanwhile cannot free it under the call (it waits for the share).
-  std::shared_ptr<Engine> hold() {
+  EngineShare hold() {
     if (!engine_ || closing_) throw Error(ErrorKind::invalid_handle, "engine", EBADF, "the device was closed");
-    return engine_;
+    return EngineShare(engine_, shares_);
   }
   // f(engine) without the GIL, on a share of the engine taken with it (hold()).
   template <class F>
   auto released(F&& f) {
-    const std::shared_ptr<Engine> en = hold();
+    const EngineShare en = hold();
     py::gil_scoped_release r;
     return f(*en);
   }
   // Engine::adopt_state with Python buffers (held until close, as the constructor's).
   void adopt_state(const py::object& state, const py::object& completer) {
-    const std::shared_ptr<Engine> share = hold();  // the GIL is released below
+    const EngineShare share = hold();  // the GIL is released below
     Engine& en = *share;
     if (have_view_ || have_cview_)
       throw Error(ErrorKind::invalid_argument, "adopt state", EINVAL, "the engine already serves from a caller's state");
@@ -148,13 +178,20 @@ class PyEngine {
     {
       py::gil_scoped_release r;
       // Callers still holding a share are past their blocking point (woken or finished) and
-      // only need the GIL to return; wait for them without it. Bounded: stop() has woken them.
-      for (unsigned spin = 0; en.use_count() > 1; ++spin)
-        std::this_thread::sleep_for(std::chrono::microseconds(spin < 100 ? 10 : 1000));
+      // only need the GIL to return: sleep without it until the last one wakes us (was a
+      // 10 us / 1 ms nap loop, a wake-up each). Bounded: stop() has woken them. A call that
+      // still holds its share after kCloseWait (blocked in the kernel, e.g. trace_dump opening
+      // a FIFO nobody reads) keeps the engine alive through its share and destroys it when it
+      // returns; the state buffers stay exported until then (the destructor releases them),
+      // since that call may still touch them.
+      const Deadline limit = Deadline::after(kCloseWait);
+      for (uint32_t n; (n = shares_.load(std::memory_order_acquire)) != 0;)
+        if (!futex_wait(shares_, n, limit)) break;
       en.reset();
     }
     closing_ = false;
-    release_view();  // the state buffer's owner may be closed after this (handover)
+    if (shares_.load(std::memory_order_acquire) == 0)
+      release_view();  // the state buffer's owner may be closed after this (handover)
   }
 
  private:
@@ -199,7 +236,9 @@ class PyEngine {
   Py_buffer cview_{};  // the shared Completer ID word (handover), or none
   bool have_cview_ = false;
   std::shared_ptr<Engine> engine_;
+  std::atomic<uint32_t> shares_{0};  // EngineShares alive (a futex word: close() sleeps on it)
   bool closing_ = false;  // under the GIL
+  static constexpr std::chrono::seconds kCloseWait{10};
 };
 
 uint8_t status_of(const std::string& s) {
@@ -378,7 +417,7 @@ void bind_engine(py::module_& root) {
       }), py::arg("spec"), py::arg("regions"), py::arg("batch"), py::arg("deferred_max"), py::arg("trace_entries"),
          py::arg("dispatch"), py::arg("state"), py::arg("adopt"), py::arg("completer") = py::none())
       .def("add_sim_lane", [](PyEngine& p, std::shared_ptr<Var> var, uint32_t channels, double spin_us, bool attach) {
-        const std::shared_ptr<Engine> en = p.hold();
+        const EngineShare en = p.hold();
         Engine& e = *en;
         auto ctx = var->context();
         py::gil_scoped_release r;
