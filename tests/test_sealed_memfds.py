@@ -163,4 +163,5 @@ def test_engine_objects_message_checks_every_region_memfd(state: SharedState) ->
     with pytest.raises(handover.HandoverError) as exc:
         EngineNode.from_message(bad, message(os.dup(regs.fd)), [b""], b"k" * 32, None,
                                 STATE_VERSION, None)
-    assert exc.value.errno == errno.EPROTO and "regions[0] is malformed" in str(exc.value)
+    # (Named by the standby's field checks, handover/_fields.py: the entry and the field.)
+    assert exc.value.errno == errno.EPROTO and "'engine[0].bar'" in str(exc.value), exc.value
