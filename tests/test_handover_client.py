@@ -87,14 +87,14 @@ def test_native_operator_status_handover_stop_and_wrong_key(ctl: Path, tmp_path:
         bad.chmod(0o600)
         refused = run(ctl, rig.path, bad, "status", want_rc=1)
         assert refused["errno"] == errno.EACCES, refused
-        assert "HMAC" in s1.wait_event("refused")["error"]
+        assert "HMAC" in s1.wait_event("refused", error="HMAC")["error"]
         # The Python operator reports the same refusal the same way (not as ECONNRESET).
         seen = len(s1.events)
         with pytest.raises(AuthenticationError) as info:
             handover.request(rig.path, os.urandom(32), "status", timeout=10)
         assert info.value.errno == errno.EACCES, info.value
         assert "refused our HELLO" in str(info.value)
-        assert "HMAC" in s1.wait_event("refused", after=seen)["error"]
+        assert "HMAC" in s1.wait_event("refused", after=seen, error="HMAC")["error"]
 
         # The old primary re-joins as a standby of the new one before we stop (a standby still
         # joining when the function stops finds the VAR freed and exits 1).
