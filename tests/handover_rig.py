@@ -43,13 +43,15 @@ class EventProc:
             self.events.append({"event": "eof"})
             self.cond.notify_all()
 
-    def wait_event(self, name: str, timeout: float = 30.0, after: int = 0) -> dict[str, Any]:
-        """The first event `name` at index >= `after`."""
+    def wait_event(self, name: str, timeout: float = 30.0, after: int = 0,
+                   error: str = "") -> dict[str, Any]:
+        """The first event `name` at index >= `after` (whose "error" contains `error`: which
+        'refused' comes first depends on the order the primary reads its peers in)."""
         end = time.monotonic() + timeout
         with self.cond:
             while True:
                 for e in self.events[after:]:
-                    if e["event"] == name:
+                    if e["event"] == name and error in str(e.get("error", "")):
                         return e
                     if e["event"] == "eof" and name != "eof":
                         err = self.p.stderr.read() if self.p.stderr else ""

@@ -393,6 +393,89 @@ def test_peers_that_stall_mid_hello_do_not_hold_up_serving(rig: Rig) -> None:
         assert s1.p.wait(30) == 0
 
 
+def _half_message(wire: Wire, kind: str, fields: dict[str, Any], fds: tuple[int, ...] = ()
+                  ) -> bytes:
+    """The first half of the next message `wire` would send (signed, bound to the peer's
+    nonce and the next seq); `wire` counts it as sent. fds, if any, go with the half."""
+    a, b = socket.socketpair()
+    with a, b:
+        real, wire.sock = wire.sock, a
+        try:
+            wire.send(kind, fields)
+        finally:
+            wire.sock = real
+        frame = b.recv(1 << 20)
+    half = frame[: len(frame) // 2]
+    if fds:
+        share_fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+        assert wire.sock.sendmsg([half[:1]], share_fds) == 1
+        wire.sock.sendall(half[1:])
+    else:
+        wire.sock.sendall(half)
+    return half
+
+
+def _key_holders_stalled_mid_message(rig: Rig) -> list[socket.socket]:
+    """Welcomed peers (operators and standbys: they hold the key) that each send half of a
+    later message ("request", "join") and stall — all welcomed first, then all halves sent:
+    readable in the primary's next poll round."""
+    peers: list[tuple[Wire, str, dict[str, Any]]] = []
+    for role, kind, fields in [("operator", "request", {"action": "status"}),
+                               ("standby", "join", {}),
+                               ("operator", "request", {"action": "handover"}),
+                               ("standby", "join", {})]:
+        wire, welcome = Wire.client(connect(rig.path), rig.key,
+                                    {"role": role, "pid": os.getpid(),
+                                     "state_version": handover.STATE_VERSION}, timeout=10)
+        welcome.close_fds()
+        peers.append((wire, kind, fields))
+    for wire, kind, fields in peers:
+        _half_message(wire, kind, fields)
+        wire.sock.setblocking(False)
+    return [w.sock for w, _, _ in peers]
+
+
+def test_key_holders_that_stall_mid_message_do_not_hold_up_serving(rig: Rig) -> None:
+    """Before: after its HELLO a peer's messages were read with a blocking recv (2 s bound,
+    _STEP_TIMEOUT), so four key holders that each sent half of a "request" or "join" held
+    the python engine's serving loop 8 s in one poll round, and each was dropped before a
+    request sent meanwhile was answered. Now every message is assembled from what has arrived
+    (Wire.step) and a peer whose message is not complete 2 s after its first byte is
+    dropped: requests and a status request are answered while the stalled peers are still
+    connected (an order, not a time, is asserted); then a planned handover goes through."""
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        s1 = rig.standby("S1", p0)
+        stalled = _key_holders_stalled_mid_message(rig)
+        try:
+            for tag in range(20):
+                assert host.send_request(cfg_read(0, tag))
+            got: list[Any] = []
+            end = time.monotonic() + 30
+            while len(got) < 20 and time.monotonic() < end:
+                got += host.completions(timeout=0.01)
+            status = handover.request(rig.path, rig.key, "status", timeout=10)
+            assert len(got) == 20 and status["pid"] == p0.pid
+            alive = [not _hung_up(c) for c in stalled]
+            assert all(alive), f"stalled peers dropped before the requests were answered: {alive}"
+            end = time.monotonic() + 15
+            while not all(_hung_up(c) for c in stalled):
+                assert time.monotonic() < end, "the stalled peers are never dropped"
+                time.sleep(0.05)
+            ev = p0.wait_event("refused", error="no complete message")
+            assert "stalled mid-message" in ev["error"], ev
+            # The planned handover (its commit exchange is a bounded blocking wait, as before).
+            out = handover.request(rig.path, rig.key, "handover", timeout=20)
+            assert out["successor"] == s1.pid
+            assert host.send_request(cfg_read(0, 99))
+            assert len(collect(host, 1, timeout=10)) == 1
+        finally:
+            for c in stalled:
+                c.close()
+        stop(rig)
+        assert s1.p.wait(30) == 0
+
+
 # ---- a key holder's messages with forged field types (the standby checks each field) ----
 
 _GONE = object()  # the field is left out

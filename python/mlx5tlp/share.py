@@ -267,6 +267,11 @@ class _Frame:
     def done(self) -> bool:
         return self._stage == 3
 
+    @property
+    def started(self) -> bool:
+        """Whether a part (the prefix at least) has been parsed."""
+        return self._stage > 0
+
     def take(self, data: bytes) -> None:
         """Parse the next part (exactly :attr:`need` bytes)."""
         if self._stage == 0:
@@ -460,6 +465,11 @@ class MessageAssembler:
                 self.sock.settimeout(old_timeout)
         fds, self._reader.fds = self._reader.fds, []
         return fds, payloads, self._creds
+
+    @property
+    def started(self) -> bool:
+        """Whether part of a message has been read (the caller's deadline runs from then)."""
+        return self._got > 0 or self._frame.started
 
     def close(self) -> None:
         """Close the fds received for an unfinished message (idempotent)."""

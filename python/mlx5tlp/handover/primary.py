@@ -41,6 +41,8 @@ __all__ = ["Primary"]
 _STEP_TIMEOUT = 2.0  # a peer that does not answer a handover step within this is failed
 _MAX_UNWELCOMED = 32  # connections that have not said hello yet, at most (each holds an fd)
 _HELLO_TIMEOUT = _STEP_TIMEOUT  # a connection without a whole HELLO this long after accept goes
+# A welcomed peer's message not complete this long after its first byte: the peer goes.
+_MESSAGE_TIMEOUT = _STEP_TIMEOUT
 
 
 @dataclass
@@ -50,11 +52,15 @@ class _Peer:
     role: str = "new"      # new -> standby (welcomed) -> ready; or operator
     pid: int = 0
     hello: Optional[Handshake] = None  # until welcomed: the HELLO read so far
-    hello_by: float = math.inf  # monotonic time by which the HELLO must be complete
+    # Monotonic time by which the HELLO (until welcomed; from the accept) or the message
+    # begun (after; from its first byte) must be complete; inf: none is under way.
+    due: float = math.inf
 
     def close(self) -> None:
         if self.hello is not None:
             self.hello.close()
+        if self.wire is not None:
+            self.wire.close_partial()  # the fds of a message that never completed
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -93,7 +99,7 @@ class Primary:
         self._operator: Optional[_Peer] = None
         self._going: Optional[_Peer] = None  # the standby told "go", until it asks
         self._accept_failing = False  # accept() failed (EMFILE...): reported once
-        self._hello_due = math.inf  # the earliest hello_by of a peer not yet welcomed
+        self._due = math.inf  # the earliest `due` of any peer
         # The control socket and every peer, registered once (not per look of the loop).
         self._poller = Poller()
         self._by_fd: dict[int, Optional[_Peer]] = {}
@@ -241,8 +247,8 @@ class Primary:
                 self._accept()
             elif peer in self.peers:  # not dropped by an earlier message of this round
                 self._on_message(peer)
-        if self._hello_due <= time.monotonic():
-            self._expire_hellos()
+        if self._due <= time.monotonic():
+            self._expire()
 
     def _watch(self, sock: socket.socket, peer: Optional[_Peer]) -> None:
         fd = sock.fileno()
@@ -275,25 +281,28 @@ class Primary:
             self._evict_unwelcomed()
         by = time.monotonic() + _HELLO_TIMEOUT
         peer = _Peer(sock, hello=Handshake(sock, self.key, allow_uids=self.allow_uids),
-                     hello_by=by)
+                     due=by)
         self.peers.append(peer)
         self._watch(sock, peer)
-        self._hello_due = min(self._hello_due, by)
+        self._due = min(self._due, by)
 
-    def _expire_hellos(self) -> None:
-        """Drop the peers whose HELLO is not complete in time (silent or stalled mid-frame)."""
+    def _expire(self) -> None:
+        """Drop the peers whose HELLO or begun message is not complete in time (silent, or
+        stalled mid-frame)."""
         now = time.monotonic()
         due = math.inf
         for p in list(self.peers):
-            if p.wire is not None:
+            if p.due > now:
+                due = min(due, p.due)
                 continue
-            if p.hello_by <= now:
-                self._emit("refused", peer_pid=p.pid,
-                           error=f"no complete hello within {_HELLO_TIMEOUT:g} s")
-                self._drop(p)
+            if p.wire is None:
+                why = f"no complete hello within {_HELLO_TIMEOUT:g} s"
             else:
-                due = min(due, p.hello_by)
-        self._hello_due = due
+                why = (f"no complete message within {_MESSAGE_TIMEOUT:g} s of its first byte "
+                       f"(a {p.role} stalled mid-message)")
+            self._emit("refused", peer_pid=p.pid, error=why)
+            self._drop(p)
+        self._due = due
 
     def _evict_unwelcomed(self) -> None:
         old = next((p for p in self.peers if p.wire is None), None)
@@ -324,12 +333,13 @@ class Primary:
                 assert peer.hello is not None
                 hello = peer.hello.step()  # never blocks: what has arrived of the HELLO
                 if hello is None:
-                    return  # the rest has not arrived yet (bounded by _expire_hellos)
+                    return  # the rest has not arrived yet (bounded by _expire)
                 hello.close_fds()
-                peer.wire, peer.hello = peer.hello.wire, None
-                # Blocking from here, but bounded: a peer that stops reading must not hold
+                peer.wire, peer.hello, peer.due = peer.hello.wire, None, math.inf
+                # Sends block from here, but bounded: a peer that stops reading must not hold
                 # this thread (it serves) in a send once the socket buffer is full — the send
-                # fails, the peer is dropped.
+                # fails, the peer is dropped. Receives stay non-blocking (Wire.step; only the
+                # handover's wait for "done" blocks, bounded: it is the pause).
                 peer.sock.settimeout(_STEP_TIMEOUT)
                 peer.pid = peer.wire.peer_pid
                 peer.role = str(hello.fields.get("role", "standby"))
@@ -338,7 +348,16 @@ class Primary:
                                            "digest": self.node.state.digest,
                                            "pid": os.getpid()})
                 return
-            msg = peer.wire.recv(timeout=_STEP_TIMEOUT)
+            # What has arrived of the next message: a key holder that sends half of one and
+            # stalls holds up nothing (before: a blocking recv here held the serving loop up
+            # to 2 s per such peer and round); _expire bounds it from its first byte.
+            got = peer.wire.step()
+            if got is None:
+                if peer.due == math.inf and peer.wire.receiving:
+                    peer.due = time.monotonic() + _MESSAGE_TIMEOUT
+                    self._due = min(self._due, peer.due)
+                return
+            msg, peer.due = got, math.inf
         except (Error, OSError) as exc:
             if not isinstance(exc, ProtocolError):
                 self._emit("refused", peer_pid=peer.pid, error=str(exc))

@@ -105,6 +105,7 @@ class Wire:
         self._send_seq = 0
         self._recv_seq = 0
         self.peer_pid = 0
+        self._partial: Optional[share.MessageAssembler] = None  # step(): the message so far
 
     # ---- handshake ----
 
@@ -160,6 +161,44 @@ class Wire:
         except PermissionError as exc:
             raise _refused(exc) from None
         return self._check(fds, payloads, creds, first)
+
+    def step(self, *, first: bool = False) -> Optional[Message]:
+        """:meth:`recv` without blocking: read what has arrived of the next message and keep
+        it; the message once all of it is here, else None. For a loop that serves others
+        meanwhile (the primary): a peer that sends part of a message and stalls costs it
+        nothing but this state; the caller bounds the wait (:attr:`receiving`, then drops the
+        peer and calls :meth:`close_partial`). Do not mix with :meth:`recv` mid-message.
+
+        Raises:
+            As :meth:`recv`, except TimeoutError (the caller's deadline).
+        """
+        if self._partial is None:
+            # One per message, so the credentials are checked per message (as recv_fds does).
+            self._partial = share.MessageAssembler(self.sock, max_fds=_MAX_FDS,
+                                                   allow_uids=self.allow_uids)
+        try:
+            got = self._partial.step()
+        except PermissionError as exc:
+            self._partial = None  # spent: it closed what it had received
+            raise _refused(exc) from None
+        except BaseException:
+            self._partial = None
+            raise
+        if got is None:
+            return None
+        self._partial = None
+        return self._check(*got, first)
+
+    @property
+    def receiving(self) -> bool:
+        """Whether :meth:`step` holds part of a message (its first byte has arrived)."""
+        return self._partial is not None and self._partial.started
+
+    def close_partial(self) -> None:
+        """Close the fds that came with a message :meth:`step` did not finish (idempotent)."""
+        if self._partial is not None:
+            self._partial.close()
+            self._partial = None
 
     def _check(self, fds: list[int], payloads: list[bytes], creds: share.PeerCredentials,
                first: bool) -> Message:
@@ -222,7 +261,6 @@ class Handshake:
     def __init__(self, sock: socket.socket, key: bytes, *,
                  allow_uids: Optional[Collection[int]] = None) -> None:
         self.wire = Wire(sock, key, is_server=True, allow_uids=allow_uids)
-        self._frame = share.MessageAssembler(sock, max_fds=_MAX_FDS, allow_uids=allow_uids)
 
     def step(self) -> Optional[Message]:
         """The HELLO once complete, else None (nothing more has arrived yet).
@@ -231,13 +269,9 @@ class Handshake:
             AuthenticationError: as :meth:`Wire.recv`, or the first message is not a HELLO.
             share.ProtocolError: the peer closed the connection, or framing.
         """
-        try:
-            got = self._frame.step()
-        except PermissionError as exc:
-            raise _refused(exc) from None
-        if got is None:
+        hello = self.wire.step(first=True)
+        if hello is None:
             return None
-        hello = self.wire._check(*got, first=True)
         if hello.type != "hello":
             hello.close_fds()
             raise AuthenticationError(errno.EBADMSG, f"expected hello, got {hello.type!r}",
@@ -246,4 +280,4 @@ class Handshake:
 
     def close(self) -> None:
         """Close the fds that came with an unfinished HELLO (idempotent)."""
-        self._frame.close()
+        self.wire.close_partial()
