@@ -425,6 +425,32 @@ def test_requests_a_dead_claimer_left_are_answered_once(device: str, host: sim.H
         assert host.stats()["errors"] == 0
 
 
+def test_resume_after_a_pause_that_timed_out_serves_again(ctx: mlx5tlp.Context,
+                                                          host: sim.Host) -> None:
+    """pause() returns False at its deadline while a lane cannot write its batch (the host
+    consumes nothing: the page holds 15 records); resume() then takes the pause back, and once
+    the host consumes every read is answered. Before, resume() of the still-running engine did
+    nothing: each lane paused as soon as it could and stayed paused (a planned handover that
+    aborted at the pause left its primary answering nothing)."""
+    mem = engine.MemoryRegion(0, 0, 0x1000)
+    with _served(ctx, [mem], batch=32) as dev:
+        bus = Bus(host)
+        bus.enumerate()
+        tags = []
+        for i in range(40):
+            tags.append(bus.next_tag())
+            bus.send(tlp.Tlp.mem_read(BAR0 + 4 * i, 1, tag=tags[-1]))
+        time.sleep(0.2)  # the lanes fill the page and wait for room
+        assert not dev.pause(0.2)
+        assert dev.state == "running"
+        dev.resume()
+        got = bus.collect(40)
+        assert sorted(c.tag for c in got) == sorted(tags)
+        assert all(c.status == tlp.Status.SC for c in got)
+        assert dev.pause(5.0)  # and a later pause still works
+        dev.resume()
+
+
 @pytest.mark.parametrize("lean", [False, True])
 def test_prepare_pause_takes_only_what_the_page_can_take(ctx: mlx5tlp.Context, host: sim.Host,
                                                          device: str, lean: bool) -> None:

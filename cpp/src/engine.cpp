@@ -1363,7 +1363,18 @@ void Engine::set_lean(bool on) noexcept { impl_->lean.store(on, std::memory_orde
 void Engine::resume() {
   std::lock_guard<std::mutex> g(impl_->ctl_mu);
   const int st = impl_->state.load();
-  if (st == kStateRunning) return;
+  if (st == kStateRunning) {
+    // A pause() that timed out left its command with the lanes (the engine "still pausing"):
+    // take it back, or each lane would pause as soon as it could and stay paused — a primary
+    // whose planned handover aborted at the pause stopped answering for good.
+    for (auto& l : impl_->lanes) {
+      if (l->cmd.load(std::memory_order_acquire) == kCmdPause) {
+        l->cmd.store(kCmdRun, std::memory_order_release);
+        l->poke();
+      }
+    }
+    return;
+  }
   if (st != kStatePaused) engine_error("resume engine", EINVAL, std::string("the engine is ") + state());
   for (auto& l : impl_->lanes)
     if (!l->gw) engine_error("resume engine", EINVAL, "the gateways were released: reattach_gateways() first");

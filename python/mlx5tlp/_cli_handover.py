@@ -82,7 +82,7 @@ def _serve_spec(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from mlx5tlp.handover import Primary, Standby
+    from mlx5tlp.handover import HandoverAborted, Primary, Standby
 
     which = [n for n, v in (("SPEC", args.spec), ("--control", args.control),
                             ("--standby", args.standby)) if v is not None]
@@ -131,8 +131,16 @@ def _serve(args: argparse.Namespace) -> int:
         if primary is None:
             if terminated:
                 break
-            sb = Standby(path, key, events=events)
-            got = sb.wait()
+            if sb is None:
+                sb = Standby(path, key, events=events)
+            try:
+                got = sb.wait()
+            except HandoverAborted as exc:
+                # A handover that rolled back (the primary serves on): still a standby. Before,
+                # the process exited and the function had one standby fewer.
+                if events is not None:
+                    events({"event": "handover-aborted", "pid": os.getpid(), "error": str(exc)})
+                continue
             if got is None:
                 sb.close()
                 sb = None

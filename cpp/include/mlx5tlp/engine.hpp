@@ -198,6 +198,7 @@ class Engine {
   // Stop taking requests, finish the ones taken; true once every lane is idle (false at the
   // deadline, the engine still pausing: call again or resume()).
   bool pause(Deadline deadline);
+  // Paused, or still pausing after a pause() that timed out: serve again.
   void resume();
   void stop() noexcept;
   // Paused only: close every lane's gateway (a successor may then open the pages) /

@@ -454,6 +454,7 @@ class Primary:
             # finish deferred requests, release the gateways (engine_node.EngineServer).
             self.server.close_gateway()
         except (Error, OSError) as exc:
+            self.server.prepare_pause(False)  # serving on: whole batches again
             self.rollbacks += 1
             self._emit("rollback", generation=self.generation, error=str(exc), committed=False)
             self._tell_operator("error", {"errno": errno.ECANCELED,

@@ -270,6 +270,9 @@ class Standby:
             operator started (``go``); None when the primary stopped the function
             (``shutdown``), `timeout` passed, or :meth:`close` was called from another thread.
 
+        A standby that loses the race for a dead primary's lease to another standby
+        reconnects to the winner and goes on waiting (an ``outraced`` event).
+
         Raises:
             HandoverError: a takeover or handover step failed (this process stays standby if it
                 can; check :attr:`node`); ``EBUSY``: another thread is in :meth:`wait`.
@@ -297,7 +300,10 @@ class Standby:
             fds: list[Any] = [self.sock, self._wake] + (
                 [self._pidfd] if self._pidfd >= 0 else [])
             if self._pidfd < 0:
-                return self.take_over()
+                won = self._take_over_or_stay()
+                if won is None:
+                    continue
+                return won
             r = _readable(fds, left)
             if self._wake in r:
                 with contextlib.suppress(OSError):
@@ -309,18 +315,28 @@ class Standby:
             # (and freed the objects): read what it left before taking over.
             if self._pidfd in r and self.sock.fileno() not in r \
                     and not _readable([self.sock], 0):
-                return self.take_over()
+                won = self._take_over_or_stay()
+                if won is None:
+                    continue
+                return won
             try:
                 msg = self.wire.recv(timeout=self.timeout)
             except (ProtocolError, ConnectionError):
                 # EOF, or a reset: a primary killed with our unread message in its buffer.
                 if self._primary_dead(0.2):
-                    return self.take_over()
+                    won = self._take_over_or_stay()
+                    if won is None:
+                        continue
+                    return won
                 self._reconnect()  # closed by a living primary: connect again
                 continue
             msg.close_fds()
             if msg.type == "go":
-                return self.promote()
+                try:
+                    return self.promote()
+                except LeaseHeldError as exc:  # killed mid-handover, and another standby won
+                    self._emit("outraced", error=str(exc))
+                    continue
             if msg.type == "shutdown":
                 self._emit("shutdown")
                 return None
@@ -331,6 +347,16 @@ class Standby:
                                 "handover")
 
     # ---- crash takeover ----
+
+    def _take_over_or_stay(self) -> Optional[Primary]:
+        # Several standbys race for a dead primary's lease: the losers reconnect to the winner
+        # (take_over does) and go on standing by — before, wait() raised LeaseHeldError and
+        # `mlx5tlp serve --standby` exited, so every crash cost a function one of its standbys.
+        try:
+            return self.take_over()
+        except LeaseHeldError as exc:
+            self._emit("outraced", error=str(exc))
+            return None
 
     def take_over(self) -> Primary:
         """The primary is dead: become primary (see the module docstring).
@@ -392,8 +418,16 @@ class Standby:
     def _promote(self) -> Primary:
         wire, node = self.wire, self.node
         assert wire is not None and node is not None
-        wire.send("handover", {})
-        commit = wire.recv(timeout=self.timeout)
+        try:
+            wire.send("handover", {})
+            commit = wire.recv(timeout=self.timeout)
+        except (ProtocolError, ConnectionError) as exc:
+            # Hung up instead of committing: killed while it paused (a crash takeover, its
+            # claims recovered as after any death), or a living primary that dropped us.
+            if self._primary_dead(0.2):
+                return self.take_over()
+            raise HandoverAborted(errno.ECANCELED, f"the primary hung up during the handover "
+                                  f"({exc})", "handover") from None
         commit.close_fds()
         marks = [time.monotonic_ns()]  # step times, reported with the first answer
         if commit.type == "abort":
@@ -448,7 +482,10 @@ class Standby:
                 with contextlib.suppress(OSError):
                     wire.send("abort", {"message": str(exc)})
             raise
-        wire.send("done", {"generation": new_gen})
+        with contextlib.suppress(OSError):
+            # (A primary killed after its commit cannot hear it: this process holds the lease
+            # and serves either way — before, the EPIPE ended promote() with the lanes running.)
+            wire.send("done", {"generation": new_gen})
         self._drop_connection()
         marks.append(time.monotonic_ns())
         p = Primary(self.path, self.key, node, self.lease, None,
