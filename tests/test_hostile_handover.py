@@ -350,6 +350,8 @@ def _hung_up(sock: socket.socket) -> bool:
         return sock.recv(1) == b""
     except BlockingIOError:
         return False  # still connected, nothing to read
+    except ConnectionResetError:
+        return True  # closed with our bytes unread
 
 
 def test_peers_that_stall_mid_hello_do_not_hold_up_serving(rig: Rig) -> None:
@@ -477,6 +479,83 @@ def test_key_holders_that_stall_mid_message_do_not_hold_up_serving(rig: Rig) -> 
                 c.close()
         stop(rig)
         assert s1.p.wait(30) == 0
+
+
+def test_partial_frames_with_fds_and_huge_announcements_cost_a_bounded_wait(rig: Rig) -> None:
+    """Attacks on the non-blocking reads: key holders whose partial frame announces the most a
+    message may carry (share.MAX_PAYLOAD_BYTES) or carries fds, a HELLO cut short with fds,
+    and a header announcing one byte more than the limit. Serving and status go on while they
+    stall; the over-limit one is hung up on at its header; the others are dropped 2 s after
+    their first byte, and every fd their partial frames brought is closed (the primary's
+    /proc/<pid>/fd count comes back)."""
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        handover.request(rig.path, rig.key, "status", timeout=10)  # warm: lazy fds opened
+
+        def fds() -> int:
+            return len(os.listdir(f"/proc/{p0.pid}/fd"))
+
+        def fewest() -> int:  # over 50 ms: the warm-up's connection may not be closed yet
+            n = fds()
+            for _ in range(5):
+                time.sleep(0.01)
+                n = min(n, fds())
+            return n
+
+        before = fewest()
+        r, w = os.pipe()
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("2i", r, w))]
+        head = share._PREFIX.pack(share.WIRE_MAGIC, share.WIRE_VERSION, 2, 1)
+        conns: list[socket.socket] = []
+        try:
+            ops = [_operator(rig) for _ in range(3)]
+            hello = connect(rig.path)
+            handover.request(rig.path, rig.key, "status", timeout=10)  # `hello` accepted
+            # 1 MiB announced (the limit), 4 KiB sent, 2 fds with it.
+            ops[0][0].sendmsg([head + struct.pack("<I", share.MAX_PAYLOAD_BYTES)
+                               + b"\0" * 4096], rights)
+            # Half of a signed request, 2 fds with its first byte.
+            _half_message(ops[1][1], "request", {"action": "status"}, fds=(r, w))
+            # Over the limit: refused at the header (a framing error: no event).
+            ops[2][0].sendall(share._PREFIX.pack(share.WIRE_MAGIC, share.WIRE_VERSION, 0, 1)
+                              + struct.pack("<I", share.MAX_PAYLOAD_BYTES + 1) + b"\0" * 64)
+            # A HELLO cut short, with 2 fds (before any key is proved).
+            half = _half_hello(rig.key)
+            assert hello.sendmsg([half[:1]], rights) == 1
+            hello.sendall(half[1:])
+            stalled = [ops[0][0], ops[1][0], hello]
+            conns = [*stalled, ops[2][0]]
+            for c in conns:
+                c.setblocking(False)
+            for tag in range(10):
+                assert host.send_request(cfg_read(0, tag))
+            assert len(collect(host, 10, timeout=30)) == 10
+            assert handover.request(rig.path, rig.key, "status", timeout=10)["pid"] == p0.pid
+            alive = [not _hung_up(c) for c in stalled]
+            assert all(alive), f"stalled peers dropped before the requests were answered: {alive}"
+            end = time.monotonic() + 10
+            while not _hung_up(ops[2][0]):
+                assert time.monotonic() < end, "the over-limit header was not refused"
+                time.sleep(0.01)
+            assert fds() >= before + 6, (before, fds())  # 2 per partial frame, held meanwhile
+            end = time.monotonic() + 15
+            while not all(_hung_up(c) for c in stalled):
+                assert time.monotonic() < end, "the stalled peers are never dropped"
+                time.sleep(0.05)
+            assert p0.wait_event("refused", error="no complete message")
+            assert p0.wait_event("refused", error="no complete hello")
+            end = time.monotonic() + 10
+            while (after := fds()) > before and time.monotonic() < end:
+                time.sleep(0.01)
+            assert after <= before, f"fds of partial frames kept: {before} -> {after}"
+            _still_serves(rig, p0, host, 99)
+        finally:
+            for c in conns:
+                c.close()
+            os.close(r)
+            os.close(w)
+        stop(rig)
+        assert p0.p.wait(30) == 0
 
 
 # ---- a key holder's messages with forged field types (the standby checks each field) ----

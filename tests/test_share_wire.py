@@ -490,3 +490,88 @@ def test_send_puts_the_backend_first_and_recv_uses_it(
     finally:
         ctx.close()
         os.close(f)
+
+
+# ---- MessageAssembler (the primary's non-blocking reads): what a stalling peer can make it hold
+
+
+def _frame_of(payloads: list[bytes]) -> bytes:
+    a, b = socket.socketpair()
+    with a, b:
+        send_fds(a, [], payloads)
+        return b.recv(1 << 21)
+
+
+def test_assembler_holds_what_arrived_however_it_was_dribbled(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Before: every read was kept as its own bytes object (~40 B each), so 60 KB sent a byte
+    per step made the assembler hold 2.5 MB — a 1 MiB HELLO (framed before any MAC check)
+    dribbled by each of the primary's 32 unwelcomed peers, over a GB. Now one buffer."""
+    import tracemalloc
+
+    a, b = pair
+    frame = _frame_of([b"x" * 60_000])
+    asm = share.MessageAssembler(b)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(len(frame) - 1):
+            a.send(frame[i : i + 1])
+            assert asm.step() is None and asm.started
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * len(frame), f"{held} B held for {len(frame) - 1} B received"
+    a.send(frame[-1:])
+    got = asm.step()
+    assert got is not None and got[1] == [b"x" * 60_000]
+
+
+def test_assembler_of_a_huge_announced_message_allocates_what_arrived(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A valid header announcing MAX_PAYLOAD_BYTES, then one byte: before, each step asked
+    recvmsg for the whole remaining 1 MiB (allocated, then shrunk); now at most 64 KiB a read.
+    One byte more than the limit is refused at the header, before any payload is read."""
+    import tracemalloc
+
+    a, b = pair
+    head = share._PREFIX.pack(share.WIRE_MAGIC, share.WIRE_VERSION, 0, 1)
+    a.send(head + struct.pack("<I", share.MAX_PAYLOAD_BYTES) + b"y")
+    asm = share.MessageAssembler(b)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        assert asm.step() is None and asm.started
+        _cur, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - base < 256 << 10, f"one step of a 1-byte read peaked at {peak - base} B"
+    a2, b2 = socket.socketpair()
+    with a2, b2:
+        a2.send(head + struct.pack("<I", share.MAX_PAYLOAD_BYTES + 1) + b"y" * 64)
+        with pytest.raises(ProtocolError, match="payload bytes, at most"):
+            share.MessageAssembler(b2).step()
+
+
+def test_assembler_closes_the_fds_of_an_unfinished_message(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    frame = _frame_of([b"z" * 100])
+    r, w = os.pipe()
+    try:
+        before = fd_count()
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w]).tobytes())]
+        # The header says 0 fds; the kernel delivers them with the first byte anyway.
+        assert a.sendmsg([frame[:10]], ancillary) == 10
+        asm = share.MessageAssembler(b)
+        assert asm.step() is None
+        assert fd_count() == before + 2  # held by the assembler
+        asm.close()
+        asm.close()  # idempotent
+        assert fd_count() == before
+    finally:
+        os.close(r)
+        os.close(w)

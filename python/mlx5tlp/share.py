@@ -407,11 +407,16 @@ def _allowed_peer(sock: socket.socket, allow_uids: Collection[int] | None) -> Pe
     return creds
 
 
+_STEP_READ = 64 << 10  # MessageAssembler: the most one read asks for
+
+
 class MessageAssembler:
     """One :func:`send_fds` message received without ever blocking: each :meth:`step` reads
     what has arrived and keeps it, so a peer that sends part of a message and stalls holds
     nothing but this state (a caller serving others from a poll loop steps it when the socket
-    is readable, and bounds the whole message with its own deadline).
+    is readable, and bounds the whole message with its own deadline). What it holds is what
+    has arrived: at most the frame limits (:data:`MAX_PAYLOAD_BYTES` of payload, 4 bytes of
+    length per payload, :data:`MAX_FDS` fds — fewer with `max_fds`), however it was sent.
 
     The checks are :func:`recv_fds`'s (credentials first, then the framing as it arrives).
     The socket is made non-blocking for each step and its timeout restored.
@@ -428,8 +433,10 @@ class MessageAssembler:
         self._creds: PeerCredentials | None = None
         self._reader = _Reader(sock, max_fds, None)
         self._frame = _Frame(max_fds)
-        self._part: list[bytes] = []
-        self._got = 0
+        # What has arrived of the current part, in one buffer: a list of the reads cost ~40 B
+        # of object per read, so a peer that dribbled a 60 KB frame a byte per poll round
+        # made it hold 2.5 MB (before any MAC check: a HELLO is assembled too).
+        self._part = bytearray()
 
     def step(self) -> tuple[list[int], list[bytes], PeerCredentials] | None:
         """Read what has arrived; the message once it is complete, else None.
@@ -446,15 +453,17 @@ class MessageAssembler:
                 self._creds = _allowed_peer(self.sock, self.allow_uids)
             frame = self._frame
             while not frame.done:
+                got = len(self._part)
                 try:
-                    data = self._reader.some(frame.need - self._got, frame.what, self._got,
-                                             frame.need)
+                    # At most _STEP_READ a read: recvmsg allocates what it is asked for, and a
+                    # header announcing 1 MiB then sending a byte made every step allocate 1 MiB.
+                    data = self._reader.some(min(frame.need - got, _STEP_READ), frame.what,
+                                             got, frame.need)
                 except BlockingIOError:
                     return None
-                self._part.append(data)
-                self._got += len(data)
-                if self._got == frame.need:
-                    part, self._part, self._got = b"".join(self._part), [], 0
+                self._part += data
+                if len(self._part) == frame.need:
+                    part, self._part = bytes(self._part), bytearray()
                     frame.take(part)
             payloads = frame.finish(self._reader.fds)
         except BaseException:
@@ -469,7 +478,7 @@ class MessageAssembler:
     @property
     def started(self) -> bool:
         """Whether part of a message has been read (the caller's deadline runs from then)."""
-        return self._got > 0 or self._frame.started
+        return len(self._part) > 0 or self._frame.started
 
     def close(self) -> None:
         """Close the fds received for an unfinished message (idempotent)."""
