@@ -44,6 +44,7 @@ inline void bump(Counter& c, uint64_t n = 1) noexcept { c.store(c.load(std::memo
 constexpr uint8_t kTracePosted = 0xfe, kTraceDeferred = 0xfd, kTraceMalformed = 0xff;
 constexpr uint32_t kCmdRun = 0, kCmdPause = 1, kCmdStop = 2, kCmdRelease = 3, kCmdReattach = 4,
                    kCmdHold = 5;  // spawned by attach_gateways(), waiting for start()
+constexpr uint32_t kAckNone = 0xff;  // a lane's acknowledgement cleared by command()
 constexpr int kStateCreated = 0, kStateRunning = 1, kStatePaused = 2, kStateStopped = 3;
 constexpr size_t kMaxDataPerRequest = 4096;
 constexpr size_t kMaxCplBytesPerRequest = kMaxDataPerRequest + tlp::kMaxCompletions * 16;
@@ -1321,6 +1322,19 @@ void Engine::start() {
 }
 
 namespace {
+// Tells lane `l` to carry out `c` (ctl_mu held). Its last acknowledgement is cleared first,
+// unless it has stopped: a lane resumed after an acknowledged pause keeps showing that
+// acknowledgement until it runs again, and wait_acks() for the next pause would take it for
+// the new one (and report paused a lane about to take a batch). Only a lane carrying out `c`
+// stores `c` after this.
+void command(Lane& l, uint32_t c) noexcept {
+  uint32_t a = l.ack.load(std::memory_order_relaxed);
+  while (a != kCmdStop && !l.ack.compare_exchange_weak(a, kAckNone, std::memory_order_relaxed)) {
+  }
+  l.cmd.store(c, std::memory_order_release);  // release: the cleared ack (and the command's data)
+  l.poke();
+}
+
 bool wait_acks(std::vector<std::unique_ptr<Lane>>& lanes, uint32_t want, Deadline deadline) {
   // A lane acknowledges a command within microseconds when it runs (it was woken, or spun on
   // its request source): poll for that long before sleeping, so that the commands of a
@@ -1349,10 +1363,7 @@ bool Engine::pause(Deadline deadline) {
   const int st = impl_->state.load();
   if (st == kStatePaused) return true;
   if (st != kStateRunning) engine_error("pause engine", EINVAL, std::string("the engine is ") + state());
-  for (auto& l : impl_->lanes) {
-    l->cmd.store(kCmdPause, std::memory_order_release);
-    l->poke();
-  }
+  for (auto& l : impl_->lanes) command(*l, kCmdPause);
   if (!wait_acks(impl_->lanes, kCmdPause, deadline)) return false;
   impl_->state.store(kStatePaused);
   return true;
@@ -1436,29 +1447,20 @@ uint64_t Engine::wait_first_answer(Deadline deadline) const noexcept {
 void Engine::release_gateways(std::chrono::nanoseconds) {
   std::lock_guard<std::mutex> g(impl_->ctl_mu);
   if (impl_->state.load() != kStatePaused) engine_error("release gateways", EBUSY, std::string("the engine is ") + state() + ", not paused");
-  for (auto& l : impl_->lanes) {
-    l->cmd.store(kCmdRelease, std::memory_order_release);
-    l->poke();
-  }
+  for (auto& l : impl_->lanes) command(*l, kCmdRelease);
   wait_acks(impl_->lanes, kCmdRelease, Deadline::never());
 }
 
 void Engine::reattach_gateways() {
   std::lock_guard<std::mutex> g(impl_->ctl_mu);
   if (impl_->state.load() != kStatePaused) engine_error("reattach gateways", EBUSY, std::string("the engine is ") + state() + ", not paused");
-  for (auto& l : impl_->lanes) {
-    l->cmd.store(kCmdReattach, std::memory_order_release);
-    l->poke();
-  }
+  for (auto& l : impl_->lanes) command(*l, kCmdReattach);
   wait_acks(impl_->lanes, kCmdReattach, Deadline::never());
   for (auto& l : impl_->lanes) l->first_answer.store(0, std::memory_order_relaxed);
   std::string err;
   for (auto& l : impl_->lanes)
     if (!l->gw) err = l->error.empty() ? "a lane could not reopen its gateway" : l->error;
-  for (auto& l : impl_->lanes) {
-    l->cmd.store(kCmdPause, std::memory_order_release);
-    l->poke();
-  }
+  for (auto& l : impl_->lanes) command(*l, kCmdPause);
   wait_acks(impl_->lanes, kCmdPause, Deadline::never());
   if (!err.empty()) throw Error(ErrorKind::generic, "reattach gateways", EIO, err);
 }

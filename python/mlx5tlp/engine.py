@@ -551,7 +551,8 @@ class Device(Closing):
 
     def pause(self, timeout: Optional[float] = None) -> bool:
         """Stop taking requests and finish the ones taken (their answers are in the pages);
-        deferred ones stay answerable. True when every lane is idle, False at the timeout.
+        deferred ones stay answerable. True when every lane is idle, False at the timeout (the
+        lanes are still told to pause: call again, or :meth:`resume`).
 
         Raises:
             Error: EDEADLK from one of this device's hooks or handlers (the lane running it
@@ -561,7 +562,13 @@ class Device(Closing):
         return bool(self._engine.pause(timeout))
 
     def resume(self) -> None:
-        """Take requests again after :meth:`pause`."""
+        """Take requests again after :meth:`pause` — also after one that returned False (a lane
+        still told to pause would otherwise pause as soon as it could, and stay paused).
+
+        Raises:
+            InvalidArgumentError: stopped or closed (``EINVAL``), or the gateways were released
+                (``reattach_gateways()`` first).
+        """
         self._engine.resume()
 
     def release_gateways(self) -> None:
