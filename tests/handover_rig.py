@@ -19,6 +19,19 @@ from mlx5tlp import tlp
 
 REQUESTER = 0x0000
 FUNCTION = 0x0100
+VENDOR_DEVICE = 0x7F10 << 16 | 0x15B3  # the default function's Device ID || Vendor ID dword
+
+
+def check_clean(host: Any, device: str, requests: int) -> None:
+    """Every one of `requests` answered exactly once (the host model counts a second answer as
+    unexpected, a missing one stays outstanding) and nothing left claimed or pending."""
+    from mlx5tlp import sim
+
+    st = host.stats()
+    assert (st["retired"], st["outstanding"], st["unexpected"], st["errors"]) == (
+        requests, 0, 0, 0), st
+    ds = sim.device_stats(device)
+    assert (ds["requests_claimed"], ds["requests_pending"]) == (0, 0), ds
 
 
 class EventProc:

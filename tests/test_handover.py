@@ -18,14 +18,12 @@ from pathlib import Path
 import pytest
 
 import mlx5tlp
-from handover_rig import Rig, cfg_read, cfg_write, collect, stop
+from handover_rig import VENDOR_DEVICE, Rig, cfg_read, cfg_write, check_clean, collect, stop
 from mlx5tlp import handover, sim, tlp
 from mlx5tlp.handover.node import default_spec
 from mlx5tlp.handover.standby import connect
 from mlx5tlp.handover.wire import Wire
 from mlx5tlp.share import ProtocolError
-
-VENDOR_DEVICE = 0x7F10 << 16 | 0x15B3
 
 
 @pytest.fixture(params=["native", "python"])
@@ -42,14 +40,6 @@ def scratch_reg() -> int:
 
     with Function(default_spec()) as f:
         return int(f._layout["vendor_caps"][0]) + 4
-
-
-def check_clean(host: sim.Host, device: str, requests: int) -> None:
-    st = host.stats()
-    assert (st["retired"], st["outstanding"], st["unexpected"], st["errors"]) == (
-        requests, 0, 0, 0), st
-    ds = sim.device_stats(device)
-    assert (ds["requests_claimed"], ds["requests_pending"]) == (0, 0), ds
 
 
 def wait_objects_gone(device: str) -> dict[str, int]:

@@ -18,10 +18,8 @@ from typing import Any
 
 import pytest
 
-from handover_rig import Rig, cfg_read, collect, stop
+from handover_rig import VENDOR_DEVICE, Rig, cfg_read, check_clean, collect, stop
 from mlx5tlp import handover, sim
-
-VENDOR_DEVICE = 0x7F10 << 16 | 0x15B3
 
 
 @pytest.fixture(params=["native", "python"])
@@ -29,14 +27,6 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path, device: str) -> Iterator
     r = Rig(tmp_path, device, engine=request.param)
     yield r
     r.close()
-
-
-def _exactly_once(host: sim.Host, device: str, total: int) -> None:
-    st = host.stats()
-    assert (st["retired"], st["outstanding"], st["unexpected"], st["errors"]) == (
-        total, 0, 0, 0), st
-    ds = sim.device_stats(device)
-    assert (ds["requests_claimed"], ds["requests_pending"]) == (0, 0), ds
 
 
 def _send(host: sim.Host, first_tag: int, n: int) -> None:
@@ -77,7 +67,7 @@ def test_the_standby_that_loses_the_race_stays_a_standby(rig: Rig) -> None:
         got = collect(host, 20)
         assert len(got) == 20 and all(c.data == VENDOR_DEVICE.to_bytes(4, "little")
                                       for c in got)
-        _exactly_once(host, rig.device, 60)
+        check_clean(host, rig.device, 60)
         stop(rig)
         assert loser.p.wait(30) == 0
 
@@ -131,7 +121,7 @@ def test_primary_killed_mid_handover_is_taken_over(rig: Rig, when: str) -> None:
             got = collect(host, 30)
             assert len(got) == 30, f"{len(got)} of 30 (10 in flight at the kill, 20 after)"
             assert all(c.data == VENDOR_DEVICE.to_bytes(4, "little") for c in got)
-            _exactly_once(host, rig.device, 50)
+            check_clean(host, rig.device, 50)
             p.stop()
             runner.join(30)
             p.close(free=True)  # the successor frees what it inherited
@@ -174,7 +164,7 @@ def test_a_standby_whose_handover_rolled_back_stands_by_again(tmp_path: Path,
             assert r["successor"] == s1.pid and r["generation"] == 2, r
             _send(host, 40, 20)
             assert len(collect(host, 20)) == 20
-            _exactly_once(host, device, 60)
+            check_clean(host, device, 60)
             stop(rig)
     finally:
         rig.close()
