@@ -26,7 +26,7 @@ from handover_rig import EventProc, Rig, cfg_read, collect, private_control, sto
 from mlx5tlp import engine, handover, share, sim
 from mlx5tlp import function as fn
 from mlx5tlp.handover.standby import connect
-from mlx5tlp.handover.wire import Wire
+from mlx5tlp.handover.wire import _MAX_CLIENT_BYTES, Wire
 
 BAD_TIMEOUTS = [float("nan"), -1.0, -1e300, float("-inf")]
 # No limit: must not overflow select()/settimeout() (OverflowError above ~9.2e9 s).
@@ -483,8 +483,8 @@ def test_key_holders_that_stall_mid_message_do_not_hold_up_serving(rig: Rig) -> 
 
 def test_partial_frames_with_fds_and_huge_announcements_cost_a_bounded_wait(rig: Rig) -> None:
     """Attacks on the non-blocking reads: key holders whose partial frame announces the most a
-    message may carry (share.MAX_PAYLOAD_BYTES) or carries fds, a HELLO cut short with fds,
-    and a header announcing one byte more than the limit. Serving and status go on while they
+    client's message may carry (wire._MAX_CLIENT_BYTES) or carries fds, a HELLO cut short with
+    fds, and a header announcing one byte more than the limit. Serving and status go on while they
     stall; the over-limit one is hung up on at its header; the others are dropped 2 s after
     their first byte, and every fd their partial frames brought is closed (the primary's
     /proc/<pid>/fd count comes back)."""
@@ -511,14 +511,14 @@ def test_partial_frames_with_fds_and_huge_announcements_cost_a_bounded_wait(rig:
             ops = [_operator(rig) for _ in range(3)]
             hello = connect(rig.path)
             handover.request(rig.path, rig.key, "status", timeout=10)  # `hello` accepted
-            # 1 MiB announced (the limit), 4 KiB sent, 2 fds with it.
-            ops[0][0].sendmsg([head + struct.pack("<I", share.MAX_PAYLOAD_BYTES)
+            # The limit announced, 4 KiB sent, 2 fds with it.
+            ops[0][0].sendmsg([head + struct.pack("<I", _MAX_CLIENT_BYTES)
                                + b"\0" * 4096], rights)
             # Half of a signed request, 2 fds with its first byte.
             _half_message(ops[1][1], "request", {"action": "status"}, fds=(r, w))
             # Over the limit: refused at the header (a framing error: no event).
             ops[2][0].sendall(share._PREFIX.pack(share.WIRE_MAGIC, share.WIRE_VERSION, 0, 1)
-                              + struct.pack("<I", share.MAX_PAYLOAD_BYTES + 1) + b"\0" * 64)
+                              + struct.pack("<I", _MAX_CLIENT_BYTES + 1) + b"\0" * 64)
             # A HELLO cut short, with 2 fds (before any key is proved).
             half = _half_hello(rig.key)
             assert hello.sendmsg([half[:1]], rights) == 1
@@ -554,6 +554,42 @@ def test_partial_frames_with_fds_and_huge_announcements_cost_a_bounded_wait(rig:
                 c.close()
             os.close(r)
             os.close(w)
+        stop(rig)
+        assert p0.p.wait(30) == 0
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_partial_hellos_of_many_peers_hold_little_memory(rig: Rig) -> None:
+    """Before: the primary assembled a HELLO up to share.MAX_PAYLOAD_BYTES (1 MiB), so each of
+    its 32 unwelcomed connections — no key needed — could make it hold ~1 MiB for 2 s (20
+    peers pushing 512 KiB each: ~10 MiB more RSS). What a client sends a server is well under
+    1 KiB: a HELLO announcing more than 64 KiB (wire._MAX_CLIENT_BYTES) is refused at its
+    header (hung up on), and serving goes on."""
+    with sim.Host(rig.device) as host:
+        p0 = rig.primary()
+        conns = [connect(rig.path) for _ in range(20)]
+        handover.request(rig.path, rig.key, "status", timeout=10)  # all accepted
+        rss0 = _rss_kib(p0.pid)
+        head = share._PREFIX.pack(share.WIRE_MAGIC, share.WIRE_VERSION, 0, 1)
+        try:
+            for c in conns:
+                c.settimeout(10)
+                with contextlib.suppress(ConnectionError):  # refused mid-send: hung up on
+                    c.sendall(head + struct.pack("<I", 1 << 20) + b"\0" * (512 << 10))
+            handover.request(rig.path, rig.key, "status", timeout=10)  # a round after them
+            grown = _rss_kib(p0.pid) - rss0
+            assert grown < 4 << 10, f"the primary's RSS grew {grown} KiB for 20 partial HELLOs"
+            for c in conns:
+                c.setblocking(False)
+            assert all(_hung_up(c) for c in conns)
+            _still_serves(rig, p0, host, 1)
+        finally:
+            for c in conns:
+                c.close()
         stop(rig)
         assert p0.p.wait(30) == 0
 

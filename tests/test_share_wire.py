@@ -575,3 +575,21 @@ def test_assembler_closes_the_fds_of_an_unfinished_message(
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_assembler_max_bytes(pair: tuple[socket.socket, socket.socket]) -> None:
+    """A receiver that expects small messages refuses a bigger announcement at the header,
+    before reading (and keeping) any of the payload; the limit itself is checked."""
+    a, b = pair
+    a.send(raw_message(0, [100, 29]) + b"p" * 64)
+    with pytest.raises(ProtocolError, match="129 payload bytes, at most 128"):
+        share.MessageAssembler(b, max_bytes=128).step()
+    for bad, exc in [(-1, ValueError), (share.MAX_PAYLOAD_BYTES + 1, ValueError),
+                     (1.5, TypeError), (True, TypeError)]:
+        with pytest.raises(exc, match="max_bytes"):
+            share.MessageAssembler(b, max_bytes=bad)  # type: ignore[arg-type]
+    c, d = socket.socketpair()
+    with c, d:
+        send_fds(c, [], [b"q" * 128])
+        got = share.MessageAssembler(d, max_bytes=128).step()
+        assert got is not None and got[1] == [b"q" * 128]  # at the limit: taken

@@ -253,8 +253,9 @@ class _Frame:
     """The parse of one message, a part at a time: the prefix (checked), the payload lengths
     (checked), the payloads. :attr:`need` is the byte count of the next part."""
 
-    def __init__(self, max_fds: int) -> None:
+    def __init__(self, max_fds: int, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         self.max_fds = max_fds
+        self.max_bytes = max_bytes
         self.what = "header"
         self.need = _PREFIX.size
         self.nfds = 0
@@ -296,10 +297,10 @@ class _Frame:
         elif self._stage == 1:
             self.lengths = [v for (v,) in _LEN.iter_unpack(data)]
             total = sum(self.lengths)
-            if total > MAX_PAYLOAD_BYTES:
+            if total > self.max_bytes:
                 raise ProtocolError(
                     errno.EPROTO,
-                    f"message declares {total} payload bytes, at most {MAX_PAYLOAD_BYTES}",
+                    f"message declares {total} payload bytes, at most {self.max_bytes}",
                 )
             self.what, self.need, self._stage = "payload", total, 2
         else:
@@ -416,7 +417,9 @@ class MessageAssembler:
     nothing but this state (a caller serving others from a poll loop steps it when the socket
     is readable, and bounds the whole message with its own deadline). What it holds is what
     has arrived: at most the frame limits (:data:`MAX_PAYLOAD_BYTES` of payload, 4 bytes of
-    length per payload, :data:`MAX_FDS` fds — fewer with `max_fds`), however it was sent.
+    length per payload, :data:`MAX_FDS` fds — fewer with `max_fds` and `max_bytes`, the most
+    payload bytes a message may announce, for a receiver that expects only small messages),
+    however it was sent.
 
     The checks are :func:`recv_fds`'s (credentials first, then the framing as it arrives).
     The socket is made non-blocking for each step and its timeout restored.
@@ -425,14 +428,19 @@ class MessageAssembler:
     """
 
     def __init__(self, sock: socket.socket, *, max_fds: int = 16,
-                 allow_uids: Collection[int] | None = None) -> None:
+                 allow_uids: Collection[int] | None = None,
+                 max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         _check_socket(sock)
         _check_max_fds(max_fds)
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+            raise TypeError(f"max_bytes must be int, not {type(max_bytes).__name__}")
+        if not 0 <= max_bytes <= MAX_PAYLOAD_BYTES:
+            raise ValueError(f"max_bytes must be in 0..{MAX_PAYLOAD_BYTES}, got {max_bytes}")
         self.sock = sock
         self.allow_uids = allow_uids
         self._creds: PeerCredentials | None = None
         self._reader = _Reader(sock, max_fds, None)
-        self._frame = _Frame(max_fds)
+        self._frame = _Frame(max_fds, max_bytes)
         # What has arrived of the current part, in one buffer: a list of the reads cost ~40 B
         # of object per read, so a peer that dribbled a 60 KB frame a byte per poll round
         # made it hold 2.5 MB (before any MAC check: a HELLO is assembled too).

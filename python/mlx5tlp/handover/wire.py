@@ -41,6 +41,11 @@ NONCE_BYTES = 16
 _LABEL = b"mlx5tlp-handover-1"
 _MAC = 32
 _MAX_FDS = 8
+# The most payload bytes step() takes in one message on a server's side: everything a client
+# sends a server (hello, join, ready, request, handover, done, abort; cpp/src/handover_client.cpp
+# too) is a body of well under 1 KiB, and a partial frame the primary keeps for a stalled peer is
+# bounded by this, not by share.MAX_PAYLOAD_BYTES (1 MiB): 32 unwelcomed peers, 2 MiB at most.
+_MAX_CLIENT_BYTES = 64 << 10
 
 
 def check_key(key: object) -> bytes:
@@ -174,8 +179,9 @@ class Wire:
         """
         if self._partial is None:
             # One per message, so the credentials are checked per message (as recv_fds does).
+            limit = _MAX_CLIENT_BYTES if self._in == b"C>S" else share.MAX_PAYLOAD_BYTES
             self._partial = share.MessageAssembler(self.sock, max_fds=_MAX_FDS,
-                                                   allow_uids=self.allow_uids)
+                                                   allow_uids=self.allow_uids, max_bytes=limit)
         try:
             got = self._partial.step()
         except PermissionError as exc:
