@@ -10,6 +10,9 @@ as unexpected and a missing one as outstanding).
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -104,12 +107,7 @@ def test_primary_killed_mid_handover_is_taken_over(rig: Rig, when: str) -> None:
 
             wire.send, wire.recv = kill_after_send, kill_after_recv  # type: ignore[method-assign]
 
-            def operator() -> None:
-                # It loses its primary mid-request: whatever it hears is not the point here.
-                with contextlib.suppress(Exception):
-                    handover.request(rig.path, rig.key, "handover", timeout=10)
-
-            t = threading.Thread(target=operator, daemon=True)
+            t = threading.Thread(target=_quiet_request, args=(rig,), daemon=True)
             t.start()
             p = sb.wait(timeout=30)
             t.join(30)
@@ -168,3 +166,75 @@ def test_a_standby_whose_handover_rolled_back_stands_by_again(tmp_path: Path,
             stop(rig)
     finally:
         rig.close()
+
+
+def test_a_standby_outwaited_by_a_stopped_primary_stands_by(tmp_path: Path, device: str) -> None:
+    """The primary is stopped (SIGSTOP) right after its standby asked: no commit within the
+    standby's step timeout (1 s here). wait() raises HandoverAborted (ETIMEDOUT) and the
+    standby stays one; the continued primary's late commit is refused at once (abort), so the
+    primary takes its own lease back and serves on, and the standby takes the next handover.
+    Before, TimeoutError escaped wait() (`serve --standby` exited) and the late commit was
+    read as an unexpected message."""
+    rig = Rig(tmp_path, device)
+    try:
+        with sim.Host(device) as host:
+            p0 = rig.primary()
+            sb = handover.Standby(rig.path, rig.key, timeout=1.0)
+            try:
+                p0.wait_event("standby")
+                wire = sb.wire
+                assert wire is not None
+                send = wire.send
+
+                def stop_after_asking(kind: str, *args: Any, **kw: Any) -> None:
+                    send(kind, *args, **kw)
+                    if kind == "handover":
+                        os.kill(p0.pid, signal.SIGSTOP)
+
+                wire.send = stop_after_asking  # type: ignore[method-assign]
+                op = threading.Thread(target=_quiet_request, args=(rig,), daemon=True)
+                op.start()
+                with pytest.raises(handover.HandoverAborted) as exc:
+                    sb.wait(timeout=30)
+                assert exc.value.errno == errno.ETIMEDOUT, exc.value
+                wire.send = send  # type: ignore[method-assign]
+                got: list[Any] = []
+                waiter = threading.Thread(target=lambda: got.append(sb.wait(timeout=60)),
+                                          daemon=True)
+                waiter.start()
+                os.kill(p0.pid, signal.SIGCONT)
+                ev = p0.wait_event("rollback")
+                assert ev["generation"] == 1 and ev["committed"] is False, ev
+                assert "came after this standby's step timeout" in ev["error"], ev
+                op.join(30)
+                _send(host, 0, 20)
+                assert len(collect(host, 20)) == 20  # the primary serves on
+                deadline = time.monotonic() + 30
+                while not handover.request(rig.path, rig.key, "status")["standbys"]:
+                    assert time.monotonic() < deadline, "the standby did not stand by again"
+                    time.sleep(0.01)
+                r = handover.request(rig.path, rig.key, "handover", timeout=20)
+                assert r["generation"] == 2, r
+                waiter.join(30)
+                assert got and got[0] is not None
+                p = got[0]
+                runner = threading.Thread(target=p.run, kwargs={"max_seconds": 60}, daemon=True)
+                runner.start()
+                _send(host, 20, 20)
+                assert len(collect(host, 20)) == 20
+                check_clean(host, device, 40)
+                p.stop()
+                runner.join(30)
+                p.close(free=True)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p0.pid, signal.SIGCONT)
+                sb.close()
+    finally:
+        rig.close()
+
+
+def _quiet_request(rig: Rig) -> None:
+    # The operator of a handover that does not happen: what it hears is not the point.
+    with contextlib.suppress(Exception):
+        handover.request(rig.path, rig.key, "handover", timeout=20)

@@ -141,6 +141,7 @@ class Standby:
         self._pidfd = -1
         self._lease_given = False  # the lease went to the Primary this standby became
         self._shutdown = False     # the primary stopped the function while we joined
+        self._late_reply = False   # a handover timed out: its commit or abort may still come
         # close() from another thread wakes a wait() through this eventfd, then waits for it
         # to leave before tearing down the socket and pidfd that wait() polls (closing an fd
         # does not wake a poll(); its number could be reused meanwhile).
@@ -178,6 +179,7 @@ class Standby:
 
     def _join(self) -> int:
         """Connect, check the welcome, import the objects; the primary's generation."""
+        self._late_reply = False
         self.sock = connect(self.path, self.timeout)
         self.wire, welcome = Wire.client(
             self.sock, self.key,
@@ -331,6 +333,15 @@ class Standby:
                 self._reconnect()  # closed by a living primary: connect again
                 continue
             msg.close_fds()
+            if self._late_reply and msg.type in ("commit", "abort"):
+                # The handover that timed out: not acted on. A commit is refused at once, so
+                # that the primary takes its lease back now rather than after its own timeout.
+                self._late_reply = False
+                if msg.type == "commit":
+                    with contextlib.suppress(OSError):
+                        self.wire.send("abort", {"message": "the commit came after this "
+                                                 "standby's step timeout"})
+                continue
             if msg.type == "go":
                 try:
                     return self.promote()
@@ -428,6 +439,13 @@ class Standby:
                 return self.take_over()
             raise HandoverAborted(errno.ECANCELED, f"the primary hung up during the handover "
                                   f"({exc})", "handover") from None
+        except TimeoutError:
+            # Alive but not answering (stopped, or starved): no commit within the step timeout.
+            # Nothing was taken. Its commit may still come on this connection: wait() drops it
+            # unanswered, and the primary, hearing no "done", takes its own lease back.
+            self._late_reply = True
+            raise HandoverAborted(errno.ETIMEDOUT, f"the primary did not commit within "
+                                  f"{self.timeout} s", "handover") from None
         commit.close_fds()
         marks = [time.monotonic_ns()]  # step times, reported with the first answer
         if commit.type == "abort":
