@@ -353,6 +353,26 @@ def _hung_up(sock: socket.socket) -> bool:
     except ConnectionResetError:
         return True  # closed with our bytes unread
 
+def _answered_while_they_stall(rig: Rig, host: sim.Host, primary_pid: int,
+                               stalled: list[socket.socket]) -> None:
+    """20 requests and a status request answered while every stalled peer is still connected
+    (an order, not a time), then every stalled peer dropped (within 15 s)."""
+    for tag in range(20):
+        assert host.send_request(cfg_read(0, tag))
+    got: list[Any] = []
+    end = time.monotonic() + 30
+    while len(got) < 20 and time.monotonic() < end:
+        got += host.completions(timeout=0.01)
+    status = handover.request(rig.path, rig.key, "status", timeout=10)
+    assert len(got) == 20 and status["pid"] == primary_pid
+    alive = [not _hung_up(c) for c in stalled]
+    assert all(alive), f"stalled peers dropped before the requests were answered: {alive}"
+    end = time.monotonic() + 15
+    while not all(_hung_up(c) for c in stalled):
+        assert time.monotonic() < end, "the stalled peers are never dropped"
+        time.sleep(0.05)
+
+
 
 def test_peers_that_stall_mid_hello_do_not_hold_up_serving(rig: Rig) -> None:
     """Before: the primary read a HELLO with a blocking recv (0.5 s bound) as soon as its
@@ -367,21 +387,7 @@ def test_peers_that_stall_mid_hello_do_not_hold_up_serving(rig: Rig) -> None:
         s1 = rig.standby("S1", p0)
         stalled = _stalling_peers(rig, 10)
         try:
-            for tag in range(20):
-                assert host.send_request(cfg_read(0, tag))
-            got: list[Any] = []
-            end = time.monotonic() + 30
-            while len(got) < 20 and time.monotonic() < end:
-                got += host.completions(timeout=0.01)
-            status = handover.request(rig.path, rig.key, "status", timeout=10)
-            assert len(got) == 20 and status["pid"] == p0.pid
-            alive = [not _hung_up(c) for c in stalled]
-            assert all(alive), f"stalled peers dropped before the requests were answered: {alive}"
-            # ... and they are dropped in time (no complete HELLO).
-            end = time.monotonic() + 15
-            while not all(_hung_up(c) for c in stalled):
-                assert time.monotonic() < end, "the stalled peers are never dropped"
-                time.sleep(0.05)
+            _answered_while_they_stall(rig, host, p0.pid, stalled)  # ...and then dropped
             ev = p0.wait_event("refused", error="no complete hello")
             assert ev["error"] == "no complete hello within 2 s", ev
             # Another operator's handover while peers stall.
@@ -453,20 +459,7 @@ def test_key_holders_that_stall_mid_message_do_not_hold_up_serving(rig: Rig) -> 
         s1 = rig.standby("S1", p0)
         stalled = _key_holders_stalled_mid_message(rig)
         try:
-            for tag in range(20):
-                assert host.send_request(cfg_read(0, tag))
-            got: list[Any] = []
-            end = time.monotonic() + 30
-            while len(got) < 20 and time.monotonic() < end:
-                got += host.completions(timeout=0.01)
-            status = handover.request(rig.path, rig.key, "status", timeout=10)
-            assert len(got) == 20 and status["pid"] == p0.pid
-            alive = [not _hung_up(c) for c in stalled]
-            assert all(alive), f"stalled peers dropped before the requests were answered: {alive}"
-            end = time.monotonic() + 15
-            while not all(_hung_up(c) for c in stalled):
-                assert time.monotonic() < end, "the stalled peers are never dropped"
-                time.sleep(0.05)
+            _answered_while_they_stall(rig, host, p0.pid, stalled)
             ev = p0.wait_event("refused", error="no complete message")
             assert "stalled mid-message" in ev["error"], ev
             # The planned handover (its commit exchange is a bounded blocking wait, as before).
