@@ -48,7 +48,7 @@ constexpr uint32_t kAckNone = 0xff;  // a lane's acknowledgement cleared by comm
 constexpr int kStateCreated = 0, kStateRunning = 1, kStatePaused = 2, kStateStopped = 3;
 constexpr size_t kMaxDataPerRequest = 4096;
 constexpr size_t kMaxCplBytesPerRequest = kMaxDataPerRequest + tlp::kMaxCompletions * 16;
-constexpr uint64_t kAckSpinNs = 30000;  // a lane / wait_acks polls this long before sleeping
+constexpr uint64_t kAckSpinNs = 100000;  // a lane / wait_acks polls this long before sleeping
 constexpr size_t kFirstBatch = 4;         // requests a lane takes first after a (re)start
 
 struct RegionCountersA {
