@@ -33,8 +33,10 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path, device: str) -> Iterator
 
 
 def _send(host: sim.Host, first_tag: int, n: int) -> None:
+    deadline = time.monotonic() + 30
     for i in range(n):
-        while not host.send_request(cfg_read(0, (first_tag + i) % 256)):
+        while not host.send_request(cfg_read(0, (first_tag + i) % 256)):  # a full channel
+            assert time.monotonic() < deadline, f"the channel stayed full ({i} of {n} sent)"
             time.sleep(0.001)
 
 
