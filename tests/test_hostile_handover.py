@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 import mlx5tlp
-from handover_rig import EventProc, Rig, cfg_read, collect, private_control, stop
+from handover_rig import EventProc, Proc, Rig, cfg_read, collect, private_control, stop
 from mlx5tlp import engine, handover, share, sim
 from mlx5tlp import function as fn
 from mlx5tlp.handover.standby import connect
@@ -372,6 +372,14 @@ def _answered_while_they_stall(rig: Rig, host: sim.Host, primary_pid: int,
         assert time.monotonic() < end, "the stalled peers are never dropped"
         time.sleep(0.05)
 
+def _hands_over_and_serves(rig: Rig, host: sim.Host, successor: Proc) -> None:
+    """An operator's planned handover goes to `successor`, which then answers a request."""
+    out = handover.request(rig.path, rig.key, "handover", timeout=20)
+    assert out["successor"] == successor.pid
+    assert host.send_request(cfg_read(0, 99))
+    assert len(collect(host, 1, timeout=10)) == 1
+
+
 
 
 def test_peers_that_stall_mid_hello_do_not_hold_up_serving(rig: Rig) -> None:
@@ -393,10 +401,7 @@ def test_peers_that_stall_mid_hello_do_not_hold_up_serving(rig: Rig) -> None:
             # Another operator's handover while peers stall.
             more = _stalling_peers(rig, 10)
             stalled += more
-            out = handover.request(rig.path, rig.key, "handover", timeout=20)
-            assert out["successor"] == s1.pid
-            assert host.send_request(cfg_read(0, 99))
-            assert len(collect(host, 1, timeout=10)) == 1
+            _hands_over_and_serves(rig, host, s1)
         finally:
             for c in stalled:
                 c.close()
@@ -463,10 +468,7 @@ def test_key_holders_that_stall_mid_message_do_not_hold_up_serving(rig: Rig) -> 
             ev = p0.wait_event("refused", error="no complete message")
             assert "stalled mid-message" in ev["error"], ev
             # The planned handover (its commit exchange is a bounded blocking wait, as before).
-            out = handover.request(rig.path, rig.key, "handover", timeout=20)
-            assert out["successor"] == s1.pid
-            assert host.send_request(cfg_read(0, 99))
-            assert len(collect(host, 1, timeout=10)) == 1
+            _hands_over_and_serves(rig, host, s1)
         finally:
             for c in stalled:
                 c.close()
